@@ -1,0 +1,58 @@
+# cloudfed: `make run` sets everything up and runs the demo federation; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/local.yaml
+STACK := cloudfed-local
+PIP_FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+export ZENML_ANALYTICS_OPT_IN := false
+export ZENML_ENABLE_RICH_TRACEBACK := false
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: run test setup stack demo-data preflight lint ui bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first, pinned: the CPU wheel on disk; a bare `torch` would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(PIP_FIND_LINKS) torch==2.13.0
+	$(BIN)/pip install --quiet $(PIP_FIND_LINKS) -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+.zen: | setup
+	$(BIN)/zenml init
+
+stack: setup .zen
+	@bash infra/register_local_stack.sh $(BIN) $(STACK)
+
+demo-data: setup
+	$(BIN)/python -m cloudfed.data.demo --out .cloudfed/clouds
+
+preflight: setup
+	$(BIN)/python -m cloudfed.preflight $(CONFIG)
+
+run: stack demo-data preflight
+	$(BIN)/zenml pipeline run pipelines.federated_training.federated_training -c $(CONFIG)
+	@cat .cloudfed/coordinator/last_run/summary.txt
+	@echo "Results: MLflow (run 'make ui', then open http://127.0.0.1:5000), report files in .cloudfed/coordinator/last_run/"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python infra/mlflow_uri.py)" --host 127.0.0.1 --port 5000
+
+bench: stack demo-data
+	$(BIN)/python benchmarks/demo_run.py --config $(CONFIG)
+
+clean:
+	rm -rf .cloudfed

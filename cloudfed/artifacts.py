@@ -1,0 +1,87 @@
+"""The typed values that flow between steps, and so into the coordinator's artifact store.
+
+Each one is a reference, a hash or a number: by construction none can hold a record or a single
+party's plaintext update, which is what keeps the privacy invariant checkable.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Ref(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class FederationPlan(_Ref):
+    """What the coordinator fixed before round 1 and every party must agree on."""
+
+    federation_id: str
+    fingerprint: str
+    parties: list[str]
+    rounds: int
+    min_parties: int
+    base_model: str
+    coordinator_fingerprint: str
+    initial_adapter: GlobalAdapterRef
+    adapter_parameters: int
+
+
+class GlobalAdapterRef(_Ref):
+    """The global LoRA adapter after `round` (0 = initial), published on the exchange."""
+
+    round: int
+    key: str
+    sha256: str
+    bytes: int
+
+
+class LocalUpdateRef(_Ref):
+    """A party's plaintext update, by reference: the file stays in the party's storage."""
+
+    party: str
+    round: int
+    uri: str
+    sha256: str
+    examples: int
+    train: dict[str, float | int | str]
+
+
+class SealedUpdateRef(_Ref):
+    """A sealed update on the exchange: only ciphertext, its size and public metadata."""
+
+    party: str
+    round: int
+    key: str
+    bytes_sent: int
+    plaintext_bytes: int
+    seal_seconds: float
+    sender_fingerprint: str
+
+
+class Rejection(_Ref):
+    party: str
+    reason: str
+
+
+class AggregateReport(_Ref):
+    round: int
+    accepted: list[str]
+    rejected: list[Rejection] = Field(default_factory=list)
+    weights: dict[str, float]
+    bytes_received: int
+    seconds: float
+    update_norm: float
+
+
+class PartyEval(_Ref):
+    party: str
+    round: int
+    loss: float
+    perplexity: float
+    tokens: int
+    examples: int
+    seconds: float
+
+
+FederationPlan.model_rebuild()

@@ -1,0 +1,160 @@
+"""What the coordinator does: fix the plan, open and check sealed updates, publish the aggregate.
+
+The coordinator is honest-but-curious. It holds the key that opens sealed updates, so in this
+plain-FedAvg mode it sees each update in memory while aggregating; it never writes one to a store
+or a log. (Secure aggregation, which removes even that, is the protection layer's job.)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cloudfed.aggregation.fedavg import check_update, shapes_of, weighted_mean
+from cloudfed.artifacts import (
+    AggregateReport,
+    FederationPlan,
+    GlobalAdapterRef,
+    Rejection,
+    SealedUpdateRef,
+)
+from cloudfed.errors import AggregationError, ProtectionError
+from cloudfed.exchange import Exchange, fetch_public_keys, global_adapter_key, publish_public_keys
+from cloudfed.federation import FederationConfig
+from cloudfed.protection import (
+    KeyPairs,
+    SealContext,
+    load_or_create_keys,
+    open_sealed_with_metadata,
+)
+from cloudfed.training.adapter_io import sha256_bytes, state_from_bytes, state_to_bytes
+from cloudfed.training.lora import add
+from cloudfed.training.model import resolve_base_model
+
+logger = logging.getLogger(__name__)
+COORDINATOR = "coordinator"
+# A LoRA delta this large after a few local steps is a bug or an attack, not training.
+MAX_ABS_UPDATE = 1e3
+
+
+def coordinator_keys(cfg: FederationConfig, exchange: Exchange) -> KeyPairs:
+    keys = load_or_create_keys("coordinator", COORDINATOR, Path(cfg.coordinator_storage) / "keys")
+    publish_public_keys(exchange, keys.public_bundle())
+    return keys
+
+
+def publish_global(
+    exchange: Exchange, round: int, state: Mapping[str, np.ndarray]
+) -> GlobalAdapterRef:
+    data = state_to_bytes(state, metadata={"round": str(round)})
+    key = global_adapter_key(round)
+    exchange.put_bytes(key, data)
+    return GlobalAdapterRef(round=round, key=key, sha256=sha256_bytes(data), bytes=len(data))
+
+
+def prepare(cfg: FederationConfig) -> FederationPlan:
+    """Keys, base model and the round-0 adapter that every party starts from."""
+    from cloudfed.training.local import initial_adapter
+
+    exchange = Exchange(cfg.exchange)
+    keys = coordinator_keys(cfg, exchange)
+    model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
+    state = initial_adapter(model_path, cfg.lora, seed=cfg.seed)
+    return FederationPlan(
+        federation_id=cfg.federation_id,
+        fingerprint=cfg.fingerprint(),
+        parties=[p.name for p in cfg.active_parties],
+        rounds=cfg.rounds,
+        min_parties=cfg.min_parties,
+        base_model=cfg.base_model,
+        coordinator_fingerprint=keys.public_bundle().fingerprint,
+        initial_adapter=publish_global(exchange, 0, state),
+        adapter_parameters=int(sum(v.size for v in state.values())),
+    )
+
+
+def _open_one(
+    exchange: Exchange,
+    keys: KeyPairs,
+    cfg: FederationConfig,
+    ref: SealedUpdateRef,
+    round: int,
+    reference: Mapping[str, tuple[int, ...]],
+) -> tuple[dict[str, np.ndarray], float]:
+    """Return (update, weight) or raise ValueError / ProtectionError with the rejection reason."""
+    if ref.round != round:
+        raise ValueError(f"update is for round {ref.round}, not {round}")
+    sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.sender_fingerprint)
+    context = SealContext(federation_id=cfg.federation_id, round=round, party=ref.party)
+    opened = open_sealed_with_metadata(
+        exchange.get_bytes(ref.key), context=context, recipient=keys, sender=sender
+    )
+    update = state_from_bytes(opened.payload)
+    reason = check_update(update, reference, max_abs=MAX_ABS_UPDATE)
+    if reason:
+        raise ValueError(reason)
+    examples = opened.metadata.get("examples")
+    if not isinstance(examples, int) or examples <= 0:
+        raise ValueError(f"example count {examples!r} is not a positive integer")
+    return update, float(examples)
+
+
+def aggregate_round(
+    cfg: FederationConfig,
+    round: int,
+    sealed: Sequence[SealedUpdateRef],
+    current: GlobalAdapterRef,
+    *,
+    dropped: Sequence[Rejection] = (),
+) -> tuple[GlobalAdapterRef, AggregateReport]:
+    """Weighted FedAvg of the updates that verify; below `min_parties` the round is refused."""
+    from cloudfed.party import load_global
+
+    start = time.perf_counter()
+    exchange = Exchange(cfg.exchange)
+    keys = coordinator_keys(cfg, exchange)
+    global_state = load_global(exchange, current)
+    reference = shapes_of(global_state)
+    updates: list[dict[str, np.ndarray]] = []
+    weights: dict[str, float] = {}
+    rejected = list(dropped)
+    for ref in sorted(sealed, key=lambda r: r.party):
+        if ref.party in weights:
+            rejected.append(Rejection(party=ref.party, reason="duplicate update for this round"))
+            continue
+        try:
+            update, weight = _open_one(exchange, keys, cfg, ref, round, reference)
+        except (ProtectionError, ValueError, FileNotFoundError) as exc:
+            reason = str(exc) if not isinstance(exc, FileNotFoundError) else "sealed update missing"
+            logger.warning("round %d: rejected update from %s: %s", round, ref.party, reason)
+            rejected.append(Rejection(party=ref.party, reason=reason))
+            continue
+        updates.append(update)
+        weights[ref.party] = weight
+    if len(updates) < cfg.min_parties:
+        raise AggregationError(
+            f"round {round}: only {len(updates)} valid update(s) ({sorted(weights)}), fewer than "
+            f"min_parties={cfg.min_parties}; rejected: "
+            + "; ".join(f"{r.party}: {r.reason}" for r in rejected)
+            + ". No model was published for this round. Fix: check the rejected parties' logs, "
+            "or lower min_parties."
+        )
+    delta = weighted_mean(updates, list(weights.values()))
+    new_ref = publish_global(exchange, round, add(global_state, delta))
+    total = sum(weights.values())
+    report = AggregateReport(
+        round=round,
+        accepted=sorted(weights),
+        rejected=rejected,
+        weights={p: w / total for p, w in weights.items()},
+        bytes_received=sum(r.bytes_sent for r in sealed if r.party in weights),
+        seconds=time.perf_counter() - start,
+        update_norm=float(
+            np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
+        ),
+    )
+    return new_ref, report

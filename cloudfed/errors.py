@@ -1,0 +1,31 @@
+"""User-facing error types.
+
+Every error a user can fix by editing a file derives from `CloudfedError` and carries a message
+that names the file, the field and the fix, so entry points can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class CloudfedError(Exception):
+    """An error whose message is meant for the person running the federation."""
+
+
+class ConfigError(CloudfedError):
+    """A run configuration or federation setting is invalid."""
+
+
+class DataError(CloudfedError):
+    """A party's raw data or its mapping cannot be harmonised."""
+
+
+class ProtectionError(CloudfedError):
+    """A sealed message failed verification or decryption.
+
+    Deliberately opaque: the reason (bad tag, wrong key, wrong round) is not revealed to the caller
+    beyond a short label, so the error cannot be used as an oracle.
+    """
+
+
+class AggregationError(CloudfedError):
+    """A round cannot be aggregated, e.g. fewer valid updates than `min_parties`."""

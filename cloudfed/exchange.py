@@ -1,0 +1,130 @@
+"""The exchange: where sealed updates, public keys and global adapters travel between clouds.
+
+It is a folder locally and an object store prefix in clouds (s3://, gs://, abfs:// once the user
+installs the matching fsspec backend). Nothing on it is trusted: payloads are sealed and public
+keys are pinned by fingerprint, so this module only moves bytes and keeps keys inside the root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from cloudfed.errors import ProtectionError
+from cloudfed.federation import PARTY_NAME_PATTERN
+from cloudfed.protection.keys import ROLES, PublicKeyBundle
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$")
+
+
+def validate_key(key: str) -> str:
+    """Reject anything that could escape the root or collide with temp files (hidden names)."""
+    if not key or key.startswith("/") or "\\" in key or ":" in key:
+        raise ValueError(f"invalid exchange key {key!r}: must be a relative path")
+    if not all(_SEGMENT.match(part) for part in key.split("/")):
+        raise ValueError(f"invalid exchange key {key!r}: empty, hidden or '..' segment")
+    return key
+
+
+def _name(value: str, what: str) -> str:
+    if not re.fullmatch(PARTY_NAME_PATTERN, value):
+        raise ValueError(f"{what} {value!r} must match {PARTY_NAME_PATTERN}")
+    return value
+
+
+def _round_dir(round: int) -> str:
+    if round < 0:
+        raise ValueError("round must be >= 0")
+    return f"rounds/r{round:04d}"
+
+
+def update_key(round: int, party: str) -> str:
+    return f"{_round_dir(round)}/updates/{_name(party, 'party')}.sealed"
+
+
+def global_adapter_key(round: int) -> str:
+    return f"{_round_dir(round)}/global/adapter.safetensors"
+
+
+def public_key_key(role: str, name: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    return f"keys/{role}/{_name(name, 'name')}.json"
+
+
+class Exchange:
+    """Byte store rooted at a local path or fsspec URL; every key is validated first."""
+
+    def __init__(self, root: str) -> None:
+        self.fs, path = fsspec.core.url_to_fs(str(root))
+        self.root = path.rstrip("/")
+        self._local = isinstance(self.fs, LocalFileSystem)
+        if self._local:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{validate_key(key)}"
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Readers never see a half-written file: local writes go to a temp name, then rename."""
+        path = self._path(key)
+        if not self._local:
+            self.fs.pipe_file(path, bytes(data))  # object-store PUTs are already atomic
+            return
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def get_bytes(self, key: str) -> bytes:
+        """Read a whole object; FileNotFoundError when absent, as every fsspec backend raises."""
+        return self.fs.cat_file(self._path(key))
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self._path(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under `prefix`, sorted, relative to the root; temp files are not keys."""
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if not self.fs.exists(base):
+            return []
+        found = self.fs.find(base)
+        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        keys = (self.fs._strip_protocol(p)[len(root) :] for p in found)
+        return sorted(k for k in keys if not any(s.startswith(".") for s in k.split("/")))
+
+    def url(self, key: str) -> str:
+        return self.fs.unstrip_protocol(self._path(key))
+
+
+def publish_public_keys(exchange: Exchange, bundle: PublicKeyBundle) -> str:
+    key = public_key_key(bundle.role, bundle.name)
+    exchange.put_bytes(key, bundle.model_dump_json(indent=2).encode())
+    return key
+
+
+def fetch_public_keys(
+    exchange: Exchange, role: str, name: str, *, fingerprint: str | None = None
+) -> PublicKeyBundle:
+    """Pinning by `fingerprint` is what stops a swapped bundle on the untrusted exchange."""
+    try:
+        bundle = PublicKeyBundle.model_validate_json(exchange.get_bytes(public_key_key(role, name)))
+    except ValueError as exc:
+        raise ProtectionError("public key bundle rejected: malformed") from exc
+    if bundle.role != role or bundle.name != name:
+        raise ProtectionError("public key bundle rejected: owner mismatch")
+    if fingerprint is not None and bundle.fingerprint != fingerprint:
+        raise ProtectionError("public key bundle rejected: fingerprint mismatch")
+    return bundle

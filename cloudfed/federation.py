@@ -1,0 +1,193 @@
+"""Typed configuration of a federation.
+
+The run configuration (`configs/*.yaml`) carries one pipeline parameter, `federation`, whose value
+is validated here before anything runs. Validation errors are turned into messages that name the
+file, the field path as written in YAML and the fix, because the people editing these files are
+platform engineers, not readers of pydantic tracebacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cloudfed.errors import ConfigError
+
+PARTY_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RawSplits(_Strict):
+    """Where a party's raw export lies; the held-out split never trains."""
+
+    train: str
+    eval: str
+
+
+class PartyConfig(_Strict):
+    """One organisation in one cloud."""
+
+    name: str = Field(pattern=PARTY_NAME_PATTERN)
+    cloud: str = "local"
+    raw: RawSplits
+    mapping: str
+    storage: str
+    step_operator: str | None = None
+
+
+class LoraSettings(_Strict):
+    rank: int = Field(8, gt=0, le=1024)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+
+
+class TrainingSettings(_Strict):
+    local_steps: int = Field(20, gt=0)
+    batch_size: int = Field(8, gt=0)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    max_seq_len: int = Field(128, ge=16, le=32768)
+    weight_decay: float = Field(0.0, ge=0.0)
+    eval_batch_size: int = Field(16, gt=0)
+    max_eval_rows: int = Field(256, gt=0)
+
+
+class FederationConfig(_Strict):
+    """A whole federation: who takes part, what model, how many rounds."""
+
+    federation_id: str = Field(pattern=PARTY_NAME_PATTERN)
+    base_model: str = BUILTIN_TINY_LLAMA
+    model_cache: str = ".cloudfed/models"
+    exchange: str = ".cloudfed/exchange"
+    coordinator_storage: str = ".cloudfed/coordinator"
+    contracts_dir: str = "data_contracts"
+    rounds: int = Field(3, ge=1, le=10_000)
+    min_parties: int = Field(2, ge=1)
+    seed: int = 0
+    participants: list[str] | None = None
+    training: TrainingSettings = TrainingSettings()
+    lora: LoraSettings = LoraSettings()
+    parties: list[PartyConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_parties(self) -> FederationConfig:
+        names = [p.name for p in self.parties]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"party names must be unique; repeated: {dupes}")
+        unknown = sorted(set(self.participants or []) - set(names))
+        if unknown:
+            raise ValueError(
+                f"participants names unknown part{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                f"known parties are {names}"
+            )
+        if self.min_parties > len(self.active_parties):
+            raise ValueError(
+                f"min_parties={self.min_parties} exceeds the {len(self.active_parties)} "
+                "participating parties"
+            )
+        return self
+
+    @property
+    def active_parties(self) -> list[PartyConfig]:
+        wanted = set(self.participants) if self.participants else None
+        return [p for p in self.parties if wanted is None or p.name in wanted]
+
+    def party(self, name: str) -> PartyConfig:
+        for p in self.parties:
+            if p.name == name:
+                return p
+        raise ConfigError(
+            f"unknown party {name!r}; known parties: {[p.name for p in self.parties]}"
+        )
+
+    def fingerprint(self) -> str:
+        """Hash of the settings, bound into sealed metadata so parties and coordinator agree."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+_FIXES: dict[str, str] = {
+    "learning_rate": "use a positive learning rate such as 0.001",
+    "rounds": "set rounds to a whole number of at least 1",
+    "min_parties": "lower min_parties or add parties",
+    "participants": "list only names that appear under parties[].name",
+    "parties": "give each party a unique lowercase name with raw, mapping and storage",
+    "name": "use lowercase letters, digits and '-' (e.g. hospital-aws)",
+    "rank": "use a LoRA rank between 1 and 1024",
+    "local_steps": "set local_steps to at least 1",
+    "batch_size": "set batch_size to at least 1",
+}
+
+
+def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def format_validation_error(exc: ValidationError, *, source: str, prefix: str) -> str:
+    """Render pydantic errors as `file: field.path: problem (got X). Fix: ...` lines."""
+    lines = [f"{source}: the federation configuration is invalid:"]
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        field = _format_loc(prefix, loc)
+        key = next((str(p) for p in reversed(loc) if isinstance(p, str)), "")
+        got = err.get("input")
+        got_txt = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            fix = f"remove '{key}' or correct its spelling"
+        elif err.get("type") == "missing":
+            fix = f"add '{key}'"
+        else:
+            fix = _FIXES.get(key, f"correct '{key}' in {source}")
+        lines.append(f"  - {field}: {msg}{got_txt}. Fix: {fix}.")
+    return "\n".join(lines)
+
+
+def parse_federation(
+    raw: Any, *, source: str = "the run configuration", prefix: str = "parameters.federation"
+) -> FederationConfig:
+    """Validate the `federation` parameter; raise `ConfigError` with a readable message."""
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: {prefix} must be a mapping of settings, got {type(raw).__name__}. "
+            "Fix: see configs/local.yaml for the expected shape."
+        )
+    try:
+        return FederationConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=source, prefix=prefix)) from None
+
+
+def load_run_config(path: str | Path) -> FederationConfig:
+    """Read a `zenml pipeline run -c` file and validate its federation parameter."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: run configuration not found. Fix: pass an existing file to -c.")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"{path}: not valid YAML ({exc}). Fix: correct the YAML syntax."
+        ) from None
+    params = doc.get("parameters") if isinstance(doc, dict) else None
+    if not isinstance(params, dict) or "federation" not in params:
+        raise ConfigError(
+            f"{path}: parameters.federation is missing. Fix: add a 'parameters: federation:' "
+            "block as in configs/local.yaml."
+        )
+    return parse_federation(params["federation"], source=str(path))

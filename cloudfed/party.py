@@ -1,0 +1,156 @@
+"""What a party does in its own cloud: train on its rows, seal its update, evaluate the global.
+
+Every function here reads raw or harmonised rows only from the party's own storage and returns
+references and numbers. The plaintext update is written to the party's storage and leaves it only
+through `export_update`, sealed to the coordinator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cloudfed.artifacts import GlobalAdapterRef, LocalUpdateRef, PartyEval, SealedUpdateRef
+from cloudfed.data.ref import DatasetRef
+from cloudfed.errors import DataError, ProtectionError
+from cloudfed.exchange import Exchange, fetch_public_keys, publish_public_keys, update_key
+from cloudfed.federation import FederationConfig, PartyConfig
+from cloudfed.protection import SealContext, load_or_create_keys, seal
+from cloudfed.training.adapter_io import state_from_bytes, state_to_bytes
+from cloudfed.training.model import resolve_base_model
+
+COORDINATOR = "coordinator"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified(path: Path, sha256: str, what: str) -> bytes:
+    """Refuse to train or evaluate on a file that changed since it was registered."""
+    data = path.read_bytes()
+    if _sha256(data) != sha256:
+        raise DataError(
+            f"{path}: {what} changed since it was recorded (sha256 mismatch). Fix: re-run the "
+            "pipeline so harmonisation and training see the same file."
+        )
+    return data
+
+
+def load_global(exchange: Exchange, ref: GlobalAdapterRef) -> dict[str, np.ndarray]:
+    """The global adapter, checked against the hash the coordinator recorded in its artifact."""
+    data = exchange.get_bytes(ref.key)
+    if _sha256(data) != ref.sha256:
+        raise ProtectionError("global adapter rejected: hash mismatch")
+    return state_from_bytes(data)
+
+
+def read_rows(uri: str, sha256: str) -> pd.DataFrame:
+    import io
+
+    return pd.read_parquet(io.BytesIO(read_verified(Path(uri), sha256, "harmonised data")))
+
+
+def party_keys(party: PartyConfig, exchange: Exchange):
+    """Generate the party's identity once, keep it in its storage, publish the public half."""
+    keys = load_or_create_keys("party", party.name, Path(party.storage) / "keys")
+    publish_public_keys(exchange, keys.public_bundle())
+    return keys
+
+
+def train_round(
+    cfg: FederationConfig,
+    party: PartyConfig,
+    round: int,
+    data: DatasetRef,
+    global_ref: GlobalAdapterRef,
+) -> LocalUpdateRef:
+    from cloudfed.training.local import train_local
+
+    exchange = Exchange(cfg.exchange)
+    global_state = load_global(exchange, global_ref)
+    rows = read_rows(data.train_uri, data.train_sha256)
+    model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
+    seed = cfg.seed * 1_000_003 + round * 7919 + int(_sha256(party.name.encode())[:6], 16)
+    delta, metrics = train_local(
+        model_path,
+        global_state,
+        rows,
+        training=cfg.training,
+        lora=cfg.lora,
+        seed=seed,
+        desc=f"{party.name} r{round}",
+    )
+    payload = state_to_bytes(delta)
+    path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(payload)
+    return LocalUpdateRef(
+        party=party.name,
+        round=round,
+        uri=str(path),
+        sha256=_sha256(payload),
+        examples=metrics.examples,
+        train=metrics.as_dict(),
+    )
+
+
+def export_update(
+    cfg: FederationConfig,
+    party: PartyConfig,
+    local: LocalUpdateRef,
+    *,
+    coordinator_fingerprint: str,
+) -> SealedUpdateRef:
+    """Seal the update to the coordinator, bound to federation, round and party."""
+    start = time.perf_counter()
+    exchange = Exchange(cfg.exchange)
+    keys = party_keys(party, exchange)
+    coordinator = fetch_public_keys(
+        exchange, "coordinator", COORDINATOR, fingerprint=coordinator_fingerprint
+    )
+    payload = read_verified(Path(local.uri), local.sha256, "local update")
+    context = SealContext(
+        federation_id=cfg.federation_id,
+        round=local.round,
+        party=party.name,
+        kind="update",
+        metadata={"examples": local.examples, "train_loss": float(local.train["loss_mean"])},
+    )
+    blob = seal(payload, context=context, sender=keys, recipient=coordinator)
+    key = update_key(local.round, party.name)
+    exchange.put_bytes(key, blob)
+    return SealedUpdateRef(
+        party=party.name,
+        round=local.round,
+        key=key,
+        bytes_sent=len(blob),
+        plaintext_bytes=len(payload),
+        seal_seconds=time.perf_counter() - start,
+        sender_fingerprint=keys.public_bundle().fingerprint,
+    )
+
+
+def evaluate_round(
+    cfg: FederationConfig, party: PartyConfig, data: DatasetRef, global_ref: GlobalAdapterRef
+) -> PartyEval:
+    from cloudfed.training.local import evaluate
+
+    start = time.perf_counter()
+    adapter = load_global(Exchange(cfg.exchange), global_ref)
+    rows = read_rows(data.eval_uri, data.eval_sha256)
+    model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
+    m = evaluate(model_path, adapter, rows, training=cfg.training, lora=cfg.lora, seed=cfg.seed)
+    return PartyEval(
+        party=party.name,
+        round=global_ref.round,
+        loss=m.loss,
+        perplexity=m.perplexity,
+        tokens=m.tokens,
+        examples=m.examples,
+        seconds=time.perf_counter() - start,
+    )

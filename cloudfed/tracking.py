@@ -1,0 +1,219 @@
+"""What reviewers read in MLflow: per-round and per-party metrics, the round table and plots.
+
+These functions log to whatever MLflow run is active (ZenML's experiment tracker opens one per
+pipeline run for every tracked step) and take only aggregates, metrics and references.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from cloudfed.artifacts import (
+    AggregateReport,
+    FederationPlan,
+    GlobalAdapterRef,
+    LocalUpdateRef,
+    PartyEval,
+    SealedUpdateRef,
+)
+from cloudfed.data.ref import DatasetRef
+from cloudfed.federation import FederationConfig
+
+
+def log_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
+    mlflow.log_params(
+        {
+            "federation_id": cfg.federation_id,
+            "base_model": cfg.base_model,
+            "rounds": cfg.rounds,
+            "min_parties": cfg.min_parties,
+            "parties": ",".join(plan.parties),
+            "seed": cfg.seed,
+            "local_steps": cfg.training.local_steps,
+            "batch_size": cfg.training.batch_size,
+            "learning_rate": cfg.training.learning_rate,
+            "max_seq_len": cfg.training.max_seq_len,
+            "lora_rank": cfg.lora.rank,
+            "lora_alpha": cfg.lora.alpha,
+            "lora_target_modules": ",".join(cfg.lora.target_modules),
+            "config_fingerprint": plan.fingerprint,
+            "adapter_parameters": plan.adapter_parameters,
+            "aggregation": "fedavg(examples)",
+            "protection": "sealed(x25519-hkdf-aes256gcm+ed25519)",
+        }
+    )
+
+
+def overall_loss(evals: Sequence[PartyEval]) -> float:
+    """Token-weighted across parties, i.e. the loss of the union of held-out sets."""
+    tokens = sum(e.tokens for e in evals)
+    return sum(e.loss * e.tokens for e in evals) / tokens if tokens else float("nan")
+
+
+def log_round_metrics(
+    round: int,
+    evals: Sequence[PartyEval],
+    report: AggregateReport | None,
+    local_updates: Sequence[LocalUpdateRef],
+    sealed: Sequence[SealedUpdateRef],
+    datasets: Sequence[DatasetRef] = (),
+) -> dict[str, Any]:
+    loss = overall_loss(evals)
+    metrics: dict[str, float] = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
+    for e in evals:
+        metrics[f"{e.party}/eval_loss"] = e.loss
+        metrics[f"{e.party}/eval_perplexity"] = e.perplexity
+        metrics[f"{e.party}/seconds_evaluate"] = e.seconds
+    for u in local_updates:
+        metrics[f"{u.party}/train_loss"] = float(u.train["loss_mean"])
+        metrics[f"{u.party}/train_tokens"] = float(u.train["tokens"])
+        metrics[f"{u.party}/tokens_per_s"] = float(u.train["tokens_per_s"])
+        metrics[f"{u.party}/seconds_train"] = float(u.train["seconds"])
+    for s in sealed:
+        metrics[f"{s.party}/bytes_sent"] = s.bytes_sent
+        metrics[f"{s.party}/seconds_seal"] = s.seal_seconds
+    if sealed:
+        metrics["bytes_sent_total"] = sum(s.bytes_sent for s in sealed)
+    if report is not None:
+        metrics.update(
+            {
+                "parties_accepted": len(report.accepted),
+                "parties_rejected": len(report.rejected),
+                "bytes_received": report.bytes_received,
+                "seconds_aggregate": report.seconds,
+                "update_norm": report.update_norm,
+            }
+        )
+        for party, w in report.weights.items():
+            metrics[f"{party}/weight"] = w
+        if report.rejected:
+            mlflow.log_dict(
+                [r.model_dump() for r in report.rejected], f"rejections/round_{round:04d}.json"
+            )
+    for d in datasets:
+        metrics[f"{d.party}/rows_accepted"] = d.rows_accepted
+        metrics[f"{d.party}/rows_quarantined"] = d.rows_quarantined
+        mlflow.log_param(f"{d.party}/contract_sha256", d.contract_sha256[:16])
+    mlflow.log_metrics(metrics, step=round)
+    train_losses = [float(u.train["loss_mean"]) for u in local_updates]
+    return {
+        "round": round,
+        "eval_loss": loss,
+        "eval_perplexity": metrics["eval_perplexity"],
+        "train_loss": sum(train_losses) / len(train_losses) if train_losses else float("nan"),
+        "parties": len(report.accepted) if report else len(evals),
+        "rejected": len(report.rejected) if report else 0,
+        "bytes_sent": int(metrics.get("bytes_sent_total", 0)),
+        **{f"{e.party}/eval_loss": e.loss for e in evals},
+    }
+
+
+def loss_plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rounds = [r["round"] for r in rows]
+    ax.plot(rounds, [r["eval_loss"] for r in rows], marker="o", label="held-out loss (all parties)")
+    trained = [r for r in rows if not math.isnan(r["train_loss"])]
+    ax.plot(
+        [r["round"] for r in trained],
+        [r["train_loss"] for r in trained],
+        marker="s",
+        linestyle="--",
+        label="local train loss (mean)",
+    )
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    parties = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/eval_loss")})
+    table = Table(title="cloudfed: federated LoRA fine-tuning, held-out loss per round")
+    for col in [
+        "round",
+        "eval loss",
+        "ppl",
+        "train loss",
+        "parties",
+        "rejected",
+        "bytes sent",
+        *parties,
+    ]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["round"]),
+            f"{r['eval_loss']:.4f}",
+            f"{r['eval_perplexity']:.1f}",
+            "-" if math.isnan(r["train_loss"]) else f"{r['train_loss']:.4f}",
+            str(r["parties"]),
+            str(r["rejected"]),
+            f"{r['bytes_sent']:,}",
+            *[f"{r.get(f'{p}/eval_loss', float('nan')):.4f}" for p in parties],
+        )
+    console = Console(record=True, width=140, file=io.StringIO())
+    console.print(table)
+    first, last = rows[0], rows[-1]
+    console.print(
+        f"eval loss {first['eval_loss']:.4f} (round 0, base model) -> {last['eval_loss']:.4f} "
+        f"(round {last['round']}): "
+        f"{100 * (1 - last['eval_loss'] / first['eval_loss']):.1f}% lower. "
+        f"Stopped: {stop_reason}."
+    )
+    return console.export_text()
+
+
+def publish_run_report(
+    cfg: FederationConfig,
+    rows: Sequence[dict[str, Any]],
+    final: GlobalAdapterRef,
+    stop_reason: str,
+) -> str:
+    """Round table, plot and final adapter to MLflow and the coordinator's storage."""
+    import pandas as pd
+
+    from cloudfed.exchange import Exchange
+
+    rows = sorted(rows, key=lambda r: r["round"])
+    text = summary_text(rows, stop_reason)
+    out = Path(cfg.coordinator_storage) / "last_run"
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "round_table.csv", index=False)
+    (out / "summary.txt").write_text(text, encoding="utf-8")
+    (out / "loss_per_round.png").write_bytes(loss_plot_png(rows))
+    (out / "adapter.safetensors").write_bytes(Exchange(cfg.exchange).get_bytes(final.key))
+    for name in ["round_table.csv", "summary.txt", "loss_per_round.png"]:
+        mlflow.log_artifact(str(out / name), artifact_path="report")
+    mlflow.log_artifact(str(out / "adapter.safetensors"), artifact_path="final_adapter")
+    mlflow.log_table(table, artifact_file="report/round_table.json")
+    mlflow.set_tags(
+        {
+            "stop_reason": stop_reason,
+            "final_round": str(final.round),
+            "final_adapter_sha256": final.sha256,
+        }
+    )
+    mlflow.log_metric("final_eval_loss", rows[-1]["eval_loss"])
+    print(text)
+    return text

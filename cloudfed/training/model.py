@@ -1,0 +1,127 @@
+"""Base model and tokenizer loading.
+
+A real model and the embedded tiny model go through the same `from_pretrained` calls: the tiny
+Llama-style model is built once from a config, saved to a local cache folder and then loaded from
+that folder, so the default run exercises the code path a hub model uses, without a download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cloudfed.errors import ConfigError
+from cloudfed.federation import BUILTIN_TINY_LLAMA
+
+# Small enough for a 2-core CPU, large enough that LoRA learns something measurable.
+TINY_LLAMA_CONFIG: dict[str, int | float] = {
+    "hidden_size": 96,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+}
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where training runs and in which precision: bf16 on CUDA, fp32 on CPU."""
+
+    name: str
+    dtype: torch.dtype
+
+
+def pick_device() -> Device:
+    if torch.cuda.is_available():
+        return Device("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return Device("cpu", torch.float32)
+
+
+def _byte_level_tokenizer():  # -> PreTrainedTokenizerFast
+    """A 256-symbol byte-level tokenizer with no merges: every UTF-8 byte is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(alphabet)})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+def build_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:
+    """Write a randomly initialised tiny Llama and its tokenizer to `out_dir` (idempotent)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    marker = out_dir / "config.json"
+    if marker.is_file() and (out_dir / "tokenizer.json").is_file():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _byte_level_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        **TINY_LLAMA_CONFIG,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for item in tmp.iterdir():
+        item.replace(out_dir / item.name)
+    tmp.rmdir()
+    return out_dir
+
+
+def resolve_base_model(base_model: str, *, cache_dir: Path, seed: int = 0) -> str:
+    """Turn the config's `base_model` into something `from_pretrained` accepts."""
+    if base_model == BUILTIN_TINY_LLAMA:
+        digest = hashlib.sha256(
+            json.dumps([TINY_LLAMA_CONFIG, SPECIAL_TOKENS, seed], sort_keys=True).encode()
+        ).hexdigest()[:12]
+        return str(build_tiny_llama(cache_dir / f"tiny-llama-{digest}", seed=seed))
+    if base_model.startswith("builtin:"):
+        raise ConfigError(
+            f"base_model {base_model!r} is not a built-in model. Fix: use "
+            f"{BUILTIN_TINY_LLAMA!r}, a Hugging Face hub id or a local model folder."
+        )
+    return base_model
+
+
+def load_model_and_tokenizer(model_path: str, device: Device):  # -> (PreTrainedModel, tokenizer)
+    """Load through the Auto classes, exactly as for a hub model or a local checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=device.dtype)
+    except OSError as exc:
+        raise ConfigError(
+            f"base_model {model_path!r} could not be loaded ({exc.__class__.__name__}). "
+            "Fix: give a "
+            "local model folder, a hub id available offline, or builtin:tiny-llama."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device.name), tokenizer

@@ -1,0 +1,23 @@
+"""Coordinator: validate the federation, create keys and publish the round-0 adapter."""
+
+from typing import Annotated, Any
+
+from zenml import log_metadata, step
+
+from cloudfed.artifacts import FederationPlan
+from steps.artifacts import Artifacts
+
+
+@step
+def prepare_federation(
+    federation: dict[str, Any],
+) -> Annotated[FederationPlan, Artifacts.FEDERATION_PLAN]:
+    from cloudfed.coordinator import prepare
+    from cloudfed.federation import parse_federation
+    from cloudfed.tracking import log_plan
+
+    cfg = parse_federation(federation)
+    plan = prepare(cfg)
+    log_plan(cfg, plan)
+    log_metadata({"fingerprint": plan.fingerprint, "parties": plan.parties})
+    return plan

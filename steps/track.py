@@ -1,0 +1,51 @@
+"""Coordinator: log a round, and at the end the run's table, plot and adapter, to MLflow."""
+
+from typing import Annotated, Any
+
+from zenml import step
+
+from cloudfed.artifacts import (
+    AggregateReport,
+    GlobalAdapterRef,
+    LocalUpdateRef,
+    PartyEval,
+    SealedUpdateRef,
+)
+from cloudfed.data.ref import DatasetRef
+from steps.artifacts import Artifacts
+
+
+@step
+def log_baseline(
+    evals: list[PartyEval], datasets: list[DatasetRef]
+) -> Annotated[dict[str, Any], Artifacts.ROUND_ROW]:
+    """Round 0: the base model on every held-out split, and what each party's data passed."""
+    from cloudfed.tracking import log_round_metrics
+
+    return log_round_metrics(0, evals, None, [], [], datasets)
+
+
+@step
+def log_round(
+    round: int,
+    evals: list[PartyEval],
+    report: AggregateReport,
+    local_updates: list[LocalUpdateRef],
+    sealed: list[SealedUpdateRef],
+) -> Annotated[dict[str, Any], Artifacts.ROUND_ROW]:
+    from cloudfed.tracking import log_round_metrics
+
+    return log_round_metrics(round, evals, report, local_updates, sealed)
+
+
+@step
+def publish_report(
+    federation: dict[str, Any],
+    rows: list[dict[str, Any]],
+    final_adapter: GlobalAdapterRef,
+    stop_reason: str,
+) -> Annotated[str, Artifacts.RUN_SUMMARY]:
+    from cloudfed.federation import parse_federation
+    from cloudfed.tracking import publish_run_report
+
+    return publish_run_report(parse_federation(federation), rows, final_adapter, stop_reason)

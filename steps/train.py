@@ -1,0 +1,24 @@
+"""Party: LoRA training from the current global adapter; the update stays in party storage."""
+
+from typing import Annotated, Any
+
+from zenml import step
+
+from cloudfed.artifacts import GlobalAdapterRef, LocalUpdateRef
+from cloudfed.data.ref import DatasetRef
+from steps.artifacts import Artifacts
+
+
+@step
+def train_local(
+    federation: dict[str, Any],
+    party: str,
+    round: int,
+    dataset: DatasetRef,
+    global_adapter: GlobalAdapterRef,
+) -> Annotated[LocalUpdateRef, Artifacts.LOCAL_UPDATE_REF]:
+    from cloudfed.federation import parse_federation
+    from cloudfed.party import train_round
+
+    cfg = parse_federation(federation)
+    return train_round(cfg, cfg.party(party), round, dataset, global_adapter)
