@@ -5,6 +5,7 @@ from typing import Annotated, Any
 from zenml import step
 
 from cloudfed.artifacts import AggregateReport, GlobalAdapterRef, Rejection, SealedUpdateRef
+from steps._work import timed_work
 from steps.artifacts import Artifacts
 
 
@@ -19,9 +20,11 @@ def aggregate(
     Annotated[GlobalAdapterRef, Artifacts.GLOBAL_ADAPTER_REF],
     Annotated[AggregateReport, Artifacts.AGGREGATE_REPORT],
 ]:
-    from cloudfed.coordinator import aggregate_round
-    from cloudfed.federation import parse_federation
+    with timed_work(round=round) as meta:
+        from cloudfed.coordinator import aggregate_round
+        from cloudfed.federation import parse_federation
 
-    cfg = parse_federation(federation)
-    new_global, report = aggregate_round(cfg, round, sealed, current, dropped=dropped)
+        cfg = parse_federation(federation)
+        new_global, report = aggregate_round(cfg, round, sealed, current, dropped=dropped)
+        meta.update(accepted=report.accepted, rejected=[r.model_dump() for r in report.rejected])
     return new_global, report  # a literal tuple: ZenML reads two outputs from the source

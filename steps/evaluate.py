@@ -6,6 +6,7 @@ from zenml import step
 
 from cloudfed.artifacts import GlobalAdapterRef, PartyEval
 from cloudfed.data.ref import DatasetRef
+from steps._work import timed_work
 from steps.artifacts import Artifacts
 
 
@@ -16,8 +17,10 @@ def evaluate(
     dataset: DatasetRef,
     global_adapter: GlobalAdapterRef,
 ) -> Annotated[PartyEval, Artifacts.PARTY_EVAL]:
-    from cloudfed.federation import parse_federation
-    from cloudfed.party import evaluate_round
+    with timed_work(party=party):
+        from cloudfed.federation import parse_federation
+        from cloudfed.party import evaluate_round
 
-    cfg = parse_federation(federation)
-    return evaluate_round(cfg, cfg.party(party), dataset, global_adapter)
+        cfg = parse_federation(federation)
+        result = evaluate_round(cfg, cfg.party(party), dataset, global_adapter)
+    return result

@@ -5,6 +5,7 @@ from typing import Annotated, Any
 from zenml import step
 
 from cloudfed.artifacts import FederationPlan, LocalUpdateRef, SealedUpdateRef
+from steps._work import timed_work
 from steps.artifacts import Artifacts
 
 
@@ -15,10 +16,11 @@ def export_update(
     local_update: LocalUpdateRef,
     plan: FederationPlan,
 ) -> Annotated[SealedUpdateRef, Artifacts.SEALED_UPDATE_REF]:
-    from cloudfed.federation import parse_federation
-    from cloudfed.party import export_update as seal_and_send
+    with timed_work(party=party):
+        from cloudfed.federation import parse_federation
+        from cloudfed.party import export_update as seal_and_send
 
-    cfg = parse_federation(federation)
-    return seal_and_send(
-        cfg, cfg.party(party), local_update, coordinator_fingerprint=plan.coordinator_fingerprint
-    )
+        cfg = parse_federation(federation)
+        pinned = plan.coordinator_fingerprint
+        result = seal_and_send(cfg, cfg.party(party), local_update, coordinator_fingerprint=pinned)
+    return result

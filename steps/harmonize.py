@@ -3,9 +3,10 @@
 from pathlib import Path
 from typing import Annotated, Any
 
-from zenml import log_metadata, step
+from zenml import step
 
 from cloudfed.data.ref import DatasetRef
+from steps._work import timed_work
 from steps.artifacts import Artifacts
 
 
@@ -13,16 +14,17 @@ from steps.artifacts import Artifacts
 def harmonize(
     federation: dict[str, Any], party: str
 ) -> Annotated[DatasetRef, Artifacts.DATASET_REF]:
-    from cloudfed.data.harmonize import harmonize_party
-    from cloudfed.federation import parse_federation
+    with timed_work(party=party) as meta:
+        from cloudfed.data.harmonize import harmonize_party
+        from cloudfed.federation import parse_federation
 
-    cfg = parse_federation(federation)
-    ref = harmonize_party(cfg.party(party), root=Path.cwd(), contracts_dir=Path(cfg.contracts_dir))
-    log_metadata(
-        {
-            "rows_accepted": ref.rows_accepted,
-            "rows_quarantined": ref.rows_quarantined,
-            "contract_sha256": ref.contract_sha256,
-        }
-    )
+        cfg = parse_federation(federation)
+        ref = harmonize_party(
+            cfg.party(party), root=Path.cwd(), contracts_dir=Path(cfg.contracts_dir)
+        )
+        meta.update(
+            rows_accepted=ref.rows_accepted,
+            rows_quarantined=ref.rows_quarantined,
+            contract_sha256=ref.contract_sha256,
+        )
     return ref

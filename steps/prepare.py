@@ -2,9 +2,10 @@
 
 from typing import Annotated, Any
 
-from zenml import log_metadata, step
+from zenml import step
 
 from cloudfed.artifacts import FederationPlan
+from steps._work import timed_work
 from steps.artifacts import Artifacts
 
 
@@ -12,12 +13,13 @@ from steps.artifacts import Artifacts
 def prepare_federation(
     federation: dict[str, Any],
 ) -> Annotated[FederationPlan, Artifacts.FEDERATION_PLAN]:
-    from cloudfed.coordinator import prepare
-    from cloudfed.federation import parse_federation
-    from cloudfed.tracking import log_plan
+    with timed_work() as meta:
+        from cloudfed.coordinator import prepare
+        from cloudfed.federation import parse_federation
+        from cloudfed.tracking import log_plan
 
-    cfg = parse_federation(federation)
-    plan = prepare(cfg)
-    log_plan(cfg, plan)
-    log_metadata({"fingerprint": plan.fingerprint, "parties": plan.parties})
+        cfg = parse_federation(federation)
+        plan = prepare(cfg)
+        log_plan(cfg, plan)
+        meta.update(fingerprint=plan.fingerprint, parties=plan.parties)
     return plan

@@ -12,6 +12,7 @@ from cloudfed.artifacts import (
     SealedUpdateRef,
 )
 from cloudfed.data.ref import DatasetRef
+from steps._work import timed_work
 from steps.artifacts import Artifacts
 
 
@@ -20,9 +21,11 @@ def log_baseline(
     evals: list[PartyEval], datasets: list[DatasetRef]
 ) -> Annotated[dict[str, Any], Artifacts.ROUND_ROW]:
     """Round 0: the base model on every held-out split, and what each party's data passed."""
-    from cloudfed.tracking import log_round_metrics
+    with timed_work():
+        from cloudfed.tracking import log_round_metrics
 
-    return log_round_metrics(0, evals, None, [], [], datasets)
+        row = log_round_metrics(0, evals, None, [], [], datasets)
+    return row
 
 
 @step
@@ -33,9 +36,11 @@ def log_round(
     local_updates: list[LocalUpdateRef],
     sealed: list[SealedUpdateRef],
 ) -> Annotated[dict[str, Any], Artifacts.ROUND_ROW]:
-    from cloudfed.tracking import log_round_metrics
+    with timed_work():
+        from cloudfed.tracking import log_round_metrics
 
-    return log_round_metrics(round, evals, report, local_updates, sealed)
+        row = log_round_metrics(round, evals, report, local_updates, sealed)
+    return row
 
 
 @step
@@ -45,7 +50,9 @@ def publish_report(
     final_adapter: GlobalAdapterRef,
     stop_reason: str,
 ) -> Annotated[str, Artifacts.RUN_SUMMARY]:
-    from cloudfed.federation import parse_federation
-    from cloudfed.tracking import publish_run_report
+    with timed_work():
+        from cloudfed.federation import parse_federation
+        from cloudfed.tracking import publish_run_report
 
-    return publish_run_report(parse_federation(federation), rows, final_adapter, stop_reason)
+        text = publish_run_report(parse_federation(federation), rows, final_adapter, stop_reason)
+    return text

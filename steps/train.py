@@ -6,6 +6,7 @@ from zenml import step
 
 from cloudfed.artifacts import GlobalAdapterRef, LocalUpdateRef
 from cloudfed.data.ref import DatasetRef
+from steps._work import timed_work
 from steps.artifacts import Artifacts
 
 
@@ -17,8 +18,10 @@ def train_local(
     dataset: DatasetRef,
     global_adapter: GlobalAdapterRef,
 ) -> Annotated[LocalUpdateRef, Artifacts.LOCAL_UPDATE_REF]:
-    from cloudfed.federation import parse_federation
-    from cloudfed.party import train_round
+    with timed_work(party=party):
+        from cloudfed.federation import parse_federation
+        from cloudfed.party import train_round
 
-    cfg = parse_federation(federation)
-    return train_round(cfg, cfg.party(party), round, dataset, global_adapter)
+        cfg = parse_federation(federation)
+        result = train_round(cfg, cfg.party(party), round, dataset, global_adapter)
+    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,22 +20,33 @@ PARTY_FILES = {
 }
 
 
+PROJECT_DIRS = ("cloudfed", "steps", "pipelines", "infra")
+
+
 def zenml_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT)
     env["NO_COLOR"] = "1"
     return env
 
 
-def register_stack() -> None:
+def make_project(dest: Path) -> Path:
+    """A copy of the project with its own `.zen`, so tests never touch the checkout's ZenML repo."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_DIRS:
+        shutil.copytree(REPO_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    env = zenml_env()
     subprocess.run(
-        ["bash", str(REPO_ROOT / "infra/register_local_stack.sh"), str(BIN), "cloudfed-test"],
-        cwd=REPO_ROOT,
-        env=zenml_env(),
+        [str(BIN / "zenml"), "init"], cwd=dest, env=env, check=True, capture_output=True, text=True
+    )
+    subprocess.run(
+        ["bash", "infra/register_local_stack.sh", str(BIN), "cloudfed-test"],
+        cwd=dest,
+        env=env,
         check=True,
         capture_output=True,
         text=True,
     )
+    return dest
 
 
 def federation(work: Path, clouds: Path, parties: list[str], **overrides: Any) -> dict[str, Any]:
@@ -78,7 +90,9 @@ def write_config(path: Path, fed: dict[str, Any]) -> Path:
     return path
 
 
-def run_pipeline(config: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+def run_pipeline(
+    project: Path, config: Path, timeout: int = 900
+) -> subprocess.CompletedProcess[str]:
     cmd = [
         str(BIN / "zenml"),
         "pipeline",
@@ -88,7 +102,7 @@ def run_pipeline(config: Path, timeout: int = 900) -> subprocess.CompletedProces
         str(config),
     ]
     return subprocess.run(
-        cmd, cwd=REPO_ROOT, env=zenml_env(), capture_output=True, text=True, timeout=timeout
+        cmd, cwd=project, env=zenml_env(), capture_output=True, text=True, timeout=timeout
     )
 
 

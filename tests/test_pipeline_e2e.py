@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cloudfed.data.demo import MARKER_PREFIX, generate_demo
-from tests.e2e_support import federation, register_stack, run_pipeline, scan_for, write_config
+from tests.e2e_support import federation, make_project, run_pipeline, scan_for, write_config
 
 pytestmark = pytest.mark.e2e
 PARTIES = ["hospital-aws", "bank-gcp"]
@@ -19,9 +19,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("e2e")
     clouds = work / "clouds"
     generate_demo(clouds, seed=11)
-    register_stack()
+    project = make_project(work / "project")
     config = write_config(work / "run.yaml", federation(work, clouds, PARTIES))
-    proc = run_pipeline(config)
+    proc = run_pipeline(project, config)
     return {"work": work, "clouds": clouds, "proc": proc}
 
 

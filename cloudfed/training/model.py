@@ -109,9 +109,24 @@ def resolve_base_model(base_model: str, *, cache_dir: Path, seed: int = 0) -> st
     return base_model
 
 
+def _quiet_transformers() -> None:
+    """Keep step logs readable: no per-load progress bars or peft/transformers deprecation noise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
+
+
 def load_model_and_tokenizer(model_path: str, device: Device):  # -> (PreTrainedModel, tokenizer)
     """Load through the Auto classes, exactly as for a hub model or a local checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
