@@ -87,3 +87,13 @@ def test_preflight_cli_reports_unknown_party(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert str(cfg) in proc.stderr and "nope-cloud" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_multicloud_example_names_a_step_operator_per_party() -> None:
+    cfg = load_run_config(REPO_ROOT / "configs/multicloud.example.yaml")
+    assert {p.cloud: p.step_operator for p in cfg.parties} == {
+        "aws": "sagemaker_hospital",
+        "gcp": "vertex_bank",
+        "azure": "azureml_insurer",
+    }
+    assert cfg.exchange.startswith("s3://")
