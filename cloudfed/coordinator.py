@@ -121,6 +121,7 @@ def aggregate_round(
     reference = shapes_of(global_state)
     updates: list[dict[str, np.ndarray]] = []
     weights: dict[str, float] = {}
+    bytes_received = 0
     rejected = list(dropped)
     for ref in sorted(sealed, key=lambda r: r.party):
         if ref.party in weights:
@@ -135,6 +136,7 @@ def aggregate_round(
             continue
         updates.append(update)
         weights[ref.party] = weight
+        bytes_received += ref.bytes_sent
     if len(updates) < cfg.min_parties:
         raise AggregationError(
             f"round {round}: only {len(updates)} valid update(s) ({sorted(weights)}), fewer than "
@@ -151,7 +153,7 @@ def aggregate_round(
         accepted=sorted(weights),
         rejected=rejected,
         weights={p: w / total for p, w in weights.items()},
-        bytes_received=sum(r.bytes_sent for r in sealed if r.party in weights),
+        bytes_received=bytes_received,
         seconds=time.perf_counter() - start,
         update_norm=float(
             np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))

@@ -21,6 +21,7 @@ TRAINING = TrainingSettings(
     local_steps=15, batch_size=8, learning_rate=0.003, max_seq_len=128, eval_batch_size=16
 )
 COLOURS = ["red", "blue", "green", "gold"]
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
 def _sha(path: Path) -> str:
@@ -270,3 +271,12 @@ def test_train_local_lowers_eval_loss(tiny_model_path: str, trained, rows: pd.Da
     after = evaluate(tiny_model_path, add(state, delta), rows, training=TRAINING, lora=LORA, seed=0)
     assert after.tokens == before.tokens > 0
     assert after.loss < before.loss - 0.05
+
+
+def test_empty_rows_are_refused_with_a_clear_error(tiny_model_path: str) -> None:
+    state = initial_adapter(tiny_model_path, LORA, seed=11)
+    empty = pd.DataFrame({"instruction": [], "response": []})
+    with pytest.raises(ValueError, match="no training rows"):
+        train_local(tiny_model_path, state, empty, training=TRAINING, lora=LORA, seed=1)
+    with pytest.raises(ValueError, match="no held-out rows"):
+        evaluate(tiny_model_path, state, empty, training=TRAINING, lora=LORA, seed=1)

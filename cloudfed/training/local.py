@@ -79,6 +79,8 @@ def train_local(
     desc: str = "train",
 ) -> tuple[dict[str, np.ndarray], TrainMetrics]:
     """Run `local_steps` optimiser steps; return the adapter delta and training metrics."""
+    if rows.empty:
+        raise ValueError("no training rows")
     device = pick_device()
     torch.manual_seed(seed)
     model, tokenizer = _peft_model(model_path, lora, global_state, seed=seed, device=device)
@@ -88,8 +90,6 @@ def train_local(
         rows["response"].tolist(),
         max_len=training.max_seq_len,
     )
-    if not examples:
-        raise ValueError("no training rows")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=training.learning_rate, weight_decay=training.weight_decay
@@ -143,6 +143,8 @@ def evaluate(
     seed: int,
 ) -> EvalMetrics:
     """Token-weighted mean loss over response tokens of the held-out rows."""
+    if rows.empty:
+        raise ValueError("no held-out rows to evaluate")
     device = pick_device()
     model, tokenizer = _peft_model(model_path, lora, adapter, seed=seed, device=device)
     model.eval()
