@@ -17,6 +17,7 @@ class FederationPlan(_Ref):
     """What the coordinator fixed before round 1 and every party must agree on."""
 
     federation_id: str
+    run_id: str
     fingerprint: str
     parties: list[str]
     rounds: int
@@ -43,6 +44,7 @@ class LocalUpdateRef(_Ref):
     round: int
     uri: str
     sha256: str
+    base_sha256: str
     examples: int
     train: dict[str, float | int | str]
 

@@ -8,8 +8,10 @@ or a log. (Secure aggregation, which removes even that, is the protection layer'
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,14 @@ from cloudfed.artifacts import (
     SealedUpdateRef,
 )
 from cloudfed.errors import AggregationError, ProtectionError
-from cloudfed.exchange import Exchange, fetch_public_keys, global_adapter_key, publish_public_keys
+from cloudfed.exchange import (
+    Exchange,
+    federation_exchange,
+    fetch_public_keys,
+    global_adapter_key,
+    publish_public_keys,
+    update_key,
+)
 from cloudfed.federation import FederationConfig
 from cloudfed.protection import (
     KeyPairs,
@@ -60,12 +69,13 @@ def prepare(cfg: FederationConfig) -> FederationPlan:
     """Keys, base model and the round-0 adapter that every party starts from."""
     from cloudfed.training.local import initial_adapter
 
-    exchange = Exchange(cfg.exchange)
+    exchange = federation_exchange(cfg)
     keys = coordinator_keys(cfg, exchange)
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
     state = initial_adapter(model_path, cfg.lora, seed=cfg.seed)
     return FederationPlan(
         federation_id=cfg.federation_id,
+        run_id=secrets.token_hex(16),
         fingerprint=cfg.fingerprint(),
         parties=[p.name for p in cfg.active_parties],
         rounds=cfg.rounds,
@@ -77,27 +87,42 @@ def prepare(cfg: FederationConfig) -> FederationPlan:
     )
 
 
+@dataclass(frozen=True)
+class _Expected:
+    """What every update of this round must be bound to."""
+
+    federation_id: str
+    round: int
+    run_id: str
+    base_sha256: str
+    shapes: Mapping[str, tuple[int, ...]]
+
+
 def _open_one(
-    exchange: Exchange,
-    keys: KeyPairs,
-    cfg: FederationConfig,
-    ref: SealedUpdateRef,
-    round: int,
-    reference: Mapping[str, tuple[int, ...]],
+    exchange: Exchange, keys: KeyPairs, ref: SealedUpdateRef, expected: _Expected
 ) -> tuple[dict[str, np.ndarray], float]:
     """Return (update, weight) or raise ValueError / ProtectionError with the rejection reason."""
-    if ref.round != round:
-        raise ValueError(f"update is for round {ref.round}, not {round}")
+    if ref.round != expected.round:
+        raise ValueError(f"update is for round {ref.round}, not {expected.round}")
+    if ref.key != update_key(expected.round, ref.party):
+        raise ValueError(f"unexpected exchange key {ref.key!r}")
     sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.sender_fingerprint)
-    context = SealContext(federation_id=cfg.federation_id, round=round, party=ref.party)
+    context = SealContext(
+        federation_id=expected.federation_id, round=expected.round, party=ref.party
+    )
     opened = open_sealed_with_metadata(
         exchange.get_bytes(ref.key), context=context, recipient=keys, sender=sender
     )
+    meta = opened.metadata
+    if meta.get("run_id") != expected.run_id:
+        raise ValueError("update belongs to another run of this federation (replay)")
+    if meta.get("base_sha256") != expected.base_sha256:
+        raise ValueError("update was trained from another global adapter (stale or replayed)")
     update = state_from_bytes(opened.payload)
-    reason = check_update(update, reference, max_abs=MAX_ABS_UPDATE)
+    reason = check_update(update, expected.shapes, max_abs=MAX_ABS_UPDATE)
     if reason:
         raise ValueError(reason)
-    examples = opened.metadata.get("examples")
+    examples = meta.get("examples")
     if not isinstance(examples, int) or examples <= 0:
         raise ValueError(f"example count {examples!r} is not a positive integer")
     return update, float(examples)
@@ -109,16 +134,17 @@ def aggregate_round(
     sealed: Sequence[SealedUpdateRef],
     current: GlobalAdapterRef,
     *,
+    run_id: str,
     dropped: Sequence[Rejection] = (),
 ) -> tuple[GlobalAdapterRef, AggregateReport]:
     """Weighted FedAvg of the updates that verify; below `min_parties` the round is refused."""
     from cloudfed.party import load_global
 
     start = time.perf_counter()
-    exchange = Exchange(cfg.exchange)
+    exchange = federation_exchange(cfg)
     keys = coordinator_keys(cfg, exchange)
     global_state = load_global(exchange, current)
-    reference = shapes_of(global_state)
+    expected = _Expected(cfg.federation_id, round, run_id, current.sha256, shapes_of(global_state))
     updates: list[dict[str, np.ndarray]] = []
     weights: dict[str, float] = {}
     bytes_received = 0
@@ -128,7 +154,7 @@ def aggregate_round(
             rejected.append(Rejection(party=ref.party, reason="duplicate update for this round"))
             continue
         try:
-            update, weight = _open_one(exchange, keys, cfg, ref, round, reference)
+            update, weight = _open_one(exchange, keys, ref, expected)
         except (ProtectionError, ValueError, FileNotFoundError) as exc:
             reason = str(exc) if not isinstance(exc, FileNotFoundError) else "sealed update missing"
             logger.warning("round %d: rejected update from %s: %s", round, ref.party, reason)

@@ -15,7 +15,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from cloudfed.errors import ProtectionError
-from cloudfed.federation import PARTY_NAME_PATTERN
+from cloudfed.federation import PARTY_NAME_PATTERN, FederationConfig
 from cloudfed.protection.keys import ROLES, PublicKeyBundle
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$")
@@ -54,6 +54,11 @@ def public_key_key(role: str, name: str) -> str:
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
     return f"keys/{role}/{_name(name, 'name')}.json"
+
+
+def federation_exchange(cfg: FederationConfig) -> Exchange:
+    """Each federation gets its own prefix, so federations sharing an exchange never collide."""
+    return Exchange(f"{str(cfg.exchange).rstrip('/')}/{cfg.federation_id}")
 
 
 class Exchange:

@@ -73,7 +73,8 @@ class FederationConfig(_Strict):
     coordinator_storage: str = ".cloudfed/coordinator"
     contracts_dir: str = "data_contracts"
     rounds: int = Field(3, ge=1, le=10_000)
-    min_parties: int = Field(2, ge=1)
+    # One accepted update would make global(r+1) - global(r) that party's plaintext update.
+    min_parties: int = Field(2, ge=2)
     seed: int = 0
     participants: list[str] | None = None
     training: TrainingSettings = TrainingSettings()
@@ -121,7 +122,8 @@ class FederationConfig(_Strict):
 _FIXES: dict[str, str] = {
     "learning_rate": "use a positive learning rate such as 0.001",
     "rounds": "set rounds to a whole number of at least 1",
-    "min_parties": "lower min_parties or add parties",
+    "min_parties": "use at least 2 (one party's aggregate is its own update) and at most the "
+    "number of participating parties",
     "participants": "list only names that appear under parties[].name",
     "parties": "give each party a unique lowercase name with raw, mapping and storage",
     "name": "use lowercase letters, digits and '-' (e.g. hospital-aws)",

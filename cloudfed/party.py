@@ -17,7 +17,13 @@ import pandas as pd
 from cloudfed.artifacts import GlobalAdapterRef, LocalUpdateRef, PartyEval, SealedUpdateRef
 from cloudfed.data.ref import DatasetRef
 from cloudfed.errors import DataError, ProtectionError
-from cloudfed.exchange import Exchange, fetch_public_keys, publish_public_keys, update_key
+from cloudfed.exchange import (
+    Exchange,
+    federation_exchange,
+    fetch_public_keys,
+    publish_public_keys,
+    update_key,
+)
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.protection import SealContext, load_or_create_keys, seal
 from cloudfed.training.adapter_io import state_from_bytes, state_to_bytes
@@ -71,7 +77,7 @@ def train_round(
 ) -> LocalUpdateRef:
     from cloudfed.training.local import train_local
 
-    exchange = Exchange(cfg.exchange)
+    exchange = federation_exchange(cfg)
     global_state = load_global(exchange, global_ref)
     rows = read_rows(data.train_uri, data.train_sha256)
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
@@ -94,6 +100,7 @@ def train_round(
         round=round,
         uri=str(path),
         sha256=_sha256(payload),
+        base_sha256=global_ref.sha256,
         examples=metrics.examples,
         train=metrics.as_dict(),
     )
@@ -105,10 +112,15 @@ def export_update(
     local: LocalUpdateRef,
     *,
     coordinator_fingerprint: str,
+    run_id: str,
 ) -> SealedUpdateRef:
-    """Seal the update to the coordinator, bound to federation, round and party."""
+    """Seal the update to the coordinator, bound to federation, round and party.
+
+    The signed metadata also binds the run and the global adapter the update was trained from,
+    so an update from an earlier run of the same federation cannot be replayed into this one.
+    """
     start = time.perf_counter()
-    exchange = Exchange(cfg.exchange)
+    exchange = federation_exchange(cfg)
     keys = party_keys(party, exchange)
     coordinator = fetch_public_keys(
         exchange, "coordinator", COORDINATOR, fingerprint=coordinator_fingerprint
@@ -119,7 +131,7 @@ def export_update(
         round=local.round,
         party=party.name,
         kind="update",
-        metadata={"examples": local.examples, "train_loss": float(local.train["loss_mean"])},
+        metadata={"examples": local.examples, "run_id": run_id, "base_sha256": local.base_sha256},
     )
     blob = seal(payload, context=context, sender=keys, recipient=coordinator)
     key = update_key(local.round, party.name)
@@ -141,7 +153,7 @@ def evaluate_round(
     from cloudfed.training.local import evaluate
 
     start = time.perf_counter()
-    adapter = load_global(Exchange(cfg.exchange), global_ref)
+    adapter = load_global(federation_exchange(cfg), global_ref)
     rows = read_rows(data.eval_uri, data.eval_sha256)
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
     m = evaluate(model_path, adapter, rows, training=cfg.training, lora=cfg.lora, seed=cfg.seed)

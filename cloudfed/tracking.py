@@ -6,6 +6,7 @@ pipeline run for every tracked step) and take only aggregates, metrics and refer
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from cloudfed.artifacts import (
     SealedUpdateRef,
 )
 from cloudfed.data.ref import DatasetRef
+from cloudfed.errors import ProtectionError
 from cloudfed.federation import FederationConfig
 
 
@@ -192,7 +194,7 @@ def publish_run_report(
     """Round table, plot and final adapter to MLflow and the coordinator's storage."""
     import pandas as pd
 
-    from cloudfed.exchange import Exchange
+    from cloudfed.exchange import federation_exchange
 
     rows = sorted(rows, key=lambda r: r["round"])
     text = summary_text(rows, stop_reason)
@@ -202,7 +204,10 @@ def publish_run_report(
     table.to_csv(out / "round_table.csv", index=False)
     (out / "summary.txt").write_text(text, encoding="utf-8")
     (out / "loss_per_round.png").write_bytes(loss_plot_png(rows))
-    (out / "adapter.safetensors").write_bytes(Exchange(cfg.exchange).get_bytes(final.key))
+    adapter = federation_exchange(cfg).get_bytes(final.key)
+    if hashlib.sha256(adapter).hexdigest() != final.sha256:
+        raise ProtectionError("final adapter rejected: hash mismatch")
+    (out / "adapter.safetensors").write_bytes(adapter)
     for name in ["round_table.csv", "summary.txt", "loss_per_round.png"]:
         mlflow.log_artifact(str(out / name), artifact_path="report")
     mlflow.log_artifact(str(out / "adapter.safetensors"), artifact_path="final_adapter")

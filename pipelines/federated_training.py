@@ -102,10 +102,11 @@ def federated_training(federation: dict[str, Any]) -> None:
                 except ConfigError:
                     raise
                 except Exception as exc:  # a party failing must not sink the round
-                    logger.warning("round %d: party %s dropped: %s", r, p, type(exc).__name__)
-                    dropped.append(Rejection(party=p, reason=f"dropped: {type(exc).__name__}"))
+                    why = str(exc) if isinstance(exc, CloudfedError) else type(exc).__name__
+                    logger.warning("round %d: party %s dropped: %s", r, p, why)
+                    dropped.append(Rejection(party=p, reason=f"dropped: {why}"))
             new_ref, report = coord(aggregate)(
-                federation, r, sealed, current, dropped, id=f"aggregate_r{r}"
+                federation, r, sealed, current, dropped, plan, id=f"aggregate_r{r}"
             )
             current = new_ref.load()
             evals = [

@@ -15,6 +15,8 @@ def timed_work(**metadata: Any) -> Iterator[dict[str, Any]]:
     """Yield a dict the step may add metadata to; logged with the body's wall time at the end."""
     start = perf_counter()
     extra: dict[str, Any] = dict(metadata)
-    yield extra
-    extra[WORK_SECONDS] = perf_counter() - start
-    log_metadata(extra)
+    try:
+        yield extra
+    finally:  # a failed step still records how long its work ran
+        extra[WORK_SECONDS] = perf_counter() - start
+        log_metadata(extra)

@@ -4,7 +4,13 @@ from typing import Annotated, Any
 
 from zenml import step
 
-from cloudfed.artifacts import AggregateReport, GlobalAdapterRef, Rejection, SealedUpdateRef
+from cloudfed.artifacts import (
+    AggregateReport,
+    FederationPlan,
+    GlobalAdapterRef,
+    Rejection,
+    SealedUpdateRef,
+)
 from steps._work import timed_work
 from steps.artifacts import Artifacts
 
@@ -16,6 +22,7 @@ def aggregate(
     sealed: list[SealedUpdateRef],
     current: GlobalAdapterRef,
     dropped: list[Rejection],
+    plan: FederationPlan,
 ) -> tuple[
     Annotated[GlobalAdapterRef, Artifacts.GLOBAL_ADAPTER_REF],
     Annotated[AggregateReport, Artifacts.AGGREGATE_REPORT],
@@ -25,6 +32,8 @@ def aggregate(
         from cloudfed.federation import parse_federation
 
         cfg = parse_federation(federation)
-        new_global, report = aggregate_round(cfg, round, sealed, current, dropped=dropped)
+        new_global, report = aggregate_round(
+            cfg, round, sealed, current, run_id=plan.run_id, dropped=dropped
+        )
         meta.update(accepted=report.accepted, rejected=[r.model_dump() for r in report.rejected])
     return new_global, report  # a literal tuple: ZenML reads two outputs from the source

@@ -22,5 +22,7 @@ def export_update(
 
         cfg = parse_federation(federation)
         pinned = plan.coordinator_fingerprint
-        result = seal_and_send(cfg, cfg.party(party), local_update, coordinator_fingerprint=pinned)
+        result = seal_and_send(
+            cfg, cfg.party(party), local_update, coordinator_fingerprint=pinned, run_id=plan.run_id
+        )
     return result

@@ -12,8 +12,13 @@ import pytest
 from cloudfed import coordinator, party
 from cloudfed.artifacts import FederationPlan, LocalUpdateRef, SealedUpdateRef
 from cloudfed.data.ref import DatasetRef, ValidationSummary
-from cloudfed.errors import AggregationError, DataError
-from cloudfed.exchange import Exchange, global_adapter_key, public_key_key, update_key
+from cloudfed.errors import AggregationError, ConfigError, DataError
+from cloudfed.exchange import (
+    federation_exchange,
+    global_adapter_key,
+    public_key_key,
+    update_key,
+)
 from cloudfed.federation import FederationConfig, parse_federation
 from cloudfed.party import load_global
 from cloudfed.training.adapter_io import state_from_bytes, state_to_bytes
@@ -59,8 +64,9 @@ class Fed:
     def __init__(self, tmp_path: Path, model_cache: Path, *, min_parties: int = 2) -> None:
         self.cfg = make_cfg(tmp_path, model_cache, min_parties=min_parties)
         self.plan: FederationPlan = coordinator.prepare(self.cfg)
-        self.exchange = Exchange(self.cfg.exchange)
+        self.exchange = federation_exchange(self.cfg)
         self.initial = load_global(self.exchange, self.plan.initial_adapter)
+        self.base = self.plan.initial_adapter.sha256  # what parties trained from
 
     def const(self, value: float) -> dict[str, np.ndarray]:
         return {k: np.full(v.shape, value, dtype=np.float32) for k, v in self.initial.items()}
@@ -77,6 +83,7 @@ class Fed:
             round=round,
             uri=str(path),
             sha256=hashlib.sha256(payload).hexdigest(),
+            base_sha256=self.base,
             examples=examples,
             train={"loss_mean": 1.0},
         )
@@ -89,7 +96,15 @@ class Fed:
             self.cfg.party(name),
             self.local(name, round, state, examples),
             coordinator_fingerprint=self.plan.coordinator_fingerprint,
+            run_id=self.plan.run_id,
         )
+
+    def aggregate(self, round: int, sealed: list[SealedUpdateRef], current, **kw):
+        new_ref, report = coordinator.aggregate_round(
+            self.cfg, round, sealed, current, run_id=self.plan.run_id, **kw
+        )
+        self.base = new_ref.sha256
+        return new_ref, report
 
     def standard_round(self, round: int = 1) -> list[SealedUpdateRef]:
         """Deltas 1, 2, 4 with example counts 1, 1, 2: weighted mean 11/4 = 2.75."""
@@ -145,7 +160,7 @@ def test_prepare_publishes_round_zero_adapter_and_keys(fed: Fed) -> None:
 
 def test_aggregate_is_exact_weighted_mean(fed: Fed) -> None:
     sealed = fed.standard_round(1)
-    new_ref, report = coordinator.aggregate_round(fed.cfg, 1, sealed, fed.plan.initial_adapter)
+    new_ref, report = fed.aggregate(1, sealed, fed.plan.initial_adapter)
     assert new_ref.round == 1 and new_ref.key == global_adapter_key(1)
     fed.expect_global(new_ref, 2.75)
     assert report.accepted == sorted(NAMES)
@@ -172,7 +187,7 @@ def test_tampered_update_is_rejected_and_round_goes_on(fed: Fed) -> None:
     sealed = fed.standard_round(1)
     blob_len = len(fed.exchange.get_bytes(sealed[1].key))
     fed.flip_byte(sealed[1].key, blob_len // 2)
-    new_ref, report = coordinator.aggregate_round(fed.cfg, 1, sealed, fed.plan.initial_adapter)
+    new_ref, report = fed.aggregate(1, sealed, fed.plan.initial_adapter)
     assert report.accepted == [NAMES[0], NAMES[2]]
     assert set(reasons(report)) == {NAMES[1]}
     assert reasons(report)[NAMES[1]] == "sealed update rejected: signature invalid"
@@ -188,9 +203,7 @@ def test_too_few_valid_updates_publishes_nothing(fed: Fed) -> None:
     fed.flip_byte(sealed[0].key, blob_len - 3)
     wrong = sealed[1].model_copy(update={"sender_fingerprint": sealed[2].sender_fingerprint})
     with pytest.raises(AggregationError) as info:
-        coordinator.aggregate_round(
-            fed.cfg, 1, [sealed[0], wrong, sealed[2]], fed.plan.initial_adapter
-        )
+        fed.aggregate(1, [sealed[0], wrong, sealed[2]], fed.plan.initial_adapter)
     message = str(info.value)
     assert NAMES[0] in message and NAMES[1] in message
     assert "No model was published" in message
@@ -201,17 +214,23 @@ def test_too_few_valid_updates_publishes_nothing(fed: Fed) -> None:
 
 def test_missing_sealed_update_is_rejected(fed: Fed) -> None:
     sealed = fed.standard_round(1)
-    ghost = sealed[0].model_copy(update={"key": update_key(1, NAMES[0]) + ".gone"})
-    new_ref, report = coordinator.aggregate_round(
-        fed.cfg, 1, [ghost, sealed[1], sealed[2]], fed.plan.initial_adapter
-    )
+    blob = Path(fed.exchange.root) / sealed[0].key
+    blob.unlink()
+    new_ref, report = fed.aggregate(1, sealed, fed.plan.initial_adapter)
     assert reasons(report) == {NAMES[0]: "sealed update missing"}
     fed.expect_global(new_ref, (2.0 + 2 * 4.0) / 3)
 
 
+def test_ref_pointing_elsewhere_on_the_exchange_is_rejected(fed: Fed) -> None:
+    sealed = fed.standard_round(1)
+    moved = sealed[0].model_copy(update={"key": update_key(1, NAMES[1])})
+    _, report = fed.aggregate(1, [moved, sealed[1], sealed[2]], fed.plan.initial_adapter)
+    assert reasons(report)[NAMES[0]].startswith("unexpected exchange key")
+
+
 def test_replay_into_next_round_is_rejected(fed: Fed) -> None:
     round1 = fed.standard_round(1)
-    ref1, _ = coordinator.aggregate_round(fed.cfg, 1, round1, fed.plan.initial_adapter)
+    ref1, _ = fed.aggregate(1, round1, fed.plan.initial_adapter)
     fresh = [
         fed.export(NAMES[0], 2, fed.const(1.0), 1),
         fed.export(NAMES[1], 2, fed.const(2.0), 1),
@@ -220,7 +239,7 @@ def test_replay_into_next_round_is_rejected(fed: Fed) -> None:
     key2 = update_key(2, NAMES[2])
     fed.exchange.put_bytes(key2, fed.exchange.get_bytes(old.key))
     replayed = old.model_copy(update={"round": 2, "key": key2})
-    ref2, report = coordinator.aggregate_round(fed.cfg, 2, [*fresh, replayed], ref1)
+    ref2, report = fed.aggregate(2, [*fresh, replayed], ref1)
     assert report.accepted == [NAMES[0], NAMES[1]]
     assert set(reasons(report)) == {NAMES[2]}
     assert reasons(report)[NAMES[2]] == "sealed update rejected: context mismatch"
@@ -231,8 +250,7 @@ def test_replay_into_next_round_is_rejected(fed: Fed) -> None:
 
 def test_ref_for_another_round_is_rejected(fed: Fed) -> None:
     sealed = fed.standard_round(1)
-    _, report = coordinator.aggregate_round(
-        fed.cfg,
+    _, report = fed.aggregate(
         2,
         [fed.export(NAMES[0], 2, fed.const(1.0), 1), fed.export(NAMES[1], 2, fed.const(2.0), 1)]
         + [sealed[2]],
@@ -244,9 +262,7 @@ def test_ref_for_another_round_is_rejected(fed: Fed) -> None:
 def test_wrong_sender_fingerprint_is_rejected(fed: Fed) -> None:
     sealed = fed.standard_round(1)
     forged = sealed[0].model_copy(update={"sender_fingerprint": fed.plan.coordinator_fingerprint})
-    new_ref, report = coordinator.aggregate_round(
-        fed.cfg, 1, [forged, sealed[1], sealed[2]], fed.plan.initial_adapter
-    )
+    new_ref, report = fed.aggregate(1, [forged, sealed[1], sealed[2]], fed.plan.initial_adapter)
     assert set(reasons(report)) == {NAMES[0]}
     assert "fingerprint mismatch" in reasons(report)[NAMES[0]]
     fed.expect_global(new_ref, (2.0 + 2 * 4.0) / 3)
@@ -254,9 +270,7 @@ def test_wrong_sender_fingerprint_is_rejected(fed: Fed) -> None:
 
 def test_duplicate_update_is_rejected_and_counted_once(fed: Fed) -> None:
     sealed = fed.standard_round(1)
-    new_ref, report = coordinator.aggregate_round(
-        fed.cfg, 1, [*sealed, sealed[2]], fed.plan.initial_adapter
-    )
+    new_ref, report = fed.aggregate(1, [*sealed, sealed[2]], fed.plan.initial_adapter)
     assert report.accepted == sorted(NAMES)
     assert [(r.party, r.reason) for r in report.rejected] == [
         (NAMES[2], "duplicate update for this round")
@@ -266,44 +280,54 @@ def test_duplicate_update_is_rejected_and_counted_once(fed: Fed) -> None:
     assert report.bytes_received == sum(s.bytes_sent for s in sealed)
 
 
-def test_invalid_plaintext_updates_are_rejected(tmp_path: Path, model_cache: Path) -> None:
-    fed = Fed(tmp_path, model_cache, min_parties=1)
+def _bad_update(fed: Fed, kind: str) -> tuple[dict[str, np.ndarray], str]:
     names = sorted(fed.initial)
-    nan = fed.const(1.0)
-    nan[names[0]] = nan[names[0]].copy()
-    nan[names[0]].flat[0] = np.nan
-    bad_shape = fed.const(1.0)
-    bad_shape[names[1]] = np.ones((3, 3), dtype=np.float32)
+    bad = fed.const(1.0)
+    if kind == "nan":
+        bad[names[0]] = bad[names[0]].copy()
+        bad[names[0]].flat[0] = np.nan
+        return bad, f"non-finite values in {names[0]}"
+    if kind == "shape":
+        bad[names[1]] = np.ones((3, 3), dtype=np.float32)
+        return bad, f"shape mismatch for {names[1]}: (3, 3) != "
+    if kind == "magnitude":
+        return fed.const(coordinator.MAX_ABS_UPDATE * 10), "magnitude 1e+04 exceeds"
+    del bad[names[-1]]
+    return bad, f"missing tensor(s): {names[-1]}"
+
+
+@pytest.mark.parametrize("kind", ["nan", "shape", "magnitude", "missing"])
+def test_invalid_plaintext_update_is_rejected_and_round_goes_on(
+    tmp_path: Path, model_cache: Path, kind: str
+) -> None:
+    fed = Fed(tmp_path, model_cache)
+    bad, reason = _bad_update(fed, kind)
     sealed = [
-        fed.export(NAMES[0], 1, nan, 1),
-        fed.export(NAMES[1], 1, bad_shape, 1),
+        fed.export(NAMES[0], 1, bad, 1),
+        fed.export(NAMES[1], 1, fed.const(2.0), 1),
         fed.export(NAMES[2], 1, fed.const(4.0), 2),
     ]
-    new_ref, report = coordinator.aggregate_round(fed.cfg, 1, sealed, fed.plan.initial_adapter)
-    assert report.accepted == [NAMES[2]]
-    got = reasons(report)
-    assert got[NAMES[0]] == f"non-finite values in {names[0]}"
-    assert got[NAMES[1]].startswith(f"shape mismatch for {names[1]}: (3, 3) != ")
-    fed.expect_global(new_ref, 4.0)
+    new_ref, report = fed.aggregate(1, sealed, fed.plan.initial_adapter)
+    assert report.accepted == sorted(NAMES[1:])
+    assert reasons(report)[NAMES[0]].startswith(reason)
+    fed.expect_global(new_ref, float(np.float32(10.0 / 3.0)))
 
 
-def test_oversized_and_missing_tensor_updates_are_rejected(
-    tmp_path: Path, model_cache: Path
-) -> None:
-    fed = Fed(tmp_path, model_cache, min_parties=1)
-    names = sorted(fed.initial)
-    partial = fed.const(1.0)
-    del partial[names[-1]]
-    sealed = [
-        fed.export(NAMES[0], 1, fed.const(coordinator.MAX_ABS_UPDATE * 10), 1),
-        fed.export(NAMES[1], 1, partial, 1),
-        fed.export(NAMES[2], 1, fed.const(0.5), 2),
-    ]
-    new_ref, report = coordinator.aggregate_round(fed.cfg, 1, sealed, fed.plan.initial_adapter)
-    got = reasons(report)
-    assert got[NAMES[0]].startswith("magnitude 1e+04 exceeds")
-    assert got[NAMES[1]] == f"missing tensor(s): {names[-1]}"
-    fed.expect_global(new_ref, 0.5)
+def test_update_from_another_run_is_rejected(tmp_path: Path, model_cache: Path) -> None:
+    fed = Fed(tmp_path, model_cache)
+    sealed = fed.standard_round(1)
+    other_run = coordinator.prepare(fed.cfg)  # a re-run: same keys, same round-0 adapter
+    assert other_run.run_id != fed.plan.run_id
+    assert other_run.initial_adapter.sha256 == fed.plan.initial_adapter.sha256
+    with pytest.raises(AggregationError, match="another run"):
+        coordinator.aggregate_round(
+            fed.cfg, 1, sealed, other_run.initial_adapter, run_id=other_run.run_id
+        )
+
+
+def test_min_parties_one_is_refused(tmp_path: Path, model_cache: Path) -> None:
+    with pytest.raises(ConfigError, match="min_parties"):
+        make_cfg(tmp_path, model_cache, min_parties=1)
 
 
 # --- party side ------------------------------------------------------------------------------

@@ -74,15 +74,32 @@ def test_final_adapter_beats_base_model(demo_run: dict) -> None:
     assert by_step[2] < by_step[0], by_step
 
 
-def test_no_raw_text_reaches_coordinator_side(demo_run: dict) -> None:
+def _update_needles(clouds: Path) -> list[bytes]:
+    """64-byte slices of every party's plaintext update tensors (past the safetensors header)."""
+    needles = []
+    for path in sorted(clouds.glob("*/storage/updates/*.safetensors")):
+        data = path.read_bytes()
+        header = 8 + int.from_bytes(data[:8], "little")
+        needles.append(data[header + 256 : header + 320])
+    return needles
+
+
+def test_no_raw_text_or_plaintext_update_reaches_coordinator_side(demo_run: dict) -> None:
     assert demo_run["proc"].returncode == 0
     zen = Path(os.environ["ZENML_CONFIG_PATH"])
     work = demo_run["work"]
-    needles = [MARKER_PREFIX.encode()]
-    # Positive control: the scanner does find markers where records legitimately live.
-    party_side = scan_for([demo_run["clouds"] / PARTIES[0] / "raw"], needles)
-    assert party_side, "scanner found no marker in the party's raw data: the scan proves nothing"
-    leaks = scan_for([zen, work / "exchange", work / "coordinator"], needles)
-    assert not leaks, f"raw record markers leaked to coordinator side: {leaks}"
+    roots = [zen, work / "exchange", work / "coordinator"]
+    assert all(r.is_dir() and any(r.rglob("*")) for r in roots), roots
+    assert list(zen.rglob("mlflow.db")) and list(zen.rglob("*.log")), "stores not where scanned"
+    markers = [MARKER_PREFIX.encode()]
+    updates = _update_needles(demo_run["clouds"])
+    assert len(updates) == len(PARTIES) * 2, "expected one update per party and round"
+    # Positive controls: the scanner finds what legitimately lives on each side.
+    assert scan_for([demo_run["clouds"] / PARTIES[0] / "raw"], markers)
+    assert scan_for([demo_run["clouds"]], updates[:1])
+    plan_artifact = next(zen.rglob("federation_plan"), None)
+    assert plan_artifact is not None, "the plan artifact is not in the scanned artifact store"
+    leaks = scan_for(roots, markers + updates)
+    assert not leaks, f"raw records or plaintext updates leaked to the coordinator side: {leaks}"
     out = demo_run["proc"].stdout + demo_run["proc"].stderr
     assert MARKER_PREFIX not in out
