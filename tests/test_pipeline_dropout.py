@@ -1,0 +1,44 @@
+"""A party that crashes mid-round is dropped with its reason; the round goes on with the rest."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cloudfed.data.demo import generate_demo
+from tests.e2e_support import federation, make_project, run_pipeline, write_config
+
+pytestmark = pytest.mark.e2e
+PARTIES = ["hospital-aws", "bank-gcp", "insurer-azure"]
+
+
+def test_crashed_party_is_dropped_and_round_continues(tmp_path: Path) -> None:
+    clouds = tmp_path / "clouds"
+    generate_demo(clouds, seed=2, train_rows=60, eval_rows=10)
+    fed = federation(tmp_path, clouds, PARTIES, rounds=1)
+    fed["training"]["local_steps"] = 5
+    # The insurer's storage cannot hold updates: its training step fails after harmonisation.
+    storage = clouds / "insurer-azure" / "storage"
+    storage.mkdir(parents=True)
+    (storage / "updates").write_text("not a folder")
+    project = make_project(tmp_path / "project")
+    proc = run_pipeline(project, write_config(tmp_path / "run.yaml", fed))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "party insurer-azure dropped" in out
+    summary = (tmp_path / "coordinator" / "last_run" / "summary.txt").read_text()
+    row = next(line for line in summary.splitlines() if line.strip().startswith("│     1"))
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[4:6] == ["2", "1"], row  # parties accepted, rejected
+
+    from mlflow.tracking import MlflowClient
+
+    db = sorted(Path(os.environ["ZENML_CONFIG_PATH"]).rglob("mlflow.db"))[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("federated_training")
+    run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0]
+    rejected = client.get_metric_history(run.info.run_id, "parties_rejected")
+    assert [m.value for m in rejected] == [1.0]
+    assert client.list_artifacts(run.info.run_id, "rejections")
