@@ -118,3 +118,17 @@ def scan_for(roots: list[Path], needles: list[bytes]) -> dict[str, list[str]]:
                 if needle in data:
                     hits.setdefault(needle.decode(errors="replace"), []).append(str(path))
     return hits
+
+
+def mlflow_last_run():
+    """The MLflow client on the isolated ZenML store and the newest run of the pipeline."""
+    from mlflow.tracking import MlflowClient
+
+    dbs = sorted(Path(os.environ["ZENML_CONFIG_PATH"]).rglob("mlflow.db"))
+    assert dbs, "no MLflow sqlite store under the isolated ZenML config"
+    client = MlflowClient(tracking_uri=f"sqlite:///{dbs[0]}")
+    exp = client.get_experiment_by_name("federated_training")
+    assert exp is not None, "MLflow experiment 'federated_training' missing"
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    assert runs
+    return client, runs[0]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from cloudfed.data.demo import generate_demo
-from tests.e2e_support import federation, make_project, run_pipeline, write_config
+from tests.e2e_support import (
+    federation,
+    make_project,
+    mlflow_last_run,
+    run_pipeline,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 PARTIES = ["hospital-aws", "bank-gcp", "insurer-azure"]
@@ -33,12 +38,7 @@ def test_crashed_party_is_dropped_and_round_continues(tmp_path: Path) -> None:
     cells = [c.strip() for c in row.strip("│ ").split("│")]
     assert cells[4:6] == ["2", "1"], row  # parties accepted, rejected
 
-    from mlflow.tracking import MlflowClient
-
-    db = sorted(Path(os.environ["ZENML_CONFIG_PATH"]).rglob("mlflow.db"))[0]
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("federated_training")
-    run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0]
+    client, run = mlflow_last_run()
     rejected = client.get_metric_history(run.info.run_id, "parties_rejected")
     assert [m.value for m in rejected] == [1.0]
     assert client.list_artifacts(run.info.run_id, "rejections")

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from cloudfed.data.demo import MARKER_PREFIX, generate_demo
-from tests.e2e_support import federation, make_project, run_pipeline, scan_for, write_config
+from tests.e2e_support import (
+    federation,
+    make_project,
+    mlflow_last_run,
+    run_pipeline,
+    scan_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 PARTIES = ["hospital-aws", "bank-gcp"]
@@ -25,23 +32,6 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"work": work, "clouds": clouds, "proc": proc}
 
 
-def _mlflow_client():
-    from mlflow.tracking import MlflowClient
-
-    zen = Path(os.environ["ZENML_CONFIG_PATH"])
-    dbs = sorted(zen.rglob("mlflow.db"))
-    assert dbs, f"no MLflow sqlite store under {zen}"
-    return MlflowClient(tracking_uri=f"sqlite:///{dbs[0]}")
-
-
-def _last_run(client):
-    exp = client.get_experiment_by_name("federated_training")
-    assert exp is not None, "MLflow experiment 'federated_training' missing"
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
-    assert runs
-    return runs[0]
-
-
 def test_run_completes_and_prints_summary(demo_run: dict) -> None:
     proc = demo_run["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -52,8 +42,7 @@ def test_run_completes_and_prints_summary(demo_run: dict) -> None:
 
 def test_mlflow_has_per_round_and_per_party_metrics(demo_run: dict) -> None:
     assert demo_run["proc"].returncode == 0
-    client = _mlflow_client()
-    run = _last_run(client)
+    client, run = mlflow_last_run()
     history = client.get_metric_history(run.info.run_id, "eval_loss")
     assert sorted(m.step for m in history) == [0, 1, 2]
     for party in PARTIES:
@@ -68,8 +57,7 @@ def test_mlflow_has_per_round_and_per_party_metrics(demo_run: dict) -> None:
 
 def test_final_adapter_beats_base_model(demo_run: dict) -> None:
     assert demo_run["proc"].returncode == 0
-    client = _mlflow_client()
-    run = _last_run(client)
+    client, run = mlflow_last_run()
     by_step = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
     assert by_step[2] < by_step[0], by_step
 
