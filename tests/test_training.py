@@ -280,3 +280,20 @@ def test_empty_rows_are_refused_with_a_clear_error(tiny_model_path: str) -> None
         train_local(tiny_model_path, state, empty, training=TRAINING, lora=LORA, seed=1)
     with pytest.raises(ValueError, match="no held-out rows"):
         evaluate(tiny_model_path, state, empty, training=TRAINING, lora=LORA, seed=1)
+
+
+def test_adapter_stays_fp32_and_exact_over_a_bf16_base(tiny_model_path: str) -> None:
+    """The CUDA path loads the base in bf16; the federated state must not lose precision."""
+    from cloudfed.training.model import Device, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(tiny_model_path, Device("cpu", torch.bfloat16))
+    peft_model = wrap_with_lora(model, LORA, seed=3)
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    rng = np.random.default_rng(0)
+    state = {
+        k: rng.standard_normal(v.shape).astype(np.float32)
+        for k, v in adapter_state(peft_model).items()
+    }
+    load_adapter_state(peft_model, state)
+    back = adapter_state(peft_model)
+    assert all(np.array_equal(back[k], state[k]) for k in state)

@@ -55,8 +55,9 @@ def load_adapter_state(peft_model: torch.nn.Module, state: Mapping[str, np.ndarr
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
-    dtype = next(peft_model.parameters()).dtype
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in state.items()}
+    # No cast here: peft keeps adapter weights in fp32 even over a bf16 base
+    # (autocast_adapter_dtype), and load_state_dict converts to each parameter's own dtype.
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
     set_peft_model_state_dict(peft_model, tensors)
 
 
