@@ -58,7 +58,13 @@ def load_global(exchange: Exchange, ref: GlobalAdapterRef) -> dict[str, np.ndarr
 def read_rows(uri: str, sha256: str) -> pd.DataFrame:
     import io
 
-    return pd.read_parquet(io.BytesIO(read_verified(Path(uri), sha256, "harmonised data")))
+    rows = pd.read_parquet(io.BytesIO(read_verified(Path(uri), sha256, "harmonised data")))
+    if rows.empty:
+        raise DataError(
+            f"{uri}: no rows left after harmonisation. Fix: check the party's raw export and its "
+            "quarantine file, or raise the contract's minimum row count so this is caught earlier."
+        )
+    return rows
 
 
 def party_keys(party: PartyConfig, exchange: Exchange):

@@ -375,3 +375,15 @@ def test_train_round_refuses_changed_parquet(fed: Fed) -> None:
     update = state_from_bytes(Path(local.uri).read_bytes())
     assert sorted(update) == sorted(fed.initial)
     assert hashlib.sha256(Path(local.uri).read_bytes()).hexdigest() == local.sha256
+
+
+def test_empty_harmonised_split_is_a_data_error(fed: Fed) -> None:
+    name = NAMES[1]
+    storage = Path(fed.cfg.party(name).storage)
+    storage.mkdir(parents=True, exist_ok=True)
+    path = storage / "empty.parquet"
+    empty = pd.Series([], dtype=str)
+    pd.DataFrame({"instruction": empty, "response": empty}).to_parquet(path)
+    ref = _dataset_ref(name, path, hashlib.sha256(path.read_bytes()).hexdigest())
+    with pytest.raises(DataError, match="no rows left after harmonisation"):
+        party.evaluate_round(fed.cfg, fed.cfg.party(name), ref, fed.plan.initial_adapter)
