@@ -73,12 +73,12 @@ def federated_training(federation: dict[str, Any]) -> None:
         def coord(step: Any) -> Any:
             return step.with_options(experiment_tracker=tracker) if tracker else step
 
-        plan = coord(prepare_federation)(federation, id="prepare").load()
-        parties = plan.parties
+        # Step outputs travel by reference; plain values would be uploaded again for every step.
+        federation, plan, current = coord(prepare_federation)(federation, id="prepare")
+        parties = plan.load().parties
         datasets = {
             p: _party_step(harmonize, cfg, p)(federation, p, id=f"harmonize_{p}") for p in parties
         }
-        current = plan.initial_adapter
         evals = [
             _party_step(evaluate, cfg, p)(
                 federation, p, datasets[p], current, id=f"evaluate_{p}_r0"
@@ -108,7 +108,7 @@ def federated_training(federation: dict[str, Any]) -> None:
             new_ref, report = coord(aggregate)(
                 federation, r, sealed, current, dropped, plan, id=f"aggregate_r{r}"
             )
-            current = new_ref.load()
+            current = new_ref
             evals = [
                 _party_step(evaluate, cfg, p)(
                     federation, p, datasets[p], current, id=f"evaluate_{p}_r{r}"

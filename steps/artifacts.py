@@ -4,6 +4,7 @@ from enum import StrEnum
 
 
 class Artifacts(StrEnum):
+    FEDERATION_CONFIG = "federation_config"
     FEDERATION_PLAN = "federation_plan"
     DATASET_REF = "dataset_ref"
     LOCAL_UPDATE_REF = "local_update_ref"

@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 from zenml import step
 
-from cloudfed.artifacts import FederationPlan
+from cloudfed.artifacts import FederationPlan, GlobalAdapterRef
 from steps._work import timed_work
 from steps.artifacts import Artifacts
 
@@ -12,7 +12,12 @@ from steps.artifacts import Artifacts
 @step
 def prepare_federation(
     federation: dict[str, Any],
-) -> Annotated[FederationPlan, Artifacts.FEDERATION_PLAN]:
+) -> tuple[
+    Annotated[dict[str, Any], Artifacts.FEDERATION_CONFIG],
+    Annotated[FederationPlan, Artifacts.FEDERATION_PLAN],
+    Annotated[GlobalAdapterRef, Artifacts.GLOBAL_ADAPTER_REF],
+]:
+    """The validated config comes back as an artifact so later steps share it by reference."""
     with timed_work() as meta:
         from cloudfed.coordinator import prepare
         from cloudfed.federation import parse_federation
@@ -22,4 +27,5 @@ def prepare_federation(
         plan = prepare(cfg)
         log_plan(cfg, plan)
         meta.update(fingerprint=plan.fingerprint, parties=plan.parties)
-    return plan
+        validated = cfg.model_dump(mode="json")
+    return validated, plan, plan.initial_adapter  # literal tuple: three outputs
