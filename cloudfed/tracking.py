@@ -58,6 +58,38 @@ def overall_loss(evals: Sequence[PartyEval]) -> float:
     return sum(e.loss * e.tokens for e in evals) / tokens if tokens else float("nan")
 
 
+def log_harmonisation(datasets: Sequence[DatasetRef]) -> dict[str, float]:
+    """Contract versions, Data Docs links and the cross-party report; returns the metrics.
+
+    The contract hash is a param (which contract a run's data passed), the Data Docs location a
+    tag (a link into the party's own storage: the page itself never leaves the party).
+    """
+    from cloudfed.data.report import harmonisation_report, report_markdown
+
+    metrics: dict[str, float] = {}
+    for d in datasets:
+        metrics[f"{d.party}/rows_read"] = d.rows_read
+        metrics[f"{d.party}/rows_accepted"] = d.rows_accepted
+        metrics[f"{d.party}/rows_quarantined"] = d.rows_quarantined
+        metrics[f"{d.party}/rows_repaired"] = d.rows_repaired
+        for reason, n in d.quarantine_reasons.items():
+            metrics[f"{d.party}/quarantined/{reason}"] = n
+        for kind, n in d.pii_replaced.items():
+            metrics[f"{d.party}/pii/{kind}"] = n
+        metrics[f"{d.party}/contract_warnings"] = len(d.warnings)
+        mlflow.log_param(f"{d.party}/contract_sha256", d.contract_sha256)
+        mlflow.log_param(f"{d.party}/canonical_sha256", d.canonical_sha256)
+        mlflow.set_tag(f"data_docs.{d.party}", d.docs_uri)
+    report = harmonisation_report(datasets)
+    mlflow.log_dict(report, "harmonisation/report.json")
+    mlflow.log_text(report_markdown(report), "harmonisation/report.md")
+    mlflow.log_table(
+        {k: [r[k] for r in report["parties"]] for k in report["parties"][0]},
+        "harmonisation/parties.json",
+    )
+    return metrics
+
+
 def log_round_metrics(
     round: int,
     evals: Sequence[PartyEval],
@@ -98,10 +130,8 @@ def log_round_metrics(
             mlflow.log_dict(
                 [r.model_dump() for r in report.rejected], f"rejections/round_{round:04d}.json"
             )
-    for d in datasets:
-        metrics[f"{d.party}/rows_accepted"] = d.rows_accepted
-        metrics[f"{d.party}/rows_quarantined"] = d.rows_quarantined
-        mlflow.log_param(f"{d.party}/contract_sha256", d.contract_sha256[:16])
+    if datasets:
+        metrics.update(log_harmonisation(datasets))
     mlflow.log_metrics(metrics, step=round)
     train_losses = [float(u.train["loss_mean"]) for u in local_updates]
     return {

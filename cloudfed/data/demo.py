@@ -32,7 +32,12 @@ MIN_TRAIN_ROWS = 60
 # Train-split positions of the planted faults (every party, same places, for easy test counts).
 EMPTY_ROW, NULL_ROW, LONG_ROW = 5, 17, 29
 DUPLICATES = {41: 3, 53: 11}  # position -> position it copies exactly
+NEAR_DUPLICATES = {59: 23}  # position -> position it copies with other case and punctuation
 PII_ROWS = (7, 19, 31)
+# position -> identifier kind planted there (valid checksums, so the scrubber must catch them)
+IDENTIFIER_ROWS = {35: "IBAN", 37: "CARD", 43: "NATIONAL_ID", 47: "IP"}
+LOOKALIKE_ROW = 49  # text that only looks like identifiers and must survive scrubbing
+MOJIBAKE_ROW = 57  # UTF-8 read as Latin-1 upstream: repaired, not quarantined
 
 Record = dict[str, object]
 
@@ -185,8 +190,29 @@ def _set(rec: Record, path: str, value: object) -> None:
     obj[last] = value  # type: ignore[index]
 
 
+_IDENTIFIERS = {
+    "IBAN": " Refund to IBAN DE89 3704 0044 0532 0130 00.",
+    "CARD": " Card on file: 4111 1111 1111 1111.",
+    "NATIONAL_ID": " SSN 078-05-1120 on the form.",
+    "IP": " Submitted from 192.168.14.201.",
+}
+LOOKALIKE_TEXT = " Ref ORD-2024-000123, order 4111 1111 1111 1112, v2.13.0, 2023-04-15."
+
+
+def _near_copy(value: object) -> object:
+    """The same text as people retype it: other case, extra punctuation and spacing."""
+    if not isinstance(value, str):
+        return value
+    return value.upper().replace(" ", "  ", 2) + " !"
+
+
 def _plant_faults(party: str, rows: list[Record], rng: random.Random) -> None:
     instr, resp = _TEXT_FIELDS[party]
+    for pos, kind in IDENTIFIER_ROWS.items():
+        _set(rows[pos], resp, f"{_get(rows[pos], resp)}{_IDENTIFIERS[kind]}")
+    _set(rows[LOOKALIKE_ROW], resp, f"{_get(rows[LOOKALIKE_ROW], resp)}{LOOKALIKE_TEXT}")
+    broken = " Served at the café.".encode().decode("latin-1")
+    _set(rows[MOJIBAKE_ROW], resp, f"{_get(rows[MOJIBAKE_ROW], resp)}{broken}")
     _set(rows[EMPTY_ROW], resp, "")
     _set(rows[NULL_ROW], resp, None)
     _set(rows[LONG_ROW], resp, ("Detailed notes follow. " * 200).strip())
@@ -195,6 +221,12 @@ def _plant_faults(party: str, rows: list[Record], rng: random.Random) -> None:
         _set(rows[pos], field, f"{_get(rows[pos], field)}{_contact(rng, k)}")
     for pos, src in DUPLICATES.items():
         rows[pos] = json.loads(json.dumps(rows[src], default=str))
+        if party == "insurer-azure":
+            rows[pos]["created_at"] = rows[src]["created_at"]
+    for pos, src in NEAR_DUPLICATES.items():
+        rows[pos] = json.loads(json.dumps(rows[src], default=str))
+        for path in (instr, resp):
+            _set(rows[pos], path, _near_copy(_get(rows[src], path)))
         if party == "insurer-azure":
             rows[pos]["created_at"] = rows[src]["created_at"]
 

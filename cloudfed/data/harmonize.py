@@ -1,10 +1,16 @@
 """Harmonise one party's raw exports into canonical, scrubbed, contract-checked Parquet.
 
-Runs inside the party's cloud. Rows that cannot be used are not silently dropped: each goes to
-``<storage>/quarantine/<split>.jsonl`` with a reason, where the party's data steward can read it
-(it never leaves the party). What leaves is a `DatasetRef`: paths, hashes and counts, so the
-coordinator learns how much data a party has and under which contract, never what it says.
-Nothing here logs or prints record text.
+Runs inside the party's cloud and streams: each split is read in chunks, and every chunk is
+mapped, repaired, normalised, scrubbed, checked against the rows suite, de-duplicated and written
+before the next is read, so memory does not grow with the file (except 16 bytes per accepted row
+for de-duplication). Rows that cannot be used are not silently dropped: each goes to
+``<storage>/quarantine/<split>.jsonl`` with the reason and, where a contract expectation failed,
+its name; the party's data steward reads it there (it never leaves the party). Every chunk's
+counts reconcile (read = accepted + quarantined) or the step stops.
+
+What leaves is a `DatasetRef`: paths, hashes, counts, coarse histograms and expectation
+verdicts, so the coordinator learns how much data a party has and under which contract, never
+what it says. Nothing here logs or prints record text.
 """
 
 from __future__ import annotations
@@ -14,15 +20,27 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cloudfed.data.contracts import contract_sha256, suite_path, validate_frame
-from cloudfed.data.loaders import load_raw
+from cloudfed.data.contracts import (
+    Contract,
+    Tally,
+    add_result,
+    build_data_docs,
+    docs_result,
+    load_contract,
+)
+from cloudfed.data.dedup import DedupIndex
+from cloudfed.data.loaders import DEFAULT_CHUNK_ROWS, RawChunk, iter_raw
 from cloudfed.data.mapping import (
     CANONICAL_COLUMNS,
     SourceMapping,
@@ -30,14 +48,27 @@ from cloudfed.data.mapping import (
     check_format,
     load_party_mapping,
 )
-from cloudfed.data.ref import DatasetRef, ValidationSummary
-from cloudfed.data.scrub import clean_many
+from cloudfed.data.ref import (
+    LENGTH_BINS,
+    DataProfile,
+    DatasetRef,
+    ExpectationOutcome,
+    LengthHistogram,
+    ValidationSummary,
+)
+from cloudfed.data.scrub import clean_column
+from cloudfed.data.tokens import TokenCounter, count_utf8_bytes
 from cloudfed.errors import DataError
 from cloudfed.federation import PartyConfig
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
+HARMONISED_COLUMNS: tuple[str, ...] = (
+    *CANONICAL_COLUMNS,
+    "instruction_tokens",
+    "response_tokens",
+)
 CANONICAL_SCHEMA = pa.schema(
     [
         ("instruction", pa.string()),
@@ -46,163 +77,377 @@ CANONICAL_SCHEMA = pa.schema(
         ("domain", pa.string()),
         ("task", pa.string()),
         ("source_row", pa.int64()),
+        ("instruction_tokens", pa.int64()),
+        ("response_tokens", pa.int64()),
     ]
 )
+DUPLICATE_REASONS = ("duplicate", "near_duplicate", "duplicate_of_train")
+UNREADABLE_REASONS = ("unparseable", "undecodable", "wrong_field_count")
 
 
 @dataclass
 class SplitResult:
-    """One split after cleaning: accepted rows plus what was set aside and why."""
+    """One split after harmonisation: counts, tallies and what the dataset suite needs."""
 
-    accepted: pd.DataFrame
-    quarantined: list[dict[str, object]]
-    rows_read: int
+    split: str
+    rows_read: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    repaired: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     pii: Counter[str] = field(default_factory=Counter)
+    tallies: dict[str, Tally] = field(default_factory=dict)
+    template: Any = None
+    instruction_hist: np.ndarray = field(default_factory=lambda: np.zeros(len(LENGTH_BINS) + 1))
+    response_hist: np.ndarray = field(default_factory=lambda: np.zeros(len(LENGTH_BINS) + 1))
+    instruction_tokens: int = 0
+    response_tokens: int = 0
+    domains: Counter[str] = field(default_factory=Counter)
+    tasks: Counter[str] = field(default_factory=Counter)
+    sha256: str = ""
+
+    def check_reconciles(self, where: str) -> None:
+        """Every row read is accounted for; anything else is a bug and must stop the step."""
+        if self.rows_read != self.accepted + self.quarantined:
+            raise RuntimeError(
+                f"{where}: {self.rows_read} rows read but {self.accepted} accepted + "
+                f"{self.quarantined} quarantined; harmonisation lost rows"
+            )
 
 
-def _reason(instruction: str | None, response: str | None, max_chars: int) -> str | None:
-    if not instruction:
-        return "empty_instruction"
-    if not response:
-        return "empty_response"
-    if len(instruction) > max_chars or len(response) > max_chars:
-        return "too_long"
-    return None
+def _histogram(tokens: np.ndarray) -> np.ndarray:
+    return np.bincount(
+        np.searchsorted(np.asarray(LENGTH_BINS), tokens, side="left"),
+        minlength=len(LENGTH_BINS) + 1,
+    )
 
 
-def clean_split(
-    canon: pd.DataFrame,
+class _Quarantine:
+    """Append-only JSON Lines of rejected rows, in the party's storage only."""
+
+    def __init__(self, fh: IO[str], split: str) -> None:
+        self.fh, self.split = fh, split
+
+    def add(self, **entry: Any) -> None:
+        self.fh.write(json.dumps({"split": self.split, **entry}, ensure_ascii=False) + "\n")
+
+
+def _quarantine_unreadable(chunk: RawChunk, q: _Quarantine, res: SplitResult) -> None:
+    for p in chunk.problems:
+        q.add(source_row=p.record, line=p.line, reason=p.reason, detail=p.detail)
+        res.reasons[p.reason] += 1
+    res.quarantined += len(chunk.problems)
+
+
+def harmonise_chunk(
+    chunk: RawChunk,
     *,
-    split: str,
-    max_chars: int,
-    seen_elsewhere: frozenset[tuple[str, str]] = frozenset(),
-) -> SplitResult:
-    """Scrub, then set aside empty, over-long and duplicate rows (after normalisation).
+    mapping: SourceMapping,
+    raw_path: Path,
+    contract: Contract,
+    dedup: DedupIndex,
+    count_tokens: TokenCounter,
+    res: SplitResult,
+    quarantine: _Quarantine,
+) -> pd.DataFrame:
+    """One chunk through mapping, cleaning, the rows suite and de-duplication; accepted rows."""
+    res.rows_read += chunk.size
+    res.repaired += chunk.repaired
+    _quarantine_unreadable(chunk, quarantine, res)
+    canon = apply_mapping(chunk.frame, mapping, raw_path, records=chunk.records)
+    lines = dict(zip(chunk.records, chunk.lines, strict=True))
+    instructions, pii_i = clean_column(canon["instruction"].tolist())
+    responses, pii_r = clean_column(canon["response"].tolist())
+    pii = pii_i + pii_r
+    res.repaired += pii.pop("_repaired", 0)
+    res.pii.update(pii)
+    canon["instruction"] = pd.Series(instructions, dtype=object)
+    canon["response"] = pd.Series(responses, dtype=object)
+    canon["instruction_tokens"] = count_tokens(instructions)
+    canon["response_tokens"] = count_tokens(responses)
 
-    ``seen_elsewhere`` holds the accepted train pairs when cleaning the held-out split, so that an
-    evaluation row identical to a training row cannot inflate held-out scores.
-    """
-    instructions, pii_i = clean_many(canon["instruction"])
-    responses, pii_r = clean_many(canon["response"])
-    keep: list[int] = []
-    quarantined: list[dict[str, object]] = []
-    reasons: Counter[str] = Counter()
-    seen: set[tuple[str, str]] = set()
-    for i, (ins, resp) in enumerate(zip(instructions, responses, strict=True)):
-        reason = _reason(ins, resp, max_chars)
+    result = contract.rows.run(canon)
+    if res.template is None:
+        res.template = result
+    by_row = add_result(res.tallies, result)
+    failed: dict[int, list[str]] = {}
+    for label, rows in by_row.items():
+        if res.tallies[label].expectation.on_failure == "quarantine":
+            for row in rows:
+                failed.setdefault(row, []).append(label)
+
+    keep = ~canon["source_row"].isin(list(failed)).to_numpy()
+    candidates = canon[keep]
+    dup = dedup.classify(candidates["instruction"].tolist(), candidates["response"].tolist())
+    dup_of = dict(zip(candidates["source_row"].tolist(), dup, strict=True))
+    accepted_mask = np.zeros(len(canon), dtype=bool)
+    for pos, (row, ins, resp) in enumerate(
+        zip(canon["source_row"].tolist(), instructions, responses, strict=True)
+    ):
+        labels = failed.get(row)
+        reason = "contract" if labels else dup_of.get(row)
         if reason is None:
-            key = (str(ins), str(resp))
-            if key in seen:
-                reason = "duplicate"
-            elif key in seen_elsewhere:
-                reason = "duplicate_of_train"
-            seen.add(key)
-        if reason is None:
-            keep.append(i)
+            accepted_mask[pos] = True
             continue
-        reasons[reason] += 1
-        quarantined.append(
-            {
-                "split": split,
-                "source_row": int(canon["source_row"].iat[i]),
-                "reason": reason,
-                "instruction": ins,
-                "response": resp,
-            }
-        )
-    cleaned = canon.assign(instruction=instructions, response=responses)
-    accepted = cleaned.iloc[keep].reset_index(drop=True)[list(CANONICAL_COLUMNS)]
-    return SplitResult(accepted, quarantined, len(canon), reasons, pii_i + pii_r)
+        entry: dict[str, Any] = {"source_row": row, "line": lines.get(row), "reason": reason}
+        if labels:
+            entry["expectations"] = sorted(labels)
+        quarantine.add(**entry, instruction=ins, response=resp)
+        res.reasons[reason] += 1
+        res.quarantined += 1
+    accepted = canon[accepted_mask].reset_index(drop=True)[list(HARMONISED_COLUMNS)]
+    res.accepted += len(accepted)
+    res.instruction_hist += _histogram(accepted["instruction_tokens"].to_numpy())
+    res.response_hist += _histogram(accepted["response_tokens"].to_numpy())
+    res.instruction_tokens += int(accepted["instruction_tokens"].sum())
+    res.response_tokens += int(accepted["response_tokens"].sum())
+    res.domains.update(accepted["domain"].tolist())
+    res.tasks.update(accepted["task"].tolist())
+    res.check_reconciles(f"{raw_path} (chunk ending at record {chunk.records[-1:]})")
+    return accepted
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> str:
-    """Write atomically and return the file's sha256 (stable across reruns of the same input)."""
+@contextmanager
+def _atomic_parquet(path: Path) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer whose file appears only when everything was written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    table = pa.Table.from_pandas(df, schema=CANONICAL_SCHEMA, preserve_index=False)
-    pq.write_table(table.replace_schema_metadata(None), tmp, compression="snappy")
+    writer = pq.ParquetWriter(tmp, CANONICAL_SCHEMA, compression="snappy")
+    try:
+        yield writer
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
     os.replace(tmp, path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_quarantine(rows: list[dict[str, object]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def _load_split(party: PartyConfig, mapping: SourceMapping, root: Path, split: str) -> pd.DataFrame:
-    raw_path = root / getattr(party.raw, split)
+def harmonise_split(
+    raw_path: Path,
+    *,
+    split: str,
+    mapping: SourceMapping,
+    contract: Contract,
+    dedup: DedupIndex,
+    out_path: Path,
+    quarantine_path: Path,
+    count_tokens: TokenCounter = count_utf8_bytes,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> SplitResult:
+    """Stream one raw export into ``out_path`` (Parquet) and its quarantine file."""
     check_format(raw_path, mapping)
-    raw = load_raw(raw_path, mapping.format, encoding=mapping.encoding, gzip=mapping.gzip)
-    return apply_mapping(raw, mapping, raw_path)
+    res = SplitResult(split=split, tallies=contract.rows.new_tallies())
+    quarantine_path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        quarantine_path.open("w", encoding="utf-8", newline="\n") as qfh,
+        _atomic_parquet(out_path) as writer,
+    ):
+        quarantine = _Quarantine(qfh, split)
+        chunks = iter_raw(
+            raw_path,
+            mapping.format,
+            encoding=mapping.encoding,
+            gzip=mapping.gzip,
+            chunk_rows=chunk_rows,
+        )
+        for chunk in chunks:
+            accepted = harmonise_chunk(
+                chunk,
+                mapping=mapping,
+                raw_path=raw_path,
+                contract=contract,
+                dedup=dedup,
+                count_tokens=count_tokens,
+                res=res,
+                quarantine=quarantine,
+            )
+            if len(accepted):
+                writer.write_table(
+                    pa.Table.from_pandas(accepted, schema=CANONICAL_SCHEMA, preserve_index=False)
+                )
+        if res.template is None:  # no rows at all: still run the suite, for its verdicts
+            empty = pd.DataFrame({c: pd.Series(dtype=object) for c in HARMONISED_COLUMNS})
+            res.template = contract.rows.run(empty)
+            add_result(res.tallies, res.template)
+    res.check_reconciles(str(raw_path))
+    res.sha256 = _sha256(out_path)
+    return res
 
 
-def _merge(summaries: dict[str, ValidationSummary]) -> ValidationSummary:
-    first = next(iter(summaries.values()))
+def dataset_profile_frame(results: dict[str, SplitResult]) -> pd.DataFrame:
+    """The one-row frame the dataset suite checks: shares and counts, no record content."""
+    read = sum(r.rows_read for r in results.values())
+    accepted = sum(r.accepted for r in results.values())
+    reasons = sum((r.reasons for r in results.values()), Counter())
+    share = (lambda n: n / read) if read else (lambda n: 0.0)
+    return pd.DataFrame(
+        [
+            {
+                "rows_read": read,
+                "rows_accepted": accepted,
+                "accepted_share": share(accepted) if read else 0.0,
+                "train_rows": results["train"].accepted if "train" in results else None,
+                "eval_rows": results["eval"].accepted if "eval" in results else None,
+                "duplicate_share": share(sum(reasons[k] for k in DUPLICATE_REASONS)),
+                "unreadable_share": share(sum(reasons[k] for k in UNREADABLE_REASONS)),
+                "contract_failure_share": share(reasons["contract"]),
+            }
+        ]
+    )
+
+
+@dataclass
+class Verdict:
+    """What the contract policy decided, with the Data Docs pages that show why."""
+
+    outcomes: list[ExpectationOutcome]
+    blocking: list[str]
+    warnings: list[str]
+    docs: list[Path]
+    dataset_tallies: dict[str, Tally]
+
+
+def judge(contract: Contract, results: dict[str, SplitResult], docs_dir: Path | None) -> Verdict:
+    """Run the dataset suite, apply each expectation's policy and render Data Docs."""
+    ds_tallies = contract.dataset.new_tallies()
+    ds_result = contract.dataset.run(dataset_profile_frame(results))
+    add_result(ds_tallies, ds_result)
+    outcomes: list[ExpectationOutcome] = []
+    blocking: list[str] = []
+    warnings: list[str] = []
+    groups = [(contract.rows.name, split, r.tallies) for split, r in results.items()]
+    groups.append((contract.dataset.name, "all", ds_tallies))
+    for suite, split, tallies in groups:
+        for t in tallies.values():
+            outcomes.append(t.outcome(suite, split))
+            if t.success or t.expectation.on_failure == "quarantine":
+                continue
+            what = (
+                f"{split}: {t.expectation.label} failed on {t.unexpected} of {t.evaluated} rows"
+                if t.evaluated and suite == contract.rows.name
+                else f"{split}: {t.expectation.label} failed"
+                + (f" (observed {t.observed})" if t.observed is not None else "")
+            )
+            (blocking if t.expectation.on_failure == "block" else warnings).append(what)
+    docs: list[Path] = []
+    if docs_dir is not None:
+        docs = build_data_docs(
+            [
+                *(
+                    (split, docs_result(r.template, r.tallies, contract.rows.name))
+                    for split, r in results.items()
+                ),
+                ("dataset", docs_result(ds_result, ds_tallies, contract.dataset.name)),
+            ],
+            docs_dir,
+        )
+    return Verdict(outcomes, blocking, warnings, docs, ds_tallies)
+
+
+def _summary(suite: str, outcomes: list[ExpectationOutcome]) -> ValidationSummary:
+    failed = sorted({f"{o.split}: {o.expectation}" for o in outcomes if not o.success})
+    ok = sum(o.success for o in outcomes)
     return ValidationSummary(
-        suite=first.suite,
-        success=all(s.success for s in summaries.values()),
-        evaluated=sum(s.evaluated for s in summaries.values()),
-        successful=sum(s.successful for s in summaries.values()),
-        failed_expectations=[
-            f"{split}: {name}" for split, s in summaries.items() for name in s.failed_expectations
-        ],
+        suite=suite,
+        success=not failed,
+        evaluated=len(outcomes),
+        successful=ok,
+        failed_expectations=failed,
+    )
+
+
+def _profile(results: dict[str, SplitResult]) -> DataProfile:
+    def hist(attr: str, total: str) -> LengthHistogram:
+        counts = sum((getattr(r, attr) for r in results.values()), np.zeros(len(LENGTH_BINS) + 1))
+        return LengthHistogram(
+            counts=[int(c) for c in counts],
+            total_tokens=sum(getattr(r, total) for r in results.values()),
+        )
+
+    return DataProfile(
+        columns={f.name: str(f.type) for f in CANONICAL_SCHEMA},
+        rows={s: r.accepted for s, r in results.items()},
+        instruction_tokens=hist("instruction_hist", "instruction_tokens"),
+        response_tokens=hist("response_hist", "response_tokens"),
+        domains=dict(sum((r.domains for r in results.values()), Counter())),
+        tasks=dict(sum((r.tasks for r in results.values()), Counter())),
     )
 
 
 def harmonize_party(
-    party: PartyConfig, *, root: Path, contracts_dir: Path, max_chars: int = 2000
+    party: PartyConfig,
+    *,
+    root: Path,
+    contracts_dir: Path,
+    count_tokens: TokenCounter = count_utf8_bytes,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    run_id: str = "latest",
 ) -> DatasetRef:
     """Load, map, scrub, quarantine, validate and write one party's train and eval splits.
 
     Paths in ``party`` are relative to ``root``; the URIs in the returned ref are written the
     same way (``<party.storage>/harmonised/train.parquet``) so they mean the same thing in the
-    party's cloud as in the run configuration.
+    party's cloud as in the run configuration. Data Docs go to
+    ``<storage>/data_docs/<run_id>/`` and are built before a blocking verdict is raised, so the
+    steward can read why.
     """
     root = Path(root)
     contracts_dir = contracts_dir if Path(contracts_dir).is_absolute() else root / contracts_dir
     mapping = load_party_mapping(party, root)
-    suite_file = suite_path(contracts_dir)
+    contract = load_contract(
+        contracts_dir,
+        mapping_file=root / party.mapping,
+        extra_rows=mapping.expectations.rows,
+        extra_dataset=mapping.expectations.dataset,
+        party=party.name,
+    )
     storage = root / party.storage
-
+    staging = storage / "harmonised" / ".staging"
     results: dict[str, SplitResult] = {}
-    train_pairs: frozenset[tuple[str, str]] = frozenset()
+    train_index = DedupIndex()
     for split in SPLITS:
-        canon = _load_split(party, mapping, root, split)
-        results[split] = clean_split(
-            canon, split=split, max_chars=max_chars, seen_elsewhere=train_pairs
+        results[split] = harmonise_split(
+            root / getattr(party.raw, split),
+            split=split,
+            mapping=mapping,
+            contract=contract,
+            dedup=train_index if split == "train" else DedupIndex(parent=train_index),
+            out_path=staging / f"{split}.parquet",
+            quarantine_path=storage / "quarantine" / f"{split}.jsonl",
+            count_tokens=count_tokens,
+            chunk_rows=chunk_rows,
         )
-        if split == "train":
-            acc = results[split].accepted
-            train_pairs = frozenset(zip(acc["instruction"], acc["response"], strict=True))
-        _write_quarantine(results[split].quarantined, storage / "quarantine" / f"{split}.jsonl")
+    docs_dir = storage / "data_docs" / run_id
+    verdict = judge(contract, results, docs_dir)
+    docs_page = verdict.docs[0] if verdict.docs else docs_dir
+    if verdict.blocking:
+        raise DataError(
+            f"party {party.name!r}: the harmonised data fails the contract "
+            f"({', '.join(contract.files)}):\n  - "
+            + "\n  - ".join(verdict.blocking)
+            + f"\nFix: correct the raw export or {mapping.source_path}, or change the "
+            "expectation's bounds or meta.on_failure in the suite. Rows set aside are in "
+            f"{storage / 'quarantine'}; the Data Docs are at {docs_page}."
+        )
+    for split in SPLITS:
+        os.replace(staging / f"{split}.parquet", storage / "harmonised" / f"{split}.parquet")
+    for warning in verdict.warnings:
+        log.warning("contract warning party=%s: %s", party.name, warning)
 
-    summaries = {split: validate_frame(res.accepted, suite_file) for split, res in results.items()}
-    for split, summary in summaries.items():
-        if not summary.success:
-            raw_path = root / getattr(party.raw, split)
-            raise DataError(
-                f"party {party.name!r}: harmonised {split} rows from {raw_path} "
-                f"fail the contract {suite_file}: {', '.join(summary.failed_expectations)}. "
-                f"Fix: correct the raw export or {mapping.source_path}, or adjust the suite; "
-                f"see {storage / 'quarantine'} for rows already set aside."
-            )
-
-    shas = {
-        split: _write_parquet(res.accepted, storage / "harmonised" / f"{split}.parquet")
-        for split, res in results.items()
-    }
     rows_read = sum(r.rows_read for r in results.values())
-    accepted = sum(len(r.accepted) for r in results.values())
-    quarantined = sum(len(r.quarantined) for r in results.values())
+    accepted = sum(r.accepted for r in results.values())
+    quarantined = sum(r.quarantined for r in results.values())
     if rows_read != accepted + quarantined:
-        raise RuntimeError(
-            f"party {party.name!r}: {rows_read} rows read but {accepted} accepted + "
-            f"{quarantined} quarantined; harmonisation lost rows"
-        )
+        raise RuntimeError(f"party {party.name!r}: rows do not reconcile")
     reasons = sum((r.reasons for r in results.values()), Counter())
     pii = sum((r.pii for r in results.values()), Counter())
     log.info(
@@ -213,20 +458,27 @@ def harmonize_party(
         quarantined,
     )
     base = Path(party.storage)
+    docs_rel = docs_page.relative_to(root) if docs_page.is_relative_to(root) else docs_page
     return DatasetRef(
         party=party.name,
         train_uri=(base / "harmonised" / "train.parquet").as_posix(),
         eval_uri=(base / "harmonised" / "eval.parquet").as_posix(),
-        train_sha256=shas["train"],
-        eval_sha256=shas["eval"],
+        train_sha256=results["train"].sha256,
+        eval_sha256=results["eval"].sha256,
         rows_read=rows_read,
         rows_accepted=accepted,
         rows_quarantined=quarantined,
-        rows_train=len(results["train"].accepted),
-        rows_eval=len(results["eval"].accepted),
+        rows_train=results["train"].accepted,
+        rows_eval=results["eval"].accepted,
         quarantine_uri=(base / "quarantine").as_posix(),
         quarantine_reasons=dict(sorted(reasons.items())),
         pii_replaced=dict(sorted(pii.items())),
-        contract_sha256=contract_sha256(suite_file, root / party.mapping),
-        validation=_merge(summaries),
+        rows_repaired=sum(r.repaired for r in results.values()),
+        contract_sha256=contract.sha256,
+        canonical_sha256=contract.canonical_sha256,
+        validation=_summary(contract.rows.name, verdict.outcomes),
+        expectations=verdict.outcomes,
+        warnings=verdict.warnings,
+        profile=_profile(results),
+        docs_uri=Path(docs_rel).as_posix(),
     )

@@ -1,18 +1,30 @@
-"""Readers for the raw export formats a party may hold: CSV, JSON Lines and Parquet.
+"""Chunked readers for the raw export formats a party may hold: CSV, JSON Lines and Parquet.
 
-Each reader returns the rows as they are, with no type guessing: CSV cells stay strings (an id
-such as ``007`` or a postcode must not become a number) and nested JSON objects stay dicts so
-that dotted mapping paths (``record.instruction``) can reach into them. Every failure is a
-`DataError` naming the file and what to do about it.
+A party's export can be far larger than the memory a harmonise step should need, so every reader
+yields `RawChunk`s of at most ``chunk_rows`` records and keeps nothing between them. Cells are read
+as they are, with no type guessing: CSV cells stay strings (an id such as ``007`` must not become
+a number) and nested JSON objects stay dicts so that dotted mapping paths can reach into them.
+
+A record that cannot be read (a JSON line that is not an object, a CSV row with the wrong number
+of fields, bytes that are not the declared encoding and cannot be repaired) is not fatal: it is
+returned as a `RawProblem` with its record and line number so that harmonisation quarantines it
+with the reason. A whole file that is not what the mapping says (wrong encoding throughout, not
+gzip, not Parquet, empty) is a `DataError` naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import gzip as gzip_mod
 import io
 import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -23,6 +35,46 @@ from cloudfed.errors import DataError
 RawFormat = Literal["csv", "jsonl", "parquet"]
 FORMATS: tuple[str, ...] = ("csv", "jsonl", "parquet")
 DEMO_HINT = "run `make demo-data` (or `python -m cloudfed.data.demo --out .cloudfed/clouds`)"
+DEFAULT_CHUNK_ROWS = 20_000
+
+# Bytes that the declared codec cannot decode arrive as lone surrogates (surrogateescape).
+_ESCAPED = re.compile("[\udc80-\udcff]+")
+# A file where most of the first chunk is undecodable is in another encoding, not damaged.
+_WRONG_ENCODING_SHARE = 0.5
+_BOMS = {  # utf-32 first: its little-endian mark starts with utf-16's
+    codecs.BOM_UTF32_LE: "utf-32",
+    codecs.BOM_UTF32_BE: "utf-32",
+    codecs.BOM_UTF16_LE: "utf-16",
+    codecs.BOM_UTF16_BE: "utf-16",
+}
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+@dataclass(frozen=True)
+class RawProblem:
+    """A record that could not be read; it is quarantined, never dropped silently."""
+
+    record: int
+    line: int
+    reason: str
+    detail: str
+
+
+@dataclass
+class RawChunk:
+    """Up to ``chunk_rows`` parsed records with their 1-based record and line numbers."""
+
+    frame: pd.DataFrame
+    records: list[int]
+    lines: list[int]
+    problems: list[RawProblem] = field(default_factory=list)
+    repaired: int = 0
+
+    @property
+    def size(self) -> int:
+        """Records this chunk accounts for: parsed plus unreadable."""
+        return len(self.records) + len(self.problems)
 
 
 def missing_file_fix(path: Path) -> str:
@@ -32,52 +84,289 @@ def missing_file_fix(path: Path) -> str:
     return "check the party's raw.train / raw.eval path in the run configuration"
 
 
-def _open_text(path: Path, *, encoding: str, gzip: bool) -> io.TextIOBase:
-    if gzip:
-        return io.TextIOWrapper(gzip_mod.open(path, "rb"), encoding=encoding, newline="")
-    return open(path, encoding=encoding, newline="")  # noqa: SIM115 - closed by the caller
+def _python_codec(encoding: str) -> str:
+    """utf-8 files often start with a BOM (Excel exports); utf-8-sig reads both."""
+    name = codecs.lookup(encoding).name
+    return "utf-8-sig" if name == "utf-8" else encoding
 
 
-def _read_csv(path: Path, *, encoding: str, gzip: bool, nrows: int | None) -> pd.DataFrame:
+def _open_text(path: Path, *, encoding: str, gzip: bool) -> io.TextIOWrapper:
+    raw: Any = gzip_mod.open(path, "rb") if gzip else open(path, "rb")  # noqa: SIM115
+    return io.TextIOWrapper(
+        raw, encoding=_python_codec(encoding), errors="surrogateescape", newline=""
+    )
+
+
+def repair_bytes(text: str, encoding: str) -> str | None:
+    """Re-decode bytes the declared codec could not read as cp1252, or None when impossible.
+
+    A utf-8 export with a few Windows-1252 bytes (``caf\\xe9`` from a spreadsheet) is the common
+    case; those bytes are the only ones re-read, so valid text is never touched. Bytes undefined
+    in cp1252 make the record unrecoverable and it is quarantined instead.
+    """
+
+    def _fix(match: re.Match[str]) -> str:
+        data = match.group(0).encode(_python_codec(encoding), "surrogateescape")
+        return data.decode("cp1252")
+
+    try:
+        return _ESCAPED.sub(_fix, text)
+    except UnicodeDecodeError:
+        return None
+
+
+class _Decoder:
+    """Per-record encoding repair with a verdict on the file once the first chunk is seen."""
+
+    def __init__(self, path: Path, encoding: str) -> None:
+        self.path, self.encoding = path, encoding
+        self.bad_in_first_chunk = 0
+        self.first_bad_line: int | None = None
+
+    def fix(self, value: Any, line: int) -> tuple[Any, bool | None]:
+        """Return the repaired value and True (repaired), False (clean) or None (unreadable)."""
+        if isinstance(value, str):
+            if not _ESCAPED.search(value):
+                return value, False
+            if self.first_bad_line is None:
+                self.first_bad_line = line
+            fixed = repair_bytes(value, self.encoding)
+            return (fixed, True) if fixed is not None else (None, None)
+        if isinstance(value, dict):
+            out: dict[str, Any] = {}
+            state: bool | None = False
+            for key, item in value.items():
+                fixed, st = self.fix(item, line)
+                if st is None:
+                    return None, None
+                state = state or st
+                out[key] = fixed
+            return out, state
+        return value, False
+
+    def judge(self, bad: int, total: int) -> None:
+        """Most of the first chunk undecodable: the mapping names the wrong encoding."""
+        if total and bad / total > _WRONG_ENCODING_SHARE:
+            raise DataError(
+                f"{self.path}: line {self.first_bad_line}: {bad} of the first {total} records "
+                f"are not valid {self.encoding}. Fix: set `encoding` in the source mapping to the "
+                "file's real encoding (for example latin-1, cp1252 or utf-16)."
+            )
+
+
+def _check_start(path: Path, *, encoding: str, gzip: bool) -> None:
+    opener: Any = gzip_mod.open if gzip else open
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(4)
+    except (gzip_mod.BadGzipFile, EOFError, OSError) as exc:
+        raise DataError(
+            f"{path}: not a valid gzip file ({exc}). "
+            "Fix: set `gzip: false` in the source mapping or re-export the file."
+        ) from None
+    if not head:
+        raise DataError(
+            f"{path}: the file is empty (0 bytes). Fix: re-export it with a header and records."
+        )
+    declared = codecs.lookup(encoding).name
+    for bom, name in _BOMS.items():
+        if head.startswith(bom) and not declared.startswith(name):
+            raise DataError(
+                f"{path}: line 1: the file starts with a {name} byte-order mark but the "
+                f"mapping says encoding {encoding!r}. Fix: set `encoding: {name}`."
+            )
+
+
+def _iter_csv(path: Path, *, encoding: str, gzip: bool, chunk_rows: int) -> Iterator[RawChunk]:
+    decoder = _Decoder(path, encoding)
     with _open_text(path, encoding=encoding, gzip=gzip) as fh:
-        # keep_default_na=False: a cell reading "NA" or "null" is text, an empty cell is "".
-        return pd.read_csv(fh, dtype=str, keep_default_na=False, nrows=nrows)
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: no header row. Fix: re-export the file with a header.")
+        header = [decoder.fix(h, 1)[0] or h for h in header]
+        if len(set(header)) != len(header):
+            raise DataError(
+                f"{path}: line 1: duplicate column names {sorted(header)}. "
+                "Fix: give every column a distinct name in the export."
+            )
+        width = len(header)
+        record, prev_line, first = 0, reader.line_num, True
+        rows: list[list[str]] = []
+        records: list[int] = []
+        lines: list[int] = []
+        problems: list[RawProblem] = []
+        repaired = 0
+        while True:
+            try:
+                row = next(reader, None)
+            except csv.Error as exc:
+                record += 1
+                problems.append(RawProblem(record, prev_line + 1, "unparseable", str(exc)))
+                prev_line = reader.line_num
+                continue
+            if row is not None:
+                start, prev_line = prev_line + 1, reader.line_num
+                if row:  # a blank line is not a record
+                    record += 1
+                    if len(row) != width:
+                        problems.append(
+                            RawProblem(
+                                record,
+                                start,
+                                "wrong_field_count",
+                                f"expected {width} fields as in the header, found {len(row)}",
+                            )
+                        )
+                    else:
+                        fixed, state = decoder.fix(dict(zip(header, row, strict=True)), start)
+                        if state is None:
+                            problems.append(
+                                RawProblem(
+                                    record, start, "undecodable", f"bytes not valid {encoding}"
+                                )
+                            )
+                        else:
+                            repaired += int(state)
+                            rows.append(list(fixed.values()))
+                            records.append(record)
+                            lines.append(start)
+            if row is None or len(records) + len(problems) >= chunk_rows:
+                if first:
+                    bad = repaired + sum(p.reason == "undecodable" for p in problems)
+                    decoder.judge(bad, len(records) + len(problems))
+                    first = False
+                if records or problems:
+                    frame = pd.DataFrame(rows, columns=header, dtype=object)
+                    yield RawChunk(frame, records, lines, problems, repaired)
+                rows, records, lines, problems, repaired = [], [], [], [], 0
+                if row is None:
+                    return
 
 
-def _read_jsonl(path: Path, *, encoding: str, gzip: bool, nrows: int | None) -> pd.DataFrame:
-    records: list[dict[str, object]] = []
+def _iter_jsonl(path: Path, *, encoding: str, gzip: bool, chunk_rows: int) -> Iterator[RawChunk]:
+    decoder = _Decoder(path, encoding)
+    objs: list[dict[str, Any]] = []
+    records: list[int] = []
+    lines: list[int] = []
+    problems: list[RawProblem] = []
+    repaired, record, first = 0, 0, True
+
+    def flush() -> RawChunk:
+        return RawChunk(
+            pd.DataFrame.from_records(objs) if objs else pd.DataFrame(),
+            records,
+            lines,
+            problems,
+            repaired,
+        )
+
     with _open_text(path, encoding=encoding, gzip=gzip) as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno}). "
-                    "Fix: write one JSON object per line."
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(
-                    f"{path}: line {lineno} is a JSON {type(obj).__name__}, not an object. "
-                    "Fix: write one JSON object per line."
+            record += 1
+            fixed, state = decoder.fix(line, lineno)
+            if state is None:
+                problems.append(
+                    RawProblem(record, lineno, "undecodable", f"bytes not valid {encoding}")
                 )
-            records.append(obj)
-            if nrows is not None and len(records) >= nrows:
-                break
-    return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+            else:
+                repaired += int(state)
+                try:
+                    obj = json.loads(fixed)
+                except json.JSONDecodeError as exc:
+                    problems.append(
+                        RawProblem(
+                            record,
+                            lineno,
+                            "unparseable",
+                            f"not valid JSON ({exc.msg} at column {exc.colno})",
+                        )
+                    )
+                else:
+                    if isinstance(obj, dict):
+                        objs.append(obj)
+                        records.append(record)
+                        lines.append(lineno)
+                    else:
+                        problems.append(
+                            RawProblem(
+                                record,
+                                lineno,
+                                "unparseable",
+                                f"a JSON {type(obj).__name__}, not an object",
+                            )
+                        )
+            if len(records) + len(problems) >= chunk_rows:
+                if first:
+                    bad = repaired + sum(p.reason == "undecodable" for p in problems)
+                    decoder.judge(bad, len(records) + len(problems))
+                    first = False
+                yield flush()
+                objs, records, lines, problems, repaired = [], [], [], [], 0
+    if first:
+        decoder.judge(repaired + sum(p.reason == "undecodable" for p in problems), record)
+    if records or problems:
+        yield flush()
 
 
-def _read_parquet(path: Path, *, nrows: int | None) -> pd.DataFrame:
-    if nrows is None:
-        table = pq.read_table(path)
-    else:
-        pf = pq.ParquetFile(path)
-        batch = next(pf.iter_batches(batch_size=nrows), None)
-        table = (
-            pa.Table.from_batches([batch]) if batch is not None else pf.schema_arrow.empty_table()
+def _iter_parquet(path: Path, *, chunk_rows: int) -> Iterator[RawChunk]:
+    pf = pq.ParquetFile(path)
+    done = 0
+    for batch in pf.iter_batches(batch_size=chunk_rows):
+        frame = pa.Table.from_batches([batch]).to_pandas()
+        numbers = list(range(done + 1, done + len(frame) + 1))
+        done += len(frame)
+        yield RawChunk(frame.astype(object), numbers, numbers)
+
+
+def iter_raw(
+    path: str | Path,
+    fmt: str,
+    *,
+    encoding: str = "utf-8",
+    gzip: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> Iterator[RawChunk]:
+    """Stream one raw export in chunks; memory is bounded by ``chunk_rows``, not the file."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise DataError(f"{path}: unknown raw format {fmt!r}. Fix: use one of {list(FORMATS)}.")
+    if not path.is_file():
+        raise DataError(f"{path}: raw file not found. Fix: {missing_file_fix(path)}.")
+    if fmt == "parquet" and gzip:
+        raise DataError(
+            f"{path}: gzip: true is not supported for parquet. "
+            "Fix: remove gzip from the mapping; parquet compresses internally."
         )
-    return table.to_pandas()
+    _check_start(path, encoding=encoding, gzip=gzip)
+    try:
+        if fmt == "csv":
+            yield from _iter_csv(path, encoding=encoding, gzip=gzip, chunk_rows=chunk_rows)
+        elif fmt == "jsonl":
+            yield from _iter_jsonl(path, encoding=encoding, gzip=gzip, chunk_rows=chunk_rows)
+        else:
+            yield from _iter_parquet(path, chunk_rows=chunk_rows)
+    except DataError:
+        raise
+    except (gzip_mod.BadGzipFile, EOFError, zlib_error()) as exc:
+        raise DataError(
+            f"{path}: the gzip stream is damaged ({exc}). Fix: re-export or re-copy the file."
+        ) from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(
+            f"{path}: cannot be read as {fmt} ({type(exc).__name__}: {exc}). "
+            f"Fix: check that the file is a complete {fmt} export and that `format` in the source "
+            "mapping matches it."
+        ) from None
+
+
+def zlib_error() -> type[Exception]:
+    """zlib.error, imported lazily (a truncated .gz raises it mid-stream)."""
+    import zlib
+
+    return zlib.error
 
 
 def load_raw(
@@ -88,38 +377,19 @@ def load_raw(
     gzip: bool = False,
     nrows: int | None = None,
 ) -> pd.DataFrame:
-    """Read one raw export; ``nrows`` reads only the first rows (for preflight checks)."""
-    path = Path(path)
-    if fmt not in FORMATS:
-        raise DataError(f"{path}: unknown raw format {fmt!r}. Fix: use one of {list(FORMATS)}.")
-    if not path.is_file():
-        raise DataError(f"{path}: raw file not found. Fix: {missing_file_fix(path)}.")
-    try:
-        if fmt == "csv":
-            return _read_csv(path, encoding=encoding, gzip=gzip, nrows=nrows)
-        if fmt == "jsonl":
-            return _read_jsonl(path, encoding=encoding, gzip=gzip, nrows=nrows)
-        if gzip:
-            raise DataError(
-                f"{path}: gzip: true is not supported for parquet. "
-                "Fix: remove gzip from the mapping; parquet compresses internally."
-            )
-        return _read_parquet(path, nrows=nrows)
-    except DataError:
-        raise
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path}: not readable as {encoding} (byte {exc.start}). "
-            "Fix: set `encoding` in the source mapping to the file's real encoding."
-        ) from None
-    except (gzip_mod.BadGzipFile, EOFError) as exc:
-        raise DataError(
-            f"{path}: not a valid gzip file ({exc}). "
-            "Fix: set `gzip: false` in the source mapping or re-export the file."
-        ) from None
-    except (pd.errors.ParserError, pa.ArrowException, OSError, ValueError) as exc:
-        raise DataError(
-            f"{path}: cannot be read as {fmt} ({type(exc).__name__}). "
-            f"Fix: check that the file is a complete {fmt} export and that `format` in the source "
-            "mapping matches it."
-        ) from None
+    """Read the parsed records of a raw export (``nrows``: only the first ones) into one frame.
+
+    For previews and preflight checks; harmonisation streams with `iter_raw` instead.
+    """
+    frames: list[pd.DataFrame] = []
+    seen = 0
+    chunk = min(nrows, DEFAULT_CHUNK_ROWS) if nrows else DEFAULT_CHUNK_ROWS
+    for part in iter_raw(path, fmt, encoding=encoding, gzip=gzip, chunk_rows=chunk):
+        frames.append(part.frame)
+        seen += part.size
+        if nrows is not None and seen >= nrows:
+            break
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return df.iloc[:nrows].reset_index(drop=True) if nrows is not None else df

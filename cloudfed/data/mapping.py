@@ -71,16 +71,25 @@ class Metadata(_Strict):
     task: str = Field(min_length=1)
 
 
+class ExtraExpectations(_Strict):
+    """Expectations a source adds to the canonical suites (GX 1.x ``{type, kwargs, meta}``)."""
+
+    rows: list[dict[str, Any]] = Field(default_factory=list)
+    dataset: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class SourceMapping(_Strict):
     """One party's mapping file, validated."""
 
-    party: str
+    party: str = Field(min_length=1)
     format: Literal["csv", "jsonl", "parquet"]
     gzip: bool = False
     encoding: str = "utf-8"
+    renames: dict[str, str] = Field(default_factory=dict)
     fields: FieldMap
     metadata: Metadata
     value_maps: dict[str, dict[str, str]] = Field(default_factory=dict)
+    expectations: ExtraExpectations = Field(default_factory=ExtraExpectations)
     _source_path: str = PrivateAttr(default="<in-memory mapping>")
 
     @model_validator(mode="after")
@@ -110,6 +119,10 @@ _FIXES = {
     "task": "set a short constant label such as qa",
     "gzip": "set gzip: true only for .gz csv/jsonl exports",
     "value_maps": "write value_maps: {column: {raw value: replacement}}",
+    "renames": "write renames: {column in the export: name the fields use}",
+    "rows": "list GX expectations as {type: expect_..., kwargs: {...}}",
+    "dataset": "list GX expectations as {type: expect_..., kwargs: {...}}",
+    "party": "set the party's name as in the run configuration",
 }
 
 
@@ -148,12 +161,45 @@ def parse_spec(spec: str) -> tuple[list[str], list[str]]:
     return literals, paths
 
 
-def _mapping_error(path: Path, exc: ValidationError) -> DataError:
+def yaml_lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """Line (1-based) of every key and list item in a YAML document, by its path."""
+    lines: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*path, i)] = item.start_mark.line + 1
+                walk(item, (*path, i))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_of(lines: dict[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> int:
+    """The line of ``loc`` or of its nearest parent present in the file (1 for the top)."""
+    for cut in range(len(loc), 0, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return 1
+
+
+def _mapping_error(path: Path, exc: ValidationError, text: str) -> DataError:
+    lines_by_path = yaml_lines(text)
     lines = [f"{path}: the source mapping is invalid:"]
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ())]
-        field = ".".join(loc) or "(top level)"
-        key = loc[-1] if loc else ""
+        loc = tuple(err.get("loc", ()))
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        key = str(loc[-1]) if loc else ""
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             fix = f"remove '{key}' or correct its spelling (see data_contracts/README.md)"
@@ -161,12 +207,13 @@ def _mapping_error(path: Path, exc: ValidationError) -> DataError:
             fix = f"add '{field}'"
         else:
             fix = _FIXES.get(key, f"correct '{field}'")
-        lines.append(f"  - {field}: {msg}. Fix: {fix}.")
+        line = _line_of(lines_by_path, loc)
+        lines.append(f"  - line {line}: {field}: {msg}. Fix: {fix}.")
     return DataError("\n".join(lines))
 
 
 def load_mapping(path: str | Path) -> SourceMapping:
-    """Read and validate a mapping file; errors name the file, the field and the fix."""
+    """Read and validate a mapping file; errors name the file, the line, the field and the fix."""
     path = Path(path)
     if not path.is_file():
         raise DataError(
@@ -174,9 +221,17 @@ def load_mapping(path: str | Path) -> SourceMapping:
             "or correct the party's `mapping` path in the run configuration."
         )
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        doc = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text. Fix: save the mapping as UTF-8.") from None
     except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({exc}). Fix: correct the YAML syntax.") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise DataError(
+            f"{path}: {where}not valid YAML ({problem}). Fix: correct the YAML syntax there."
+        ) from None
     if not isinstance(doc, dict):
         raise DataError(
             f"{path}: expected a mapping of settings. Fix: see data_contracts/README.md."
@@ -184,13 +239,15 @@ def load_mapping(path: str | Path) -> SourceMapping:
     try:
         mapping = SourceMapping.model_validate(doc)
     except ValidationError as exc:
-        raise _mapping_error(path, exc) from None
+        raise _mapping_error(path, exc, text) from None
     mapping._source_path = str(path)
     try:
         "".encode(mapping.encoding)
     except LookupError:
+        line = yaml_lines(text).get(("encoding",), 1)
         raise DataError(
-            f"{path}: encoding: unknown codec {mapping.encoding!r}. Fix: {_FIXES['encoding']}."
+            f"{path}: line {line}: encoding: unknown codec {mapping.encoding!r}. "
+            f"Fix: {_FIXES['encoding']}."
         ) from None
     return mapping
 
@@ -224,17 +281,35 @@ def _path_problem(df: pd.DataFrame, path: str) -> str | None:
     return None
 
 
+def rename_columns(df: pd.DataFrame, mapping: SourceMapping) -> pd.DataFrame:
+    """Apply the mapping's ``renames`` so fields can use stable names across export versions."""
+    present = {k: v for k, v in mapping.renames.items() if k in df.columns}
+    return df.rename(columns=present) if present else df
+
+
 def check_columns(df: pd.DataFrame, mapping: SourceMapping, source_file: str | Path) -> None:
     """Fail early, naming both files, when the mapping reads something the raw data lacks."""
+    df = rename_columns(df, mapping)
     for name, paths in mapping.referenced_paths().items():
         for path in paths:
             problem = _path_problem(df, path)
             if problem:
+                line = _field_lines(mapping).get(name)
+                at = f" (line {line})" if line else ""
                 raise DataError(
-                    f"{source_file}: fields.{name} in {mapping.source_path} reads {path!r}, but "
-                    f"{problem}. Fix: correct fields.{name} in {mapping.source_path} or re-export "
-                    "the raw file with that column."
+                    f"{source_file}: fields.{name} in {mapping.source_path}{at} reads {path!r}, "
+                    f"but {problem}. Fix: correct fields.{name} in {mapping.source_path}, add a "
+                    "`renames:` entry for a renamed column, or re-export the raw file with it."
                 )
+
+
+def _field_lines(mapping: SourceMapping) -> dict[str, int]:
+    try:
+        text = Path(mapping.source_path).read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    lines = yaml_lines(text)
+    return {k[1]: v for k, v in lines.items() if len(k) == 2 and k[0] == "fields"}
 
 
 def _is_missing(value: Any) -> bool:
@@ -285,14 +360,19 @@ def _render_field(df: pd.DataFrame, spec: str, value_maps: dict[str, dict[str, s
 
 
 def apply_mapping(
-    df: pd.DataFrame, mapping: SourceMapping, source_file: str | Path
+    df: pd.DataFrame,
+    mapping: SourceMapping,
+    source_file: str | Path,
+    records: list[int] | None = None,
 ) -> pd.DataFrame:
     """Turn raw rows into canonical rows; missing values become None, never the text "nan".
 
-    ``source_row`` is the 1-based position of the record in the raw file (header excluded), so
-    a quarantine entry can be traced back without copying the row anywhere else.
+    ``source_row`` is the 1-based number of the record in the raw file (header excluded; given
+    by the chunked reader as ``records``), so a quarantine entry can be traced back without
+    copying the row anywhere else.
     """
     check_columns(df, mapping, source_file)
+    df = rename_columns(df, mapping)
     out = pd.DataFrame(
         {
             "instruction": pd.Series(
@@ -306,7 +386,8 @@ def apply_mapping(
     out["party"] = mapping.party
     out["domain"] = mapping.metadata.domain
     out["task"] = mapping.metadata.task
-    out["source_row"] = pd.Series(range(1, len(df) + 1), dtype="int64")
+    numbers = records if records is not None else range(1, len(df) + 1)
+    out["source_row"] = pd.Series(numbers, dtype="int64")
     return out[list(CANONICAL_COLUMNS)]
 
 

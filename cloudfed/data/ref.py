@@ -2,12 +2,16 @@
 
 A `DatasetRef` is the only thing the harmonise step returns, so it is what reaches the
 coordinator's artifact store. Everything in it must be safe to publish: paths inside the party's
-own storage, hashes, counts and the names of expectations, no record content.
+own storage, hashes, counts, coarse histograms and the names of expectations, no record content.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Upper bounds (tokens) of the released length histograms; coarse on purpose: a histogram with
+# one-token bins over few rows could single out a record.
+LENGTH_BINS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class ValidationSummary(BaseModel):
@@ -18,6 +22,60 @@ class ValidationSummary(BaseModel):
     evaluated: int
     successful: int
     failed_expectations: list[str] = Field(default_factory=list)
+
+
+class ExpectationOutcome(BaseModel):
+    """One expectation on one split: verdict and counts (no values, no row numbers)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    suite: str
+    split: str
+    expectation: str
+    on_failure: str
+    success: bool
+    evaluated: int
+    unexpected: int
+
+
+class LengthHistogram(BaseModel):
+    """Token lengths in `LENGTH_BINS` (last count: longer than the last bound)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bins: list[int] = Field(default_factory=lambda: list(LENGTH_BINS))
+    counts: list[int] = Field(default_factory=lambda: [0] * (len(LENGTH_BINS) + 1))
+    total_tokens: int = 0
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def mean(self) -> float:
+        return self.total_tokens / self.rows if self.rows else 0.0
+
+    def quantile_bound(self, q: float) -> int | None:
+        """The bin bound under which at least ``q`` of the rows fall (None: above the last)."""
+        need, seen = q * self.rows, 0
+        for bound, count in zip([*self.bins, None], self.counts, strict=True):
+            seen += count
+            if seen >= need and self.rows:
+                return bound
+        return None
+
+
+class DataProfile(BaseModel):
+    """Aggregates of the accepted rows that a party releases for the cross-party report."""
+
+    model_config = ConfigDict(frozen=True)
+
+    columns: dict[str, str]
+    rows: dict[str, int]
+    instruction_tokens: LengthHistogram
+    response_tokens: LengthHistogram
+    domains: dict[str, int]
+    tasks: dict[str, int]
 
 
 class DatasetRef(BaseModel):
@@ -38,5 +96,11 @@ class DatasetRef(BaseModel):
     quarantine_uri: str
     quarantine_reasons: dict[str, int] = Field(default_factory=dict)
     pii_replaced: dict[str, int] = Field(default_factory=dict)
+    rows_repaired: int = 0
     contract_sha256: str
+    canonical_sha256: str = ""
     validation: ValidationSummary
+    expectations: list[ExpectationOutcome] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    profile: DataProfile | None = None
+    docs_uri: str = ""
