@@ -11,7 +11,7 @@ export ZENML_ENABLE_RICH_TRACEBACK := false
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test setup stack demo-data preflight lint ui bench clean
+.PHONY: run test setup browser stack demo-data preflight lint ui bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,20 @@ run: stack demo-data preflight
 	@cat .cloudfed/coordinator/last_run/summary.txt
 	@echo "Results: MLflow (run 'make ui', then open http://127.0.0.1:5000), report files in .cloudfed/coordinator/last_run/"
 
-test: setup
-	$(BIN)/python -m pytest -q
+# Debian's chromium renders the GX Data Docs in the browser test; installed when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the Data Docs test"; \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && \
+	      apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; \
+	  fi; \
+	  command -v chromium >/dev/null 2>&1 || \
+	    echo "chromium could not be installed: run 'apt-get install chromium' (as root)"; }
+
+test: setup browser
+	CLOUDFED_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -52,6 +64,7 @@ ui: setup
 	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python infra/mlflow_uri.py)" --host 127.0.0.1 --port 5000
 
 bench: stack demo-data
+	$(BIN)/python benchmarks/harmonize.py
 	$(BIN)/python benchmarks/demo_run.py --config $(CONFIG)
 
 clean:

@@ -42,7 +42,7 @@ def _rows(numbers: list[int]) -> str:
 
 def _load(mapping_file: Path, contracts_dir: Path | None) -> tuple[SourceMapping, Contract]:
     mapping = load_mapping(mapping_file)
-    contracts = contracts_dir or mapping_file.resolve().parent.parent
+    contracts = contracts_dir or mapping_file.absolute().parent.parent
     contract = load_contract(
         contracts,
         mapping_file=mapping_file,

@@ -83,8 +83,9 @@ def test_every_record_carries_a_marker_unique_to_it(demo_root: Path) -> None:
                 assert len(found) == 1, f"{party}/{split}: a record has {len(found)} markers"
                 per_row.append(found[0])
     assert len(per_row) == 3 * (TRAIN + EVAL)
-    # Only the planted exact duplicates (2 per party) repeat a marker.
-    assert len(set(per_row)) == len(per_row) - 3 * len(demo.DUPLICATES)
+    # Only the planted exact and near duplicates (3 per party) repeat a marker.
+    repeats = len(demo.DUPLICATES) + len(demo.NEAR_DUPLICATES)
+    assert len(set(per_row)) == len(per_row) - 3 * repeats
     assert planted_markers(demo_root) == set(per_row)
     assert all(m.startswith(MARKER_PREFIX) and len(m) == 10 for m in per_row)
 

@@ -1,3 +1,4 @@
+import codecs
 import gzip
 import json
 import shutil
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cloudfed.data.demo import generate_demo
-from cloudfed.data.loaders import load_raw
+from cloudfed.data.loaders import RawChunk, RawProblem, iter_raw, load_raw
 from cloudfed.data.mapping import (
     CANONICAL_COLUMNS,
     SourceMapping,
@@ -97,14 +98,22 @@ def test_jsonl_keeps_nested_objects(tmp_path: Path) -> None:
     assert df.loc[0, "record"] == {"instruction": "x", "input": ""}
 
 
-def test_jsonl_bad_line_names_line(tmp_path: Path) -> None:
+def test_jsonl_bad_lines_are_quarantined_not_fatal(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"a": 1}\n{"a": \n')
-    with pytest.raises(DataError, match=r"bad\.jsonl: line 2 is not valid JSON"):
-        load_raw(path, "jsonl")
-    path.write_text('{"a": 1}\n[1, 2]\n')
-    with pytest.raises(DataError, match=r"line 2 is a JSON list, not an object"):
-        load_raw(path, "jsonl")
+    path.write_text('{"a": 1}\n{"a": \n[1, 2]\n"text"\n{"a": 5}\n')
+    chunks = list(iter_raw(path, "jsonl"))
+    problems = [p for c in chunks for p in c.problems]
+    assert [(p.record, p.line, p.reason) for p in problems] == [
+        (2, 2, "unparseable"),
+        (3, 3, "unparseable"),
+        (4, 4, "unparseable"),
+    ]
+    assert "not valid JSON" in problems[0].detail
+    assert problems[1].detail == "a JSON list, not an object"
+    assert problems[2].detail == "a JSON str, not an object"
+    assert [r for c in chunks for r in c.records] == [1, 5]
+    # load_raw returns the readable records only, in file order
+    assert list(load_raw(path, "jsonl")["a"]) == [1, 5]
 
 
 def test_parquet_and_head_only(tmp_path: Path) -> None:
@@ -119,7 +128,10 @@ def test_parquet_and_head_only(tmp_path: Path) -> None:
 def test_wrong_encoding_and_unreadable(tmp_path: Path) -> None:
     path = tmp_path / "l.csv"
     path.write_bytes("q,a\ncaf\xe9,x\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"l\.csv: not readable as utf-8.*Fix: set `encoding`"):
+    with pytest.raises(
+        DataError,
+        match=r"l\.csv: line 2: 1 of the first 1 records are not valid utf-8\. Fix: set `encoding`",
+    ):
         load_raw(path, "csv")
     assert load_raw(path, "csv", encoding="latin-1").loc[0, "q"] == "café"
     junk = tmp_path / "junk.parquet"
@@ -139,6 +151,229 @@ def test_missing_file_messages(tmp_path: Path) -> None:
         DataError, match=r"train\.csv: raw file not found\. Fix: check the party's raw"
     ):
         load_raw(other, "csv")
+
+
+# --- chunked reading: record and line numbers -----------------------------------------------
+
+CSV_SPANNING = (
+    "id,text\n"  # line 1
+    "1,a\n"  # 2
+    '2,"multi\nline\nfield"\n'  # 3-5
+    "\n"  # 6: blank, not a record
+    "3,c\n"  # 7
+    "4,d\n"  # 8
+    "\n"  # 9
+    '5,"x, y"\n'  # 10
+    "6,f\n"  # 11
+    "7,g"  # 12, no final newline
+)
+JSONL_SPANNING = (
+    '{"id": 1, "text": "a"}\n'  # line 1
+    "\n"  # 2: blank
+    '{"id": 2, "text": "multi\\nline"}\n'  # 3
+    '{"id": 3, "text": {"nested": true}}\n'  # 4
+    "   \n"  # 5: whitespace only
+    '{"id": 4, "text": "d"}\n'  # 6
+    '{"id": 5, "text": "x, y"}\n'  # 7
+    '{"id": 6, "text": "f"}\n'  # 8
+    '{"id": 7, "text": "g"}'  # 9, no final newline
+)
+EXPECTED_LINES = {
+    "csv": [[2, 3, 7], [8, 10, 11], [12]],
+    "jsonl": [[1, 3, 4], [6, 7, 8], [9]],
+}
+
+
+def write_raw(path: Path, body: bytes, *, gz: bool) -> Path:
+    path.write_bytes(gzip.compress(body) if gz else body)
+    return path
+
+
+def all_records(chunks: list[RawChunk]) -> list[int]:
+    return [r for c in chunks for r in c.records]
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_text_formats_number_records_and_lines_across_chunks(
+    tmp_path: Path, fmt: str, gz: bool
+) -> None:
+    body = CSV_SPANNING if fmt == "csv" else JSONL_SPANNING
+    path = write_raw(tmp_path / f"r.{fmt}", body.encode(), gz=gz)
+    chunks = list(iter_raw(path, fmt, gzip=gz, chunk_rows=3))
+    assert [c.records for c in chunks] == [[1, 2, 3], [4, 5, 6], [7]]
+    assert [c.lines for c in chunks] == EXPECTED_LINES[fmt]
+    assert all(not c.problems and c.repaired == 0 for c in chunks)
+    frame = pd.concat([c.frame for c in chunks], ignore_index=True)
+    assert [str(v) for v in frame["id"]] == ["1", "2", "3", "4", "5", "6", "7"]
+    if fmt == "csv":
+        assert frame.loc[1, "text"] == "multi\nline\nfield"
+        assert frame.loc[4, "text"] == "x, y"
+        assert all(isinstance(v, str) for v in frame["id"])  # no type guessing
+    else:
+        assert frame.loc[1, "text"] == "multi\nline"
+        assert frame.loc[2, "text"] == {"nested": True}
+
+
+def test_csv_crlf_line_numbers_count_the_embedded_newline(tmp_path: Path) -> None:
+    path = tmp_path / "crlf.csv"
+    path.write_bytes(b'id,t\r\n1,"a\r\nb"\r\n\r\n2,c\r\n3,d\r\n')
+    chunks = list(iter_raw(path, "csv", chunk_rows=2))
+    assert [c.lines for c in chunks] == [[2, 5], [6]]
+    assert chunks[0].frame.loc[0, "t"] == "a\r\nb"
+    assert list(chunks[1].frame["t"]) == ["d"]
+
+
+def test_parquet_chunks_number_records(tmp_path: Path) -> None:
+    path = tmp_path / "p.parquet"
+    n = 8
+    pq.write_table(
+        pa.table({"id": list(range(1, n + 1)), "text": [f"t{i}" for i in range(1, n + 1)]}),
+        path,
+        row_group_size=5,
+    )
+    chunks = list(iter_raw(path, "parquet", chunk_rows=3))
+    assert all(0 < len(c.records) <= 3 for c in chunks)
+    assert len(chunks) >= 3
+    assert all_records(chunks) == list(range(1, n + 1))
+    for c in chunks:
+        assert c.lines == c.records
+        assert [int(v) for v in c.frame["id"]] == c.records
+        assert list(c.frame["text"]) == [f"t{r}" for r in c.records]
+
+
+# --- encodings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_latin1_declared_utf8_is_a_file_level_encoding_error(tmp_path: Path, fmt: str) -> None:
+    rows = [("café", "crème"), ("naïve", "déjà vu"), ("plain", "row"), ("Zürich", "Genève")]
+    if fmt == "csv":
+        text = "q,a\n" + "".join(f"{q},{a}\n" for q, a in rows)
+    else:
+        text = "".join(json.dumps({"q": q, "a": a}, ensure_ascii=False) + "\n" for q, a in rows)
+    path = tmp_path / f"latin.{fmt}"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError) as exc:
+        list(iter_raw(path, fmt, chunk_rows=10))
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: line {2 if fmt == 'csv' else 1}: ")
+    assert "3 of the first 4 records are not valid utf-8" in msg
+    assert "Fix: set `encoding`" in msg
+    with pytest.raises(DataError, match="encoding"):
+        load_raw(path, fmt)
+    df = load_raw(path, fmt, encoding="latin-1")
+    assert list(df["q"]) == [q for q, _ in rows]
+
+
+def _stray_byte_file(tmp_path: Path, fmt: str, bad: bytes) -> Path:
+    clean = [f"row{i}" for i in range(1, 6)]
+    if fmt == "csv":
+        lines = [b"q,a"] + [f"{c},x".encode() for c in clean]
+        lines.insert(3, b"caf" + bad + b",x")  # record 3, line 4
+    else:
+        lines = [json.dumps({"q": c, "a": "x"}).encode() for c in clean]
+        lines.insert(2, b'{"q": "caf' + bad + b'", "a": "x"}')  # record 3, line 3
+    path = tmp_path / f"stray.{fmt}"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_stray_cp1252_byte_in_utf8_file_is_repaired(tmp_path: Path, fmt: str) -> None:
+    path = _stray_byte_file(tmp_path, fmt, b"\xe9")
+    chunks = list(iter_raw(path, fmt, chunk_rows=3))
+    assert sum(c.repaired for c in chunks) == 1
+    assert chunks[0].repaired == 1 and chunks[1].repaired == 0
+    assert not [p for c in chunks for p in c.problems]
+    assert all_records(chunks) == [1, 2, 3, 4, 5, 6]
+    df = load_raw(path, fmt)
+    assert list(df["q"]) == ["row1", "row2", "café", "row3", "row4", "row5"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_byte_undefined_in_cp1252_makes_record_undecodable(tmp_path: Path, fmt: str) -> None:
+    path = _stray_byte_file(tmp_path, fmt, b"\x81")
+    chunks = list(iter_raw(path, fmt, chunk_rows=3))
+    problems = [p for c in chunks for p in c.problems]
+    line = 4 if fmt == "csv" else 3
+    assert problems == [RawProblem(3, line, "undecodable", "bytes not valid utf-8")]
+    assert all_records(chunks) == [1, 2, 4, 5, 6]
+    assert sum(c.repaired for c in chunks) == 0
+    assert sum(c.size for c in chunks) == 6
+    assert list(load_raw(path, fmt)["q"]) == ["row1", "row2", "row3", "row4", "row5"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_utf16_with_bom_declared_utf8_names_utf16(tmp_path: Path, fmt: str) -> None:
+    text = "q,a\nhé,x\n" if fmt == "csv" else '{"q": "hé", "a": "x"}\n'
+    path = tmp_path / f"wide.{fmt}"
+    path.write_bytes(text.encode("utf-16"))  # with BOM
+    with pytest.raises(DataError) as exc:
+        list(iter_raw(path, fmt))
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert "utf-16 byte-order mark" in msg and "Fix: set `encoding: utf-16`" in msg
+    assert load_raw(path, fmt, encoding="utf-16").to_dict("records") == [{"q": "hé", "a": "x"}]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_utf8_bom_does_not_pollute_the_first_column(tmp_path: Path, fmt: str) -> None:
+    text = "q,a\nhé,x\n" if fmt == "csv" else '{"q": "hé", "a": "x"}\n'
+    path = tmp_path / f"bom.{fmt}"
+    path.write_bytes(codecs.BOM_UTF8 + text.encode())
+    chunks = list(iter_raw(path, fmt))
+    assert list(chunks[0].frame.columns) == ["q", "a"]
+    assert chunks[0].frame.loc[0, "q"] == "hé"
+    assert chunks[0].repaired == 0 and not chunks[0].problems
+
+
+# --- unreadable records and whole-file faults --------------------------------------------------
+
+
+def test_csv_wrong_field_count_is_a_problem_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "w.csv"
+    path.write_text('q,a\n1,x\n2,"two\nlines"\n3,x,extra\n4\n\n5,x\n')
+    chunks = list(iter_raw(path, "csv", chunk_rows=3))
+    problems = [p for c in chunks for p in c.problems]
+    assert [(p.record, p.line, p.reason) for p in problems] == [
+        (3, 5, "wrong_field_count"),
+        (4, 6, "wrong_field_count"),
+    ]
+    assert problems[0].detail == "expected 2 fields as in the header, found 3"
+    assert problems[1].detail == "expected 2 fields as in the header, found 1"
+    assert all_records(chunks) == [1, 2, 5]
+    assert [ln for c in chunks for ln in c.lines] == [2, 3, 8]
+    assert list(load_raw(path, "csv")["q"]) == ["1", "2", "5"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "gz"),
+    [("csv", False), ("jsonl", False), ("parquet", False), ("csv", True), ("jsonl", True)],
+)
+def test_empty_file_is_a_data_error(tmp_path: Path, fmt: str, gz: bool) -> None:
+    path = write_raw(tmp_path / f"empty.{fmt}", b"", gz=gz)
+    with pytest.raises(DataError, match=r"empty\.\w+: the file is empty \(0 bytes\)\. Fix:"):
+        list(iter_raw(path, fmt, gzip=gz))
+
+
+def test_header_only_csv_has_no_records_and_no_error(tmp_path: Path) -> None:
+    path = tmp_path / "h.csv"
+    path.write_text("q,a\n")
+    chunks = list(iter_raw(path, "csv"))
+    # One empty chunk that still carries the header, so a mapping can be checked against it.
+    assert [c.size for c in chunks] == [0]
+    assert list(chunks[0].frame.columns) == ["q", "a"]
+    df = load_raw(path, "csv")
+    assert len(df) == 0 and list(df.columns) == ["q", "a"]
+
+
+def test_truncated_gzip_is_a_data_error(tmp_path: Path) -> None:
+    body = "".join(f'{{"q": "row {i} {"x" * 50}"}}\n' for i in range(2000)).encode()
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(gzip.compress(body)[:-400])
+    with pytest.raises(DataError, match=r"t\.jsonl\.gz: the gzip stream is damaged.*Fix:"):
+        list(iter_raw(path, "jsonl", gzip=True, chunk_rows=100))
 
 
 # --- mapping files -------------------------------------------------------------------------
@@ -197,6 +432,72 @@ def test_missing_key_and_bad_template(tmp_path: Path) -> None:
     msg = str(exc.value)
     assert "metadata: Field required. Fix: add 'metadata'" in msg
     assert "fields.instruction" in msg and "format or conversion" in msg
+
+
+def test_invalid_mapping_errors_carry_yaml_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "party: p\n"  # 1
+        "format: csv\n"  # 2
+        "renames:\n"  # 3
+        "  Question: q\n"  # 4
+        "metadata:\n"  # 5
+        "  domain: d\n"  # 6
+        "fields:\n"  # 7
+        "  instruction: '{q!r}'\n"  # 8
+        "  response: a\n"  # 9
+        "  extra: b\n"  # 10
+    )
+    with pytest.raises(DataError) as exc:
+        load_mapping(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: the source mapping is invalid:")
+    assert "line 8: fields.instruction: template '{q!r}'" in msg
+    assert "line 10: fields.extra: Extra inputs are not permitted" in msg
+    assert "line 5: metadata.task: Field required. Fix: add 'metadata.task'" in msg
+
+
+def test_unknown_column_error_gives_the_field_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "party: p\nformat: csv\nmetadata: {domain: d, task: t}\n"
+        "fields:\n  instruction: q\n  response: answr\n"
+    )
+    mapping = load_mapping(path)
+    with pytest.raises(DataError) as exc:
+        apply_mapping(pd.DataFrame({"q": ["x"], "a": ["y"]}), mapping, "raw.csv")
+    assert f"fields.response in {path} (line 6) reads 'answr'" in str(exc.value)
+
+
+def test_renames_and_record_numbers() -> None:
+    mapping = make_mapping(
+        format="csv",
+        renames={"Question v2": "question", "not in export": "ignored"},
+        fields={"instruction": "question", "response": "answer"},
+    )
+    df = pd.DataFrame({"Question v2": ["q1", "q2"], "answer": ["a1", "a2"]})
+    out = apply_mapping(df, mapping, "raw.csv", records=[4, 9])
+    assert list(out["instruction"]) == ["q1", "q2"]
+    assert list(out["response"]) == ["a1", "a2"]
+    assert list(out["source_row"]) == [4, 9]
+    # without the rename the raw column name is not found
+    plain = make_mapping(format="csv", fields={"instruction": "question", "response": "answer"})
+    with pytest.raises(DataError, match=r"column 'question' is missing"):
+        apply_mapping(df, plain, "raw.csv")
+
+
+def test_mapping_over_streamed_chunks_keeps_raw_record_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text(CSV_SPANNING)
+    mapping = make_mapping(format="csv", fields={"instruction": "text", "response": "id"})
+    outs = [
+        apply_mapping(c.frame, mapping, path, records=c.records)
+        for c in iter_raw(path, "csv", chunk_rows=3)
+    ]
+    out = pd.concat(outs, ignore_index=True)
+    assert list(out["source_row"]) == [1, 2, 3, 4, 5, 6, 7]
+    assert list(out["response"]) == ["1", "2", "3", "4", "5", "6", "7"]
+    assert out.loc[1, "instruction"] == "multi\nline\nfield"
 
 
 # --- applying mappings -----------------------------------------------------------------------

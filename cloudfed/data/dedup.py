@@ -10,37 +10,36 @@ across runs and processes (Python's ``hash()`` is not).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 _SEP = "\x1f"  # unit separator: cannot occur in cleaned text (control characters are removed)
-_NOT_WORD = re.compile(r"[\W_]+")
+# ASCII bytes that are neither letters nor digits (the separator excepted): deleted in C by
+# bytes.translate. Non-ASCII punctuation survives, so near-exact is a little stricter there.
+_NOT_ALNUM = bytes(c for c in range(128) if not chr(c).isalnum() and chr(c) != _SEP)
+
+
+def _joined(instructions: Sequence[str], responses: Sequence[str]) -> list[str]:
+    return [f"{i}{_SEP}{r}" for i, r in zip(instructions, responses, strict=True)]
 
 
 def exact_keys(instructions: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     """64-bit keys of the cleaned pairs."""
-    joined = np.array([f"{i}{_SEP}{r}" for i, r in zip(instructions, responses, strict=True)])
-    return pd.util.hash_array(joined.astype(object))
+    joined = np.array(_joined(instructions, responses), dtype=object)
+    return pd.util.hash_array(joined, categorize=False)
 
 
-def near_form(text: str) -> str:
-    """Case-folded letters and digits only: the form under which look-alike rows are equal."""
-    return _NOT_WORD.sub("", text.casefold())
+def near_form(text: str) -> bytes:
+    """Case-folded, without ASCII punctuation and spaces: where look-alike rows are equal."""
+    return text.casefold().encode("utf-8", "surrogatepass").translate(None, _NOT_ALNUM)
 
 
 def near_keys(instructions: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-    """64-bit keys of the pairs in `near_form`."""
-    joined = np.array(
-        [
-            f"{near_form(i)}{_SEP}{near_form(r)}"
-            for i, r in zip(instructions, responses, strict=True)
-        ],
-        dtype=object,
-    )
-    return pd.util.hash_array(joined)
+    """64-bit keys of the pairs in `near_form` (the separator survives it)."""
+    joined = [near_form(j) for j in _joined(instructions, responses)]
+    return pd.util.hash_array(np.array(joined, dtype=object), categorize=False)
 
 
 def _seen(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -87,17 +86,11 @@ class DedupIndex:
         )
         dup_exact = _seen(self._exact, exact) | ~_first_in_chunk(exact)
         dup_near = _seen(self._near, near) | ~_first_in_chunk(near)
-        reasons: list[str | None] = []
-        for te, de, dn in zip(in_train, dup_exact, dup_near, strict=True):
-            if te:
-                reasons.append("duplicate_of_train")
-            elif de:
-                reasons.append("duplicate")
-            elif dn:
-                reasons.append("near_duplicate")
-            else:
-                reasons.append(None)
-        new = np.array([r is None for r in reasons])
+        reasons = np.full(len(exact), None, dtype=object)
+        reasons[dup_near] = "near_duplicate"
+        reasons[dup_exact] = "duplicate"
+        reasons[in_train] = "duplicate_of_train"
+        new = ~(in_train | dup_exact | dup_near)
         self._exact = np.sort(np.concatenate([self._exact, exact[new]]), kind="stable")
         self._near = np.sort(np.concatenate([self._near, near[new]]), kind="stable")
-        return reasons
+        return reasons.tolist()

@@ -176,23 +176,22 @@ def harmonise_chunk(
             for row in rows:
                 failed.setdefault(row, []).append(label)
 
-    keep = ~canon["source_row"].isin(list(failed)).to_numpy()
-    candidates = canon[keep]
-    dup = dedup.classify(candidates["instruction"].tolist(), candidates["response"].tolist())
-    dup_of = dict(zip(candidates["source_row"].tolist(), dup, strict=True))
-    accepted_mask = np.zeros(len(canon), dtype=bool)
-    for pos, (row, ins, resp) in enumerate(
-        zip(canon["source_row"].tolist(), instructions, responses, strict=True)
-    ):
+    source_rows = canon["source_row"].to_numpy()
+    keep = ~np.isin(source_rows, np.fromiter(failed, dtype=np.int64, count=len(failed)))
+    dup = np.full(len(canon), None, dtype=object)
+    dup[keep] = dedup.classify(
+        [instructions[i] for i in np.flatnonzero(keep)],
+        [responses[i] for i in np.flatnonzero(keep)],
+    )
+    accepted_mask = keep & (dup == None)  # noqa: E711 - elementwise on an object array
+    for pos in np.flatnonzero(~accepted_mask):  # only rejected rows pay for Python here
+        row = int(source_rows[pos])
         labels = failed.get(row)
-        reason = "contract" if labels else dup_of.get(row)
-        if reason is None:
-            accepted_mask[pos] = True
-            continue
+        reason = "contract" if labels else str(dup[pos])
         entry: dict[str, Any] = {"source_row": row, "line": lines.get(row), "reason": reason}
         if labels:
             entry["expectations"] = sorted(labels)
-        quarantine.add(**entry, instruction=ins, response=resp)
+        quarantine.add(**entry, instruction=instructions[pos], response=responses[pos])
         res.reasons[reason] += 1
         res.quarantined += 1
     accepted = canon[accepted_mask].reset_index(drop=True)[list(HARMONISED_COLUMNS)]
@@ -319,8 +318,14 @@ class Verdict:
 def judge(contract: Contract, results: dict[str, SplitResult], docs_dir: Path | None) -> Verdict:
     """Run the dataset suite, apply each expectation's policy and render Data Docs."""
     ds_tallies = contract.dataset.new_tallies()
-    ds_result = contract.dataset.run(dataset_profile_frame(results))
+    profile = dataset_profile_frame(results)
+    ds_result = contract.dataset.run(profile)
     add_result(ds_tallies, ds_result)
+    for t in ds_tallies.values():  # the value each bound was checked against, for messages
+        column = t.expectation.kwargs.get("column")
+        if t.observed is None and column in profile.columns:
+            value = profile[column].iloc[0]
+            t.observed = None if pd.isna(value) else float(f"{value:.4g}")
     outcomes: list[ExpectationOutcome] = []
     blocking: list[str] = []
     warnings: list[str] = []
@@ -333,7 +338,7 @@ def judge(contract: Contract, results: dict[str, SplitResult], docs_dir: Path | 
                 continue
             what = (
                 f"{split}: {t.expectation.label} failed on {t.unexpected} of {t.evaluated} rows"
-                if t.evaluated and suite == contract.rows.name
+                if suite == contract.rows.name and t.evaluated
                 else f"{split}: {t.expectation.label} failed"
                 + (f" (observed {t.observed})" if t.observed is not None else "")
             )

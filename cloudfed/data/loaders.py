@@ -42,6 +42,7 @@ _ESCAPED = re.compile("[\udc80-\udcff]+")
 # A file where most of the first chunk is undecodable is in another encoding, not damaged.
 _WRONG_ENCODING_SHARE = 0.5
 _BOMS = {  # utf-32 first: its little-endian mark starts with utf-16's
+    codecs.BOM_UTF8: "utf-8",
     codecs.BOM_UTF32_LE: "utf-32",
     codecs.BOM_UTF32_BE: "utf-32",
     codecs.BOM_UTF16_LE: "utf-16",
@@ -98,15 +99,15 @@ def _open_text(path: Path, *, encoding: str, gzip: bool) -> io.TextIOWrapper:
 
 
 def repair_bytes(text: str, encoding: str) -> str | None:
-    """Re-decode bytes the declared codec could not read as cp1252, or None when impossible.
+    r"""Re-decode bytes the declared codec could not read as cp1252, or None when impossible.
 
-    A utf-8 export with a few Windows-1252 bytes (``caf\\xe9`` from a spreadsheet) is the common
+    A utf-8 export with a few Windows-1252 bytes (``caf\xe9`` from a spreadsheet) is the common
     case; those bytes are the only ones re-read, so valid text is never touched. Bytes undefined
     in cp1252 make the record unrecoverable and it is quarantined instead.
     """
 
     def _fix(match: re.Match[str]) -> str:
-        data = match.group(0).encode(_python_codec(encoding), "surrogateescape")
+        data = match.group(0).encode(encoding, "surrogateescape")
         return data.decode("cp1252")
 
     try:
@@ -179,8 +180,16 @@ def _check_start(path: Path, *, encoding: str, gzip: bool) -> None:
 
 def _iter_csv(path: Path, *, encoding: str, gzip: bool, chunk_rows: int) -> Iterator[RawChunk]:
     decoder = _Decoder(path, encoding)
+    dirty: set[int] = set()  # lines holding bytes the codec could not decode
+
+    def lines(fh: io.TextIOWrapper) -> Iterator[str]:
+        for number, line in enumerate(fh, start=1):
+            if _ESCAPED.search(line):
+                dirty.add(number)
+            yield line
+
     with _open_text(path, encoding=encoding, gzip=gzip) as fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(lines(fh))
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path}: no header row. Fix: re-export the file with a header.")
@@ -194,7 +203,7 @@ def _iter_csv(path: Path, *, encoding: str, gzip: bool, chunk_rows: int) -> Iter
         record, prev_line, first = 0, reader.line_num, True
         rows: list[list[str]] = []
         records: list[int] = []
-        lines: list[int] = []
+        lines_: list[int] = []
         problems: list[RawProblem] = []
         repaired = 0
         while True:
@@ -218,6 +227,10 @@ def _iter_csv(path: Path, *, encoding: str, gzip: bool, chunk_rows: int) -> Iter
                                 f"expected {width} fields as in the header, found {len(row)}",
                             )
                         )
+                    elif not dirty or not any(n in dirty for n in range(start, prev_line + 1)):
+                        rows.append(row)
+                        records.append(record)
+                        lines_.append(start)
                     else:
                         fixed, state = decoder.fix(dict(zip(header, row, strict=True)), start)
                         if state is None:
@@ -230,16 +243,16 @@ def _iter_csv(path: Path, *, encoding: str, gzip: bool, chunk_rows: int) -> Iter
                             repaired += int(state)
                             rows.append(list(fixed.values()))
                             records.append(record)
-                            lines.append(start)
+                            lines_.append(start)
             if row is None or len(records) + len(problems) >= chunk_rows:
                 if first:
                     bad = repaired + sum(p.reason == "undecodable" for p in problems)
                     decoder.judge(bad, len(records) + len(problems))
                     first = False
-                if records or problems:
+                if records or problems or record == 0:  # header only: still the columns
                     frame = pd.DataFrame(rows, columns=header, dtype=object)
-                    yield RawChunk(frame, records, lines, problems, repaired)
-                rows, records, lines, problems, repaired = [], [], [], [], 0
+                    yield RawChunk(frame, records, lines_, problems, repaired)
+                rows, records, lines_, problems, repaired = [], [], [], [], 0
                 if row is None:
                     return
 
@@ -312,13 +325,23 @@ def _iter_jsonl(path: Path, *, encoding: str, gzip: bool, chunk_rows: int) -> It
 
 
 def _iter_parquet(path: Path, *, chunk_rows: int) -> Iterator[RawChunk]:
-    pf = pq.ParquetFile(path)
+    """One row group at a time: Parquet's unit of reading bounds memory, not the file.
+
+    (``iter_batches`` keeps read-ahead buffers that grew with the file in measurements; reading
+    row groups explicitly does not. A file written as one huge row group is read whole.)
+    """
+    pf = pq.ParquetFile(path, pre_buffer=False)
     done = 0
-    for batch in pf.iter_batches(batch_size=chunk_rows):
-        frame = pa.Table.from_batches([batch]).to_pandas()
-        numbers = list(range(done + 1, done + len(frame) + 1))
-        done += len(frame)
-        yield RawChunk(frame.astype(object), numbers, numbers)
+    for group in range(pf.num_row_groups):
+        table = pf.read_row_group(group)
+        for batch in table.to_batches(max_chunksize=chunk_rows):
+            frame = pa.Table.from_batches([batch]).to_pandas()
+            numbers = list(range(done + 1, done + len(frame) + 1))
+            done += len(frame)
+            yield RawChunk(frame.astype(object), numbers, numbers)
+        del table
+    if done == 0:  # no rows: still the columns, so the mapping can be checked
+        yield RawChunk(pf.schema_arrow.empty_table().to_pandas().astype(object), [], [])
 
 
 def iter_raw(

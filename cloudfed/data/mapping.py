@@ -371,7 +371,8 @@ def apply_mapping(
     by the chunked reader as ``records``), so a quarantine entry can be traced back without
     copying the row anywhere else.
     """
-    check_columns(df, mapping, source_file)
+    if len(df) or len(df.columns):  # a chunk of only unreadable records has no columns
+        check_columns(df, mapping, source_file)
     df = rename_columns(df, mapping)
     out = pd.DataFrame(
         {

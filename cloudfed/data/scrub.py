@@ -120,7 +120,7 @@ class Scrubber:
 # come first (an IBAN's digits are not a phone number).
 SCRUBBERS: tuple[Scrubber, ...] = (
     Scrubber("EMAIL", lambda t: "@" in t, re.compile(EMAIL_PATTERN), _always),
-    Scrubber("IBAN", _pattern(r"[A-Z]{2}\d\d"), re.compile(IBAN_PATTERN), _iban_ok),
+    Scrubber("IBAN", _pattern(r"\b[A-Z]{2}\d\d"), re.compile(IBAN_PATTERN), _iban_ok),
     Scrubber("CARD", _pattern(r"\d(?:[ \-]?\d){12}"), re.compile(CARD_PATTERN), _luhn_ok),
     Scrubber(
         "NATIONAL_ID",
@@ -198,12 +198,19 @@ def repair_mojibake(text: str) -> tuple[str, bool]:
     return fixed, fixed != text
 
 
+# A lone surrogate (a JSON "\\ud800" escape) is not text; it becomes U+FFFD, which the
+# contract's charset expectation then quarantines.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def normalise_text(text: str) -> str:
     """NFKC-normalise and tidy whitespace so that look-alike records deduplicate.
 
     Paragraph breaks are kept (at most one blank line) because instruction templates use them
     to separate an instruction from its input.
     """
+    if _SURROGATE.search(text):
+        text = _SURROGATE.sub("\ufffd", text)
     if text.isascii():
         text = _ASCII_INVISIBLE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
     else:
@@ -255,7 +262,7 @@ _NEEDS_NORMALISING = (
     r"\x{205f}\x{3000}]|  | \n|\n |\n\n\n|^[ \n]|[ \n]$"
 )
 _MAY_HOLD_PII = (
-    r"@|[A-Z]{2}\d\d|\d(?:[ \-]?\d){12}|\d{3}-\d\d-\d{4}|[A-Z]{2} ?\d\d ?\d\d ?\d\d ?[A-D]"
+    r"@|\b[A-Z]{2}\d\d|\d(?:[ \-]?\d){12}|\d{3}-\d\d-\d{4}|[A-Z]{2} ?\d\d ?\d\d ?\d\d ?[A-D]"
     r"|(?i:ssn|social security|national id|passport)|\d\.\d{1,3}\.\d{1,3}\.\d|::"
     r"|:(?:[^:]*:){6}|[\d)][ .\-]?\d{3,4}[ .\-]\d{3}"
 )
@@ -269,8 +276,9 @@ def clean_column(texts: Sequence[str | None]) -> tuple[list[str | None], Counter
     """
     try:
         arr = pa.array(texts, type=pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # NaN or non-str cells: the slow converter
-        arr = pa.array([t if isinstance(t, str) else None for t in texts], type=pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):  # NaN, non-str, surrogates
+        texts = [_SURROGATE.sub("\ufffd", t) if isinstance(t, str) else None for t in texts]
+        arr = pa.array(texts, type=pa.string())
     out: list[str | None] = arr.to_pylist()
     if not len(arr):
         return out, Counter()
