@@ -27,10 +27,24 @@ PARTIES = {"hospital-aws": "csv", "bank-gcp": "jsonl", "insurer-azure": "parquet
 TARGET_ROWS_PER_CORE_S = 50_000
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_kib() -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) and return the current RSS.
+
+    ru_maxrss would not do: it survives exec, so a child would report its parent's peak.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
 def _child(root: str, party: str, chunk_rows: int) -> None:
     """Harmonise one party's train split; print timings and peak RSS as JSON."""
-    import resource
-
     sys.path.insert(0, str(REPO))
     from cloudfed.data.contracts import load_contract
     from cloudfed.data.dedup import DedupIndex
@@ -57,7 +71,7 @@ def _child(root: str, party: str, chunk_rows: int) -> None:
         out_path=out / "warm.parquet",
         quarantine_path=out / "warm.jsonl",
     )
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline_kib = _reset_peak_kib()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     res = harmonise_split(
         raw,
@@ -70,7 +84,7 @@ def _child(root: str, party: str, chunk_rows: int) -> None:
         chunk_rows=chunk_rows,
     )
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = _status_kib("VmHWM")
     print(
         json.dumps(
             {
@@ -106,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--small", type=int, default=50_000)
-    parser.add_argument("--chunk-rows", type=int, default=20_000)
+    parser.add_argument("--chunk-rows", type=int, default=50_000)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -388,3 +388,31 @@ def test_no_row_text_logged_or_printed(
 
 def test_suite_path_is_the_rows_suite() -> None:
     assert suite_path(REPO / "data_contracts") == SUITE
+
+
+def test_suite_pii_patterns_match_what_the_scrubber_replaces() -> None:
+    """The suite's fast (literal-first) PII regexes agree with the scrubber's own patterns."""
+    import random
+    import re
+
+    from cloudfed.data.scrub import EMAIL_PATTERN, IPV4_PATTERN, NATIONAL_ID_PATTERN, scrub_text
+
+    doc = json.loads(SUITE.read_text())
+    regexes = next(
+        e["kwargs"]["regex_list"]
+        for e in doc["expectations"]
+        if e["type"] == "expect_column_values_to_not_match_regex_list"
+    )
+    email, ipv4, ssn = (re.compile(r) for r in regexes)
+    ssn_ref = re.compile(NATIONAL_ID_PATTERN.split("|")[0])
+    ip_ref, email_ref = re.compile(IPV4_PATTERN), re.compile(EMAIL_PATTERN)
+    rng = random.Random(5)
+    alphabet = "0123456789..--- a2559x@"
+    for _ in range(50_000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 18)))
+        assert bool(ipv4.search(s)) == bool(ip_ref.search(s)), s
+        assert bool(ssn.search(s)) == bool(ssn_ref.search(s)), s
+    for text in ("mail a.b@ex.com", "from 192.168.1.20", "SSN 078-05-1120 here"):
+        assert any(p.search(text) for p in (email, ipv4, ssn))
+        assert not any(p.search(scrub_text(text)[0]) for p in (email, ipv4, ssn))
+    assert email.search("x@mail.example.org") and email_ref.search("x@mail.example.org")

@@ -55,6 +55,29 @@ def test_mlflow_has_per_round_and_per_party_metrics(demo_run: dict) -> None:
     assert client.list_artifacts(run.info.run_id, "final_adapter")
 
 
+def test_mlflow_shows_contract_versions_report_and_data_docs(demo_run: dict) -> None:
+    import json
+
+    assert demo_run["proc"].returncode == 0
+    client, run = mlflow_last_run()
+    params, tags = run.data.params, run.data.tags
+    local = client.download_artifacts(
+        run.info.run_id, "harmonisation/report.json", str(demo_run["work"])
+    )
+    report = json.loads(Path(local).read_text())
+    assert {p["party"] for p in report["parties"]} == set(PARTIES)
+    assert report["totals"]["quarantined"] == 12  # 6 planted faults per party
+    for party in PARTIES:
+        assert len(params[f"{party}/contract_sha256"]) == 64
+        assert report["contracts"][party] == params[f"{party}/contract_sha256"]
+        docs = demo_run["work"] / tags[f"data_docs.{party}"]
+        assert docs.is_file() and docs.suffix == ".html", docs
+        assert f"/{party}/" in tags[f"data_docs.{party}"]
+        metrics = run.data.metrics
+        assert metrics[f"{party}/quarantined/near_duplicate"] == 1
+        assert metrics[f"{party}/pii/IBAN"] == 1
+
+
 def test_final_adapter_beats_base_model(demo_run: dict) -> None:
     assert demo_run["proc"].returncode == 0
     client, run = mlflow_last_run()

@@ -257,6 +257,7 @@ def harmonise_split(
             encoding=mapping.encoding,
             gzip=mapping.gzip,
             chunk_rows=chunk_rows,
+            columns=mapping.raw_columns(),
         )
         for chunk in chunks:
             accepted = harmonise_chunk(
@@ -273,6 +274,8 @@ def harmonise_split(
                 writer.write_table(
                     pa.Table.from_pandas(accepted, schema=CANONICAL_SCHEMA, preserve_index=False)
                 )
+            # Drop this chunk before the reader builds the next one: otherwise two are alive.
+            del chunk, accepted
         if res.template is None:  # no rows at all: still run the suite, for its verdicts
             empty = pd.DataFrame({c: pd.Series(dtype=object) for c in HARMONISED_COLUMNS})
             res.template = contract.rows.run(empty)

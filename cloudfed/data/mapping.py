@@ -103,6 +103,13 @@ class SourceMapping(_Strict):
         """The YAML file this mapping came from, for error messages."""
         return self._source_path
 
+    def raw_columns(self) -> list[str]:
+        """Top-level raw columns the mapping reads (before `renames`)."""
+        back = {new: old for old, new in self.renames.items()}
+        heads = {p.partition(".")[0] for ps in self.referenced_paths().values() for p in ps}
+        full = {p for ps in self.referenced_paths().values() for p in ps}
+        return sorted({back.get(h, h) for h in heads | full})
+
     def referenced_paths(self) -> dict[str, list[str]]:
         """Raw columns or dotted paths each canonical field reads."""
         return {
