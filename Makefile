@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/local.yaml
 STACK := cloudfed-local
-PIP_FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+WHEEL_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export ZENML_ANALYTICS_OPT_IN := false
 export ZENML_ENABLE_RICH_TRACEBACK := false
 export TOKENIZERS_PARALLELISM := false
@@ -19,8 +19,8 @@ $(BIN)/python:
 
 # torch first, pinned: the CPU wheel on disk; a bare `torch` would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet $(PIP_FIND_LINKS) torch==2.13.0
-	$(BIN)/pip install --quiet $(PIP_FIND_LINKS) -e '.[dev]'
+	$(BIN)/pip install --quiet $(WHEEL_LINKS) torch==2.13.0
+	$(BIN)/pip install --quiet $(WHEEL_LINKS) -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed

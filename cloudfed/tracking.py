@@ -21,6 +21,7 @@ from cloudfed.artifacts import (
     GlobalAdapterRef,
     LocalUpdateRef,
     PartyEval,
+    Rejection,
     SealedUpdateRef,
 )
 from cloudfed.data.ref import DatasetRef
@@ -56,6 +57,14 @@ def overall_loss(evals: Sequence[PartyEval]) -> float:
     """Token-weighted across parties, i.e. the loss of the union of held-out sets."""
     tokens = sum(e.tokens for e in evals)
     return sum(e.loss * e.tokens for e in evals) / tokens if tokens else float("nan")
+
+
+def log_exclusions(excluded: Sequence[Rejection]) -> None:
+    """Parties left out of the whole run because their data failed its contract."""
+    mlflow.log_metric("parties_excluded", len(excluded), step=0)
+    if excluded:
+        mlflow.log_dict([r.model_dump() for r in excluded], "rejections/round_0000.json")
+        mlflow.set_tag("excluded_parties", ",".join(r.party for r in excluded))
 
 
 def log_harmonisation(datasets: Sequence[DatasetRef]) -> dict[str, float]:

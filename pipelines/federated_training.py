@@ -18,7 +18,7 @@ from zenml import pipeline
 from zenml.enums import ExecutionMode
 
 from cloudfed.artifacts import Rejection
-from cloudfed.errors import CloudfedError, ConfigError
+from cloudfed.errors import CloudfedError, ConfigError, DataError
 from cloudfed.federation import FederationConfig, parse_federation
 from steps.aggregate import aggregate
 from steps.evaluate import evaluate
@@ -76,16 +76,27 @@ def federated_training(federation: dict[str, Any]) -> None:
         # Step outputs travel by reference; plain values would be uploaded again for every step.
         federation, plan, current = coord(prepare_federation)(federation, id="prepare")
         parties = plan.load().parties
-        datasets = {
-            p: _party_step(harmonize, cfg, p)(federation, p, id=f"harmonize_{p}") for p in parties
-        }
+        datasets, excluded = {}, []
+        for p in parties:
+            try:
+                datasets[p] = _party_step(harmonize, cfg, p)(federation, p, id=f"harmonize_{p}")
+            except DataError as exc:  # its data fails the contract: the others may go on
+                logger.warning("party %s excluded: %s", p, exc)
+                excluded.append(Rejection(party=p, reason=f"excluded: {exc}"))
+        if len(datasets) < cfg.min_parties:
+            raise DataError(
+                f"{len(datasets)} of {len(parties)} parties passed their data contracts, fewer "
+                f"than min_parties ({cfg.min_parties}):\n"
+                + "\n".join(f"[{r.party}] {r.reason}" for r in excluded)
+            )
+        parties = list(datasets)
         evals = [
             _party_step(evaluate, cfg, p)(
                 federation, p, datasets[p], current, id=f"evaluate_{p}_r0"
             )
             for p in parties
         ]
-        rows = [coord(log_baseline)(evals, list(datasets.values()), id="log_round_r0")]
+        rows = [coord(log_baseline)(evals, list(datasets.values()), excluded, id="log_round_r0")]
         stop_reason = f"round limit ({cfg.rounds}) reached"
         for r in range(1, cfg.rounds + 1):
             local, sealed, dropped = [], [], []

@@ -9,6 +9,7 @@ from cloudfed.artifacts import (
     GlobalAdapterRef,
     LocalUpdateRef,
     PartyEval,
+    Rejection,
     SealedUpdateRef,
 )
 from cloudfed.data.ref import DatasetRef
@@ -18,12 +19,13 @@ from steps.artifacts import Artifacts
 
 @step
 def log_baseline(
-    evals: list[PartyEval], datasets: list[DatasetRef]
+    evals: list[PartyEval], datasets: list[DatasetRef], excluded: list[Rejection]
 ) -> Annotated[dict[str, Any], Artifacts.ROUND_ROW]:
-    """Round 0: the base model on every held-out split, and what each party's data passed."""
+    """Round 0: base model, what each party's data passed, and who was excluded and why."""
     with timed_work():
-        from cloudfed.tracking import log_round_metrics
+        from cloudfed.tracking import log_exclusions, log_round_metrics
 
+        log_exclusions(excluded)
         row = log_round_metrics(0, evals, None, [], [], datasets)
     return row
 

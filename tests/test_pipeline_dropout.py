@@ -42,3 +42,30 @@ def test_crashed_party_is_dropped_and_round_continues(tmp_path: Path) -> None:
     rejected = client.get_metric_history(run.info.run_id, "parties_rejected")
     assert [m.value for m in rejected] == [1.0]
     assert client.list_artifacts(run.info.run_id, "rejections")
+
+
+def test_party_failing_its_contract_is_excluded_and_the_run_goes_on(tmp_path: Path) -> None:
+    clouds = tmp_path / "clouds"
+    generate_demo(clouds, seed=4, train_rows=60, eval_rows=10)
+    fed = federation(tmp_path, clouds, PARTIES, rounds=1)
+    fed["training"]["local_steps"] = 5
+    # The bank's steward labels its rows with a domain the canonical suite does not allow.
+    src = Path(fed["parties"][1]["mapping"])
+    broken = tmp_path / "bank-gcp.yaml"
+    broken.write_text(src.read_text().replace("domain: banking", "domain: retail"))
+    fed["parties"][1]["mapping"] = str(broken)
+    project = make_project(tmp_path / "project")
+    proc = run_pipeline(project, write_config(tmp_path / "run.yaml", fed))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "party bank-gcp excluded" in out
+    assert "expect_column_values_to_be_in_set(domain) failed on 60 of 60 rows" in out
+
+    client, run = mlflow_last_run()
+    assert run.data.tags["excluded_parties"] == "bank-gcp"
+    assert run.data.metrics["parties_excluded"] == 1
+    assert "rejections/round_0000.json" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "rejections")
+    }
+    accepted = client.get_metric_history(run.info.run_id, "parties_accepted")
+    assert [m.value for m in accepted] == [2.0]
