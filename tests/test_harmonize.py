@@ -416,3 +416,21 @@ def test_suite_pii_patterns_match_what_the_scrubber_replaces() -> None:
         assert any(p.search(text) for p in (email, ipv4, ssn))
         assert not any(p.search(scrub_text(text)[0]) for p in (email, ipv4, ssn))
     assert email.search("x@mail.example.org") and email_ref.search("x@mail.example.org")
+
+
+def test_token_counts_use_the_models_tokenizer(tiny_model_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    from cloudfed.data.tokens import count_utf8_bytes, counter_for, tokenizer_counter
+    from cloudfed.errors import ConfigError
+
+    texts = ["héllo wörld", None, "plain", "café 日本"]
+    assert list(count_utf8_bytes(texts)) == [13, 0, 5, 12]
+    assert counter_for("builtin:tiny-llama") is count_utf8_bytes
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    expected = [len(tok(t or "", add_special_tokens=False)["input_ids"]) for t in texts]
+    assert list(tokenizer_counter(tiny_model_path)(texts)) == expected
+    # The builtin tokenizer is byte-level, so the fast byte count is exact for it.
+    assert expected == list(count_utf8_bytes(texts))
+    with pytest.raises(ConfigError, match="tokenizer is not available locally"):
+        tokenizer_counter("/nonexistent/model-folder")

@@ -268,32 +268,41 @@ _MAY_HOLD_PII = (
 )
 
 
+def _to_arrow(texts: Sequence[str | None]) -> pa.StringArray:
+    try:
+        return pa.array(texts, type=pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):  # NaN, non-str, surrogates
+        safe = [_SURROGATE.sub("\ufffd", t) if isinstance(t, str) else None for t in texts]
+        return pa.array(safe, type=pa.string())
+
+
 def clean_column(texts: Sequence[str | None]) -> tuple[list[str | None], Counter[str]]:
     """`clean_text` over a column, with C++ gates deciding which rows need Python at all.
 
-    Non-ASCII rows take the full Python path (NFKC, mojibake repair): Python's and Arrow's
-    Unicode tables can differ, and the result must not depend on which one ran.
+    Non-ASCII rows are first repaired and NFKC-normalised in Python (Python's and Arrow's
+    Unicode tables can differ, and the result must not depend on which one ran); NFKC is
+    idempotent, so the gates then see exactly what `normalise_text` would.
     """
-    try:
-        arr = pa.array(texts, type=pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):  # NaN, non-str, surrogates
-        texts = [_SURROGATE.sub("\ufffd", t) if isinstance(t, str) else None for t in texts]
-        arr = pa.array(texts, type=pa.string())
+    arr = _to_arrow(texts)
     out: list[str | None] = arr.to_pylist()
+    total: Counter[str] = Counter()
     if not len(arr):
-        return out, Counter()
-    full = pc.fill_null(
-        pc.or_(
-            pc.invert(pc.string_is_ascii(arr)), pc.match_substring_regex(arr, _NEEDS_NORMALISING)
-        ),
-        False,
-    )
+        return out, total
+    non_ascii = pc.fill_null(pc.invert(pc.string_is_ascii(arr)), False)
+    rows = np.flatnonzero(non_ascii.to_numpy(zero_copy_only=False))
+    for i in rows:
+        text, repaired = repair_mojibake(out[i])  # type: ignore[arg-type]
+        if repaired:
+            total["_repaired"] += 1
+        out[i] = unicodedata.normalize("NFKC", text)
+    if len(rows):
+        arr = _to_arrow(out)
+    full = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_NORMALISING), False)
     scan = pc.fill_null(
         pc.and_(pc.invert(full), pc.match_substring_regex(arr, _MAY_HOLD_PII)), False
     )
-    total: Counter[str] = Counter()
     for i in np.flatnonzero(full.to_numpy(zero_copy_only=False)):
-        out[i], counts = clean_text(out[i])
+        out[i], counts = scrub_text(normalise_text(out[i]))  # type: ignore[arg-type]
         total.update(counts)
     for i in np.flatnonzero(scan.to_numpy(zero_copy_only=False)):
         out[i], counts = scrub_text(out[i])  # type: ignore[arg-type]

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cloudfed.errors import ConfigError
+
 TokenCounter = Callable[[Sequence[str | None]], np.ndarray]
 BUILTIN_PREFIX = "builtin:"
 
@@ -28,7 +30,14 @@ def tokenizer_counter(model_path: str) -> TokenCounter:
     """Count with a Hugging Face tokenizer from a local path, without special tokens."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"base_model {model_path!r}: its tokenizer is not available locally "
+            f"({type(exc).__name__}), and the contract counts tokens with it. Fix: download the "
+            "model into the Hugging Face cache or point base_model at a local model folder."
+        ) from None
 
     def count(texts: Sequence[str | None]) -> np.ndarray:
         ids = tok([t or "" for t in texts], add_special_tokens=False)["input_ids"]
