@@ -81,6 +81,7 @@ CANONICAL_SCHEMA = pa.schema(
         ("response_tokens", pa.int64()),
     ]
 )
+_TEXT = "string[pyarrow]"
 DUPLICATE_REASONS = ("duplicate", "near_duplicate", "duplicate_of_train")
 UNREADABLE_REASONS = ("unparseable", "undecodable", "wrong_field_count")
 
@@ -161,8 +162,11 @@ def harmonise_chunk(
     pii = pii_i + pii_r
     res.repaired += pii.pop("_repaired", 0)
     res.pii.update(pii)
-    canon["instruction"] = pd.Series(instructions, dtype=object)
-    canon["response"] = pd.Series(responses, dtype=object)
+    # Arrow-backed strings: GX's column checks run about a third faster on them than on objects.
+    canon["instruction"] = pd.Series(instructions, dtype=_TEXT)
+    canon["response"] = pd.Series(responses, dtype=_TEXT)
+    for column in ("party", "domain", "task"):
+        canon[column] = canon[column].astype(_TEXT)
     canon["instruction_tokens"] = count_tokens(instructions)
     canon["response_tokens"] = count_tokens(responses)
 
