@@ -284,3 +284,85 @@ def open_sealed(
     return open_sealed_with_metadata(
         blob, context=context, recipient=recipient, sender=sender
     ).payload
+
+
+# --- Signed public messages -------------------------------------------------------------------
+# Public keys and rosters need authenticity and binding, not confidentiality: anyone may read
+# them, nobody may forge, replay or swap them. Same header discipline as sealed messages.
+#
+#     b"CFSIGN" | u8 version | u32 header_len | header (canonical JSON) | payload | signature
+
+SIGNED_MAGIC = b"CFSIGN"
+_SIGNED_PREFIX = SIGNED_MAGIC + bytes([VERSION])
+_SIGNED_SUITE = "ed25519/sha256"
+_SIGNED_DOMAIN = b"cloudfed/signed/v1"
+
+
+class _SignedHeader(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    suite: str
+    context: dict[str, JsonValue]
+    metadata: dict[str, JsonValue]
+    sender: _Peer
+    length: int = Field(ge=0)
+    sha256: str
+
+
+def sign_public(payload: bytes, *, context: SealContext, sender: KeyPairs) -> bytes:
+    """Readable by all, attributable to `sender` and bound to federation, round, party and kind."""
+    if context.party != sender.name:
+        raise ValueError("context.party must be the sender's own name")
+    me = sender.public_bundle()
+    header = _canonical(
+        {
+            "suite": _SIGNED_SUITE,
+            "context": context.binding(),
+            "metadata": context.metadata,
+            "sender": {"name": me.name, "fingerprint": me.fingerprint},
+            "length": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+    )
+    if len(header) > MAX_HEADER_SIZE:
+        raise ValueError("public metadata too large")
+    start = _SIGNED_PREFIX + _U32.pack(len(header)) + header
+    signature = signing.sign(sender.ed25519, _SIGNED_DOMAIN + hashlib.sha256(start).digest())
+    return start + bytes(payload) + signature
+
+
+def open_public(blob: bytes, *, context: SealContext, sender: PublicKeyBundle) -> Opened:
+    """Payload of a signed message that verified for exactly this context and sender."""
+    try:
+        view = memoryview(blob).cast("B")
+        if len(view) < len(_SIGNED_PREFIX) + 4 or bytes(view[: len(_SIGNED_PREFIX)]) != (
+            _SIGNED_PREFIX
+        ):
+            raise ValueError("not a signed message")
+        (size,) = _U32.unpack_from(view, len(_SIGNED_PREFIX))
+        end = len(_SIGNED_PREFIX) + 4 + size
+        if size > MAX_HEADER_SIZE or end > len(view):
+            raise ValueError("header length out of range")
+        header = _SignedHeader.model_validate(
+            json.loads(bytes(view[len(_SIGNED_PREFIX) + 4 : end]))
+        )
+        if header.suite != _SIGNED_SUITE:
+            raise ValueError("unsupported suite")
+        if len(view) != end + header.length + signing.SIGNATURE_SIZE:
+            raise ValueError("length mismatch")
+        payload = bytes(view[end : end + header.length])
+        signature = bytes(view[end + header.length :])
+    except (ValueError, TypeError, RecursionError, ValidationError) as exc:
+        raise _reject(context, "malformed") from exc
+    digest = hashlib.sha256(view[:end]).digest()
+    if not signing.verify(sender.ed25519_key(), signature, _SIGNED_DOMAIN + digest):
+        raise _reject(context, "signature invalid")
+    if hashlib.sha256(payload).hexdigest() != header.sha256:
+        raise _reject(context, "payload does not match its signed digest")
+    if (
+        header.context != context.binding()
+        or context.party != sender.name
+        or header.sender != _Peer(name=sender.name, fingerprint=sender.fingerprint)
+        or (context.metadata and context.metadata != header.metadata)
+    ):
+        raise _reject(context, "context mismatch")
+    return Opened(payload, dict(header.metadata))

@@ -1,0 +1,91 @@
+"""Stochastic quantisation of real updates into words whose sum over n parties cannot wrap.
+
+Masks live in Z_{2^32}; the unmasked sum is only meaningful when the true integer sum stayed below
+2^32. Each party therefore clips to [-clip, clip] and maps onto `levels = 2**bits - 1` steps with
+`bits = 32 - ceil(log2(n))`, so n words of at most `levels` sum to at most n * levels < 2^32.
+
+Error bound (tested): stochastic rounding moves each value by less than one step
+`delta = 2 * clip / levels`, and is unbiased, so for the sum over m <= n parties of values inside
+the clipping range, |decoded - true| < m * delta per coordinate (and about sqrt(m) * delta / 2 in
+standard deviation). Values outside the range are clipped first; the caller reports how many.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+MODULUS_BITS = 32
+WORD = np.dtype("<u4")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one segment's reals map to words; every party and the coordinator use the same one."""
+
+    clip: float
+    bits: int
+    parties: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"clip must be a positive finite number, got {self.clip!r}")
+        if self.parties < 1:
+            raise ValueError("parties must be at least 1")
+        headroom = headroom_bits(self.parties)
+        if not 2 <= self.bits <= MODULUS_BITS - headroom:
+            raise ValueError(
+                f"bits={self.bits} lets the sum of {self.parties} parties wrap modulo 2^32; "
+                f"use at most {MODULUS_BITS - headroom} bits (32 - ceil(log2 parties))"
+            )
+
+    @classmethod
+    def for_parties(cls, clip: float, parties: int, bits: int | None = None) -> QuantSpec:
+        """The widest bit width that cannot wrap, unless the config asks for fewer bits."""
+        return cls(clip, MODULUS_BITS - headroom_bits(parties) if bits is None else bits, parties)
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def step(self) -> float:
+        return 2.0 * self.clip / self.levels
+
+    def sum_error_bound(self, summed: int) -> float:
+        """Hard bound on |decoded sum - true sum| per coordinate for in-range values."""
+        return summed * self.step
+
+
+def headroom_bits(parties: int) -> int:
+    return max(0, math.ceil(math.log2(parties))) if parties > 1 else 0
+
+
+def dither_rng() -> np.random.Generator:
+    """Rounding noise needs no secrecy, only fresh unbiased coins (masks never come from here)."""
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+
+
+def quantize(
+    values: np.ndarray, spec: QuantSpec, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, int]:
+    """Words in [0, levels] and the number of clipped values; unbiased inside the range."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(x)):
+        raise ValueError("cannot quantise non-finite values")
+    clipped = int(np.count_nonzero(np.abs(x) > spec.clip))
+    scaled = (np.clip(x, -spec.clip, spec.clip) + spec.clip) * (spec.levels / (2.0 * spec.clip))
+    scaled += (rng or dither_rng()).random(scaled.shape[0])
+    np.floor(scaled, out=scaled)
+    np.minimum(scaled, spec.levels, out=scaled)  # x == clip with a coin of ~1 must not overflow
+    return scaled.astype(WORD), clipped
+
+
+def dequantize_sum(words: np.ndarray, spec: QuantSpec, summed: int) -> np.ndarray:
+    """Reals from the sum of `summed` parties' words (the offset is removed once per party)."""
+    if not 1 <= summed <= spec.parties:
+        raise ValueError(f"summed={summed} outside 1..{spec.parties} parties of this spec")
+    return np.asarray(words, dtype=np.float64) * spec.step - summed * spec.clip
