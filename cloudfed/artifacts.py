@@ -6,6 +6,8 @@ party's plaintext update, which is what keeps the privacy invariant checkable.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -26,6 +28,8 @@ class FederationPlan(_Ref):
     coordinator_fingerprint: str
     initial_adapter: GlobalAdapterRef
     adapter_parameters: int
+    # Layout summary: mode label, policy hash, tensors and values per mode.
+    protection: dict[str, Any] = Field(default_factory=dict)
 
 
 class GlobalAdapterRef(_Ref):
@@ -61,6 +65,44 @@ class SealedUpdateRef(_Ref):
     sender_fingerprint: str
 
 
+class StageRef(_Ref):
+    """A party's message of one protocol stage on the exchange (sealed or signed)."""
+
+    party: str
+    round: int
+    stage: str
+    key: str
+    sha256: str
+    bytes: int
+    fingerprint: str
+    seconds: float
+
+
+class SecAggRoster(_Ref):
+    """The coordinator's signed view of who is still in the round after a stage."""
+
+    round: int
+    stage: str
+    key: str
+    sha256: str
+    parties: list[str]
+    shared: list[str] = Field(default_factory=list)
+    uploaded: list[str] = Field(default_factory=list)
+    rejected: list[Rejection] = Field(default_factory=list)
+    neighbours: int
+    threshold: int
+
+
+class CkksKeyRef(_Ref):
+    """The key party's public CKKS context (no secret key), signed, on the exchange."""
+
+    party: str
+    key: str
+    sha256: str
+    fingerprint: str
+    bytes: int
+
+
 class Rejection(_Ref):
     party: str
     reason: str
@@ -74,6 +116,12 @@ class AggregateReport(_Ref):
     bytes_received: int
     seconds: float
     update_norm: float
+    protection_mode: str = ""
+    policy_sha256: str = ""
+    weight_sum: float = 0.0
+    clipped_values: int = 0
+    secagg: dict[str, float] = Field(default_factory=dict)
+    ckks: dict[str, float] = Field(default_factory=dict)
 
 
 class PartyEval(_Ref):
@@ -87,3 +135,4 @@ class PartyEval(_Ref):
 
 
 FederationPlan.model_rebuild()
+SecAggRoster.model_rebuild()

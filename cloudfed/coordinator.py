@@ -40,6 +40,7 @@ from cloudfed.protection import (
     load_or_create_keys,
     open_sealed_with_metadata,
 )
+from cloudfed.protection.policy import route
 from cloudfed.training.adapter_io import sha256_bytes, state_from_bytes, state_to_bytes
 from cloudfed.training.lora import add
 from cloudfed.training.model import resolve_base_model
@@ -73,6 +74,7 @@ def prepare(cfg: FederationConfig) -> FederationPlan:
     keys = coordinator_keys(cfg, exchange)
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
     state = initial_adapter(model_path, cfg.lora, seed=cfg.seed)
+    layout = route(cfg.protection, shapes_of(state))
     return FederationPlan(
         federation_id=cfg.federation_id,
         run_id=secrets.token_hex(16),
@@ -84,6 +86,7 @@ def prepare(cfg: FederationConfig) -> FederationPlan:
         coordinator_fingerprint=keys.public_bundle().fingerprint,
         initial_adapter=publish_global(exchange, 0, state),
         adapter_parameters=int(sum(v.size for v in state.values())),
+        protection=layout.summary(),
     )
 
 

@@ -29,3 +29,7 @@ class ProtectionError(CloudfedError):
 
 class AggregationError(CloudfedError):
     """A round cannot be aggregated, e.g. fewer valid updates than `min_parties`."""
+
+
+class SimulatedDropout(CloudfedError):
+    """A party left the round on purpose (config `simulate_dropouts`), to rehearse recovery."""

@@ -133,3 +133,33 @@ def fetch_public_keys(
     if fingerprint is not None and bundle.fingerprint != fingerprint:
         raise ProtectionError("public key bundle rejected: fingerprint mismatch")
     return bundle
+
+
+def secagg_advert_key(round: int, party: str) -> str:
+    return f"{_round_dir(round)}/secagg/advertise/{_name(party, 'party')}.signed"
+
+
+def secagg_roster_key(round: int, stage: str) -> str:
+    return f"{_round_dir(round)}/secagg/roster-{_name(stage, 'stage')}.signed"
+
+
+def secagg_share_key(round: int, holder: str, owner: str) -> str:
+    """Shares sit in the holder's inbox; only the holder's key opens them."""
+    inbox = f"{_round_dir(round)}/secagg/shares/{_name(holder, 'holder')}"
+    return f"{inbox}/{_name(owner, 'owner')}.sealed"
+
+
+def secagg_reveal_key(round: int, party: str) -> str:
+    return f"{_round_dir(round)}/secagg/unmask/{_name(party, 'party')}.sealed"
+
+
+def ckks_public_key() -> str:
+    return "ckks/public-context.signed"
+
+
+def ckks_sum_key(round: int) -> str:
+    return f"{_round_dir(round)}/ckks/sum.sealed"
+
+
+def ckks_plain_sum_key(round: int) -> str:
+    return f"{_round_dir(round)}/ckks/decrypted-sum.sealed"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -63,6 +63,52 @@ class TrainingSettings(_Strict):
     max_eval_rows: int = Field(256, gt=0)
 
 
+ProtectionMode = Literal["secagg", "ckks", "plaintext"]
+DropoutStage = Literal["train", "advertise", "share_keys", "upload", "unmask"]
+
+
+class SecAggSettings(_Strict):
+    """Secure aggregation (Bonawitz et al. 2017 with SecAgg+ neighbourhoods)."""
+
+    # Shares needed to rebuild one party's secrets; null: two thirds of its neighbourhood.
+    threshold: int | None = Field(None, ge=1)
+    # Masking neighbours per party (k); null: everyone up to complete_graph_up_to, else ~2 log2 n.
+    neighbours: int | None = Field(None, ge=1)
+    complete_graph_up_to: int = Field(10, ge=2)
+    # Values are clipped to [-clip, clip] before quantisation (the fraction clipped is reported).
+    clip: float = Field(0.5, gt=0.0)
+    # Bits per party; null: 32 - ceil(log2 n), the widest width whose n-party sum cannot wrap.
+    bits: int | None = Field(None, ge=2, le=31)
+
+
+class CkksSettings(_Strict):
+    """CKKS homomorphic aggregation (TenSEAL); one party holds the decryption key."""
+
+    key_party: str | None = None  # null: the first participating party
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: list[int] = Field(default_factory=lambda: [60, 40, 40, 60])
+    global_scale_bits: int = Field(40, ge=20, le=60)
+    workers: int = Field(2, ge=1, le=64)
+
+
+class ProtectionRule(_Strict):
+    pattern: str = Field(min_length=1)  # fnmatch on the adapter tensor name
+    mode: ProtectionMode
+
+
+class ProtectionSettings(_Strict):
+    """Which protection each adapter tensor gets; the first matching rule wins."""
+
+    default: ProtectionMode = "secagg"
+    rules: list[ProtectionRule] = Field(default_factory=list)
+    # Tensors a federation agrees to reveal per party; only these may use `plaintext`.
+    public_tensors: list[str] = Field(default_factory=list)
+    # A party's weight is min(examples, weight_cap) / weight_cap, aggregated under protection.
+    weight_cap: int = Field(1000, ge=1)
+    secagg: SecAggSettings = SecAggSettings()
+    ckks: CkksSettings = CkksSettings()
+
+
 class FederationConfig(_Strict):
     """A whole federation: who takes part, what model, how many rounds."""
 
@@ -79,6 +125,9 @@ class FederationConfig(_Strict):
     participants: list[str] | None = None
     training: TrainingSettings = TrainingSettings()
     lora: LoraSettings = LoraSettings()
+    protection: ProtectionSettings = ProtectionSettings()
+    # Simulation only: make a party fail at a stage of every round (to rehearse dropout recovery).
+    simulate_dropouts: dict[str, DropoutStage] = Field(default_factory=dict)
     parties: list[PartyConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -98,7 +147,18 @@ class FederationConfig(_Strict):
                 f"min_parties={self.min_parties} exceeds the {len(self.active_parties)} "
                 "participating parties"
             )
+        unknown_drop = sorted(set(self.simulate_dropouts) - set(names))
+        if unknown_drop:
+            raise ValueError(f"simulate_dropouts names unknown parties {unknown_drop}")
+        key_party = self.protection.ckks.key_party
+        if key_party is not None and key_party not in names:
+            raise ValueError(f"protection.ckks.key_party {key_party!r} is not one of {names}")
         return self
+
+    @property
+    def ckks_key_party(self) -> str:
+        """Who alone can decrypt CKKS sums; must not collude with the coordinator."""
+        return self.protection.ckks.key_party or self.active_parties[0].name
 
     @property
     def active_parties(self) -> list[PartyConfig]:
@@ -130,6 +190,10 @@ _FIXES: dict[str, str] = {
     "rank": "use a LoRA rank between 1 and 1024",
     "local_steps": "set local_steps to at least 1",
     "batch_size": "set batch_size to at least 1",
+    "mode": "use one of secagg, ckks or plaintext",
+    "default": "use one of secagg, ckks or plaintext",
+    "clip": "use a positive clipping range such as 0.5",
+    "key_party": "name one of the parties under parties[].name",
 }
 
 

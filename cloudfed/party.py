@@ -16,7 +16,7 @@ import pandas as pd
 
 from cloudfed.artifacts import GlobalAdapterRef, LocalUpdateRef, PartyEval, SealedUpdateRef
 from cloudfed.data.ref import DatasetRef
-from cloudfed.errors import DataError, ProtectionError
+from cloudfed.errors import DataError, ProtectionError, SimulatedDropout
 from cloudfed.exchange import (
     Exchange,
     federation_exchange,
@@ -67,6 +67,11 @@ def read_rows(uri: str, sha256: str) -> pd.DataFrame:
     return rows
 
 
+def simulated_dropout(cfg: FederationConfig, party: str, stage: str, round: int) -> None:
+    if cfg.simulate_dropouts.get(party) == stage:
+        raise SimulatedDropout(f"{party} left round {round} at {stage} (simulate_dropouts)")
+
+
 def party_keys(party: PartyConfig, exchange: Exchange):
     """Generate the party's identity once, keep it in its storage, publish the public half."""
     keys = load_or_create_keys("party", party.name, Path(party.storage) / "keys")
@@ -83,6 +88,7 @@ def train_round(
 ) -> LocalUpdateRef:
     from cloudfed.training.local import train_local
 
+    simulated_dropout(cfg, party.name, "train", round)
     exchange = federation_exchange(cfg)
     global_state = load_global(exchange, global_ref)
     rows = read_rows(data.train_uri, data.train_sha256)

@@ -21,10 +21,19 @@ from cloudfed.artifacts import Rejection
 from cloudfed.errors import CloudfedError, ConfigError, DataError
 from cloudfed.federation import FederationConfig, parse_federation
 from steps.aggregate import aggregate
+from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
 from steps.evaluate import evaluate
 from steps.export import export_update
 from steps.harmonize import harmonize
 from steps.prepare import prepare_federation
+from steps.secagg import (
+    secagg_advertise,
+    secagg_inputs_roster,
+    secagg_keys_roster,
+    secagg_reveal,
+    secagg_share_keys,
+    secagg_shares_roster,
+)
 from steps.track import log_baseline, log_round, publish_report
 from steps.train import train_local
 
@@ -64,6 +73,34 @@ def _party_step(step: Any, cfg: FederationConfig, party: str) -> Any:
     return step.with_options(step_operator=operator) if operator else step
 
 
+class _PartyCalls:
+    """Run one party step per party; a party failing any stage is dropped, the round goes on."""
+
+    def __init__(self, cfg: FederationConfig, round: int, dropped: list[Rejection]) -> None:
+        self.cfg, self.round, self.dropped = cfg, round, dropped
+
+    def call(self, stage: str, step: Any, p: str, *args: Any) -> Any:
+        try:
+            return _party_step(step, self.cfg, p)(*args, id=f"{stage}_{p}_r{self.round}")
+        except ConfigError:
+            raise
+        except Exception as exc:
+            why = str(exc) if isinstance(exc, CloudfedError) else type(exc).__name__
+            logger.warning("round %d: party %s dropped at %s: %s", self.round, p, stage, why)
+            self.dropped.append(Rejection(party=p, reason=f"dropped at {stage}: {why}"))
+            return None
+
+    def each(self, stage: str, step: Any, parties: Any, federation: Any, *args: Any) -> list[Any]:
+        """`step(federation, p, *args)` per party; a dict argument is indexed by the party."""
+        out = []
+        for p in parties:
+            per_party = [a[p] if isinstance(a, dict) else a for a in args]
+            result = self.call(stage, step, p, federation, p, *per_party)
+            if result is not None:
+                out.append(result)
+        return out
+
+
 @pipeline(dynamic=True, enable_cache=False, execution_mode=ExecutionMode.CONTINUE_ON_FAILURE)
 def federated_training(federation: dict[str, Any]) -> None:
     with _user_errors():
@@ -98,26 +135,73 @@ def federated_training(federation: dict[str, Any]) -> None:
         ]
         rows = [coord(log_baseline)(evals, list(datasets.values()), excluded, id="log_round_r0")]
         stop_reason = f"round limit ({cfg.rounds}) reached"
+        protection = plan.load().protection.get("tensors", {})
+        ckks_keys = []
+        if "ckks" in protection:  # the key party makes this run's keys; the secret never leaves
+            kp = cfg.ckks_key_party
+            ckks_keys = [_party_step(ckks_keygen, cfg, kp)(federation, kp, plan, id="ckks_keygen")]
         for r in range(1, cfg.rounds + 1):
-            local, sealed, dropped = [], [], []
-            for p in parties:
-                try:
-                    upd = _party_step(train_local, cfg, p)(
-                        federation, p, r, datasets[p], current, id=f"train_{p}_r{r}"
+            dropped: list[Rejection] = []
+            party = _PartyCalls(cfg, r, dropped)
+            local = {
+                p: u
+                for p in parties
+                if (
+                    u := party.call("train", train_local, p, federation, p, r, datasets[p], current)
+                )
+                is not None
+            }
+            rosters, reveals, ckks_plain = [], [], []
+            uploaders = list(local)
+            if "secagg" in protection:
+                adverts = party.each("advertise", secagg_advertise, local, federation, local, plan)
+                roster = coord(secagg_keys_roster)(
+                    federation, r, adverts, plan, id=f"secagg_keys_roster_r{r}"
+                )
+                who = roster.load().parties
+                shares = party.each("share_keys", secagg_share_keys, who, federation, roster, plan)
+                roster = coord(secagg_shares_roster)(
+                    federation, r, shares, roster, plan, id=f"secagg_shares_roster_r{r}"
+                )
+                uploaders = roster.load().shared
+                rosters = [roster]
+            sealed = party.each(
+                "upload", export_update, uploaders, federation, local, plan, rosters, ckks_keys
+            )
+            if "secagg" in protection:
+                roster = coord(secagg_inputs_roster)(
+                    federation,
+                    r,
+                    sealed,
+                    rosters[0],
+                    current,
+                    plan,
+                    id=f"secagg_inputs_roster_r{r}",
+                )
+                rosters = [roster]
+                who = roster.load().uploaded
+                reveals = party.each("unmask", secagg_reveal, who, federation, roster, plan)
+            if "ckks" in protection:
+                kp = cfg.ckks_key_party
+                summed = coord(ckks_sum)(
+                    federation, r, sealed, rosters, current, plan, ckks_keys[0], id=f"ckks_sum_r{r}"
+                )
+                ckks_plain = [
+                    _party_step(ckks_decrypt, cfg, kp)(
+                        federation, kp, r, summed, plan, id=f"ckks_decrypt_r{r}"
                     )
-                    out = _party_step(export_update, cfg, p)(
-                        federation, p, upd, plan, id=f"export_{p}_r{r}"
-                    )
-                    local.append(upd)
-                    sealed.append(out)
-                except ConfigError:
-                    raise
-                except Exception as exc:  # a party failing must not sink the round
-                    why = str(exc) if isinstance(exc, CloudfedError) else type(exc).__name__
-                    logger.warning("round %d: party %s dropped: %s", r, p, why)
-                    dropped.append(Rejection(party=p, reason=f"dropped: {why}"))
+                ]
             new_ref, report = coord(aggregate)(
-                federation, r, sealed, current, dropped, plan, id=f"aggregate_r{r}"
+                federation,
+                r,
+                sealed,
+                current,
+                dropped,
+                plan,
+                rosters,
+                reveals,
+                ckks_plain,
+                id=f"aggregate_r{r}",
             )
             current = new_ref
             evals = [
@@ -126,5 +210,9 @@ def federated_training(federation: dict[str, Any]) -> None:
                 )
                 for p in parties
             ]
-            rows.append(coord(log_round)(r, evals, report, local, sealed, id=f"log_round_r{r}"))
+            rows.append(
+                coord(log_round)(
+                    r, evals, report, list(local.values()), sealed, id=f"log_round_r{r}"
+                )
+            )
         coord(publish_report)(federation, rows, current, stop_reason, id="publish_report")

@@ -1,4 +1,4 @@
-"""Coordinator: open, check and average the sealed updates of one round."""
+"""Coordinator: combine the protected updates of one round and publish the new global adapter."""
 
 from typing import Annotated, Any
 
@@ -10,6 +10,8 @@ from cloudfed.artifacts import (
     GlobalAdapterRef,
     Rejection,
     SealedUpdateRef,
+    SecAggRoster,
+    StageRef,
 )
 from steps._work import timed_work
 from steps.artifacts import Artifacts
@@ -23,17 +25,32 @@ def aggregate(
     current: GlobalAdapterRef,
     dropped: list[Rejection],
     plan: FederationPlan,
+    rosters: list[SecAggRoster],
+    reveals: list[StageRef],
+    ckks_plain: list[StageRef],
 ) -> tuple[
     Annotated[GlobalAdapterRef, Artifacts.GLOBAL_ADAPTER_REF],
     Annotated[AggregateReport, Artifacts.AGGREGATE_REPORT],
 ]:
     with timed_work(round=round) as meta:
-        from cloudfed.coordinator import aggregate_round
         from cloudfed.federation import parse_federation
+        from cloudfed.secure_coordinator import aggregate_protected
 
         cfg = parse_federation(federation)
-        new_global, report = aggregate_round(
-            cfg, round, sealed, current, run_id=plan.run_id, dropped=dropped
+        new_global, report = aggregate_protected(
+            cfg,
+            round,
+            sealed,
+            current,
+            plan,
+            dropped=dropped,
+            rosters=rosters,
+            reveals=reveals,
+            ckks_plain=ckks_plain,
         )
-        meta.update(accepted=report.accepted, rejected=[r.model_dump() for r in report.rejected])
+        meta.update(
+            accepted=report.accepted,
+            rejected=[r.model_dump() for r in report.rejected],
+            protection=report.protection_mode,
+        )
     return new_global, report  # a literal tuple: ZenML reads two outputs from the source

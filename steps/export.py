@@ -1,10 +1,16 @@
-"""Party: seal the local update to the coordinator and put it on the exchange."""
+"""Party: protect the local update per the policy and seal it to the coordinator."""
 
 from typing import Annotated, Any
 
 from zenml import step
 
-from cloudfed.artifacts import FederationPlan, LocalUpdateRef, SealedUpdateRef
+from cloudfed.artifacts import (
+    CkksKeyRef,
+    FederationPlan,
+    LocalUpdateRef,
+    SealedUpdateRef,
+    SecAggRoster,
+)
 from steps._work import timed_work
 from steps.artifacts import Artifacts
 
@@ -15,14 +21,13 @@ def export_update(
     party: str,
     local_update: LocalUpdateRef,
     plan: FederationPlan,
+    rosters: list[SecAggRoster],
+    ckks_keys: list[CkksKeyRef],
 ) -> Annotated[SealedUpdateRef, Artifacts.SEALED_UPDATE_REF]:
     with timed_work(party=party):
         from cloudfed.federation import parse_federation
-        from cloudfed.party import export_update as seal_and_send
+        from cloudfed.secure_party import upload
 
         cfg = parse_federation(federation)
-        pinned = plan.coordinator_fingerprint
-        result = seal_and_send(
-            cfg, cfg.party(party), local_update, coordinator_fingerprint=pinned, run_id=plan.run_id
-        )
+        result = upload(cfg, cfg.party(party), local_update, plan, rosters, ckks_keys)
     return result

@@ -1,0 +1,574 @@
+"""The coordinator's side of a protected round: rosters, the CKKS sum, unmasking, publishing.
+
+The coordinator is honest-but-curious. Under `secagg` it only ever holds masked words until the
+survivors' shares let it remove the masks from their sum; under `ckks` it only adds ciphertexts
+and receives the decrypted sum from the key party; it sees a party's values only for tensors the
+config lists as public (`plaintext`). A round below `min_parties` or below the threshold aborts
+before anything is published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cloudfed.aggregation.fedavg import shapes_of
+from cloudfed.artifacts import (
+    AggregateReport,
+    CkksKeyRef,
+    FederationPlan,
+    GlobalAdapterRef,
+    Rejection,
+    SealedUpdateRef,
+    SecAggRoster,
+    StageRef,
+)
+from cloudfed.coordinator import COORDINATOR, coordinator_keys, publish_global
+from cloudfed.errors import AggregationError, ProtectionError
+from cloudfed.exchange import (
+    Exchange,
+    ckks_sum_key,
+    federation_exchange,
+    fetch_public_keys,
+    secagg_advert_key,
+    secagg_reveal_key,
+    secagg_roster_key,
+    secagg_share_key,
+    update_key,
+)
+from cloudfed.federation import FederationConfig
+from cloudfed.party import load_global
+from cloudfed.protection import SealContext, open_sealed_with_metadata, seal
+from cloudfed.protection import payload as container
+from cloudfed.protection.encoding import decode_secagg, secagg_specs, split_weight
+from cloudfed.protection.envelope import open_public, read_public_header, sign_public
+from cloudfed.protection.keys import KeyPairs
+from cloudfed.protection.policy import Layout
+from cloudfed.protection.secagg import protocol
+from cloudfed.secure_party import (
+    ADVERT,
+    CKKS_PLAIN,
+    CKKS_SUM,
+    REVEAL,
+    ROSTER,
+    SHARE,
+    ckks_public_context,
+    layout_for,
+    read_roster,
+    sha256,
+    verified_advert,
+)
+from cloudfed.training.lora import add
+
+logger = logging.getLogger(__name__)
+
+
+def _context(cfg: FederationConfig, round: int, party: str, kind: str, **meta: Any) -> SealContext:
+    return SealContext(
+        federation_id=cfg.federation_id, round=round, party=party, kind=kind, metadata=meta
+    )
+
+
+@dataclass
+class Upload:
+    party: str
+    sections: dict[str, bytes]
+    clipped: int
+    bytes: int
+
+
+def open_upload(
+    cfg: FederationConfig,
+    exchange: Exchange,
+    keys: KeyPairs,
+    ref: SealedUpdateRef,
+    *,
+    round: int,
+    run_id: str,
+    base_sha256: str,
+    layout: Layout,
+) -> Upload:
+    """Open and check one party's upload; raises ValueError/ProtectionError with the reason."""
+    if ref.round != round:
+        raise ValueError(f"update is for round {ref.round}, not {round}")
+    if ref.key != update_key(round, ref.party):
+        raise ValueError(f"unexpected exchange key {ref.key!r}")
+    sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.sender_fingerprint)
+    opened = open_sealed_with_metadata(
+        exchange.get_bytes(ref.key),
+        context=_context(cfg, round, ref.party, "update"),
+        recipient=keys,
+        sender=sender,
+    )
+    meta = opened.metadata
+    if meta.get("run_id") != run_id:
+        raise ValueError("update belongs to another run of this federation (replay)")
+    if meta.get("base_sha256") != base_sha256:
+        raise ValueError("update was trained from another global adapter (stale or replayed)")
+    if meta.get("policy_sha256") != layout.policy_sha256:
+        raise ValueError("update was protected under another protection policy")
+    sections = container.unpack(opened.payload)
+    if set(sections) != set(layout.modes):
+        raise ValueError(f"update carries sections {sorted(sections)}, not {list(layout.modes)}")
+    if (seg := layout.segment("secagg")) is not None and len(sections["secagg"]) != 4 * (
+        seg.size + 1
+    ):
+        raise ValueError("masked vector has the wrong length")
+    if (seg := layout.segment("plaintext")) is not None:
+        expected = seg.size + (1 if len(layout.segments) == 1 else 0)
+        if len(sections["plaintext"]) != 4 * expected:
+            raise ValueError("plaintext section has the wrong length")
+        values = np.frombuffer(sections["plaintext"], dtype="<f4")
+        if not np.all(np.isfinite(values)):
+            raise ValueError("non-finite values in the public tensors")
+    clipped = meta.get("clipped", 0)
+    return Upload(
+        ref.party, sections, int(clipped) if isinstance(clipped, int) else 0, len(opened.payload)
+    )
+
+
+def _sign_roster(
+    cfg: FederationConfig,
+    exchange: Exchange,
+    keys: KeyPairs,
+    run_id: str,
+    stage: str,
+    doc: dict[str, Any],
+    setup: protocol.RoundSetup,
+    rejected: list[Rejection],
+) -> SecAggRoster:
+    round = setup.round
+    context = _context(cfg, round, COORDINATOR, ROSTER, run_id=run_id, stage=stage)
+    blob = sign_public(json.dumps(doc, sort_keys=True).encode(), context=context, sender=keys)
+    key = secagg_roster_key(round, stage)
+    exchange.put_bytes(key, blob)
+    return SecAggRoster(
+        round=round,
+        stage=stage,
+        key=key,
+        sha256=sha256(blob),
+        parties=list(setup.parties),
+        shared=list(doc.get("shared", [])),
+        uploaded=list(doc.get("uploaded", [])),
+        rejected=rejected,
+        neighbours=setup.neighbours,
+        threshold=setup.threshold,
+    )
+
+
+def keys_roster(
+    cfg: FederationConfig, round: int, adverts: Sequence[StageRef], plan: FederationPlan
+) -> SecAggRoster:
+    """After stage 1: U1 = parties whose advertisement verified; fixes graph and threshold."""
+    exchange = federation_exchange(cfg)
+    keys = coordinator_keys(cfg, exchange)
+    members, digests, rejected = {}, {}, []
+    for ref in sorted(adverts, key=lambda r: r.party):
+        try:
+            blob = exchange.get_bytes(secagg_advert_key(round, ref.party))
+            sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.fingerprint)
+            context = _context(cfg, round, ref.party, ADVERT, run_id=plan.run_id)
+            protocol.Advertisement.model_validate_json(
+                open_public(blob, context=context, sender=sender).payload
+            )
+        except (ProtectionError, ValueError, FileNotFoundError) as exc:
+            rejected.append(Rejection(party=ref.party, reason=f"advertisement rejected: {exc}"))
+            continue
+        members[ref.party] = ref.fingerprint
+        digests[ref.party] = sha256(blob)
+    if len(members) < cfg.min_parties:
+        raise AggregationError(
+            f"round {round}: {len(members)} party(ies) advertised secure-aggregation keys, fewer "
+            f"than min_parties={cfg.min_parties}; no model was published for this round"
+        )
+    sa = cfg.protection.secagg
+    try:
+        setup = protocol.setup_for(
+            cfg.federation_id,
+            plan.run_id,
+            round,
+            members,
+            neighbours=sa.neighbours,
+            threshold=sa.threshold,
+            complete_up_to=sa.complete_graph_up_to,
+            min_survivors=cfg.min_parties,
+        )
+    except ValueError as exc:
+        raise AggregationError(
+            f"round {round}: protection.secagg settings do not fit {len(members)} parties: {exc}"
+        ) from None
+    doc = {
+        "setup": {**setup.binding(), "min_survivors": setup.min_survivors},
+        "members": members,
+        "adverts": digests,
+    }
+    return _sign_roster(cfg, exchange, keys, plan.run_id, "keys", doc, setup, rejected)
+
+
+def shares_roster(
+    cfg: FederationConfig,
+    round: int,
+    shares: Sequence[StageRef],
+    previous: SecAggRoster,
+    plan: FederationPlan,
+) -> SecAggRoster:
+    """After stage 2: U2 = parties that put a signed share in every holder's inbox."""
+    exchange = federation_exchange(cfg)
+    keys = coordinator_keys(cfg, exchange)
+    doc, setup = read_roster(cfg, exchange, plan, previous, "keys")
+    shared, rejected = [], []
+    for ref in sorted(shares, key=lambda r: r.party):
+        if ref.party not in setup.parties:
+            rejected.append(Rejection(party=ref.party, reason="shared keys without advertising"))
+            continue
+        missing = []
+        for holder in setup.holders(ref.party):
+            key = secagg_share_key(round, holder, ref.party)
+            try:
+                header = read_public_header(exchange.get_bytes(key))
+            except (FileNotFoundError, ProtectionError):
+                missing.append(holder)
+                continue
+            ctx = header["context"]
+            if (
+                ctx.get("party") != ref.party
+                or ctx.get("kind") != SHARE
+                or ctx.get("round") != round
+            ):
+                missing.append(holder)
+        if missing:
+            rejected.append(Rejection(party=ref.party, reason=f"shares missing for {missing}"))
+            continue
+        shared.append(ref.party)
+    for p in setup.parties:
+        if p not in shared and not any(r.party == p for r in rejected):
+            rejected.append(Rejection(party=p, reason="dropped before sharing keys"))
+    if len(shared) < max(cfg.min_parties, setup.threshold):
+        raise AggregationError(
+            f"round {round}: {len(shared)} party(ies) shared their mask keys ({shared}), below "
+            f"the threshold t={setup.threshold} / min_parties={cfg.min_parties}; the round is "
+            "aborted and no model is published"
+        )
+    doc = {**doc, "shared": shared}
+    return _sign_roster(cfg, exchange, keys, plan.run_id, "shares", doc, setup, rejected)
+
+
+def inputs_roster(
+    cfg: FederationConfig,
+    round: int,
+    sealed: Sequence[SealedUpdateRef],
+    previous: SecAggRoster,
+    current: GlobalAdapterRef,
+    plan: FederationPlan,
+) -> SecAggRoster:
+    """After stage 3: U3 = parties whose masked upload verified; aborts if unmasking is unsafe."""
+    exchange = federation_exchange(cfg)
+    keys = coordinator_keys(cfg, exchange)
+    doc, setup = read_roster(cfg, exchange, plan, previous, "shares")
+    layout = layout_for(cfg, exchange, plan)
+    uploaded, rejected = [], []
+    for ref in sorted(sealed, key=lambda r: r.party):
+        if ref.party not in doc["shared"]:
+            rejected.append(Rejection(party=ref.party, reason="uploaded without sharing keys"))
+            continue
+        try:
+            open_upload(
+                cfg,
+                exchange,
+                keys,
+                ref,
+                round=round,
+                run_id=plan.run_id,
+                base_sha256=current.sha256,
+                layout=layout,
+            )
+        except (ProtectionError, ValueError, FileNotFoundError) as exc:
+            reason = "sealed update missing" if isinstance(exc, FileNotFoundError) else str(exc)
+            logger.warning("round %d: rejected update from %s: %s", round, ref.party, reason)
+            rejected.append(Rejection(party=ref.party, reason=reason))
+            continue
+        uploaded.append(ref.party)
+    for p in doc["shared"]:
+        if p not in uploaded and not any(r.party == p for r in rejected):
+            rejected.append(Rejection(party=p, reason="dropped after sharing keys"))
+    protocol.check_survivors(setup, doc["shared"], uploaded)
+    doc = {**doc, "uploaded": uploaded}
+    return _sign_roster(cfg, exchange, keys, plan.run_id, "inputs", doc, setup, rejected)
+
+
+def verified_uploads(
+    cfg: FederationConfig,
+    exchange: Exchange,
+    keys: KeyPairs,
+    sealed: Sequence[SealedUpdateRef],
+    *,
+    round: int,
+    plan: FederationPlan,
+    current: GlobalAdapterRef,
+    layout: Layout,
+    only: Sequence[str] | None,
+) -> tuple[dict[str, Upload], list[Rejection]]:
+    out: dict[str, Upload] = {}
+    rejected: list[Rejection] = []
+    for ref in sorted(sealed, key=lambda r: r.party):
+        if only is not None and ref.party not in only:
+            continue
+        if ref.party in out:
+            rejected.append(Rejection(party=ref.party, reason="duplicate update for this round"))
+            continue
+        try:
+            out[ref.party] = open_upload(
+                cfg,
+                exchange,
+                keys,
+                ref,
+                round=round,
+                run_id=plan.run_id,
+                base_sha256=current.sha256,
+                layout=layout,
+            )
+        except (ProtectionError, ValueError, FileNotFoundError) as exc:
+            reason = "sealed update missing" if isinstance(exc, FileNotFoundError) else str(exc)
+            logger.warning("round %d: rejected update from %s: %s", round, ref.party, reason)
+            rejected.append(Rejection(party=ref.party, reason=reason))
+    return out, rejected
+
+
+def _survivors(rosters: Sequence[SecAggRoster]) -> list[str] | None:
+    return list(rosters[0].uploaded) if rosters else None
+
+
+def ckks_sum(
+    cfg: FederationConfig,
+    round: int,
+    sealed: Sequence[SealedUpdateRef],
+    rosters: Sequence[SecAggRoster],
+    current: GlobalAdapterRef,
+    plan: FederationPlan,
+    ckks_key: CkksKeyRef,
+) -> StageRef:
+    """Add the parties' CKKS ciphertexts; seal the sum to the key party (never decrypted here)."""
+    from cloudfed.protection import ckks
+
+    start = time.perf_counter()
+    exchange = federation_exchange(cfg)
+    keys = coordinator_keys(cfg, exchange)
+    layout = layout_for(cfg, exchange, plan)
+    uploads, _ = verified_uploads(
+        cfg,
+        exchange,
+        keys,
+        sealed,
+        round=round,
+        plan=plan,
+        current=current,
+        layout=layout,
+        only=_survivors(rosters),
+    )
+    if len(uploads) < cfg.min_parties:
+        raise AggregationError(
+            f"round {round}: {len(uploads)} valid CKKS upload(s), fewer than min_parties="
+            f"{cfg.min_parties}; no model was published for this round"
+        )
+    parties = sorted(uploads)
+    public = ckks_public_context(cfg, exchange, plan, ckks_key)
+    total = ckks.add_encrypted(
+        public, [ckks.unpack_blocks(uploads[p].sections["ckks"]) for p in parties]
+    )
+    key_party = fetch_public_keys(
+        exchange, "party", ckks_key.party, fingerprint=ckks_key.fingerprint
+    )
+    context = _context(cfg, round, COORDINATOR, CKKS_SUM, run_id=plan.run_id, parties=parties)
+    blob = seal(ckks.pack_blocks(total), context=context, sender=keys, recipient=key_party)
+    exchange.put_bytes(ckks_sum_key(round), blob)
+    return StageRef(
+        party=COORDINATOR,
+        round=round,
+        stage="ckks-sum",
+        key=ckks_sum_key(round),
+        sha256=sha256(blob),
+        bytes=len(blob),
+        fingerprint=keys.public_bundle().fingerprint,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _open_reveals(
+    cfg: FederationConfig,
+    exchange: Exchange,
+    keys: KeyPairs,
+    refs: Sequence[StageRef],
+    round: int,
+    plan: FederationPlan,
+    members: dict[str, str],
+) -> tuple[dict[str, dict[str, protocol.Reveal]], list[Rejection]]:
+    responses: dict[str, dict[str, protocol.Reveal]] = {}
+    rejected: list[Rejection] = []
+    for ref in sorted(refs, key=lambda r: r.party):
+        try:
+            if ref.party not in members or ref.key != secagg_reveal_key(round, ref.party):
+                raise ValueError("not a member of this round")
+            sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=members[ref.party])
+            opened = open_sealed_with_metadata(
+                exchange.get_bytes(ref.key),
+                context=_context(cfg, round, ref.party, REVEAL, run_id=plan.run_id),
+                recipient=keys,
+                sender=sender,
+            )
+            body = json.loads(opened.payload)
+            responses[ref.party] = {o: protocol.Reveal.model_validate(r) for o, r in body.items()}
+        except (ProtectionError, ValueError, FileNotFoundError) as exc:
+            rejected.append(Rejection(party=ref.party, reason=f"unmask response rejected: {exc}"))
+    return responses, rejected
+
+
+def aggregate_protected(
+    cfg: FederationConfig,
+    round: int,
+    sealed: Sequence[SealedUpdateRef],
+    current: GlobalAdapterRef,
+    plan: FederationPlan,
+    *,
+    dropped: Sequence[Rejection] = (),
+    rosters: Sequence[SecAggRoster] = (),
+    reveals: Sequence[StageRef] = (),
+    ckks_plain: Sequence[StageRef] = (),
+) -> tuple[GlobalAdapterRef, AggregateReport]:
+    """Weighted mean of the survivors' updates, each tensor from its own protection mode."""
+    start = time.perf_counter()
+    exchange = federation_exchange(cfg)
+    keys = coordinator_keys(cfg, exchange)
+    global_state = load_global(exchange, current)
+    layout = layout_for(cfg, exchange, plan)
+    if shapes_of(global_state) != {n: s for seg in layout.segments for n, s in seg.tensors}:
+        raise AggregationError(f"round {round}: the global adapter no longer fits the layout")
+    rejected = list(dropped)
+    secagg_stats: dict[str, float] = {}
+    survivors: list[str] | None = None
+    if layout.segment("secagg") is not None:
+        if len(rosters) != 1:
+            raise AggregationError(f"round {round}: the secure-aggregation roster is missing")
+        doc, setup = read_roster(cfg, exchange, plan, rosters[0], "inputs")
+        survivors = list(doc["uploaded"])
+        rejected += rosters[0].rejected
+    uploads, bad = verified_uploads(
+        cfg,
+        exchange,
+        keys,
+        sealed,
+        round=round,
+        plan=plan,
+        current=current,
+        layout=layout,
+        only=survivors,
+    )
+    if survivors is not None and sorted(uploads) != sorted(survivors):
+        raise AggregationError(
+            f"round {round}: uploads changed after the coordinator fixed the survivors "
+            f"({sorted(uploads)} != {sorted(survivors)}); the round is aborted"
+        )
+    rejected += bad
+    parties = sorted(uploads)
+    if len(parties) < cfg.min_parties:
+        raise AggregationError(
+            f"round {round}: only {len(parties)} valid update(s) ({parties}), fewer than "
+            f"min_parties={cfg.min_parties}; rejected: "
+            + "; ".join(f"{r.party}: {r.reason}" for r in rejected)
+            + ". No model was published for this round. Fix: check the rejected parties' logs, "
+            "or lower min_parties."
+        )
+    sums: dict[str, np.ndarray] = {}
+    weight_sum: float | None = None
+    if (seg := layout.segment("secagg")) is not None:
+        responses, bad = _open_reveals(cfg, exchange, keys, reveals, round, plan, doc["members"])
+        rejected += bad
+        for p in parties:
+            if p not in responses:
+                rejected.append(Rejection(party=p, reason="dropped during unmasking (input kept)"))
+        unmask_start = time.perf_counter()
+        adverts = {p: verified_advert(cfg, exchange, doc, round, p) for p in doc["shared"]}
+        inputs = {p: np.frombuffer(uploads[p].sections["secagg"], dtype="<u4") for p in parties}
+        words = protocol.unmask(setup, adverts, doc["shared"], inputs, responses)
+        specs = secagg_specs(cfg.protection, len(setup.parties))
+        tensors, weight_sum = decode_secagg(seg, words, specs, len(parties))
+        sums.update(tensors)
+        secagg_stats = {
+            "advertised": len(setup.parties),
+            "shared": len(doc["shared"]),
+            "uploaded": len(parties),
+            "revealed": len(responses),
+            "neighbours": setup.neighbours,
+            "threshold": setup.threshold,
+            "bits": specs[0].bits,
+            "quantisation_error_bound": specs[0].sum_error_bound(len(parties)),
+            "seconds_unmask": time.perf_counter() - unmask_start,
+        }
+    ckks_stats: dict[str, float] = {}
+    if (seg := layout.segment("ckks")) is not None:
+        vector = _open_ckks_plain(cfg, exchange, keys, ckks_plain, round, plan, parties)
+        tensors, w = split_weight(seg, vector)
+        sums.update(tensors)
+        weight_sum = w if weight_sum is None else weight_sum
+        ckks_stats = {"blocks": float(len(ckks_plain)), "values": float(seg.size + 1)}
+    if (seg := layout.segment("plaintext")) is not None:
+        total = np.zeros(seg.size + (1 if len(layout.segments) == 1 else 0))
+        for p in parties:
+            total += np.frombuffer(uploads[p].sections["plaintext"], dtype="<f4")
+        if len(layout.segments) == 1:
+            weight_sum = float(total[-1])
+            total = total[:-1]
+        sums.update(seg.unflatten(total))
+    if weight_sum is None or not weight_sum > 0:
+        raise AggregationError(f"round {round}: the aggregated weight is {weight_sum}, not > 0")
+    rejected = list({r.party: r for r in reversed(rejected)}.values())[::-1]  # first reason wins
+    delta = {name: (sums[name] / weight_sum).astype(np.float32) for name in sorted(sums)}
+    new_ref = publish_global(exchange, round, add(global_state, delta))
+    return new_ref, AggregateReport(
+        round=round,
+        accepted=parties,
+        rejected=rejected,
+        weights={},
+        bytes_received=sum(r.bytes_sent for r in sealed if r.party in uploads and r.round == round),
+        seconds=time.perf_counter() - start,
+        update_norm=float(
+            np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
+        ),
+        protection_mode=layout.label,
+        policy_sha256=layout.policy_sha256,
+        weight_sum=weight_sum,
+        clipped_values=sum(u.clipped for u in uploads.values()),
+        secagg=secagg_stats,
+        ckks=ckks_stats,
+    )
+
+
+def _open_ckks_plain(
+    cfg: FederationConfig,
+    exchange: Exchange,
+    keys: KeyPairs,
+    refs: Sequence[StageRef],
+    round: int,
+    plan: FederationPlan,
+    parties: list[str],
+) -> np.ndarray:
+    if len(refs) != 1:
+        raise AggregationError(f"round {round}: the key party's decrypted CKKS sum is missing")
+    ref = refs[0]
+    sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.fingerprint)
+    if ref.party != cfg.ckks_key_party:
+        raise AggregationError(
+            f"round {round}: CKKS sum decrypted by {ref.party}, not the key party"
+        )
+    opened = open_sealed_with_metadata(
+        exchange.get_bytes(ref.key),
+        context=_context(cfg, round, ref.party, CKKS_PLAIN, run_id=plan.run_id, parties=parties),
+        recipient=keys,
+        sender=sender,
+    )
+    return np.frombuffer(opened.payload, dtype="<f8").copy()

@@ -1,0 +1,409 @@
+"""A party's side of the protection stages of a round, in its own cloud.
+
+Each function is one ZenML step's body: it reads what the coordinator published (rosters signed by
+the pinned coordinator key), does its stage of the protocol in `cloudfed.protection`, and puts one
+sealed or signed message on the exchange. Per-round secrets (the mask key and self-mask seed) stay
+in the party's storage, owner-only, between stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloudfed.artifacts import (
+    CkksKeyRef,
+    FederationPlan,
+    LocalUpdateRef,
+    SealedUpdateRef,
+    SecAggRoster,
+    StageRef,
+)
+from cloudfed.errors import ProtectionError
+from cloudfed.exchange import (
+    Exchange,
+    ckks_plain_sum_key,
+    ckks_public_key,
+    ckks_sum_key,
+    federation_exchange,
+    fetch_public_keys,
+    secagg_advert_key,
+    secagg_reveal_key,
+    secagg_share_key,
+    update_key,
+)
+from cloudfed.federation import FederationConfig, PartyConfig
+from cloudfed.party import COORDINATOR, load_global, party_keys, read_verified, simulated_dropout
+from cloudfed.protection import SealContext, open_sealed_with_metadata, seal
+from cloudfed.protection import payload as container
+from cloudfed.protection.encoding import (
+    encode_secagg,
+    flat_with_weight,
+    party_weight,
+    secagg_specs,
+)
+from cloudfed.protection.envelope import open_public, sign_public
+from cloudfed.protection.keys import KeyPairs, PublicKeyBundle
+from cloudfed.protection.policy import Layout, route
+from cloudfed.protection.secagg import protocol
+from cloudfed.training.adapter_io import state_from_bytes
+
+ADVERT, ROSTER, SHARE, REVEAL = "secagg-advert", "secagg-roster", "secagg-share", "secagg-reveal"
+CKKS_CONTEXT, CKKS_SUM, CKKS_PLAIN = "ckks-context", "ckks-sum", "ckks-plain-sum"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def layout_for(cfg: FederationConfig, exchange: Exchange, plan: FederationPlan) -> Layout:
+    """Everyone derives the routing from the config and the round-0 adapter's shapes."""
+    state = load_global(exchange, plan.initial_adapter)
+    return route(cfg.protection, {k: tuple(v.shape) for k, v in state.items()})
+
+
+def coordinator_bundle(exchange: Exchange, plan: FederationPlan) -> PublicKeyBundle:
+    return fetch_public_keys(
+        exchange, "coordinator", COORDINATOR, fingerprint=plan.coordinator_fingerprint
+    )
+
+
+def _context(cfg: FederationConfig, round: int, party: str, kind: str, **meta: Any) -> SealContext:
+    return SealContext(
+        federation_id=cfg.federation_id, round=round, party=party, kind=kind, metadata=meta
+    )
+
+
+def _secret_path(party: PartyConfig, round: int, run_id: str, what: str) -> Path:
+    return Path(party.storage) / "secagg" / run_id / f"r{round:04d}.{what}"
+
+
+def _write_owner_only(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_roster(
+    cfg: FederationConfig,
+    exchange: Exchange,
+    plan: FederationPlan,
+    ref: SecAggRoster,
+    stage: str,
+) -> tuple[dict[str, Any], protocol.RoundSetup]:
+    """The roster, verified against the coordinator's pinned key and the artifact's hash."""
+    blob = exchange.get_bytes(ref.key)
+    if sha256(blob) != ref.sha256 or ref.stage != stage:
+        raise ProtectionError(f"secagg roster rejected: not the {stage} roster of this round")
+    context = _context(cfg, ref.round, COORDINATOR, ROSTER, run_id=plan.run_id, stage=stage)
+    doc = json.loads(
+        open_public(blob, context=context, sender=coordinator_bundle(exchange, plan)).payload
+    )
+    s = doc["setup"]
+    setup = protocol.RoundSetup(
+        federation_id=s["federation_id"],
+        run_id=s["run_id"],
+        round=s["round"],
+        parties=tuple(s["parties"]),
+        neighbours=s["neighbours"],
+        threshold=s["threshold"],
+        min_survivors=s["min_survivors"],
+    )
+    if setup.run_id != plan.run_id or setup.round != ref.round:
+        raise ProtectionError("secagg roster rejected: wrong run or round")
+    return doc, setup
+
+
+def _peer(exchange: Exchange, doc: dict[str, Any], name: str) -> PublicKeyBundle:
+    return fetch_public_keys(exchange, "party", name, fingerprint=doc["members"][name])
+
+
+def verified_advert(
+    cfg: FederationConfig, exchange: Exchange, doc: dict[str, Any], round: int, name: str
+) -> protocol.Advertisement:
+    """A neighbour's advertisement, checked end to end with its own signature."""
+    blob = exchange.get_bytes(secagg_advert_key(round, name))
+    if sha256(blob) != doc["adverts"][name]:
+        raise ProtectionError(f"secagg advertisement of {name} differs from the roster's")
+    context = _context(cfg, round, name, ADVERT, run_id=doc["setup"]["run_id"])
+    opened = open_public(blob, context=context, sender=_peer(exchange, doc, name))
+    return protocol.Advertisement.model_validate_json(opened.payload)
+
+
+def _stage_ref(
+    party: str, round: int, stage: str, key: str, blob: bytes, keys: KeyPairs, start: float
+) -> StageRef:
+    return StageRef(
+        party=party,
+        round=round,
+        stage=stage,
+        key=key,
+        sha256=sha256(blob),
+        bytes=len(blob),
+        fingerprint=keys.public_bundle().fingerprint,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def advertise(
+    cfg: FederationConfig, party: PartyConfig, local: LocalUpdateRef, plan: FederationPlan
+) -> StageRef:
+    """Stage 1: fresh per-round mask key and seed; publish the public key and a commitment."""
+    simulated_dropout(cfg, party.name, "advertise", local.round)
+    start = time.perf_counter()
+    exchange = federation_exchange(cfg)
+    keys = party_keys(party, exchange)
+    secrets = protocol.PartySecrets.generate()
+    _write_owner_only(_secret_path(party, local.round, plan.run_id, "secrets"), secrets.to_bytes())
+    context = _context(cfg, local.round, party.name, ADVERT, run_id=plan.run_id)
+    blob = sign_public(
+        secrets.advertisement().model_dump_json().encode(), context=context, sender=keys
+    )
+    key = secagg_advert_key(local.round, party.name)
+    exchange.put_bytes(key, blob)
+    return _stage_ref(party.name, local.round, "advertise", key, blob, keys, start)
+
+
+def _load_secrets(party: PartyConfig, round: int, run_id: str) -> protocol.PartySecrets:
+    path = _secret_path(party, round, run_id, "secrets")
+    if not path.exists():
+        raise ProtectionError(f"{party.name} has no secure-aggregation secrets for round {round}")
+    return protocol.PartySecrets.from_bytes(path.read_bytes())
+
+
+def share_keys(
+    cfg: FederationConfig, party: PartyConfig, roster: SecAggRoster, plan: FederationPlan
+) -> StageRef:
+    """Stage 2: Shamir shares of seed and mask key, each sealed to one holder."""
+    simulated_dropout(cfg, party.name, "share_keys", roster.round)
+    start = time.perf_counter()
+    exchange = federation_exchange(cfg)
+    keys = party_keys(party, exchange)
+    doc, setup = read_roster(cfg, exchange, plan, roster, "keys")
+    if party.name not in setup.parties:
+        raise ProtectionError(f"{party.name} is not in this round's secure-aggregation roster")
+    secrets = _load_secrets(party, roster.round, plan.run_id)
+    own = doc["adverts"][party.name]
+    if own != sha256(exchange.get_bytes(secagg_advert_key(roster.round, party.name))):
+        raise ProtectionError("secagg roster rejected: it lists another advertisement of ours")
+    total = 0
+    for holder, share in protocol.make_shares(setup, party.name, secrets).items():
+        context = _context(cfg, roster.round, party.name, SHARE, run_id=plan.run_id, holder=holder)
+        blob = seal(
+            share.model_dump_json().encode(),
+            context=context,
+            sender=keys,
+            recipient=_peer(exchange, doc, holder)
+            if holder != party.name
+            else keys.public_bundle(),
+        )
+        exchange.put_bytes(secagg_share_key(roster.round, holder, party.name), blob)
+        total += len(blob)
+    marker = json.dumps({"holders": list(setup.holders(party.name)), "bytes": total}).encode()
+    return _stage_ref(
+        party.name,
+        roster.round,
+        "shares",
+        secagg_share_key(roster.round, party.name, party.name),
+        marker,
+        keys,
+        start,
+    )
+
+
+def ckks_public_context(
+    cfg: FederationConfig, exchange: Exchange, plan: FederationPlan, ref: CkksKeyRef
+) -> bytes:
+    blob = exchange.get_bytes(ref.key)
+    if sha256(blob) != ref.sha256:
+        raise ProtectionError("ckks public context rejected: hash mismatch")
+    sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.fingerprint)
+    context = _context(cfg, 0, ref.party, CKKS_CONTEXT, run_id=plan.run_id)
+    return open_public(blob, context=context, sender=sender).payload
+
+
+def upload(
+    cfg: FederationConfig,
+    party: PartyConfig,
+    local: LocalUpdateRef,
+    plan: FederationPlan,
+    rosters: list[SecAggRoster],
+    ckks_keys: list[CkksKeyRef],
+) -> SealedUpdateRef:
+    """Stage 3: the update, each tensor under its mode, sealed to the coordinator."""
+    from cloudfed.protection import ckks
+
+    simulated_dropout(cfg, party.name, "upload", local.round)
+    start = time.perf_counter()
+    exchange = federation_exchange(cfg)
+    keys = party_keys(party, exchange)
+    layout = layout_for(cfg, exchange, plan)
+    update = state_from_bytes(read_verified(Path(local.uri), local.sha256, "local update"))
+    weight = party_weight(local.examples, cfg.protection.weight_cap)
+    sections: dict[str, bytes] = {}
+    clipped = 0
+    meta: dict[str, Any] = {}
+    if (seg := layout.segment("secagg")) is not None:
+        if len(rosters) != 1:
+            raise ProtectionError("secure aggregation needs the coordinator's shares roster")
+        doc, setup = read_roster(cfg, exchange, plan, rosters[0], "shares")
+        secrets = _load_secrets(party, local.round, plan.run_id)
+        shared = doc["shared"]
+        adverts = {
+            v: verified_advert(cfg, exchange, doc, local.round, v) for v in setup.graph[party.name]
+        }
+        words, clipped = encode_secagg(
+            seg, update, weight, secagg_specs(cfg.protection, len(setup.parties))
+        )
+        masked = protocol.masked_input(setup, party.name, secrets, words, adverts, shared)
+        sections["secagg"] = masked.tobytes()
+        meta["secagg_words"] = int(masked.shape[0])
+    if (seg := layout.segment("ckks")) is not None:
+        if len(ckks_keys) != 1:
+            raise ProtectionError("CKKS needs the key party's public context")
+        public = ckks_public_context(cfg, exchange, plan, ckks_keys[0])
+        blocks = ckks.encrypt_vector(
+            public, flat_with_weight(seg, update, weight), workers=cfg.protection.ckks.workers
+        )
+        sections["ckks"] = ckks.pack_blocks(blocks)
+        meta["ckks_blocks"] = len(blocks)
+    if (seg := layout.segment("plaintext")) is not None:
+        values = seg.flatten(update, weight)
+        if len(layout.segments) == 1:  # nothing protected carries the weight: it travels too
+            values = np.concatenate([values, [weight]])
+        sections["plaintext"] = values.astype("<f4").tobytes()
+    payload = container.pack(sections)
+    context = _context(
+        cfg,
+        local.round,
+        party.name,
+        "update",
+        run_id=plan.run_id,
+        base_sha256=local.base_sha256,
+        policy_sha256=layout.policy_sha256,
+        clipped=clipped,
+        **meta,
+    )
+    blob = seal(payload, context=context, sender=keys, recipient=coordinator_bundle(exchange, plan))
+    key = update_key(local.round, party.name)
+    exchange.put_bytes(key, blob)
+    return SealedUpdateRef(
+        party=party.name,
+        round=local.round,
+        key=key,
+        bytes_sent=len(blob),
+        plaintext_bytes=4 * sum(s.size for s in layout.segments),
+        seal_seconds=time.perf_counter() - start,
+        sender_fingerprint=keys.public_bundle().fingerprint,
+    )
+
+
+def reveal_shares(
+    cfg: FederationConfig, party: PartyConfig, roster: SecAggRoster, plan: FederationPlan
+) -> StageRef:
+    """Stage 4: per owner, one share (seed if it uploaded, key if it dropped), once per round."""
+    simulated_dropout(cfg, party.name, "unmask", roster.round)
+    start = time.perf_counter()
+    exchange = federation_exchange(cfg)
+    keys = party_keys(party, exchange)
+    doc, setup = read_roster(cfg, exchange, plan, roster, "inputs")
+    shared, uploaded = doc["shared"], doc["uploaded"]
+    answered = _secret_path(party, roster.round, plan.run_id, "revealed")
+    view = json.dumps({"shared": shared, "uploaded": uploaded}).encode()
+    if answered.exists() and answered.read_bytes() != view:
+        raise ProtectionError(
+            f"{party.name} already revealed shares for round {roster.round} under another view "
+            "of who survived; answering again could expose a single update"
+        )
+    held: dict[str, protocol.Share] = {}
+    for owner in setup.holders(party.name):  # symmetric graph: whoever I hold shares of
+        if owner not in shared:
+            continue
+        context = _context(cfg, roster.round, owner, SHARE, run_id=plan.run_id, holder=party.name)
+        sender = keys.public_bundle() if owner == party.name else _peer(exchange, doc, owner)
+        opened = open_sealed_with_metadata(
+            exchange.get_bytes(secagg_share_key(roster.round, party.name, owner)),
+            context=context,
+            recipient=keys,
+            sender=sender,
+        )
+        share = protocol.Share.model_validate_json(opened.payload)
+        protocol.check_share(setup, share, owner=owner, holder=party.name)
+        held[owner] = share
+    reveals = protocol.reveal(setup, party.name, held, shared, uploaded)
+    _write_owner_only(answered, view)
+    body = json.dumps({o: r.model_dump() for o, r in reveals.items()}).encode()
+    context = _context(cfg, roster.round, party.name, REVEAL, run_id=plan.run_id)
+    blob = seal(body, context=context, sender=keys, recipient=coordinator_bundle(exchange, plan))
+    key = secagg_reveal_key(roster.round, party.name)
+    exchange.put_bytes(key, blob)
+    return _stage_ref(party.name, roster.round, "unmask", key, blob, keys, start)
+
+
+def ckks_keygen(cfg: FederationConfig, party: PartyConfig, plan: FederationPlan) -> CkksKeyRef:
+    """The key party makes this run's CKKS keys; only the public context leaves its storage."""
+    from cloudfed.protection import ckks
+
+    exchange = federation_exchange(cfg)
+    keys = party_keys(party, exchange)
+    c = cfg.protection.ckks
+    secret, public = ckks.generate_keys(
+        ckks.CkksParams(
+            poly_modulus_degree=c.poly_modulus_degree,
+            coeff_mod_bit_sizes=tuple(c.coeff_mod_bit_sizes),
+            global_scale_bits=c.global_scale_bits,
+            workers=c.workers,
+        )
+    )
+    _write_owner_only(Path(party.storage) / "ckks" / plan.run_id / "secret-context", secret)
+    context = _context(cfg, 0, party.name, CKKS_CONTEXT, run_id=plan.run_id)
+    blob = sign_public(public, context=context, sender=keys)
+    exchange.put_bytes(ckks_public_key(), blob)
+    return CkksKeyRef(
+        party=party.name,
+        key=ckks_public_key(),
+        sha256=sha256(blob),
+        fingerprint=keys.public_bundle().fingerprint,
+        bytes=len(blob),
+    )
+
+
+def ckks_decrypt_sum(
+    cfg: FederationConfig, party: PartyConfig, round: int, plan: FederationPlan, length: int
+) -> StageRef:
+    """Key party: decrypt the coordinator's summed ciphertext, and nothing else, for it."""
+    from cloudfed.protection import ckks
+
+    start = time.perf_counter()
+    exchange = federation_exchange(cfg)
+    keys = party_keys(party, exchange)
+    coordinator = coordinator_bundle(exchange, plan)
+    context = _context(cfg, round, COORDINATOR, CKKS_SUM, run_id=plan.run_id)
+    opened = open_sealed_with_metadata(
+        exchange.get_bytes(ckks_sum_key(round)), context=context, recipient=keys, sender=coordinator
+    )
+    summed = opened.metadata.get("parties")
+    if not isinstance(summed, list) or len(summed) < cfg.min_parties:
+        raise ProtectionError(
+            f"refusing to decrypt a CKKS sum of {summed!r}: fewer than min_parties="
+            f"{cfg.min_parties} contributions would expose a single update"
+        )
+    secret = (Path(party.storage) / "ckks" / plan.run_id / "secret-context").read_bytes()
+    values = ckks.decrypt_vector(secret, ckks.unpack_blocks(opened.payload), length)
+    out = _context(cfg, round, party.name, CKKS_PLAIN, run_id=plan.run_id, parties=summed)
+    blob = seal(values.astype("<f8").tobytes(), context=out, sender=keys, recipient=coordinator)
+    key = ckks_plain_sum_key(round)
+    exchange.put_bytes(key, blob)
+    return _stage_ref(party.name, round, "ckks-decrypt", key, blob, keys, start)

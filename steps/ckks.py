@@ -1,0 +1,62 @@
+"""CKKS stages: the key party makes keys and decrypts sums; the coordinator adds ciphertexts."""
+
+from typing import Annotated, Any
+
+from zenml import step
+
+from cloudfed.artifacts import (
+    CkksKeyRef,
+    FederationPlan,
+    GlobalAdapterRef,
+    SealedUpdateRef,
+    SecAggRoster,
+    StageRef,
+)
+from steps._work import timed_work
+
+
+@step
+def ckks_keygen(
+    federation: dict[str, Any], party: str, plan: FederationPlan
+) -> Annotated[CkksKeyRef, "ckks_key_ref"]:
+    with timed_work(party=party):
+        from cloudfed.federation import parse_federation
+        from cloudfed.secure_party import ckks_keygen as keygen
+
+        cfg = parse_federation(federation)
+        result = keygen(cfg, cfg.party(party), plan)
+    return result
+
+
+@step
+def ckks_sum(
+    federation: dict[str, Any],
+    round: int,
+    sealed: list[SealedUpdateRef],
+    rosters: list[SecAggRoster],
+    current: GlobalAdapterRef,
+    plan: FederationPlan,
+    ckks_key: CkksKeyRef,
+) -> Annotated[StageRef, "ckks_sum_ref"]:
+    with timed_work(round=round):
+        from cloudfed.federation import parse_federation
+        from cloudfed.secure_coordinator import ckks_sum as add_ciphertexts
+
+        cfg = parse_federation(federation)
+        result = add_ciphertexts(cfg, round, sealed, rosters, current, plan, ckks_key)
+    return result
+
+
+@step
+def ckks_decrypt(
+    federation: dict[str, Any], party: str, round: int, summed: StageRef, plan: FederationPlan
+) -> Annotated[StageRef, "ckks_plain_ref"]:
+    with timed_work(party=party, round=round):
+        from cloudfed.federation import parse_federation
+        from cloudfed.secure_party import ckks_decrypt_sum, federation_exchange, layout_for
+
+        cfg = parse_federation(federation)
+        segment = layout_for(cfg, federation_exchange(cfg), plan).segment("ckks")
+        assert segment is not None and summed.round == round
+        result = ckks_decrypt_sum(cfg, cfg.party(party), round, plan, segment.size + 1)
+    return result

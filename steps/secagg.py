@@ -1,0 +1,109 @@
+"""Secure-aggregation stages: party steps (advertise, share keys, reveal) and coordinator rosters.
+
+Each stage is its own step so that a multi-cloud run executes the same protocol as the local one:
+party steps run on the party's step operator, roster steps beside the coordinator.
+"""
+
+from typing import Annotated, Any
+
+from zenml import step
+
+from cloudfed.artifacts import (
+    FederationPlan,
+    GlobalAdapterRef,
+    LocalUpdateRef,
+    SealedUpdateRef,
+    SecAggRoster,
+    StageRef,
+)
+from steps._work import timed_work
+
+STAGE_REF = "secagg_stage_ref"
+ROSTER = "secagg_roster"
+
+
+@step
+def secagg_advertise(
+    federation: dict[str, Any], party: str, local_update: LocalUpdateRef, plan: FederationPlan
+) -> Annotated[StageRef, STAGE_REF]:
+    with timed_work(party=party):
+        from cloudfed.federation import parse_federation
+        from cloudfed.secure_party import advertise
+
+        cfg = parse_federation(federation)
+        result = advertise(cfg, cfg.party(party), local_update, plan)
+    return result
+
+
+@step
+def secagg_keys_roster(
+    federation: dict[str, Any], round: int, adverts: list[StageRef], plan: FederationPlan
+) -> Annotated[SecAggRoster, ROSTER]:
+    with timed_work(round=round) as meta:
+        from cloudfed.federation import parse_federation
+        from cloudfed.secure_coordinator import keys_roster
+
+        result = keys_roster(parse_federation(federation), round, adverts, plan)
+        meta.update(parties=result.parties, neighbours=result.neighbours, t=result.threshold)
+    return result
+
+
+@step
+def secagg_share_keys(
+    federation: dict[str, Any], party: str, roster: SecAggRoster, plan: FederationPlan
+) -> Annotated[StageRef, STAGE_REF]:
+    with timed_work(party=party):
+        from cloudfed.federation import parse_federation
+        from cloudfed.secure_party import share_keys
+
+        cfg = parse_federation(federation)
+        result = share_keys(cfg, cfg.party(party), roster, plan)
+    return result
+
+
+@step
+def secagg_shares_roster(
+    federation: dict[str, Any],
+    round: int,
+    shares: list[StageRef],
+    roster: SecAggRoster,
+    plan: FederationPlan,
+) -> Annotated[SecAggRoster, ROSTER]:
+    with timed_work(round=round) as meta:
+        from cloudfed.federation import parse_federation
+        from cloudfed.secure_coordinator import shares_roster
+
+        result = shares_roster(parse_federation(federation), round, shares, roster, plan)
+        meta.update(shared=result.shared)
+    return result
+
+
+@step
+def secagg_inputs_roster(
+    federation: dict[str, Any],
+    round: int,
+    sealed: list[SealedUpdateRef],
+    roster: SecAggRoster,
+    current: GlobalAdapterRef,
+    plan: FederationPlan,
+) -> Annotated[SecAggRoster, ROSTER]:
+    with timed_work(round=round) as meta:
+        from cloudfed.federation import parse_federation
+        from cloudfed.secure_coordinator import inputs_roster
+
+        result = inputs_roster(parse_federation(federation), round, sealed, roster, current, plan)
+        meta.update(uploaded=result.uploaded)
+    return result
+
+
+@step
+def secagg_reveal(
+    federation: dict[str, Any], party: str, roster: SecAggRoster, plan: FederationPlan
+) -> Annotated[StageRef, STAGE_REF]:
+    with timed_work(party=party):
+        from cloudfed.federation import parse_federation
+        from cloudfed.secure_party import reveal_shares
+
+        cfg = parse_federation(federation)
+        result = reveal_shares(cfg, cfg.party(party), roster, plan)
+    return result

@@ -1,0 +1,202 @@
+"""Run protected rounds in-process, stage by stage, exactly as the pipeline wires the steps."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloudfed import coordinator, secure_coordinator, secure_party
+from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, LocalUpdateRef, Rejection
+from cloudfed.errors import CloudfedError
+from cloudfed.exchange import federation_exchange
+from cloudfed.federation import FederationConfig, parse_federation
+from cloudfed.party import load_global
+from cloudfed.training.adapter_io import state_to_bytes
+
+Hook = Callable[[str, "Federation"], None]
+
+
+def federation_dict(
+    tmp_path: Path, model_cache: Path, names: Sequence[str], **overrides: Any
+) -> dict[str, Any]:
+    fed: dict[str, Any] = {
+        "federation_id": "test-fed",
+        "base_model": "builtin:tiny-llama",
+        "model_cache": str(model_cache),
+        "exchange": str(tmp_path / "exchange"),
+        "coordinator_storage": str(tmp_path / "coordinator"),
+        "rounds": 3,
+        "min_parties": 2,
+        "seed": 5,
+        "training": {"local_steps": 1, "batch_size": 2, "max_seq_len": 64},
+        "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+        "parties": [
+            {
+                "name": name,
+                "raw": {"train": f"raw/{name}/train.csv", "eval": f"raw/{name}/eval.csv"},
+                "mapping": f"mappings/{name}.yaml",
+                "storage": str(tmp_path / "clouds" / name),
+            }
+            for name in names
+        ],
+    }
+    fed.update(overrides)
+    return fed
+
+
+class Federation:
+    """A prepared federation; `round()` runs every protection stage of one round."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.cfg: FederationConfig = parse_federation(raw)
+        self.plan: FederationPlan = coordinator.prepare(self.cfg)
+        self.exchange = federation_exchange(self.cfg)
+        self.current: GlobalAdapterRef = self.plan.initial_adapter
+        self.initial = load_global(self.exchange, self.current)
+        self.stage_log: list[str] = []
+
+    def const(self, value: float) -> dict[str, np.ndarray]:
+        return {k: np.full(v.shape, value, dtype=np.float32) for k, v in self.initial.items()}
+
+    def local(self, name: str, round: int, state: dict[str, np.ndarray], examples: int):
+        payload = state_to_bytes(state)
+        path = Path(self.cfg.party(name).storage) / "updates" / f"r{round:04d}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload)
+        return LocalUpdateRef(
+            party=name,
+            round=round,
+            uri=str(path),
+            sha256=hashlib.sha256(payload).hexdigest(),
+            base_sha256=self.current.sha256,
+            examples=examples,
+            train={"loss_mean": 1.0},
+        )
+
+    def round(
+        self,
+        round: int,
+        updates: dict[str, tuple[dict[str, np.ndarray], int]],
+        *,
+        drop: dict[str, str] | None = None,
+        hook: Hook | None = None,
+    ):
+        """Run one round; `drop` maps party -> stage at which it silently stops."""
+        cfg, plan, drop = self.cfg, self.plan, drop or {}
+        dropped: list[Rejection] = []
+        hook = hook or (lambda stage, fed: None)
+
+        def alive(p: str, stage: str) -> bool:
+            return drop.get(p) != stage
+
+        def attempt(p: str, stage: str, fn: Callable[[], Any]) -> Any:
+            if not alive(p, stage):
+                dropped.append(Rejection(party=p, reason=f"dropped at {stage}"))
+                return None
+            try:
+                return fn()
+            except CloudfedError as exc:
+                dropped.append(Rejection(party=p, reason=f"dropped at {stage}: {exc}"))
+                return None
+
+        local = {p: self.local(p, round, s, n) for p, (s, n) in updates.items()}
+        modes = plan.protection["tensors"]
+        rosters, reveals, ckks_plain, ckks_keys = [], [], [], []
+        uploaders = list(local)
+        if "ckks" in modes:
+            kp = cfg.ckks_key_party
+            ckks_keys = [secure_party.ckks_keygen(cfg, cfg.party(kp), plan)]
+        if "secagg" in modes:
+            adverts = [
+                a
+                for p in local
+                if (
+                    a := attempt(
+                        p,
+                        "advertise",
+                        lambda p=p: secure_party.advertise(cfg, cfg.party(p), local[p], plan),
+                    )
+                )
+                is not None
+            ]
+            hook("advertise", self)
+            roster = secure_coordinator.keys_roster(cfg, round, adverts, plan)
+            shares = [
+                s
+                for p in roster.parties
+                if (
+                    s := attempt(
+                        p,
+                        "share_keys",
+                        lambda p=p: secure_party.share_keys(cfg, cfg.party(p), roster, plan),
+                    )
+                )
+                is not None
+            ]
+            hook("share_keys", self)
+            roster = secure_coordinator.shares_roster(cfg, round, shares, roster, plan)
+            uploaders = roster.shared
+            rosters = [roster]
+        sealed = [
+            s
+            for p in uploaders
+            if (
+                s := attempt(
+                    p,
+                    "upload",
+                    lambda p=p: secure_party.upload(
+                        cfg, cfg.party(p), local[p], plan, rosters, ckks_keys
+                    ),
+                )
+            )
+            is not None
+        ]
+        hook("upload", self)
+        if "secagg" in modes:
+            roster = secure_coordinator.inputs_roster(
+                cfg, round, sealed, rosters[0], self.current, plan
+            )
+            rosters = [roster]
+            reveals = [
+                v
+                for p in roster.uploaded
+                if (
+                    v := attempt(
+                        p,
+                        "unmask",
+                        lambda p=p: secure_party.reveal_shares(cfg, cfg.party(p), roster, plan),
+                    )
+                )
+                is not None
+            ]
+            hook("unmask", self)
+        if "ckks" in modes:
+            summed = secure_coordinator.ckks_sum(
+                cfg, round, sealed, rosters, self.current, plan, ckks_keys[0]
+            )
+            seg = secure_party.layout_for(cfg, self.exchange, plan).segment("ckks")
+            ckks_plain = [
+                secure_party.ckks_decrypt_sum(
+                    cfg, cfg.party(cfg.ckks_key_party), round, plan, seg.size + 1
+                )
+            ]
+        new_ref, report = secure_coordinator.aggregate_protected(
+            cfg,
+            round,
+            sealed,
+            self.current,
+            plan,
+            dropped=dropped,
+            rosters=rosters,
+            reveals=reveals,
+            ckks_plain=ckks_plain,
+        )
+        self.current = new_ref
+        return new_ref, report, sealed
+
+    def global_state(self) -> dict[str, np.ndarray]:
+        return load_global(self.exchange, self.current)
