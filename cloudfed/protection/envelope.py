@@ -312,6 +312,7 @@ def sign_public(payload: bytes, *, context: SealContext, sender: KeyPairs) -> by
     """Readable by all, attributable to `sender` and bound to federation, round, party and kind."""
     if context.party != sender.name:
         raise ValueError("context.party must be the sender's own name")
+    payload = memoryview(payload).cast("B").tobytes()
     me = sender.public_bundle()
     header = _canonical(
         {

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cloudfed.errors import AggregationError, ProtectionError
 from cloudfed.protection.secagg import graph as graphs
@@ -155,8 +155,24 @@ class Advertisement(BaseModel):
     mask_pk: str
     seed_commitment: str = Field(pattern=r"^[0-9a-f]{64}$")
 
+    @field_validator("mask_pk")
+    @classmethod
+    def _is_x25519_key(cls, value: str) -> str:
+        _unb64(value, 32)
+        return value
+
     def public_key(self) -> X25519PublicKey:
         return X25519PublicKey.from_public_bytes(_unb64(self.mask_pk, 32))
+
+
+def _agree(key: X25519PrivateKey, peer: str, advert: Advertisement) -> bytes:
+    """X25519 with a peer's advertised key; a low-order key is a protocol failure, not a crash."""
+    try:
+        return key.exchange(advert.public_key())
+    except ValueError as exc:
+        raise ProtectionError(
+            f"secagg advertisement of {peer} carries an invalid mask key"
+        ) from exc
 
 
 class Share(BaseModel):
@@ -252,7 +268,7 @@ def masked_input(
     for v in setup.graph[me]:
         if v not in shared:
             continue
-        secret = secrets.mask_key.exchange(adverts[v].public_key())
+        secret = _agree(secrets.mask_key, v, adverts[v])
         masks.apply_mask(y, masks.pair_key(secret, binding, me, v), subtract=me > v)
     return y
 
@@ -355,7 +371,7 @@ def unmask(
             )
         for v in setup.graph[owner]:
             if v in inputs:
-                secret = key.exchange(adverts[v].public_key())
+                secret = _agree(key, v, adverts[v])
                 key_uv = masks.pair_key(secret, binding, owner, v)
                 masks.apply_mask(total, key_uv, subtract=v < owner)
     return total
