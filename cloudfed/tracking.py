@@ -47,9 +47,16 @@ def log_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
             "lora_target_modules": ",".join(cfg.lora.target_modules),
             "config_fingerprint": plan.fingerprint,
             "adapter_parameters": plan.adapter_parameters,
-            "aggregation": "fedavg(examples)",
-            "protection": "sealed(x25519-hkdf-aes256gcm+ed25519)",
+            "aggregation": "fedavg(min(examples, weight_cap))",
+            "protection": plan.protection.get("mode", ""),
+            "policy_sha256": plan.protection.get("policy_sha256", ""),
+            "weight_cap": cfg.protection.weight_cap,
+            "secagg_clip": cfg.protection.secagg.clip,
         }
+    )
+    mlflow.log_dict(
+        {"layout": plan.protection, "settings": cfg.protection.model_dump(mode="json")},
+        "protection/policy.json",
     )
 
 
@@ -120,7 +127,9 @@ def log_round_metrics(
         metrics[f"{u.party}/seconds_train"] = float(u.train["seconds"])
     for s in sealed:
         metrics[f"{s.party}/bytes_sent"] = s.bytes_sent
-        metrics[f"{s.party}/seconds_seal"] = s.seal_seconds
+        metrics[f"{s.party}/seconds_protect"] = s.seal_seconds
+        if s.plaintext_bytes:
+            metrics[f"{s.party}/bytes_over_fp32"] = s.bytes_sent / s.plaintext_bytes
     if sealed:
         metrics["bytes_sent_total"] = sum(s.bytes_sent for s in sealed)
     if report is not None:
@@ -135,6 +144,24 @@ def log_round_metrics(
         )
         for party, w in report.weights.items():
             metrics[f"{party}/weight"] = w
+        metrics["weight_sum"] = report.weight_sum
+        metrics["clipped_values"] = report.clipped_values
+        metrics.update({f"secagg/{k}": v for k, v in report.secagg.items()})
+        metrics.update({f"ckks/{k}": v for k, v in report.ckks.items()})
+        # Per round, so a reviewer sees which protection every aggregate was computed under.
+        mlflow.log_dict(
+            {
+                "round": round,
+                "mode": report.protection_mode,
+                "policy_sha256": report.policy_sha256,
+                "accepted": report.accepted,
+                "secagg": report.secagg,
+                "ckks": report.ckks,
+            },
+            f"protection/round_{round:04d}.json",
+        )
+        mlflow.set_tag("protection.mode", report.protection_mode)
+        mlflow.set_tag("protection.policy_sha256", report.policy_sha256)
         if report.rejected:
             mlflow.log_dict(
                 [r.model_dump() for r in report.rejected], f"rejections/round_{round:04d}.json"

@@ -175,7 +175,7 @@ class Federation:
             ]
             hook("unmask", self)
         if "ckks" in modes:
-            summed = secure_coordinator.ckks_sum(
+            secure_coordinator.ckks_sum(
                 cfg, round, sealed, rosters, self.current, plan, ckks_keys[0]
             )
             seg = secure_party.layout_for(cfg, self.exchange, plan).segment("ckks")

@@ -69,3 +69,24 @@ def test_party_failing_its_contract_is_excluded_and_the_run_goes_on(tmp_path: Pa
     }
     accepted = client.get_metric_history(run.info.run_id, "parties_accepted")
     assert [m.value for m in accepted] == [2.0]
+
+
+def test_party_leaving_after_sharing_keys_is_unmasked_around(tmp_path: Path) -> None:
+    """Secure aggregation with a dropout after key sharing: survivors' shares remove its masks."""
+    clouds = tmp_path / "clouds"
+    generate_demo(clouds, seed=5, train_rows=60, eval_rows=10)
+    fed = federation(tmp_path, clouds, PARTIES, rounds=1)
+    fed["training"]["local_steps"] = 5
+    fed["simulate_dropouts"] = {"bank-gcp": "upload"}
+    project = make_project(tmp_path / "project")
+    proc = run_pipeline(project, write_config(tmp_path / "run.yaml", fed))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "party bank-gcp dropped at upload" in out
+
+    client, run = mlflow_last_run()
+    metrics = run.data.metrics
+    assert metrics["secagg/shared"] == 3 and metrics["secagg/uploaded"] == 2
+    assert metrics["secagg/revealed"] == 2 and metrics["parties_accepted"] == 2
+    eval_loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
+    assert eval_loss[1] < eval_loss[0], eval_loss  # the unmasked aggregate is a usable model

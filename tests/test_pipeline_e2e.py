@@ -78,6 +78,29 @@ def test_mlflow_shows_contract_versions_report_and_data_docs(demo_run: dict) -> 
         assert metrics[f"{party}/pii/IBAN"] == 1
 
 
+def test_mlflow_shows_protection_per_round(demo_run: dict) -> None:
+    import json
+
+    assert demo_run["proc"].returncode == 0
+    client, run = mlflow_last_run()
+    params, tags, rid = run.data.params, run.data.tags, run.info.run_id
+    assert params["protection"] == "secagg"
+    assert len(params["policy_sha256"]) == 64
+    assert tags["protection.policy_sha256"] == params["policy_sha256"]
+    for r in (1, 2):
+        path = client.download_artifacts(
+            rid, f"protection/round_{r:04d}.json", str(demo_run["work"])
+        )
+        doc = json.loads(Path(path).read_text())
+        assert doc["mode"] == "secagg" and doc["policy_sha256"] == params["policy_sha256"]
+        assert doc["secagg"]["uploaded"] == len(PARTIES) == doc["secagg"]["revealed"]
+    survivors = client.get_metric_history(rid, "secagg/uploaded")
+    assert [m.value for m in sorted(survivors, key=lambda m: m.step)] == [2.0, 2.0]
+    for party in PARTIES:
+        ratio = client.get_metric_history(rid, f"{party}/bytes_over_fp32")
+        assert ratio and all(1.0 <= m.value <= 1.05 for m in ratio), [m.value for m in ratio]
+
+
 def test_final_adapter_beats_base_model(demo_run: dict) -> None:
     assert demo_run["proc"].returncode == 0
     client, run = mlflow_last_run()

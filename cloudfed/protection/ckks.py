@@ -19,23 +19,26 @@ What the key party is trusted with:
 * **Not to decrypt anything but the sum.** Nothing in CKKS stops the key party from decrypting a
   single party's ciphertext if it gets hold of one (e.g. by observing the exchange), so individual
   ciphertexts must reach only the coordinator.
-* **Not to release the full-precision decryption to a holder of the ciphertext without care.**
-  CKKS is not IND-CPA-D secure (Li and Micciancio, EUROCRYPT 2021): whoever holds a ciphertext
-  *and* its exact approximate decryption can set up linear equations in the secret key. The
-  coordinator holds the summed ciphertext and normally receives the decrypted aggregate, so the
-  key party should publish a rounded/noised aggregate or rotate keys (fresh `generate_keys`) per
-  round; a key that has produced released decryptions must be assumed weakened.
+* **Not to hand the exact decryption to anyone who holds the summed ciphertext.** CKKS is not
+  IND-CPA-D secure (Li and Micciancio, EUROCRYPT 2021): a ciphertext together with its
+  approximate decryption gives linear equations in the secret key, and that key then opens every
+  individual ciphertext of the round, which is exactly what the coordinator holds. So the
+  decrypted aggregate must not reach the coordinator (or anyone colluding with it) as is: either
+  the key party sends it only to the parties, or it floods the decryption with noise far above
+  the CKKS noise before release (which with a 40-bit scale costs most of the precision), and it
+  generates fresh keys every round so that one leak does not span rounds.
 
 TenSEAL has no threshold or multiparty decryption, so one party necessarily holds the whole
 secret key. The upgrade path is OpenFHE, which implements threshold/multiparty CKKS (every party
 holds a key share, decryption needs all or t of them) and a noise-flooding decryption mode
-against the attack above.
+(`NOISE_FLOODING_DECRYPT`) against the attack above.
 
 CKKS is approximate: the decrypted sum differs from the exact sum by encoding and encryption
 noise, bounded by `tolerance`, and callers compare with that bound, never with equality. A
 ciphertext made under a different key with the same parameters decrypts to garbage rather than
-failing; `decrypt_vector` rejects values beyond the plausible range, and binding a ciphertext to
-its key is the job of the envelope that carries it (it names the context fingerprint).
+failing; `decrypt_vector` rejects values beyond the plausible range. CKKS ciphertexts carry no
+integrity protection, so binding a block to its sender, round and key (the public-context
+fingerprint) is the job of the sealed envelope that carries it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import math
 import multiprocessing
+import os
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -66,9 +70,10 @@ SECURITY_BUDGET_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768:
 # Bits between the scale and the data modulus needed so |sum| <= MAX_ABS_VALUE * MAX_PARTIES
 # (2**48) decodes without wrap-around, plus a sign bit and a factor of 2 from the encoding.
 _HEADROOM_BITS = 50
-# Below this many blocks per worker, process start-up (interpreter, numpy and TenSEAL imports,
-# context load) costs more than the encryption it would share; see the measurements in the tests.
-MIN_BLOCKS_PER_WORKER = 96
+# Below this many blocks per worker, process start-up (~0.5 s: interpreter, numpy and TenSEAL
+# imports, context load) costs more than the encryption it would share (~4 ms per block on one
+# core). 2 workers on 2 idle cores: break-even at ~1M values (245 blocks), 1.5x faster at 4M.
+MIN_BLOCKS_PER_WORKER = 128
 # Tasks per worker: more than one so a slow worker does not hold up the rest.
 _TASKS_PER_WORKER = 4
 _U32 = struct.Struct(">I")
@@ -168,7 +173,9 @@ def encrypt_vector(public_context: bytes, values: np.ndarray, *, workers: int = 
 
     TenSEAL holds the GIL while it encrypts (threads give no speed-up), so parallelism uses
     processes started by forkserver (spawn where that is missing): forking a parent that runs
-    TenSEAL, torch or ZenML threads can deadlock a child on a lock held at fork time.
+    TenSEAL, torch or ZenML threads can deadlock a child on a lock held at fork time. As with
+    any non-fork start method, the caller's `__main__` must be safe to import. Worker start-up
+    costs ~0.5 s, so vectors under `MIN_BLOCKS_PER_WORKER` blocks per worker stay serial.
     """
     if not _is_int(workers) or workers < 1:
         raise ValueError(f"workers={workers!r} is invalid; use an integer >= 1")
@@ -176,7 +183,7 @@ def encrypt_vector(public_context: bytes, values: np.ndarray, *, workers: int = 
     context = _load_context(public_context, want_secret=False)
     slots = _slots(context)
     n_blocks = math.ceil(flat.size / slots)
-    workers = min(workers, n_blocks // MIN_BLOCKS_PER_WORKER)
+    workers = min(workers, n_blocks // MIN_BLOCKS_PER_WORKER, _usable_cpus())
     if workers <= 1:
         return _encrypt_blocks(context, flat, slots)
     del context  # each worker loads its own; nothing here should outlive the pool
@@ -297,13 +304,15 @@ def unpack_blocks(blob: bytes) -> list[bytes]:
 def tolerance(params: CkksParams, parties: int, max_abs: float) -> float:
     """Absolute error bound per value for the decrypted sum of `parties` vectors, |x| <= max_abs.
 
-    A fresh encryption's noise, decoded, is about sigma * N / 2**scale_bits per slot (sigma =
-    3.2, one standard deviation), and encoding rounding is smaller; the maximum over N/2 slots
-    stays within ~6 standard deviations. The bound allows 64 * N / 2**scale_bits per party
-    (>= 3x that maximum, ~50x the typical one; parties add their noise, so the bound is linear
-    in `parties` while the actual noise grows ~sqrt(parties)), times (1 + max_abs) to cover
-    float64 rounding in encoding and decoding, which is relative to the magnitude. The tests
-    check that the observed maximum error stays far below it.
+    The decoding error of a fresh ciphertext is encoding rounding plus encryption noise, both
+    fixed in coefficient units, so in value units they scale as N / 2**scale_bits (the noise
+    polynomial's size grows with N; the scale divides it out). Measured, the maximum over a
+    block is 1 to 1.4 x N / 2**scale_bits (7.4e-9 for N=8192, scale 40; likewise for degrees
+    4096..32768 and scales 25..60). The bound allows 64 * N / 2**scale_bits per party, 45-130x
+    that maximum; it is linear in `parties` although independent noises grow only
+    ~sqrt(parties), and the factor (1 + max_abs) covers float64 rounding in encoding and
+    decoding, which is relative to the magnitude (measured 1e-15 * max_abs). The tests check
+    that the observed error stays at least 20x below the bound.
     """
     params.check()
     if not _is_int(parties) or not 1 <= parties <= MAX_PARTIES:
@@ -336,6 +345,13 @@ def _encrypt_blocks(context: ts.Context, values: np.ndarray, slots: int) -> list
         ts.ckks_vector(context, values[start : start + slots]).serialize()
         for start in range(0, values.size, slots)
     ]
+
+
+def _usable_cpus() -> int:
+    """More processes than cores only adds start-up and contention: encryption is CPU-bound."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def _is_int(value: object) -> bool:
@@ -396,9 +412,11 @@ def _slots(context: ts.Context) -> int:
 def _load_vector(context: ts.Context, blob: bytes, slots: int) -> ts.CKKSVector:
     """Deserialise one block and check the metadata SEAL's ciphertext check does not cover.
 
-    TenSEAL parses the vector's size and scale separately from the SEAL ciphertext: an empty
-    stream loads as a 0-value vector, and a stream cut inside its trailing fields can load, so
-    size, scale, level and component count are checked here against the context.
+    TenSEAL parses the vector's size and metadata separately from the SEAL ciphertext, and its
+    protobuf framing is not self-delimiting: an empty stream loads as a 0-value vector, and a
+    stream missing its trailing plain-operation scale loads too (harmlessly: additions and
+    decryption use the SEAL ciphertext's own scale, checked here). So size, scale, level and
+    component count are checked against the context; integrity is the envelope's job.
     """
     if (
         not isinstance(blob, bytes | bytearray | memoryview)
