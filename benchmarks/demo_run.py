@@ -27,7 +27,9 @@ KINDS = (
     "evaluate",
     "log_round",
     "train",
-    "export",
+    "upload",
+    "secagg",
+    "ckks",
     "aggregate",
     "publish_report",
 )

@@ -515,7 +515,8 @@ def aggregate_protected(
         tensors, w = split_weight(seg, vector)
         sums.update(tensors)
         weight_sum = w if weight_sum is None else weight_sum
-        ckks_stats = {"blocks": float(len(ckks_plain)), "values": float(seg.size + 1)}
+        slots = cfg.protection.ckks.poly_modulus_degree // 2
+        ckks_stats = {"blocks": float(-(-(seg.size + 1) // slots)), "values": float(seg.size + 1)}
     if (seg := layout.segment("plaintext")) is not None:
         total = np.zeros(seg.size + (1 if len(layout.segments) == 1 else 0))
         for p in parties:

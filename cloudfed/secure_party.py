@@ -390,10 +390,12 @@ def ckks_decrypt_sum(
     exchange = federation_exchange(cfg)
     keys = party_keys(party, exchange)
     coordinator = coordinator_bundle(exchange, plan)
-    context = _context(cfg, round, COORDINATOR, CKKS_SUM, run_id=plan.run_id)
+    context = _context(cfg, round, COORDINATOR, CKKS_SUM)
     opened = open_sealed_with_metadata(
         exchange.get_bytes(ckks_sum_key(round)), context=context, recipient=keys, sender=coordinator
     )
+    if opened.metadata.get("run_id") != plan.run_id:
+        raise ProtectionError("ckks sum rejected: it belongs to another run (replay)")
     summed = opened.metadata.get("parties")
     if not isinstance(summed, list) or len(summed) < cfg.min_parties:
         raise ProtectionError(

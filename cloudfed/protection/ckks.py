@@ -28,6 +28,12 @@ What the key party is trusted with:
   the CKKS noise before release (which with a 40-bit scale costs most of the precision), and it
   generates fresh keys every round so that one leak does not span rounds.
 
+The coordinator is assumed honest-but-curious. The key party cannot tell a sum from a single
+ciphertext, so a coordinator that forwards one party's ciphertext as "the sum" gets that update
+decrypted; against a malicious coordinator the key party must recompute the sum itself from the
+parties' signed uploads (`add_encrypted` needs only the public context), or the scheme must move
+to threshold decryption.
+
 TenSEAL has no threshold or multiparty decryption, so one party necessarily holds the whole
 secret key. The upgrade path is OpenFHE, which implements threshold/multiparty CKKS (every party
 holds a key share, decryption needs all or t of them) and a noise-flooding decryption mode
@@ -72,8 +78,9 @@ SECURITY_BUDGET_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768:
 _HEADROOM_BITS = 50
 # Below this many blocks per worker, process start-up (~0.5 s: interpreter, numpy and TenSEAL
 # imports, context load) costs more than the encryption it would share (~4 ms per block on one
-# core). 2 workers on 2 idle cores: break-even at ~1M values (245 blocks), 1.5x faster at 4M.
-MIN_BLOCKS_PER_WORKER = 128
+# core). Measured with 2 workers on 2 cores: 1.2-1.5x slower at 1M values (245 blocks), about
+# even at ~1.2M, 1.5x faster at 4M (2.7-2.9 s against 4.0-4.3 s).
+MIN_BLOCKS_PER_WORKER = 160
 # Tasks per worker: more than one so a slow worker does not hold up the rest.
 _TASKS_PER_WORKER = 4
 _U32 = struct.Struct(">I")

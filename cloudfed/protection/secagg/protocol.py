@@ -344,17 +344,29 @@ def unmask(
     responses: Mapping[str, Mapping[str, Reveal]],
 ) -> np.ndarray:
     """Sum of the survivors' words: remove self masks of U3, pairwise masks of dropped owners."""
-    uploaded = sorted(inputs)
-    check_survivors(setup, shared, uploaded)
     if not inputs:
         raise AggregationError("no masked inputs")
     size = {v.shape[0] for v in inputs.values()}
     if len(size) != 1:
         raise ProtectionError("secagg inputs rejected: vectors differ in length")
     total = np.zeros(size.pop(), dtype=WORD)
-    for p in uploaded:
+    for p in sorted(inputs):
         np.add(total, inputs[p], out=total)
-    binding = setup.binding()
+    return remove_masks(setup, adverts, shared, sorted(inputs), total, responses)
+
+
+def remove_masks(
+    setup: RoundSetup,
+    adverts: Mapping[str, Advertisement],
+    shared: Collection[str],
+    uploaded: Collection[str],
+    total: np.ndarray,
+    responses: Mapping[str, Mapping[str, Reveal]],
+) -> np.ndarray:
+    """Unmask a running sum in place, so a coordinator can add inputs as they arrive."""
+    uploaded = sorted(uploaded)
+    check_survivors(setup, shared, uploaded)
+    binding, present = setup.binding(), set(uploaded)
     for owner in uploaded:
         seed = _rebuild(setup, owner, "seed", responses)
         if commit(seed) != adverts[owner].seed_commitment:
@@ -370,7 +382,7 @@ def unmask(
                 f"secagg unmask failed: {owner}'s key shares do not match its advertised key"
             )
         for v in setup.graph[owner]:
-            if v in inputs:
+            if v in present:
                 secret = _agree(key, v, adverts[v])
                 key_uv = masks.pair_key(secret, binding, owner, v)
                 masks.apply_mask(total, key_uv, subtract=v < owner)
