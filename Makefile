@@ -11,7 +11,7 @@ export ZENML_ENABLE_RICH_TRACEBACK := false
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test setup browser stack demo-data preflight lint ui bench clean
+.PHONY: run test setup browser stack demo-data preflight lint ui bench bench-env clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,9 +63,17 @@ lint: setup
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python infra/mlflow_uri.py)" --host 127.0.0.1 --port 5000
 
-bench: stack demo-data
+# Flower lives in its own venv: its pins conflict with ours, and it is only a benchmark peer.
+.venv-flwr/bin/python:
+	$(PYTHON) -m venv .venv-flwr
+	.venv-flwr/bin/pip install --quiet flwr==1.42.0 numpy
+
+bench-env: .venv-flwr/bin/python
+
+bench: stack demo-data bench-env
 	$(BIN)/python benchmarks/harmonize.py
 	$(BIN)/python benchmarks/demo_run.py --config $(CONFIG)
+	$(BIN)/python benchmarks/protection.py
 
 clean:
 	rm -rf .cloudfed

@@ -97,6 +97,7 @@ class CkksKeyRef(_Ref):
     """The key party's public CKKS context (no secret key), signed, on the exchange."""
 
     party: str
+    round: int
     key: str
     sha256: str
     fingerprint: str

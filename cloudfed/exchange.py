@@ -153,8 +153,9 @@ def secagg_reveal_key(round: int, party: str) -> str:
     return f"{_round_dir(round)}/secagg/unmask/{_name(party, 'party')}.sealed"
 
 
-def ckks_public_key() -> str:
-    return "ckks/public-context.signed"
+def ckks_public_key(round: int) -> str:
+    """Fresh CKKS keys every round: whatever one round's decryption leaks ends with the round."""
+    return f"{_round_dir(round)}/ckks/public-context.signed"
 
 
 def ckks_sum_key(round: int) -> str:

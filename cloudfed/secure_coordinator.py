@@ -572,4 +572,4 @@ def _open_ckks_plain(
         recipient=keys,
         sender=sender,
     )
-    return np.frombuffer(opened.payload, dtype="<f8").copy()
+    return np.frombuffer(opened.payload, dtype="<f4").astype(np.float64)

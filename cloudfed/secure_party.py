@@ -230,7 +230,7 @@ def ckks_public_context(
     if sha256(blob) != ref.sha256:
         raise ProtectionError("ckks public context rejected: hash mismatch")
     sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.fingerprint)
-    context = _context(cfg, 0, ref.party, CKKS_CONTEXT, run_id=plan.run_id)
+    context = _context(cfg, ref.round, ref.party, CKKS_CONTEXT, run_id=plan.run_id)
     return open_public(blob, context=context, sender=sender).payload
 
 
@@ -273,6 +273,8 @@ def upload(
     if (seg := layout.segment("ckks")) is not None:
         if len(ckks_keys) != 1:
             raise ProtectionError("CKKS needs the key party's public context")
+        if ckks_keys[0].round != local.round:
+            raise ProtectionError("CKKS keys are for another round")
         public = ckks_public_context(cfg, exchange, plan, ckks_keys[0])
         blocks = ckks.encrypt_vector(
             public, flat_with_weight(seg, update, weight), workers=cfg.protection.ckks.workers
@@ -352,8 +354,14 @@ def reveal_shares(
     return _stage_ref(party.name, roster.round, "unmask", key, blob, keys, start)
 
 
-def ckks_keygen(cfg: FederationConfig, party: PartyConfig, plan: FederationPlan) -> CkksKeyRef:
-    """The key party makes this run's CKKS keys; only the public context leaves its storage."""
+def _ckks_secret_path(party: PartyConfig, run_id: str, round: int) -> Path:
+    return Path(party.storage) / "ckks" / run_id / f"r{round:04d}.secret-context"
+
+
+def ckks_keygen(
+    cfg: FederationConfig, party: PartyConfig, plan: FederationPlan, round: int
+) -> CkksKeyRef:
+    """The key party makes this round's CKKS keys; only the public context leaves its storage."""
     from cloudfed.protection import ckks
 
     exchange = federation_exchange(cfg)
@@ -367,13 +375,14 @@ def ckks_keygen(cfg: FederationConfig, party: PartyConfig, plan: FederationPlan)
             workers=c.workers,
         )
     )
-    _write_owner_only(Path(party.storage) / "ckks" / plan.run_id / "secret-context", secret)
-    context = _context(cfg, 0, party.name, CKKS_CONTEXT, run_id=plan.run_id)
+    _write_owner_only(_ckks_secret_path(party, plan.run_id, round), secret)
+    context = _context(cfg, round, party.name, CKKS_CONTEXT, run_id=plan.run_id)
     blob = sign_public(public, context=context, sender=keys)
-    exchange.put_bytes(ckks_public_key(), blob)
+    exchange.put_bytes(ckks_public_key(round), blob)
     return CkksKeyRef(
         party=party.name,
-        key=ckks_public_key(),
+        round=round,
+        key=ckks_public_key(round),
         sha256=sha256(blob),
         fingerprint=keys.public_bundle().fingerprint,
         bytes=len(blob),
@@ -402,10 +411,11 @@ def ckks_decrypt_sum(
             f"refusing to decrypt a CKKS sum of {summed!r}: fewer than min_parties="
             f"{cfg.min_parties} contributions would expose a single update"
         )
-    secret = (Path(party.storage) / "ckks" / plan.run_id / "secret-context").read_bytes()
+    secret = _ckks_secret_path(party, plan.run_id, round).read_bytes()
     values = ckks.decrypt_vector(secret, ckks.unpack_blocks(opened.payload), length)
     out = _context(cfg, round, party.name, CKKS_PLAIN, run_id=plan.run_id, parties=summed)
-    blob = seal(values.astype("<f8").tobytes(), context=out, sender=keys, recipient=coordinator)
+    # float32 is all the adapter keeps; fewer released bits of the decryption, too.
+    blob = seal(values.astype("<f4").tobytes(), context=out, sender=keys, recipient=coordinator)
     key = ckks_plain_sum_key(round)
     exchange.put_bytes(key, blob)
     return _stage_ref(party.name, round, "ckks-decrypt", key, blob, keys, start)

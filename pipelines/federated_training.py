@@ -136,10 +136,6 @@ def federated_training(federation: dict[str, Any]) -> None:
         rows = [coord(log_baseline)(evals, list(datasets.values()), excluded, id="log_round_r0")]
         stop_reason = f"round limit ({cfg.rounds}) reached"
         protection = plan.load().protection.get("tensors", {})
-        ckks_keys = []
-        if "ckks" in protection:  # the key party makes this run's keys; the secret never leaves
-            kp = cfg.ckks_key_party
-            ckks_keys = [_party_step(ckks_keygen, cfg, kp)(federation, kp, plan, id="ckks_keygen")]
         for r in range(1, cfg.rounds + 1):
             dropped: list[Rejection] = []
             party = _PartyCalls(cfg, r, dropped)
@@ -151,8 +147,15 @@ def federated_training(federation: dict[str, Any]) -> None:
                 )
                 is not None
             }
-            rosters, reveals, ckks_plain = [], [], []
+            rosters, reveals, ckks_plain, ckks_keys = [], [], [], []
             uploaders = list(local)
+            if "ckks" in protection:  # fresh keys each round; the secret stays with the key party
+                kp = cfg.ckks_key_party
+                ckks_keys = [
+                    _party_step(ckks_keygen, cfg, kp)(
+                        federation, kp, r, plan, id=f"ckks_keygen_r{r}"
+                    )
+                ]
             if "secagg" in protection:
                 adverts = party.each("advertise", secagg_advertise, local, federation, local, plan)
                 roster = coord(secagg_keys_roster)(

@@ -17,14 +17,14 @@ from steps._work import timed_work
 
 @step
 def ckks_keygen(
-    federation: dict[str, Any], party: str, plan: FederationPlan
+    federation: dict[str, Any], party: str, round: int, plan: FederationPlan
 ) -> Annotated[CkksKeyRef, "ckks_key_ref"]:
-    with timed_work(party=party):
+    with timed_work(party=party, round=round):
         from cloudfed.federation import parse_federation
         from cloudfed.secure_party import ckks_keygen as keygen
 
         cfg = parse_federation(federation)
-        result = keygen(cfg, cfg.party(party), plan)
+        result = keygen(cfg, cfg.party(party), plan, round)
     return result
 
 

@@ -109,7 +109,7 @@ class Federation:
         uploaders = list(local)
         if "ckks" in modes:
             kp = cfg.ckks_key_party
-            ckks_keys = [secure_party.ckks_keygen(cfg, cfg.party(kp), plan)]
+            ckks_keys = [secure_party.ckks_keygen(cfg, cfg.party(kp), plan, round)]
         if "secagg" in modes:
             adverts = [
                 a

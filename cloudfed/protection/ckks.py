@@ -10,7 +10,8 @@ Trust model
   the blocks (framed by `pack_blocks`) to the coordinator.
 * The **coordinator** holds only the public context. It adds the parties' ciphertexts blockwise
   (`add_encrypted`) and sends the summed ciphertext to the key party.
-* The key party decrypts the sum only (`decrypt_vector`) and returns the plaintext aggregate.
+* The key party decrypts the sum only (`decrypt_vector`, re-randomised) and returns the
+  plaintext aggregate. In cloudfed the key party makes fresh keys every round.
 
 What the key party is trusted with:
 
@@ -240,8 +241,17 @@ def add_encrypted(public_context: bytes, parties: Sequence[Sequence[bytes]]) -> 
     return out
 
 
-def decrypt_vector(secret_context: bytes, blocks: Sequence[bytes], length: int) -> np.ndarray:
+def decrypt_vector(
+    secret_context: bytes, blocks: Sequence[bytes], length: int, *, rerandomize: bool = True
+) -> np.ndarray:
     """Decrypt blocks into a float64 vector of `length` values.
+
+    With `rerandomize` (the default), a fresh encryption of zero is added to every block first:
+    the released value is then c0 + c1*s plus fresh encryption noise, one more RLWE sample to
+    whoever holds the ciphertext, instead of the exact linear equation in the secret key that a
+    plain decryption gives (Li and Micciancio 2021). This protects the key against an
+    honest-but-curious holder of the summed ciphertext; it is not noise flooding, so it does not
+    stop a malicious one that crafts the ciphertext it asks to have decrypted.
 
     The block layout must be exactly what `encrypt_vector` produces for `length`, and every
     value must be within the range a legitimate sum can reach: a ciphertext under another key
@@ -261,6 +271,8 @@ def decrypt_vector(secret_context: bytes, blocks: Sequence[bytes], length: int) 
         if vector.size() != want:
             raise ProtectionError("ckks ciphertext rejected: length mismatch")
         try:
+            if rerandomize:
+                vector.add_(ts.ckks_vector(context, np.zeros(want)))
             out[start : start + want] = vector.decrypt()
         except (ValueError, RuntimeError, TypeError) as exc:
             raise ProtectionError("ckks ciphertext rejected: decryption failed") from exc
