@@ -2,7 +2,7 @@
 
 Every function here reads raw or harmonised rows only from the party's own storage and returns
 references and numbers. The plaintext update is written to the party's storage and leaves it only
-through `export_update`, sealed to the coordinator.
+through `cloudfed.secure_party.upload`, protected per the policy and sealed to the coordinator.
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cloudfed.artifacts import GlobalAdapterRef, LocalUpdateRef, PartyEval, SealedUpdateRef
+from cloudfed.artifacts import GlobalAdapterRef, LocalUpdateRef, PartyEval
 from cloudfed.data.ref import DatasetRef
 from cloudfed.errors import DataError, ProtectionError, SimulatedDropout
 from cloudfed.exchange import (
     Exchange,
     federation_exchange,
-    fetch_public_keys,
     publish_public_keys,
-    update_key,
 )
 from cloudfed.federation import FederationConfig, PartyConfig
-from cloudfed.protection import SealContext, load_or_create_keys, seal
+from cloudfed.protection import load_or_create_keys
 from cloudfed.training.adapter_io import state_from_bytes, state_to_bytes
 from cloudfed.training.model import resolve_base_model
 
@@ -115,47 +113,6 @@ def train_round(
         base_sha256=global_ref.sha256,
         examples=metrics.examples,
         train=metrics.as_dict(),
-    )
-
-
-def export_update(
-    cfg: FederationConfig,
-    party: PartyConfig,
-    local: LocalUpdateRef,
-    *,
-    coordinator_fingerprint: str,
-    run_id: str,
-) -> SealedUpdateRef:
-    """Seal the update to the coordinator, bound to federation, round and party.
-
-    The signed metadata also binds the run and the global adapter the update was trained from,
-    so an update from an earlier run of the same federation cannot be replayed into this one.
-    """
-    start = time.perf_counter()
-    exchange = federation_exchange(cfg)
-    keys = party_keys(party, exchange)
-    coordinator = fetch_public_keys(
-        exchange, "coordinator", COORDINATOR, fingerprint=coordinator_fingerprint
-    )
-    payload = read_verified(Path(local.uri), local.sha256, "local update")
-    context = SealContext(
-        federation_id=cfg.federation_id,
-        round=local.round,
-        party=party.name,
-        kind="update",
-        metadata={"examples": local.examples, "run_id": run_id, "base_sha256": local.base_sha256},
-    )
-    blob = seal(payload, context=context, sender=keys, recipient=coordinator)
-    key = update_key(local.round, party.name)
-    exchange.put_bytes(key, blob)
-    return SealedUpdateRef(
-        party=party.name,
-        round=local.round,
-        key=key,
-        bytes_sent=len(blob),
-        plaintext_bytes=len(payload),
-        seal_seconds=time.perf_counter() - start,
-        sender_fingerprint=keys.public_bundle().fingerprint,
     )
 
 

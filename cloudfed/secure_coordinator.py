@@ -55,6 +55,7 @@ from cloudfed.secure_party import (
     ADVERT,
     CKKS_PLAIN,
     CKKS_SUM,
+    MAX_ABS_UPDATE,
     REVEAL,
     ROSTER,
     SHARE,
@@ -127,6 +128,8 @@ def open_upload(
         values = np.frombuffer(sections["plaintext"], dtype="<f4")
         if not np.all(np.isfinite(values)):
             raise ValueError("non-finite values in the public tensors")
+        if values.size and float(np.max(np.abs(values))) > MAX_ABS_UPDATE:
+            raise ValueError(f"magnitude above {MAX_ABS_UPDATE:.3g} in the public tensors")
     clipped = meta.get("clipped", 0)
     return Upload(
         ref.party, sections, int(clipped) if isinstance(clipped, int) else 0, len(opened.payload)
@@ -222,7 +225,7 @@ def shares_roster(
     exchange = federation_exchange(cfg)
     keys = coordinator_keys(cfg, exchange)
     doc, setup = read_roster(cfg, exchange, plan, previous, "keys")
-    shared, rejected = [], []
+    shared, rejected = [], list(previous.rejected)  # a roster carries every exclusion so far
     for ref in sorted(shares, key=lambda r: r.party):
         if ref.party not in setup.parties:
             rejected.append(Rejection(party=ref.party, reason="shared keys without advertising"))
@@ -272,7 +275,7 @@ def inputs_roster(
     keys = coordinator_keys(cfg, exchange)
     doc, setup = read_roster(cfg, exchange, plan, previous, "shares")
     layout = layout_for(cfg, exchange, plan)
-    uploaded, rejected = [], []
+    uploaded, rejected = [], list(previous.rejected)
     for ref in sorted(sealed, key=lambda r: r.party):
         if ref.party not in doc["shared"]:
             rejected.append(Rejection(party=ref.party, reason="uploaded without sharing keys"))
@@ -510,6 +513,7 @@ def aggregate_protected(
             "seconds_unmask": time.perf_counter() - unmask_start,
         }
     ckks_stats: dict[str, float] = {}
+    public_weights: dict[str, float] = {}
     if (seg := layout.segment("ckks")) is not None:
         vector = _open_ckks_plain(cfg, exchange, keys, ckks_plain, round, plan, parties)
         tensors, w = split_weight(seg, vector)
@@ -520,7 +524,10 @@ def aggregate_protected(
     if (seg := layout.segment("plaintext")) is not None:
         total = np.zeros(seg.size + (1 if len(layout.segments) == 1 else 0))
         for p in parties:
-            total += np.frombuffer(uploads[p].sections["plaintext"], dtype="<f4")
+            values = np.frombuffer(uploads[p].sections["plaintext"], dtype="<f4")
+            total += values
+            if len(layout.segments) == 1:  # weights travelled in the clear: report them
+                public_weights[p] = float(values[-1])
         if len(layout.segments) == 1:
             weight_sum = float(total[-1])
             total = total[:-1]
@@ -534,8 +541,12 @@ def aggregate_protected(
         round=round,
         accepted=parties,
         rejected=rejected,
-        weights={},
-        bytes_received=sum(r.bytes_sent for r in sealed if r.party in uploads and r.round == round),
+        weights={p: w / weight_sum for p, w in public_weights.items()},
+        bytes_received=sum(
+            {
+                r.party: r.bytes_sent for r in sealed if r.party in uploads and r.round == round
+            }.values()
+        ),
         seconds=time.perf_counter() - start,
         update_norm=float(
             np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))

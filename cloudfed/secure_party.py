@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cloudfed.aggregation.fedavg import check_update
 from cloudfed.artifacts import (
     CkksKeyRef,
     FederationPlan,
@@ -25,7 +26,7 @@ from cloudfed.artifacts import (
     SecAggRoster,
     StageRef,
 )
-from cloudfed.errors import ProtectionError
+from cloudfed.errors import DataError, ProtectionError
 from cloudfed.exchange import (
     Exchange,
     ckks_plain_sum_key,
@@ -54,6 +55,8 @@ from cloudfed.protection.policy import Layout, route
 from cloudfed.protection.secagg import protocol
 from cloudfed.training.adapter_io import state_from_bytes
 
+# A LoRA delta this large after a few local steps is a bug or an attack, not training.
+MAX_ABS_UPDATE = 1e3
 ADVERT, ROSTER, SHARE, REVEAL = "secagg-advert", "secagg-roster", "secagg-share", "secagg-reveal"
 CKKS_CONTEXT, CKKS_SUM, CKKS_PLAIN = "ckks-context", "ckks-sum", "ckks-plain-sum"
 
@@ -251,6 +254,13 @@ def upload(
     keys = party_keys(party, exchange)
     layout = layout_for(cfg, exchange, plan)
     update = state_from_bytes(read_verified(Path(local.uri), local.sha256, "local update"))
+    shapes = {n: s for seg in layout.segments for n, s in seg.tensors}
+    reason = check_update(update, shapes, max_abs=MAX_ABS_UPDATE)
+    if reason:  # masked or encrypted, nobody downstream could see what is wrong with it
+        raise DataError(
+            f"{party.name}: the local update of round {local.round} is invalid ({reason}); it is "
+            "not uploaded. Fix: check this party's training logs (learning rate, data)"
+        )
     weight = party_weight(local.examples, cfg.protection.weight_cap)
     sections: dict[str, bytes] = {}
     clipped = 0

@@ -1,16 +1,22 @@
-"""Coordinator and party exchange with real sealing: prepare, export, aggregate, reject."""
+"""Coordinator and party exchange with real sealing: prepare, upload, aggregate, reject.
+
+These run the protected round under the all-plaintext policy (every tensor declared public), so
+the weighted mean is exact and the envelope-level checks are tested on their own; the secagg and
+CKKS stages have their own tests (test_protected_round.py).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cloudfed import coordinator, party
-from cloudfed.artifacts import FederationPlan, LocalUpdateRef, SealedUpdateRef
+from cloudfed import coordinator, party, secure_coordinator, secure_party
+from cloudfed.artifacts import FederationPlan, LocalUpdateRef, Rejection, SealedUpdateRef
 from cloudfed.data.ref import DatasetRef, ValidationSummary
 from cloudfed.errors import AggregationError, ConfigError, DataError
 from cloudfed.exchange import (
@@ -45,6 +51,7 @@ def make_cfg(tmp_path: Path, model_cache: Path, *, min_parties: int = 2) -> Fede
             "seed": 5,
             "training": {"local_steps": 1, "batch_size": 2, "max_seq_len": 64},
             "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+            "protection": {"default": "plaintext", "public_tensors": ["*"]},
             "parties": [
                 {
                     "name": name,
@@ -91,17 +98,18 @@ class Fed:
     def export(
         self, name: str, round: int, state: dict[str, np.ndarray], examples: int
     ) -> SealedUpdateRef:
-        return party.export_update(
+        return secure_party.upload(
             self.cfg,
             self.cfg.party(name),
             self.local(name, round, state, examples),
-            coordinator_fingerprint=self.plan.coordinator_fingerprint,
-            run_id=self.plan.run_id,
+            self.plan,
+            [],
+            [],
         )
 
     def aggregate(self, round: int, sealed: list[SealedUpdateRef], current, **kw):
-        new_ref, report = coordinator.aggregate_round(
-            self.cfg, round, sealed, current, run_id=self.plan.run_id, **kw
+        new_ref, report = secure_coordinator.aggregate_protected(
+            self.cfg, round, sealed, current, self.plan, **kw
         )
         self.base = new_ref.sha256
         return new_ref, report
@@ -118,7 +126,8 @@ class Fed:
         got = load_global(self.exchange, ref)
         assert sorted(got) == sorted(self.initial)
         for k, v in self.initial.items():
-            np.testing.assert_array_equal(got[k], v + np.float32(delta))
+            # float32 of w * x on the wire: equal to a few ulps, not bit for bit
+            np.testing.assert_allclose(got[k], v + np.float32(delta), rtol=2e-7, atol=1e-6)
 
     def flip_byte(self, key: str, where: int) -> None:
         blob = bytearray(self.exchange.get_bytes(key))
@@ -174,12 +183,11 @@ def test_aggregate_is_exact_weighted_mean(fed: Fed) -> None:
 
 
 def test_sealed_updates_hide_the_plaintext(fed: Fed) -> None:
-    marker = fed.const(1234.5)
+    marker = fed.const(123.5)
     ref = fed.export(NAMES[0], 1, marker, 3)
     blob = fed.exchange.get_bytes(ref.key)
-    plain = state_to_bytes(marker)
-    assert ref.plaintext_bytes == len(plain)
-    assert np.float32(1234.5).tobytes() * 4 not in blob
+    assert ref.plaintext_bytes == 4 * sum(v.size for v in marker.values())
+    assert np.float32(123.5).tobytes() * 4 not in blob
     assert ref.sender_fingerprint != fed.plan.coordinator_fingerprint
 
 
@@ -291,26 +299,49 @@ def _bad_update(fed: Fed, kind: str) -> tuple[dict[str, np.ndarray], str]:
         bad[names[1]] = np.ones((3, 3), dtype=np.float32)
         return bad, f"shape mismatch for {names[1]}: (3, 3) != "
     if kind == "magnitude":
-        return fed.const(coordinator.MAX_ABS_UPDATE * 10), "magnitude 1e+04 exceeds"
+        return fed.const(secure_party.MAX_ABS_UPDATE * 10), "magnitude 1e+04 exceeds"
     del bad[names[-1]]
     return bad, f"missing tensor(s): {names[-1]}"
 
 
 @pytest.mark.parametrize("kind", ["nan", "shape", "magnitude", "missing"])
-def test_invalid_plaintext_update_is_rejected_and_round_goes_on(
+def test_invalid_update_is_refused_by_its_party_and_round_goes_on(
     tmp_path: Path, model_cache: Path, kind: str
 ) -> None:
+    """Under masks or encryption nobody else could inspect it, so the party checks its own."""
     fed = Fed(tmp_path, model_cache)
     bad, reason = _bad_update(fed, kind)
+    with pytest.raises(DataError, match=re.escape(reason)):
+        fed.export(NAMES[0], 1, bad, 1)
+    assert not fed.exchange.exists(update_key(1, NAMES[0]))
     sealed = [
-        fed.export(NAMES[0], 1, bad, 1),
+        fed.export(NAMES[1], 1, fed.const(2.0), 1),
+        fed.export(NAMES[2], 1, fed.const(4.0), 2),
+    ]
+    dropped = [Rejection(party=NAMES[0], reason="dropped at upload: invalid update")]
+    new_ref, report = fed.aggregate(1, sealed, fed.plan.initial_adapter, dropped=dropped)
+    assert report.accepted == sorted(NAMES[1:])
+    assert reasons(report)[NAMES[0]].startswith("dropped at upload")
+    fed.expect_global(new_ref, 10.0 / 3.0)
+
+
+@pytest.mark.parametrize("kind", ["nan", "magnitude"])
+def test_forged_public_values_are_rejected_by_the_coordinator(
+    tmp_path: Path, model_cache: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A party that skips its own check is still caught where values are visible (plaintext)."""
+    fed = Fed(tmp_path, model_cache)
+    bad, _ = _bad_update(fed, kind)
+    monkeypatch.setattr(secure_party, "check_update", lambda *a, **k: None)
+    sealed = [
+        fed.export(NAMES[0], 1, bad, 1000),
         fed.export(NAMES[1], 1, fed.const(2.0), 1),
         fed.export(NAMES[2], 1, fed.const(4.0), 2),
     ]
     new_ref, report = fed.aggregate(1, sealed, fed.plan.initial_adapter)
     assert report.accepted == sorted(NAMES[1:])
-    assert reasons(report)[NAMES[0]].startswith(reason)
-    fed.expect_global(new_ref, float(np.float32(10.0 / 3.0)))
+    assert "in the public tensors" in reasons(report)[NAMES[0]]
+    fed.expect_global(new_ref, 10.0 / 3.0)
 
 
 def test_update_from_another_run_is_rejected(tmp_path: Path, model_cache: Path) -> None:
@@ -320,8 +351,8 @@ def test_update_from_another_run_is_rejected(tmp_path: Path, model_cache: Path) 
     assert other_run.run_id != fed.plan.run_id
     assert other_run.initial_adapter.sha256 == fed.plan.initial_adapter.sha256
     with pytest.raises(AggregationError, match="another run"):
-        coordinator.aggregate_round(
-            fed.cfg, 1, sealed, other_run.initial_adapter, run_id=other_run.run_id
+        secure_coordinator.aggregate_protected(
+            fed.cfg, 1, sealed, other_run.initial_adapter, other_run
         )
 
 
