@@ -44,7 +44,7 @@ from cloudfed.exchange import (
 )
 from cloudfed.federation import FederationConfig
 from cloudfed.party import load_global
-from cloudfed.protection import SealContext, open_sealed_with_metadata, seal
+from cloudfed.protection import open_sealed_with_metadata, seal
 from cloudfed.protection import payload as container
 from cloudfed.protection.encoding import decode_secagg, secagg_specs, split_weight
 from cloudfed.protection.envelope import open_public, read_public_header, sign_public
@@ -63,17 +63,12 @@ from cloudfed.secure_party import (
     layout_for,
     read_roster,
     sha256,
+    stage_context,
     verified_advert,
 )
 from cloudfed.training.lora import add
 
 logger = logging.getLogger(__name__)
-
-
-def _context(cfg: FederationConfig, round: int, party: str, kind: str, **meta: Any) -> SealContext:
-    return SealContext(
-        federation_id=cfg.federation_id, round=round, party=party, kind=kind, metadata=meta
-    )
 
 
 @dataclass
@@ -103,7 +98,7 @@ def open_upload(
     sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.sender_fingerprint)
     opened = open_sealed_with_metadata(
         exchange.get_bytes(ref.key),
-        context=_context(cfg, round, ref.party, "update"),
+        context=stage_context(cfg, round, ref.party, "update"),
         recipient=keys,
         sender=sender,
     )
@@ -147,7 +142,7 @@ def _sign_roster(
     rejected: list[Rejection],
 ) -> SecAggRoster:
     round = setup.round
-    context = _context(cfg, round, COORDINATOR, ROSTER, run_id=run_id, stage=stage)
+    context = stage_context(cfg, round, COORDINATOR, ROSTER, run_id=run_id, stage=stage)
     blob = sign_public(json.dumps(doc, sort_keys=True).encode(), context=context, sender=keys)
     key = secagg_roster_key(round, stage)
     exchange.put_bytes(key, blob)
@@ -176,7 +171,7 @@ def keys_roster(
         try:
             blob = exchange.get_bytes(secagg_advert_key(round, ref.party))
             sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.fingerprint)
-            context = _context(cfg, round, ref.party, ADVERT, run_id=plan.run_id)
+            context = stage_context(cfg, round, ref.party, ADVERT, run_id=plan.run_id)
             protocol.Advertisement.model_validate_json(
                 open_public(blob, context=context, sender=sender).payload
             )
@@ -275,28 +270,25 @@ def inputs_roster(
     keys = coordinator_keys(cfg, exchange)
     doc, setup = read_roster(cfg, exchange, plan, previous, "shares")
     layout = layout_for(cfg, exchange, plan)
-    uploaded, rejected = [], list(previous.rejected)
-    for ref in sorted(sealed, key=lambda r: r.party):
-        if ref.party not in doc["shared"]:
-            rejected.append(Rejection(party=ref.party, reason="uploaded without sharing keys"))
-            continue
-        try:
-            open_upload(
-                cfg,
-                exchange,
-                keys,
-                ref,
-                round=round,
-                run_id=plan.run_id,
-                base_sha256=current.sha256,
-                layout=layout,
-            )
-        except (ProtectionError, ValueError, FileNotFoundError) as exc:
-            reason = "sealed update missing" if isinstance(exc, FileNotFoundError) else str(exc)
-            logger.warning("round %d: rejected update from %s: %s", round, ref.party, reason)
-            rejected.append(Rejection(party=ref.party, reason=reason))
-            continue
-        uploaded.append(ref.party)
+    rejected = list(previous.rejected)
+    rejected += [
+        Rejection(party=r.party, reason="uploaded without sharing keys")
+        for r in sealed
+        if r.party not in doc["shared"]
+    ]
+    uploads, bad = verified_uploads(
+        cfg,
+        exchange,
+        keys,
+        sealed,
+        round=round,
+        plan=plan,
+        current=current,
+        layout=layout,
+        only=doc["shared"],
+    )
+    rejected += bad
+    uploaded = sorted(uploads)
     for p in doc["shared"]:
         if p not in uploaded and not any(r.party == p for r in rejected):
             rejected.append(Rejection(party=p, reason="dropped after sharing keys"))
@@ -387,7 +379,7 @@ def ckks_sum(
     key_party = fetch_public_keys(
         exchange, "party", ckks_key.party, fingerprint=ckks_key.fingerprint
     )
-    context = _context(cfg, round, COORDINATOR, CKKS_SUM, run_id=plan.run_id, parties=parties)
+    context = stage_context(cfg, round, COORDINATOR, CKKS_SUM, run_id=plan.run_id, parties=parties)
     blob = seal(ckks.pack_blocks(total), context=context, sender=keys, recipient=key_party)
     exchange.put_bytes(ckks_sum_key(round), blob)
     return StageRef(
@@ -420,7 +412,7 @@ def _open_reveals(
             sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=members[ref.party])
             opened = open_sealed_with_metadata(
                 exchange.get_bytes(ref.key),
-                context=_context(cfg, round, ref.party, REVEAL, run_id=plan.run_id),
+                context=stage_context(cfg, round, ref.party, REVEAL, run_id=plan.run_id),
                 recipient=keys,
                 sender=sender,
             )
@@ -579,7 +571,9 @@ def _open_ckks_plain(
         )
     opened = open_sealed_with_metadata(
         exchange.get_bytes(ref.key),
-        context=_context(cfg, round, ref.party, CKKS_PLAIN, run_id=plan.run_id, parties=parties),
+        context=stage_context(
+            cfg, round, ref.party, CKKS_PLAIN, run_id=plan.run_id, parties=parties
+        ),
         recipient=keys,
         sender=sender,
     )

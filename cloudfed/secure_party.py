@@ -77,7 +77,10 @@ def coordinator_bundle(exchange: Exchange, plan: FederationPlan) -> PublicKeyBun
     )
 
 
-def _context(cfg: FederationConfig, round: int, party: str, kind: str, **meta: Any) -> SealContext:
+def stage_context(
+    cfg: FederationConfig, round: int, party: str, kind: str, **meta: Any
+) -> SealContext:
+    """What a stage message is bound to; both ends build it the same way."""
     return SealContext(
         federation_id=cfg.federation_id, round=round, party=party, kind=kind, metadata=meta
     )
@@ -110,7 +113,7 @@ def read_roster(
     blob = exchange.get_bytes(ref.key)
     if sha256(blob) != ref.sha256 or ref.stage != stage:
         raise ProtectionError(f"secagg roster rejected: not the {stage} roster of this round")
-    context = _context(cfg, ref.round, COORDINATOR, ROSTER, run_id=plan.run_id, stage=stage)
+    context = stage_context(cfg, ref.round, COORDINATOR, ROSTER, run_id=plan.run_id, stage=stage)
     doc = json.loads(
         open_public(blob, context=context, sender=coordinator_bundle(exchange, plan)).payload
     )
@@ -140,7 +143,7 @@ def verified_advert(
     blob = exchange.get_bytes(secagg_advert_key(round, name))
     if sha256(blob) != doc["adverts"][name]:
         raise ProtectionError(f"secagg advertisement of {name} differs from the roster's")
-    context = _context(cfg, round, name, ADVERT, run_id=doc["setup"]["run_id"])
+    context = stage_context(cfg, round, name, ADVERT, run_id=doc["setup"]["run_id"])
     opened = open_public(blob, context=context, sender=_peer(exchange, doc, name))
     return protocol.Advertisement.model_validate_json(opened.payload)
 
@@ -170,7 +173,7 @@ def advertise(
     keys = party_keys(party, exchange)
     secrets = protocol.PartySecrets.generate()
     _write_owner_only(_secret_path(party, local.round, plan.run_id, "secrets"), secrets.to_bytes())
-    context = _context(cfg, local.round, party.name, ADVERT, run_id=plan.run_id)
+    context = stage_context(cfg, local.round, party.name, ADVERT, run_id=plan.run_id)
     blob = sign_public(
         secrets.advertisement().model_dump_json().encode(), context=context, sender=keys
     )
@@ -203,7 +206,9 @@ def share_keys(
         raise ProtectionError("secagg roster rejected: it lists another advertisement of ours")
     total = 0
     for holder, share in protocol.make_shares(setup, party.name, secrets).items():
-        context = _context(cfg, roster.round, party.name, SHARE, run_id=plan.run_id, holder=holder)
+        context = stage_context(
+            cfg, roster.round, party.name, SHARE, run_id=plan.run_id, holder=holder
+        )
         blob = seal(
             share.model_dump_json().encode(),
             context=context,
@@ -233,7 +238,7 @@ def ckks_public_context(
     if sha256(blob) != ref.sha256:
         raise ProtectionError("ckks public context rejected: hash mismatch")
     sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.fingerprint)
-    context = _context(cfg, ref.round, ref.party, CKKS_CONTEXT, run_id=plan.run_id)
+    context = stage_context(cfg, ref.round, ref.party, CKKS_CONTEXT, run_id=plan.run_id)
     return open_public(blob, context=context, sender=sender).payload
 
 
@@ -297,7 +302,7 @@ def upload(
             values = np.concatenate([values, [weight]])
         sections["plaintext"] = values.astype("<f4").tobytes()
     payload = container.pack(sections)
-    context = _context(
+    context = stage_context(
         cfg,
         local.round,
         party.name,
@@ -343,7 +348,9 @@ def reveal_shares(
     for owner in setup.holders(party.name):  # symmetric graph: whoever I hold shares of
         if owner not in shared:
             continue
-        context = _context(cfg, roster.round, owner, SHARE, run_id=plan.run_id, holder=party.name)
+        context = stage_context(
+            cfg, roster.round, owner, SHARE, run_id=plan.run_id, holder=party.name
+        )
         sender = keys.public_bundle() if owner == party.name else _peer(exchange, doc, owner)
         opened = open_sealed_with_metadata(
             exchange.get_bytes(secagg_share_key(roster.round, party.name, owner)),
@@ -357,7 +364,7 @@ def reveal_shares(
     reveals = protocol.reveal(setup, party.name, held, shared, uploaded)
     _write_owner_only(answered, view)
     body = json.dumps({o: r.model_dump() for o, r in reveals.items()}).encode()
-    context = _context(cfg, roster.round, party.name, REVEAL, run_id=plan.run_id)
+    context = stage_context(cfg, roster.round, party.name, REVEAL, run_id=plan.run_id)
     blob = seal(body, context=context, sender=keys, recipient=coordinator_bundle(exchange, plan))
     key = secagg_reveal_key(roster.round, party.name)
     exchange.put_bytes(key, blob)
@@ -386,7 +393,7 @@ def ckks_keygen(
         )
     )
     _write_owner_only(_ckks_secret_path(party, plan.run_id, round), secret)
-    context = _context(cfg, round, party.name, CKKS_CONTEXT, run_id=plan.run_id)
+    context = stage_context(cfg, round, party.name, CKKS_CONTEXT, run_id=plan.run_id)
     blob = sign_public(public, context=context, sender=keys)
     exchange.put_bytes(ckks_public_key(round), blob)
     return CkksKeyRef(
@@ -409,7 +416,7 @@ def ckks_decrypt_sum(
     exchange = federation_exchange(cfg)
     keys = party_keys(party, exchange)
     coordinator = coordinator_bundle(exchange, plan)
-    context = _context(cfg, round, COORDINATOR, CKKS_SUM)
+    context = stage_context(cfg, round, COORDINATOR, CKKS_SUM)
     opened = open_sealed_with_metadata(
         exchange.get_bytes(ckks_sum_key(round)), context=context, recipient=keys, sender=coordinator
     )
@@ -423,7 +430,7 @@ def ckks_decrypt_sum(
         )
     secret = _ckks_secret_path(party, plan.run_id, round).read_bytes()
     values = ckks.decrypt_vector(secret, ckks.unpack_blocks(opened.payload), length)
-    out = _context(cfg, round, party.name, CKKS_PLAIN, run_id=plan.run_id, parties=summed)
+    out = stage_context(cfg, round, party.name, CKKS_PLAIN, run_id=plan.run_id, parties=summed)
     # float32 is all the adapter keeps; fewer released bits of the decryption, too.
     blob = seal(values.astype("<f4").tobytes(), context=out, sender=keys, recipient=coordinator)
     key = ckks_plain_sum_key(round)
