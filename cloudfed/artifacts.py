@@ -123,6 +123,8 @@ class AggregateReport(_Ref):
     clipped_values: int = 0
     secagg: dict[str, float] = Field(default_factory=dict)
     ckks: dict[str, float] = Field(default_factory=dict)
+    # Party-level DP of the round: noise, clip, fraction clipped, epsilon after it (per party too).
+    privacy: dict[str, Any] = Field(default_factory=dict)
 
 
 class PartyEval(_Ref):

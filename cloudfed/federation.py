@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cloudfed.errors import ConfigError
+from cloudfed.privacy.settings import PrivacySettings
 
 PARTY_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
@@ -126,6 +127,7 @@ class FederationConfig(_Strict):
     training: TrainingSettings = TrainingSettings()
     lora: LoraSettings = LoraSettings()
     protection: ProtectionSettings = ProtectionSettings()
+    privacy: PrivacySettings = PrivacySettings()
     # Simulation only: make a party fail at a stage of every round (to rehearse dropout recovery).
     simulate_dropouts: dict[str, DropoutStage] = Field(default_factory=dict)
     parties: list[PartyConfig] = Field(min_length=1)
@@ -153,7 +155,33 @@ class FederationConfig(_Strict):
         key_party = self.protection.ckks.key_party
         if key_party is not None and key_party not in names:
             raise ValueError(f"protection.ckks.key_party {key_party!r} is not one of {names}")
+        self._check_privacy(names)
         return self
+
+    def _check_privacy(self, names: list[str]) -> None:
+        privacy = self.privacy
+        unknown_dp = sorted(set(privacy.dp_sgd) - set(names))
+        if unknown_dp:
+            raise ValueError(f"privacy.dp_sgd names unknown parties {unknown_dp}")
+        if privacy.mode == "distributed":
+            modes = {self.protection.default, *(r.mode for r in self.protection.rules)}
+            if "plaintext" in modes:
+                raise ValueError(
+                    "privacy.mode distributed adds each party's noise inside secure aggregation "
+                    "or CKKS; plaintext tensors would be released un-noised per party. Use "
+                    "secagg/ckks for every tensor, or mode central"
+                )
+        m = privacy.min_contributors
+        if m is not None and not self.min_parties <= m <= len(self.active_parties):
+            raise ValueError(
+                f"privacy.min_contributors={m} must lie between min_parties={self.min_parties} "
+                f"and the {len(self.active_parties)} participating parties"
+            )
+
+    @property
+    def min_contributors(self) -> int:
+        """Fewest updates a round may aggregate; distributed noise is sized for this many."""
+        return self.privacy.min_contributors or self.min_parties
 
     @property
     def ckks_key_party(self) -> str:
@@ -194,6 +222,13 @@ _FIXES: dict[str, str] = {
     "default": "use one of secagg, ckks or plaintext",
     "clip": "use a positive clipping range such as 0.5",
     "key_party": "name one of the parties under parties[].name",
+    "target_epsilon": "use a positive epsilon such as 8.0, or give noise_multiplier instead",
+    "max_epsilon": "use a positive, finite budget such as 8.0",
+    "delta": "use a delta strictly between 0 and 1, well below 1/records (e.g. 1e-5)",
+    "noise_multiplier": "use a positive noise multiplier such as 1.0",
+    "min_contributors": "use a count between min_parties and the number of parties",
+    "privacy": "see the privacy block of configs/local.yaml",
+    "dp_sgd": "see the dp_sgd example in configs/local.yaml",
 }
 
 

@@ -44,6 +44,10 @@ from cloudfed.exchange import (
 )
 from cloudfed.federation import FederationConfig
 from cloudfed.party import load_global
+from cloudfed.privacy.budget import commit_round, entry_id, load_ledger
+from cloudfed.privacy.ledger import LedgerEntry
+from cloudfed.privacy.noise import real_gaussian
+from cloudfed.privacy.party_level import calibration
 from cloudfed.protection import open_sealed_with_metadata, seal
 from cloudfed.protection import payload as container
 from cloudfed.protection.encoding import decode_secagg, secagg_specs, split_weight
@@ -77,6 +81,7 @@ class Upload:
     sections: dict[str, bytes]
     clipped: int
     bytes: int
+    dp_clipped: bool = False
 
 
 def open_upload(
@@ -125,9 +130,19 @@ def open_upload(
             raise ValueError("non-finite values in the public tensors")
         if values.size and float(np.max(np.abs(values))) > MAX_ABS_UPDATE:
             raise ValueError(f"magnitude above {MAX_ABS_UPDATE:.3g} in the public tensors")
+    if cfg.privacy.enabled:  # the party must have clipped and noised as this round requires
+        if meta.get("dp_mode") != cfg.privacy.mode or meta.get("dp_clip") != cfg.privacy.clip:
+            raise ValueError(
+                f"update was made under privacy mode {meta.get('dp_mode')!r} with clip "
+                f"{meta.get('dp_clip')!r}, not {cfg.privacy.mode!r} with {cfg.privacy.clip!r}"
+            )
     clipped = meta.get("clipped", 0)
     return Upload(
-        ref.party, sections, int(clipped) if isinstance(clipped, int) else 0, len(opened.payload)
+        ref.party,
+        sections,
+        int(clipped) if isinstance(clipped, int) else 0,
+        len(opened.payload),
+        dp_clipped=meta.get("dp_clipped") is True,
     )
 
 
@@ -470,10 +485,14 @@ def aggregate_protected(
         )
     rejected += bad
     parties = sorted(uploads)
-    if len(parties) < cfg.min_parties:
+    if cfg.privacy.enabled:
+        reservation = _reservation(cfg, exchange, keys, plan, round)
+    needed = cfg.min_contributors if cfg.privacy.mode == "distributed" else cfg.min_parties
+    if len(parties) < needed:
         raise AggregationError(
             f"round {round}: only {len(parties)} valid update(s) ({parties}), fewer than "
-            f"min_parties={cfg.min_parties}; rejected: "
+            f"{'privacy.min_contributors' if needed != cfg.min_parties else 'min_parties'}"
+            f"={needed}; rejected: "
             + "; ".join(f"{r.party}: {r.reason}" for r in rejected)
             + ". No model was published for this round. Fix: check the rejected parties' logs, "
             "or lower min_parties."
@@ -490,7 +509,7 @@ def aggregate_protected(
         adverts = {p: verified_advert(cfg, exchange, doc, round, p) for p in doc["shared"]}
         inputs = {p: np.frombuffer(uploads[p].sections["secagg"], dtype="<u4") for p in parties}
         words = protocol.unmask(setup, adverts, doc["shared"], inputs, responses)
-        specs = secagg_specs(cfg.protection, len(setup.parties))
+        specs = secagg_specs(cfg, len(setup.parties))
         tensors, weight_sum = decode_secagg(seg, words, specs, len(parties))
         sums.update(tensors)
         secagg_stats = {
@@ -527,8 +546,15 @@ def aggregate_protected(
     if weight_sum is None or not weight_sum > 0:
         raise AggregationError(f"round {round}: the aggregated weight is {weight_sum}, not > 0")
     rejected = list({r.party: r for r in reversed(rejected)}.values())[::-1]  # first reason wins
+    if cfg.privacy.mode == "central":  # the coordinator is trusted with the sum, not the release
+        sums = _add_central_noise(cfg, sums)
     delta = {name: (sums[name] / weight_sum).astype(np.float32) for name in sorted(sums)}
     new_ref = publish_global(exchange, round, add(global_state, delta))
+    privacy: dict[str, Any] = {}
+    if cfg.privacy.enabled:
+        privacy = _commit_privacy(
+            cfg, exchange, keys, plan, round, parties, uploads, reservation, new_ref
+        )
     return new_ref, AggregateReport(
         round=round,
         accepted=parties,
@@ -549,7 +575,64 @@ def aggregate_protected(
         clipped_values=sum(u.clipped for u in uploads.values()),
         secagg=secagg_stats,
         ckks=ckks_stats,
+        privacy=privacy,
     )
+
+
+def _reservation(
+    cfg: FederationConfig, exchange: Exchange, keys: KeyPairs, plan: FederationPlan, round: int
+) -> LedgerEntry:
+    """Nothing is released for a round the ledger has not been charged for."""
+    entry = load_ledger(cfg, exchange, keys).entry(entry_id(plan.run_id, round))
+    if entry is None:
+        raise AggregationError(
+            f"round {round}: no privacy-budget reservation in the ledger; nothing is released. "
+            "Fix: run rounds through the pipeline, which reserves each round before it starts"
+        )
+    return entry
+
+
+def _add_central_noise(cfg: FederationConfig, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    std = calibration(cfg).sum_std
+    names = sorted(sums)
+    sizes = [sums[n].size for n in names]
+    noise = real_gaussian(sum(sizes), std)
+    out, at = {}, 0
+    for name, size in zip(names, sizes, strict=True):
+        out[name] = sums[name] + noise[at : at + size].reshape(sums[name].shape)
+        at += size
+    return out
+
+
+def _commit_privacy(
+    cfg: FederationConfig,
+    exchange: Exchange,
+    keys: KeyPairs,
+    plan: FederationPlan,
+    round: int,
+    parties: list[str],
+    uploads: dict[str, Upload],
+    reservation: LedgerEntry,
+    new_ref: GlobalAdapterRef,
+) -> dict[str, Any]:
+    """Mark the round spent by its contributors; what MLflow shows of the round's privacy."""
+    cal = calibration(cfg)
+    effective = cal.effective_multiplier(len(parties))
+    ledger = commit_round(cfg, exchange, keys, plan, round, parties, effective, new_ref.sha256)
+    clipped = sum(uploads[p].dp_clipped for p in parties)
+    return {
+        "mode": cfg.privacy.mode,
+        "noise_multiplier": reservation.noise_multiplier,
+        "effective_noise_multiplier": effective,
+        "noise_std": cal.sum_std,
+        "clip": cal.clip,
+        "delta": cfg.privacy.delta,
+        "clipped_parties": clipped,
+        "fraction_clipped": clipped / len(parties),
+        "epsilon": ledger.epsilon(),
+        "party_epsilon": {p: ledger.epsilon(party=p) for p in ledger.parties()},
+        "ledger_rounds": len(ledger.entries),
+    }
 
 
 def _open_ckks_plain(

@@ -41,6 +41,8 @@ from cloudfed.exchange import (
 )
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.party import COORDINATOR, load_global, party_keys, read_verified, simulated_dropout
+from cloudfed.privacy.noise import add_integer_noise, real_gaussian
+from cloudfed.privacy.party_level import calibration, clip_update
 from cloudfed.protection import SealContext, open_sealed_with_metadata, seal
 from cloudfed.protection import payload as container
 from cloudfed.protection.encoding import (
@@ -266,10 +268,17 @@ def upload(
             f"{party.name}: the local update of round {local.round} is invalid ({reason}); it is "
             "not uploaded. Fix: check this party's training logs (learning rate, data)"
         )
-    weight = party_weight(local.examples, cfg.protection.weight_cap)
+    meta: dict[str, Any] = {}
+    if cfg.privacy.enabled:  # party-level DP: clip first, equal weights (see privacy.party_level)
+        update, _, was_clipped = clip_update(update, cfg.privacy.clip)
+        weight = 1.0
+        cal = calibration(cfg)
+        meta.update(dp_mode=cal.mode, dp_clip=cal.clip, dp_clipped=was_clipped)
+    else:
+        weight = party_weight(local.examples, cfg.protection.weight_cap)
+    distributed = cfg.privacy.mode == "distributed"
     sections: dict[str, bytes] = {}
     clipped = 0
-    meta: dict[str, Any] = {}
     if (seg := layout.segment("secagg")) is not None:
         if len(rosters) != 1:
             raise ProtectionError("secure aggregation needs the coordinator's shares roster")
@@ -279,9 +288,11 @@ def upload(
         adverts = {
             v: verified_advert(cfg, exchange, doc, local.round, v) for v in setup.graph[party.name]
         }
-        words, clipped = encode_secagg(
-            seg, update, weight, secagg_specs(cfg.protection, len(setup.parties))
-        )
+        specs = secagg_specs(cfg, len(setup.parties))
+        words, clipped = encode_secagg(seg, update, weight, specs)
+        if distributed:  # this party's share of the noise, before masking; the weight stays exact
+            words[:-1] = add_integer_noise(words[:-1], cal.party_std / specs[0].step)
+            meta["dp_party_scale"] = cal.party_std / specs[0].step
         masked = protocol.masked_input(setup, party.name, secrets, words, adverts, shared)
         sections["secagg"] = masked.tobytes()
         meta["secagg_words"] = int(masked.shape[0])
@@ -291,9 +302,11 @@ def upload(
         if ckks_keys[0].round != local.round:
             raise ProtectionError("CKKS keys are for another round")
         public = ckks_public_context(cfg, exchange, plan, ckks_keys[0])
-        blocks = ckks.encrypt_vector(
-            public, flat_with_weight(seg, update, weight), workers=cfg.protection.ckks.workers
-        )
+        vector = flat_with_weight(seg, update, weight)
+        if distributed:
+            vector[:-1] += real_gaussian(seg.size, cal.party_std)
+            meta["dp_party_std"] = cal.party_std
+        blocks = ckks.encrypt_vector(public, vector, workers=cfg.protection.ckks.workers)
         sections["ckks"] = ckks.pack_blocks(blocks)
         meta["ckks_blocks"] = len(blocks)
     if (seg := layout.segment("plaintext")) is not None:

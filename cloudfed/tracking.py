@@ -58,6 +58,44 @@ def log_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
         {"layout": plan.protection, "settings": cfg.protection.model_dump(mode="json")},
         "protection/policy.json",
     )
+    log_privacy_plan(cfg, plan)
+
+
+def log_privacy_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
+    from cloudfed.privacy.budget import charged_for
+    from cloudfed.privacy.party_level import calibration
+
+    p = cfg.privacy
+    params: dict[str, Any] = {"privacy_mode": p.mode, "dp_sgd_parties": ",".join(sorted(p.dp_sgd))}
+    if p.enabled:
+        cal = calibration(cfg)
+        params.update(
+            privacy_clip=p.clip,
+            privacy_noise_multiplier=cal.noise_multiplier,
+            privacy_noise_multiplier_charged=charged_for(cfg, plan),
+            privacy_target_epsilon=p.target_epsilon,
+            privacy_max_epsilon=p.max_epsilon,
+            privacy_delta=p.delta,
+            privacy_accountant=p.accountant,
+            privacy_min_contributors=cfg.min_contributors,
+        )
+    mlflow.log_params(params)
+    mlflow.log_dict(p.model_dump(mode="json"), "privacy/settings.json")
+
+
+def log_ledger(ledger: Any, reservation: Any, round: int) -> None:
+    """The whole ledger after each reservation: what every run of the federation has spent."""
+    mlflow.log_dict(ledger.model_dump(mode="json"), "privacy/ledger.json")
+    mlflow.log_metrics(
+        {
+            "privacy/epsilon_before_round": reservation.epsilon_before,
+            "privacy/epsilon_if_round_runs": reservation.epsilon_after,
+            "privacy/max_epsilon": reservation.max_epsilon,
+        },
+        step=round,
+    )
+    if not reservation.granted:
+        mlflow.set_tag("privacy.budget_stop", reservation.message)
 
 
 def overall_loss(evals: Sequence[PartyEval]) -> float:
@@ -121,6 +159,9 @@ def log_round_metrics(
         metrics[f"{e.party}/eval_perplexity"] = e.perplexity
         metrics[f"{e.party}/seconds_evaluate"] = e.seconds
     for u in local_updates:
+        for key in ("dp_sgd_epsilon", "dp_sgd_noise_multiplier", "dp_sgd_sample_rate"):
+            if key in u.train:
+                metrics[f"{u.party}/{key}"] = float(u.train[key])
         metrics[f"{u.party}/train_loss"] = float(u.train["loss_mean"])
         metrics[f"{u.party}/train_tokens"] = float(u.train["tokens"])
         metrics[f"{u.party}/tokens_per_s"] = float(u.train["tokens_per_s"])
@@ -148,6 +189,7 @@ def log_round_metrics(
         metrics["clipped_values"] = report.clipped_values
         metrics.update({f"secagg/{k}": v for k, v in report.secagg.items()})
         metrics.update({f"ckks/{k}": v for k, v in report.ckks.items()})
+        metrics.update(privacy_metrics(report.privacy))
         # Per round, so a reviewer sees which protection every aggregate was computed under.
         mlflow.log_dict(
             {
@@ -157,6 +199,7 @@ def log_round_metrics(
                 "accepted": report.accepted,
                 "secagg": report.secagg,
                 "ckks": report.ckks,
+                "privacy": report.privacy,
             },
             f"protection/round_{round:04d}.json",
         )
@@ -178,8 +221,30 @@ def log_round_metrics(
         "parties": len(report.accepted) if report else len(evals),
         "rejected": len(report.rejected) if report else 0,
         "bytes_sent": int(metrics.get("bytes_sent_total", 0)),
+        "epsilon": report.privacy.get("epsilon", float("nan")) if report else float("nan"),
         **{f"{e.party}/eval_loss": e.loss for e in evals},
     }
+
+
+def privacy_metrics(privacy: dict[str, Any]) -> dict[str, float]:
+    """Epsilon (federation and per party), delta, noise, clip and fraction clipped of a round."""
+    if not privacy:
+        return {}
+    out = {
+        f"privacy/{k}": float(privacy[k])
+        for k in (
+            "epsilon",
+            "delta",
+            "noise_multiplier",
+            "effective_noise_multiplier",
+            "noise_std",
+            "clip",
+            "fraction_clipped",
+            "clipped_parties",
+        )
+    }
+    out.update({f"{p}/epsilon": float(e) for p, e in privacy["party_epsilon"].items()})
+    return out
 
 
 def loss_plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
@@ -211,6 +276,34 @@ def loss_plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
+def privacy_plot_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
+    """Epsilon against round, and held-out loss against epsilon (the privacy/utility curve)."""
+    spent = [r for r in rows if not math.isnan(r.get("epsilon", float("nan")))]
+    if len(spent) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot([r["round"] for r in spent], [r["epsilon"] for r in spent], marker="o")
+    left.set_xlabel("round")
+    left.set_ylabel("epsilon spent (federation, all runs)")
+    left.grid(alpha=0.3)
+    right.plot([r["epsilon"] for r in spent], [r["eval_loss"] for r in spent], marker="o")
+    for r in spent:
+        right.annotate(f"r{r['round']}", (r["epsilon"], r["eval_loss"]), fontsize=8)
+    right.set_xlabel("epsilon")
+    right.set_ylabel("held-out loss")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
     from rich.console import Console
     from rich.table import Table
@@ -225,6 +318,7 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
         "parties",
         "rejected",
         "bytes sent",
+        "epsilon",
         *parties,
     ]:
         table.add_column(col, justify="right")
@@ -237,6 +331,7 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
             str(r["parties"]),
             str(r["rejected"]),
             f"{r['bytes_sent']:,}",
+            "-" if math.isnan(r.get("epsilon", float("nan"))) else f"{r['epsilon']:.3f}",
             *[f"{r.get(f'{p}/eval_loss', float('nan')):.4f}" for p in parties],
         )
     console = Console(record=True, width=140, file=io.StringIO())
@@ -270,11 +365,15 @@ def publish_run_report(
     table.to_csv(out / "round_table.csv", index=False)
     (out / "summary.txt").write_text(text, encoding="utf-8")
     (out / "loss_per_round.png").write_bytes(loss_plot_png(rows))
+    names = ["round_table.csv", "summary.txt", "loss_per_round.png"]
+    if (privacy_png := privacy_plot_png(rows)) is not None:
+        (out / "privacy_per_round.png").write_bytes(privacy_png)
+        names.append("privacy_per_round.png")
     adapter = federation_exchange(cfg).get_bytes(final.key)
     if hashlib.sha256(adapter).hexdigest() != final.sha256:
         raise ProtectionError("final adapter rejected: hash mismatch")
     (out / "adapter.safetensors").write_bytes(adapter)
-    for name in ["round_table.csv", "summary.txt", "loss_per_round.png"]:
+    for name in names:
         mlflow.log_artifact(str(out / name), artifact_path="report")
     mlflow.log_artifact(str(out / "adapter.safetensors"), artifact_path="final_adapter")
     mlflow.log_table(table, artifact_file="report/round_table.json")

@@ -26,6 +26,7 @@ from steps.evaluate import evaluate
 from steps.export import export_update
 from steps.harmonize import harmonize
 from steps.prepare import prepare_federation
+from steps.privacy import privacy_reserve
 from steps.secagg import (
     secagg_advertise,
     secagg_inputs_roster,
@@ -137,6 +138,14 @@ def federated_training(federation: dict[str, Any]) -> None:
         stop_reason = f"round limit ({cfg.rounds}) reached"
         protection = plan.load().protection.get("tensors", {})
         for r in range(1, cfg.rounds + 1):
+            if cfg.privacy.enabled:  # charged before anyone trains; refused means stop cleanly
+                reservation = coord(privacy_reserve)(
+                    federation, r, plan, parties, id=f"privacy_reserve_r{r}"
+                ).load()
+                if not reservation["granted"]:
+                    stop_reason = reservation["message"]
+                    logger.warning("cloudfed: stopping before round %d: %s", r, stop_reason)
+                    break
             dropped: list[Rejection] = []
             party = _PartyCalls(cfg, r, dropped)
             local = {

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cloudfed.federation import ProtectionSettings
+from cloudfed.federation import FederationConfig
 from cloudfed.protection.policy import Segment
 from cloudfed.protection.secagg.quantize import WORD, QuantSpec, dequantize_sum, quantize
 
@@ -22,13 +22,19 @@ def party_weight(examples: int, weight_cap: int) -> float:
     return min(examples, weight_cap) / weight_cap
 
 
-def secagg_specs(settings: ProtectionSettings, parties: int) -> tuple[QuantSpec, QuantSpec]:
-    """Specs for the values and for the weight slot, sized for this round's party count."""
-    sa = settings.secagg
-    return (
-        QuantSpec.for_parties(sa.clip, parties, sa.bits),
-        QuantSpec.for_parties(1.0, parties, sa.bits),
-    )
+def secagg_specs(cfg: FederationConfig, parties: int) -> tuple[QuantSpec, QuantSpec]:
+    """Specs for the values and for the weight slot, sized for this round's party count.
+
+    Under party-level DP the values' range is the L2 clip (no value of a clipped update lies
+    outside it) and distributed noise takes bits from the top so that it cannot wrap.
+    """
+    sa = cfg.protection.secagg
+    weight = QuantSpec.for_parties(1.0, parties, sa.bits)
+    if cfg.privacy.enabled:
+        from cloudfed.privacy.party_level import dp_value_spec
+
+        return dp_value_spec(cfg, parties), weight
+    return QuantSpec.for_parties(sa.clip, parties, sa.bits), weight
 
 
 def encode_secagg(

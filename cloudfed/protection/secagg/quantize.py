@@ -105,7 +105,28 @@ def quantize(
 
 
 def dequantize_sum(words: np.ndarray, spec: QuantSpec, summed: int) -> np.ndarray:
-    """Reals from the sum of `summed` parties' words (the offset is removed once per party)."""
+    """Reals from the sum of `summed` parties' words (the offset is removed once per party).
+
+    Decoded around the centre of the possible sums, so integer noise added by the parties
+    (distributed DP) may push the sum below 0 or past 2^32 and still decode, provided the noisy
+    sum stays within 2^31 of the centre; `noise_bits` sizes `bits` for that.
+    """
     if not 1 <= summed <= spec.parties:
         raise ValueError(f"summed={summed} outside 1..{spec.parties} parties of this spec")
-    return np.asarray(words, dtype=np.float64) * spec.step - summed * spec.clip
+    centre = (summed * spec.levels) // 2
+    offset = (np.asarray(words, dtype=np.int64) - centre) % (1 << MODULUS_BITS)
+    offset[offset >= 1 << (MODULUS_BITS - 1)] -= 1 << MODULUS_BITS
+    return (offset + centre).astype(np.float64) * spec.step - summed * spec.clip
+
+
+def noise_bits(parties: int, noise_in_ranges: float, tails: float = 12.0) -> int:
+    """Widest bits such that n words plus noise stay within 2^31 of the centre.
+
+    `noise_in_ranges` is the standard deviation of the summed noise in units of the clipping
+    range 2*clip; `tails` standard deviations are kept (beyond 12 sigma: p < 4e-33 a value).
+    """
+    for bits in range(MODULUS_BITS - headroom_bits(parties), 1, -1):
+        levels = (1 << bits) - 1
+        if parties * levels / 2 + tails * noise_in_ranges * levels < 1 << (MODULUS_BITS - 1):
+            return bits
+    raise ValueError(f"no bit width leaves room for noise of {noise_in_ranges} ranges")

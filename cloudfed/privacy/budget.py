@@ -1,0 +1,101 @@
+"""The coordinator's budget gate: reserve a round before it starts, commit it once published."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from cloudfed.artifacts import FederationPlan
+from cloudfed.exchange import Exchange
+from cloudfed.federation import FederationConfig
+from cloudfed.privacy.ledger import Ledger, LedgerStore, Reservation, commit, reserve
+from cloudfed.privacy.party_level import charged_multiplier
+from cloudfed.protection.keys import KeyPairs
+
+logger = logging.getLogger(__name__)
+
+
+def entry_id(run_id: str, round: int) -> str:
+    return f"{run_id}/r{round:04d}"
+
+
+def ledger_store(cfg: FederationConfig, exchange: Exchange, keys: KeyPairs) -> LedgerStore:
+    return LedgerStore(
+        exchange,
+        keys,
+        federation_id=cfg.federation_id,
+        coordinator_storage=cfg.coordinator_storage,
+    )
+
+
+def load_ledger(cfg: FederationConfig, exchange: Exchange, keys: KeyPairs) -> Ledger:
+    p = cfg.privacy
+    return ledger_store(cfg, exchange, keys).load(delta=p.delta, accountant=p.accountant)
+
+
+def charged_for(cfg: FederationConfig, plan: FederationPlan) -> float:
+    """What one round is charged: worst case over every planned party advertising."""
+    secagg_values = plan.protection.get("values", {}).get("secagg", 0)
+    return charged_multiplier(cfg, len(plan.parties), max(int(secagg_values), 1))
+
+
+def reserve_round(
+    cfg: FederationConfig,
+    exchange: Exchange,
+    keys: KeyPairs,
+    plan: FederationPlan,
+    round: int,
+    parties: Sequence[str],
+) -> Reservation:
+    p = cfg.privacy
+    assert p.max_epsilon is not None  # validated: DP modes need a budget
+    return reserve(
+        ledger_store(cfg, exchange, keys),
+        delta=p.delta,
+        accountant=p.accountant,
+        max_epsilon=p.max_epsilon,
+        run_id=plan.run_id,
+        round=round,
+        mode=p.mode,
+        noise_multiplier=charged_for(cfg, plan),
+        parties=parties,
+    )
+
+
+def commit_round(
+    cfg: FederationConfig,
+    exchange: Exchange,
+    keys: KeyPairs,
+    plan: FederationPlan,
+    round: int,
+    contributors: Sequence[str],
+    effective: float,
+    global_sha256: str,
+) -> Ledger:
+    p = cfg.privacy
+    return commit(
+        ledger_store(cfg, exchange, keys),
+        delta=p.delta,
+        accountant=p.accountant,
+        entry_id=entry_id(plan.run_id, round),
+        contributors=contributors,
+        effective_noise_multiplier=effective,
+        global_sha256=global_sha256,
+    )
+
+
+def reserve_for_round(
+    cfg: FederationConfig, plan: FederationPlan, round: int, parties: Sequence[str]
+) -> dict[str, object]:
+    """The pipeline's gate: reserve, log the ledger to MLflow, say why if refused."""
+    from cloudfed.coordinator import coordinator_keys
+    from cloudfed.exchange import federation_exchange
+    from cloudfed.tracking import log_ledger
+
+    exchange = federation_exchange(cfg)
+    keys = coordinator_keys(cfg, exchange)
+    reservation = reserve_round(cfg, exchange, keys, plan, round, parties)
+    log_ledger(load_ledger(cfg, exchange, keys), reservation, round)
+    if not reservation.granted:
+        logger.warning("cloudfed: %s", reservation.message)
+    return reservation.model_dump()

@@ -1,0 +1,272 @@
+"""The federation's privacy-budget ledger: reserved before a release, kept across runs.
+
+Why a ledger and not a counter in the run: every pipeline run releases models trained on the same
+records, so budgets compose across runs. The ledger is append-only JSON, keyed by
+`<run_id>/r<round>`, kept in two places that must agree:
+- on the exchange (`privacy/ledger.json`, next to the published global adapters), signed by the
+  coordinator so an untrusted store cannot shrink it unnoticed;
+- in the coordinator's own storage (`privacy/ledger.json`), so deleting the exchange copy does not
+  reset the budget.
+A round is *reserved* before any party trains and *committed* after its aggregate is published.
+Reserving an id that is already there charges nothing (a retried step never spends twice); a
+reservation whose round never published stays charged, because the coordinator may already have
+seen that round's (noisy) sum. Epsilon is always recomputed from the whole history by the
+accountant, never added up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloudfed.errors import CloudfedError, ProtectionError
+from cloudfed.privacy.accountant import GaussianEvent, epsilon
+from cloudfed.privacy.settings import AccountantName
+
+LEDGER_KEY = "privacy/ledger.json"
+LEDGER_KIND = "privacy-ledger"
+LEDGER_FILE = "ledger.json"
+
+
+class BudgetExhausted(CloudfedError):
+    """The next round would spend more than `privacy.max_epsilon`: the federation stops."""
+
+
+class LedgerEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    run_id: str
+    round: int
+    mode: str
+    noise_multiplier: float  # what the accountant is charged (the guaranteed floor)
+    sample_rate: float = 1.0
+    steps: int = 1
+    parties: list[str]  # reserved: who may contribute; spent: who did
+    status: Literal["reserved", "spent"] = "reserved"
+    effective_noise_multiplier: float | None = None
+    global_sha256: str | None = None
+    epsilon_after: float
+    at: str
+
+    def event(self) -> GaussianEvent:
+        return GaussianEvent(self.noise_multiplier, self.sample_rate, self.steps)
+
+
+class Ledger(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    federation_id: str
+    delta: float
+    accountant: AccountantName
+    entries: list[LedgerEntry] = Field(default_factory=list)
+
+    def entry(self, entry_id: str) -> LedgerEntry | None:
+        return next((e for e in self.entries if e.id == entry_id), None)
+
+    def epsilon(self, *, party: str | None = None, extra: Sequence[GaussianEvent] = ()) -> float:
+        """Federation epsilon, or one party's (only the rounds it was, or may be, part of)."""
+        events = [e.event() for e in self.entries if party is None or party in e.parties]
+        return epsilon([*events, *extra], self.delta, self.accountant)
+
+    def parties(self) -> list[str]:
+        return sorted({p for e in self.entries for p in e.parties})
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _is_prefix(short: Ledger, long: Ledger) -> bool:
+    ids = [e.id for e in long.entries]
+    return [e.id for e in short.entries] == ids[: len(short.entries)]
+
+
+def _progress(ledger: Ledger) -> tuple[int, int]:
+    return len(ledger.entries), sum(e.status == "spent" for e in ledger.entries)
+
+
+class LedgerStore:
+    """Reads and writes the two copies; the coordinator alone writes (it holds the signing key)."""
+
+    def __init__(self, exchange, keys, *, federation_id: str, coordinator_storage: str) -> None:
+        self.exchange, self.keys, self.federation_id = exchange, keys, federation_id
+        self.local = Path(coordinator_storage) / "privacy" / LEDGER_FILE
+
+    def _context(self):
+        from cloudfed.protection.envelope import SealContext
+
+        return SealContext(
+            federation_id=self.federation_id, round=0, party=self.keys.name, kind=LEDGER_KIND
+        )
+
+    def _from_exchange(self) -> Ledger | None:
+        from cloudfed.protection.envelope import open_public
+
+        if not self.exchange.exists(LEDGER_KEY):
+            return None
+        try:
+            opened = open_public(
+                self.exchange.get_bytes(LEDGER_KEY),
+                context=self._context(),
+                sender=self.keys.public_bundle(),
+            )
+        except ProtectionError:
+            raise ProtectionError(
+                f"{self.exchange.url(LEDGER_KEY)}: the privacy ledger is not signed by this "
+                "coordinator (tampered or from another coordinator). Fix: restore it from the "
+                f"coordinator's copy {self.local}"
+            ) from None
+        return Ledger.model_validate_json(opened.payload)
+
+    def _from_local(self) -> Ledger | None:
+        return Ledger.model_validate_json(self.local.read_bytes()) if self.local.exists() else None
+
+    def load(self, *, delta: float, accountant: AccountantName) -> Ledger:
+        """The longer of the two copies, provided the shorter is a prefix of it."""
+        remote, local = self._from_exchange(), self._from_local()
+        found = [c for c in (remote, local) if c is not None]
+        if not found:
+            return Ledger(federation_id=self.federation_id, delta=delta, accountant=accountant)
+        if len(found) == 2 and not (_is_prefix(remote, local) or _is_prefix(local, remote)):
+            raise ProtectionError(
+                f"the privacy ledgers on the exchange and in {self.local} disagree (neither is a "
+                "prefix of the other). Fix: keep the copy with every round you know was run and "
+                "delete the other; the budget must never be reset by accident"
+            )
+        ledger = max(found, key=_progress)
+        if ledger.federation_id != self.federation_id:
+            raise ProtectionError(f"{self.local}: the ledger belongs to {ledger.federation_id}")
+        if (ledger.delta, ledger.accountant) != (delta, accountant):
+            raise CloudfedError(
+                f"{self.local}: the ledger accounts at delta={ledger.delta} with "
+                f"{ledger.accountant}, the config asks for delta={delta} with {accountant}. Fix: "
+                "keep privacy.delta and privacy.accountant as the federation started with them"
+            )
+        return ledger
+
+    def save(self, ledger: Ledger) -> None:
+        from cloudfed.protection.envelope import sign_public
+
+        blob = ledger.model_dump_json(indent=1).encode()
+        self.local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.local.with_name(f".{self.local.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, self.local)
+        self.exchange.put_bytes(
+            LEDGER_KEY, sign_public(blob, context=self._context(), sender=self.keys)
+        )
+
+
+class Reservation(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    granted: bool
+    entry_id: str
+    epsilon_before: float
+    epsilon_after: float
+    max_epsilon: float
+    noise_multiplier: float
+    message: str
+    already_reserved: bool = False
+
+
+def reserve(
+    store: LedgerStore,
+    *,
+    delta: float,
+    accountant: AccountantName,
+    max_epsilon: float,
+    run_id: str,
+    round: int,
+    mode: str,
+    noise_multiplier: float,
+    parties: Sequence[str],
+) -> Reservation:
+    """Charge one round before anything is released, unless it would pass the budget."""
+    ledger = store.load(delta=delta, accountant=accountant)
+    entry_id = f"{run_id}/r{round:04d}"
+    before = ledger.epsilon()
+    if (existing := ledger.entry(entry_id)) is not None:
+        return Reservation(
+            granted=True,
+            entry_id=entry_id,
+            epsilon_before=before,
+            epsilon_after=before,
+            max_epsilon=max_epsilon,
+            noise_multiplier=existing.noise_multiplier,
+            message=f"round {round} of run {run_id} was already reserved; charged once",
+            already_reserved=True,
+        )
+    event = GaussianEvent(noise_multiplier, 1.0, 1)
+    after = ledger.epsilon(extra=[event])
+    if after > max_epsilon:
+        return Reservation(
+            granted=False,
+            entry_id=entry_id,
+            epsilon_before=before,
+            epsilon_after=after,
+            max_epsilon=max_epsilon,
+            noise_multiplier=noise_multiplier,
+            message=(
+                f"privacy budget: spent epsilon={before:.4g} of max_epsilon={max_epsilon:g} "
+                f"(delta={delta:g}, {accountant}) over {len(ledger.entries)} round(s) of this "
+                f"federation; round {round} would bring it to {after:.4g}, so it was not started"
+            ),
+        )
+    ledger.entries.append(
+        LedgerEntry(
+            id=entry_id,
+            run_id=run_id,
+            round=round,
+            mode=mode,
+            noise_multiplier=noise_multiplier,
+            parties=sorted(parties),
+            epsilon_after=after,
+            at=_now(),
+        )
+    )
+    store.save(ledger)
+    return Reservation(
+        granted=True,
+        entry_id=entry_id,
+        epsilon_before=before,
+        epsilon_after=after,
+        max_epsilon=max_epsilon,
+        noise_multiplier=noise_multiplier,
+        message=f"round {round} reserved: epsilon {before:.4g} -> {after:.4g} of {max_epsilon:g}",
+    )
+
+
+def commit(
+    store: LedgerStore,
+    *,
+    delta: float,
+    accountant: AccountantName,
+    entry_id: str,
+    contributors: Sequence[str],
+    effective_noise_multiplier: float,
+    global_sha256: str,
+) -> Ledger:
+    """Mark a reserved round as spent by exactly the parties whose updates are in the sum."""
+    ledger = store.load(delta=delta, accountant=accountant)
+    entry = ledger.entry(entry_id)
+    if entry is None:
+        raise ProtectionError(f"privacy ledger: {entry_id} was never reserved; refusing to publish")
+    if entry.status == "spent":
+        return ledger
+    extra = set(contributors) - set(entry.parties)
+    if extra:
+        raise ProtectionError(f"privacy ledger: {sorted(extra)} contributed without a reservation")
+    entry.status = "spent"
+    entry.parties = sorted(contributors)
+    entry.effective_noise_multiplier = effective_noise_multiplier
+    entry.global_sha256 = global_sha256
+    entry.at = _now()
+    store.save(ledger)
+    return ledger
