@@ -39,6 +39,7 @@ class GlobalAdapterRef(_Ref):
     key: str
     sha256: str
     bytes: int
+    run_id: str = ""  # the pipeline run that published it (parties key their DP-SGD spend on it)
 
 
 class LocalUpdateRef(_Ref):

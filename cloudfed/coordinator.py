@@ -46,12 +46,14 @@ def coordinator_keys(cfg: FederationConfig, exchange: Exchange) -> KeyPairs:
 
 
 def publish_global(
-    exchange: Exchange, round: int, state: Mapping[str, np.ndarray]
+    exchange: Exchange, round: int, state: Mapping[str, np.ndarray], run_id: str = ""
 ) -> GlobalAdapterRef:
     data = state_to_bytes(state, metadata={"round": str(round)})
     key = global_adapter_key(round)
     exchange.put_bytes(key, data)
-    return GlobalAdapterRef(round=round, key=key, sha256=sha256_bytes(data), bytes=len(data))
+    return GlobalAdapterRef(
+        round=round, key=key, sha256=sha256_bytes(data), bytes=len(data), run_id=run_id
+    )
 
 
 def prepare(cfg: FederationConfig) -> FederationPlan:
@@ -63,16 +65,17 @@ def prepare(cfg: FederationConfig) -> FederationPlan:
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
     state = initial_adapter(model_path, cfg.lora, seed=cfg.seed)
     layout = route(cfg.protection, shapes_of(state))
+    run_id = secrets.token_hex(16)
     return FederationPlan(
         federation_id=cfg.federation_id,
-        run_id=secrets.token_hex(16),
+        run_id=run_id,
         fingerprint=cfg.fingerprint(),
         parties=[p.name for p in cfg.active_parties],
         rounds=cfg.rounds,
         min_parties=cfg.min_parties,
         base_model=cfg.base_model,
         coordinator_fingerprint=keys.public_bundle().fingerprint,
-        initial_adapter=publish_global(exchange, 0, state),
+        initial_adapter=publish_global(exchange, 0, state, run_id),
         adapter_parameters=int(sum(v.size for v in state.values())),
         protection=layout.summary(),
     )

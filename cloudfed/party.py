@@ -92,6 +92,9 @@ def train_round(
     rows = read_rows(data.train_uri, data.train_sha256)
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
     seed = cfg.seed * 1_000_003 + round * 7919 + int(_sha256(party.name.encode())[:6], 16)
+    path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
+    if party.name in cfg.privacy.dp_sgd:
+        return _train_dp_sgd(cfg, party, round, rows, global_ref, global_state, model_path, seed)
     delta, metrics = train_local(
         model_path,
         global_state,
@@ -101,19 +104,100 @@ def train_round(
         seed=seed,
         desc=f"{party.name} r{round}",
     )
+    return _keep_update(party, round, path, delta, global_ref, metrics.examples, metrics.as_dict())
+
+
+def _keep_update(
+    party: PartyConfig,
+    round: int,
+    path: Path,
+    delta: dict[str, np.ndarray],
+    global_ref: GlobalAdapterRef,
+    examples: int,
+    train: dict[str, float | int | str],
+) -> LocalUpdateRef:
     payload = state_to_bytes(delta)
-    path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(payload)
-    return LocalUpdateRef(
+    ref = LocalUpdateRef(
         party=party.name,
         round=round,
         uri=str(path),
         sha256=_sha256(payload),
         base_sha256=global_ref.sha256,
-        examples=metrics.examples,
-        train=metrics.as_dict(),
+        examples=examples,
+        train=train,
     )
+    path.with_suffix(".json").write_text(ref.model_dump_json(), encoding="utf-8")
+    return ref
+
+
+def _train_dp_sgd(
+    cfg: FederationConfig,
+    party: PartyConfig,
+    round: int,
+    rows: pd.DataFrame,
+    global_ref: GlobalAdapterRef,
+    global_state: dict[str, np.ndarray],
+    model_path: str,
+    seed: int,
+) -> LocalUpdateRef:
+    """DP-SGD under the party's own ledger: charged before training, never twice per round."""
+    from cloudfed.privacy import party_ledger
+    from cloudfed.privacy.accountant import GaussianEvent, noise_for_target
+    from cloudfed.training.dp_sgd import train_local_dp
+
+    dp = cfg.privacy.dp_sgd[party.name]
+    sample_rate = min(1.0, cfg.training.batch_size / len(rows))
+    z = dp.noise_multiplier or noise_for_target(
+        dp.target_epsilon or 0.0,
+        dp.delta,
+        sample_rate=sample_rate,
+        steps=cfg.training.local_steps * cfg.rounds,
+        accountant="rdp",
+        what=f"privacy.dp_sgd.{party.name}.target_epsilon",
+    )
+    event = GaussianEvent(z, sample_rate, cfg.training.local_steps)
+    entry_id = f"{global_ref.run_id or 'no-run'}/r{round:04d}"
+    path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
+    ledger_file = party_ledger.ledger_path(party.storage)
+    ledger, charged = party_ledger.reserve(
+        ledger_file,
+        party=party.name,
+        federation_id=cfg.federation_id,
+        settings=dp,
+        entry_id=entry_id,
+        round=round,
+        event=event,
+    )
+    kept = path.with_suffix(".json")
+    if charged and kept.exists():  # a retried step: hand back the update already paid for
+        ref = LocalUpdateRef.model_validate_json(kept.read_text(encoding="utf-8"))
+        if ref.base_sha256 == global_ref.sha256 and ref.train.get("dp_sgd_entry") == entry_id:
+            return ref
+    delta, metrics, run = train_local_dp(
+        model_path,
+        global_state,
+        rows,
+        training=cfg.training,
+        lora=cfg.lora,
+        seed=seed,
+        noise_multiplier=z,
+        max_grad_norm=dp.max_grad_norm,
+        desc=f"{party.name} r{round} DP-SGD",
+    )
+    party_ledger.mark_spent(ledger_file, ledger, entry_id)
+    train = {
+        **metrics.as_dict(),
+        "dp_sgd_entry": entry_id,
+        "dp_sgd_epsilon": ledger.epsilon(),
+        "dp_sgd_delta": dp.delta,
+        "dp_sgd_noise_multiplier": z,
+        "dp_sgd_sample_rate": sample_rate,
+        "dp_sgd_max_grad_norm": dp.max_grad_norm,
+        "dp_sgd_empty_batches": run.empty_batches,
+    }
+    return _keep_update(party, round, path, delta, global_ref, metrics.examples, train)
 
 
 def evaluate_round(

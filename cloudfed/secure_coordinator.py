@@ -549,7 +549,7 @@ def aggregate_protected(
     if cfg.privacy.mode == "central":  # the coordinator is trusted with the sum, not the release
         sums = _add_central_noise(cfg, sums)
     delta = {name: (sums[name] / weight_sum).astype(np.float32) for name in sorted(sums)}
-    new_ref = publish_global(exchange, round, add(global_state, delta))
+    new_ref = publish_global(exchange, round, add(global_state, delta), plan.run_id)
     privacy: dict[str, Any] = {}
     if cfg.privacy.enabled:
         privacy = _commit_privacy(
