@@ -254,7 +254,7 @@ def format_validation_error(exc: ValidationError, *, source: str, prefix: str) -
         elif err.get("type") == "missing":
             fix = f"add '{key}'"
         else:
-            fix = _FIXES.get(key, f"correct '{key}' in {source}")
+            fix = _FIXES.get(key, f"correct '{key}' in {source}" if key else "see the message")
         lines.append(f"  - {field}: {msg}{got_txt}. Fix: {fix}.")
     return "\n".join(lines)
 

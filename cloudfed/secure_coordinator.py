@@ -136,6 +136,13 @@ def open_upload(
                 f"update was made under privacy mode {meta.get('dp_mode')!r} with clip "
                 f"{meta.get('dp_clip')!r}, not {cfg.privacy.mode!r} with {cfg.privacy.clip!r}"
             )
+        want = calibration(cfg).party_std if cfg.privacy.mode == "distributed" else None
+        got = meta.get("dp_party_std")
+        if want is not None and not (isinstance(got, float) and got >= want * (1 - 1e-9)):
+            raise ValueError(
+                f"update carries a noise share of std {got!r}, below this round's {want:.6g}; "
+                "the sum would hold less noise than the ledger charges"
+            )
     clipped = meta.get("clipped", 0)
     return Upload(
         ref.party,
@@ -487,6 +494,12 @@ def aggregate_protected(
     parties = sorted(uploads)
     if cfg.privacy.enabled:
         reservation = _reservation(cfg, exchange, keys, plan, round)
+        unreserved = sorted(set(parties) - set(reservation.parties))
+        if unreserved:
+            raise AggregationError(
+                f"round {round}: {unreserved} contributed but the privacy ledger reserved the "
+                f"round for {reservation.parties} only; nothing is released"
+            )
     needed = cfg.min_contributors if cfg.privacy.mode == "distributed" else cfg.min_parties
     if len(parties) < needed:
         raise AggregationError(

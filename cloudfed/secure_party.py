@@ -274,6 +274,8 @@ def upload(
         weight = 1.0
         cal = calibration(cfg)
         meta.update(dp_mode=cal.mode, dp_clip=cal.clip, dp_clipped=was_clipped)
+        if cal.mode == "distributed":
+            meta["dp_party_std"] = cal.party_std
     else:
         weight = party_weight(local.examples, cfg.protection.weight_cap)
     distributed = cfg.privacy.mode == "distributed"
@@ -305,7 +307,6 @@ def upload(
         vector = flat_with_weight(seg, update, weight)
         if distributed:
             vector[:-1] += real_gaussian(seg.size, cal.party_std)
-            meta["dp_party_std"] = cal.party_std
         blocks = ckks.encrypt_vector(public, vector, workers=cfg.protection.ckks.workers)
         sections["ckks"] = ckks.pack_blocks(blocks)
         meta["ckks_blocks"] = len(blocks)

@@ -9,6 +9,7 @@ which is tighter; both are what Opacus itself reports, so numbers here match its
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable
@@ -55,6 +56,7 @@ def epsilon(events: Iterable[GaussianEvent], delta: float, accountant: Accountan
         return float(acc.get_epsilon(delta=delta))
 
 
+@functools.lru_cache(maxsize=64)  # Opacus's search takes up to ~10 s at q = 1; steps reuse it
 def noise_for_target(
     target_epsilon: float,
     delta: float,

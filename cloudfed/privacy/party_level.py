@@ -84,11 +84,12 @@ def dp_value_spec(cfg: FederationConfig, parties: int) -> QuantSpec:
 def charged_multiplier(cfg: FederationConfig, parties: int, values: int) -> float:
     """The z the ledger charges, allowing for what quantisation adds to the sensitivity.
 
-    Distributed secure aggregation rounds stochastically, which may lengthen a clipped update by
-    up to one step per coordinate; the noise is fixed, so the charged z is a hair lower.
+    Secure aggregation rounds stochastically, which may lengthen a clipped update by up to one
+    step per coordinate of its `values` secagg values, in either mode; the noise is fixed, so the
+    charged z is a hair lower. Without secagg values nothing is rounded.
     """
     cal = calibration(cfg)
-    if cfg.privacy.mode != "distributed":
+    if values <= 0:
         return cal.noise_multiplier
     step = dp_value_spec(cfg, parties).step
     return cal.sum_std / (cal.clip + math.sqrt(values) * step)
