@@ -134,14 +134,9 @@ def _overhead(base: dict[str, Any], steps: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/local.yaml")
-    parser.add_argument("--quick", action="store_true", help="only epsilon 8 and infinity")
-    args = parser.parse_args()
-    base = yaml.safe_load((ROOT / args.config).read_text())
+def _arms(base: dict[str, Any], epsilons: tuple[float, ...]) -> dict[str, dict[str, Any]]:
     clip = base["parameters"]["federation"].get("privacy", {}).get("clip", 0.05)
-    epsilons = (8.0,) if args.quick else EPSILONS
+    names = [p["name"] for p in base["parameters"]["federation"]["parties"]]
     arms: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cloudfed-privacy-bench-") as tmp:
 
@@ -158,49 +153,60 @@ def main() -> None:
             return result
 
         arms["infinity"] = arm("infinity", {"mode": "off"})
-        names = [p["name"] for p in base["parameters"]["federation"]["parties"]]
         for eps in epsilons:
             arms[f"party_level_eps{eps:g}"] = arm(
                 f"party_level_eps{eps:g}",
-                {
-                    "mode": "distributed",
-                    "clip": clip,
-                    "target_epsilon": eps,
-                    "max_epsilon": eps,
-                },
+                {"mode": "distributed", "clip": clip, "target_epsilon": eps, "max_epsilon": eps},
             )
             arms[f"dp_sgd_eps{eps:g}"] = arm(
                 f"dp_sgd_eps{eps:g}",
                 {"mode": "off", "dp_sgd": {n: {"target_epsilon": eps} for n in names}},
             )
+    return arms
+
+
+def _utility(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     reference = arms["infinity"]["final_eval_loss"]
     table = [
         {
             "arm": name,
-            "final_eval_loss": r["final_eval_loss"],
+            "final_eval_loss": round(r["final_eval_loss"], 4),
             "loss_ratio": round(r["final_eval_loss"] / reference, 4),
         }
         for name, r in arms.items()
     ]
-    result = {
-        "benchmark": "privacy_utility",
+    return {
         "reference_final_eval_loss": reference,
         "initial_eval_loss": arms["infinity"]["initial_eval_loss"],
         "table": table,
         "target": {"loss_ratio_at_eps8": TARGET_RATIO_AT_8},
-        "met": {
-            name: r["loss_ratio"] <= TARGET_RATIO_AT_8
-            for name in arms
-            for r in table
-            if r["arm"] == name and name.endswith("eps8")
+        "met_at_eps8": {
+            r["arm"]: r["loss_ratio"] <= TARGET_RATIO_AT_8 for r in table if r["arm"].endswith("8")
         },
         "arms": arms,
-        "dp_sgd_overhead": _overhead(
-            base, base["parameters"]["federation"]["training"]["local_steps"]
-        ),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/local.yaml")
+    parser.add_argument("--quick", action="store_true", help="only epsilon 8 and infinity")
+    parser.add_argument(
+        "--only", choices=["utility", "overhead"], help="run one half, keep the other's last result"
+    )
+    args = parser.parse_args()
+    base = yaml.safe_load((ROOT / args.config).read_text())
+    out_file = ROOT / "benchmarks" / "results_privacy.json"
+    result: dict[str, Any] = {"benchmark": "privacy_utility"}
+    if args.only and out_file.exists():
+        result.update(json.loads(out_file.read_text()))
+    if args.only != "overhead":
+        result.update(_utility(_arms(base, (8.0,) if args.quick else EPSILONS)))
+    if args.only != "utility":
+        steps = base["parameters"]["federation"]["training"]["local_steps"]
+        result["dp_sgd_overhead"] = _overhead(base, steps)
     out = json.dumps(result, indent=2)
-    (ROOT / "benchmarks" / "results_privacy.json").write_text(out + "\n")
+    out_file.write_text(out + "\n")
     print(out)
 
 
