@@ -74,6 +74,7 @@ bench: stack demo-data bench-env
 	$(BIN)/python benchmarks/harmonize.py
 	$(BIN)/python benchmarks/demo_run.py --config $(CONFIG)
 	$(BIN)/python benchmarks/protection.py
+	$(BIN)/python benchmarks/privacy_utility.py --config $(CONFIG)
 
 clean:
 	rm -rf .cloudfed
