@@ -1,4 +1,4 @@
-"""Empirical privacy audits: does the federation's final model give away its training rows?
+"""Empirical privacy audits: does the final global model give away a party's training rows.
 
 `canaries` is the secret-sharer test (Carlini et al. 2019): random secrets are planted in one
 party's data, repeated 1..k times, and the final global model's preference for each planted

@@ -98,10 +98,7 @@ def summary_text(report: dict[str, Any]) -> str:
     from rich.table import Table
 
     arms = report["arms"]
-    table = Table(
-        title=f"Canary exposure in bits, mean (max); maximum {report['max_exposure_bits']:.2f}, "
-        f"chance {report['chance_exposure_bits']:.2f}"
-    )
+    table = Table(title="Canary exposure, bits: mean (max)")
     table.add_column("repeats", justify="right")
     for a in arms:
         table.add_column(a["name"], justify="right")
@@ -113,6 +110,11 @@ def summary_text(report: dict[str, Any]) -> str:
     table.add_row("held-out loss", *[f"{a['eval_loss']:.4f}" for a in arms])
     console = Console(record=True, width=120, file=io.StringIO())
     console.print(table)
+    console.print(
+        f"{report['canaries_per_level']} canaries per level in {report['canary_party']}, ranked "
+        f"among {report['references']} random secrets: maximum "
+        f"{report['max_exposure_bits']:.2f} bits, chance {report['chance_exposure_bits']:.2f} bits."
+    )
     return console.export_text()
 
 

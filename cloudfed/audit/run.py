@@ -67,7 +67,7 @@ def _score(
                 "secret": canary.secret,
                 "repeats": canary.repeats,
                 "loss": float(losses[0]),
-                "reference_loss_median": float(sorted(losses[1:])[len(losses[1:]) // 2]),
+                "reference_loss_median": float(np.median(losses[1:])),
                 "rank": r,
                 "exposure_bits": exposure_bits(r, len(references)),
             }
@@ -120,6 +120,7 @@ def run_canary_audit(cfg: AuditConfig, *, source: str, out_dir: Path | None = No
     canary_records = len(train[cfg.data.canary_party])
     arms = plan_arms(cfg, canary_records, source=source)
     initial = initial_adapter(model_path, cfg.lora, seed=cfg.seed)
+    _check_canaries_fit(cfg, model_path, initial, canaries, references)
     base_eval = _eval_loss(cfg, model_path, initial, held_out)
     arm_reports = []
     for arm in arms:
@@ -149,8 +150,22 @@ def run_canary_audit(cfg: AuditConfig, *, source: str, out_dir: Path | None = No
     report["seconds"] = time.perf_counter() - start
     files = write_report(report, out)
     run_id = log_audit(cfg, report, files)
-    report["mlflow_run_id"] = run_id
     return AuditOutcome(report=report, out_dir=out, run_id=run_id)
+
+
+def _check_canaries_fit(
+    cfg: AuditConfig,
+    model_path: str,
+    initial: Mapping[str, np.ndarray],
+    canaries: list[Canary],
+    references: list[str],
+) -> None:
+    """Refuse a max_seq_len that cuts the longest canary before minutes of training, not after."""
+    longest = max(canaries, key=lambda c: len(c.response()))
+    scorer = CanaryScorer(
+        model_path, initial, lora=cfg.lora, max_seq_len=cfg.training.max_seq_len, seed=cfg.seed
+    )
+    scorer.losses(longest, references[:10])
 
 
 def _eval_loss(

@@ -33,7 +33,7 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
-    """transformers 5 renamed `past_key_values` to `cache`; accept either spelling."""
+    """Transformers 5 renamed `past_key_values` to `cache`; accept either spelling."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -65,6 +65,19 @@ class CanaryScorer:
         self.batch_size = batch_size
         self._kwarg = _cache_kwarg(self.model)
 
+    def _check_fits(self, canary: Canary, truncated: list[int]) -> None:
+        """Training cuts rows to max_seq_len (the prompt to half): a cut canary ranks nothing."""
+        (whole,) = encode_pairs(
+            self.tokenizer, [canary.instruction], [canary.response()], max_len=10**9
+        )
+        if len(whole.input_ids) != len(truncated):
+            raise ConfigError(
+                f"training.max_seq_len={self.max_seq_len} cuts the canary "
+                f"({len(whole.input_ids)} tokens with its prompt; the prompt may use at most "
+                f"{self.max_seq_len // 2}). Fix: raise training.max_seq_len or shorten "
+                "canaries.instruction and canaries.format."
+            )
+
     @torch.no_grad()
     def losses(self, canary: Canary, references: Sequence[str]) -> np.ndarray:
         """Loss of the canary's own secret (index 0), then of each reference secret."""
@@ -77,13 +90,11 @@ class CanaryScorer:
             [canary.response(s) for s in secrets],
             max_len=self.max_seq_len,
         )
+        self._check_fits(canary, encoded[0].input_ids)
         ids = [e.input_ids for e in encoded]
         n = _common_prefix(ids)
         if n == 0 or len({tuple(i) for i in ids}) != len(ids):
-            raise ConfigError(
-                "training.max_seq_len cuts the canary before its secret, so every candidate "
-                "reads the same. Fix: raise training.max_seq_len or shorten canaries.format."
-            )
+            raise ValueError("candidate secrets do not tokenise to distinct continuations")
         if any(lab == IGNORE_INDEX for e in encoded for lab in e.labels[n:]):
             raise ValueError("candidate secrets differ inside the prompt, not the response")
         dev = self.device.name

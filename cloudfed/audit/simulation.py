@@ -10,6 +10,7 @@ same seeds in every arm, so a difference in exposure comes from the canary party
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -79,6 +80,52 @@ def _mean(deltas: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.mean([d[k] for d in deltas], axis=0).astype(np.float32) for k in deltas[0]}
 
 
+# Opacus's per-sample hooks on a model whose inputs need no gradient: expected, and harmless.
+_OPACUS_HOOK_WARNING = "Full backward hook is firing when gradients are computed"
+
+
+def _train_party(
+    cfg: AuditConfig,
+    arm: Arm,
+    party: str,
+    result: ArmResult,
+    *,
+    model_path: str,
+    rows: pd.DataFrame,
+    seed: int,
+    desc: str,
+) -> dict[str, np.ndarray]:
+    """One party's delta from the current global; DP-SGD only for the canary party of a DP arm."""
+    if arm.noise_multiplier is None or party != cfg.data.canary_party:
+        delta, metrics = train_local(
+            model_path,
+            result.adapter,
+            rows,
+            training=cfg.training,
+            lora=cfg.lora,
+            seed=seed,
+            desc=desc,
+        )
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_OPACUS_HOOK_WARNING)
+            delta, metrics, run = train_local_dp(
+                model_path,
+                result.adapter,
+                rows,
+                training=cfg.training,
+                lora=cfg.lora,
+                seed=seed,
+                noise_multiplier=arm.noise_multiplier,
+                max_grad_norm=cfg.dp.max_grad_norm,
+                desc=f"{desc} (DP-SGD)",
+            )
+        result.events.append(run.event)
+        result.empty_batches += run.empty_batches
+    result.train_loss[party] = metrics.loss_last
+    return delta
+
+
 def run_arm(
     cfg: AuditConfig,
     arm: Arm,
@@ -87,40 +134,23 @@ def run_arm(
     initial: Mapping[str, np.ndarray],
     rows: Mapping[str, pd.DataFrame],
 ) -> ArmResult:
+    """FedAvg over `rounds` rounds; the result carries the final global adapter and the spend."""
     start = time.perf_counter()
-    canary_party = cfg.data.canary_party
     result = ArmResult(arm=arm, adapter=dict(initial), seconds=0.0)
     for rnd in tqdm(range(1, cfg.rounds + 1), desc=f"{arm.name}: rounds", unit="round"):
-        deltas = []
-        for index, party in enumerate(cfg.data.parties):
-            seed = cfg.seed * 10_000 + rnd * 100 + index
-            desc = f"{arm.name} r{rnd} {party}"
-            if arm.dp and party == canary_party:
-                delta, metrics, run = train_local_dp(
-                    model_path,
-                    result.adapter,
-                    rows[party],
-                    training=cfg.training,
-                    lora=cfg.lora,
-                    seed=seed,
-                    noise_multiplier=float(arm.noise_multiplier or 0.0),
-                    max_grad_norm=cfg.dp.max_grad_norm,
-                    desc=f"{desc} (DP-SGD)",
-                )
-                result.events.append(run.event)
-                result.empty_batches += run.empty_batches
-            else:
-                delta, metrics = train_local(
-                    model_path,
-                    result.adapter,
-                    rows[party],
-                    training=cfg.training,
-                    lora=cfg.lora,
-                    seed=seed,
-                    desc=desc,
-                )
-            result.train_loss[party] = metrics.loss_last
-            deltas.append(delta)
+        deltas = [
+            _train_party(
+                cfg,
+                arm,
+                party,
+                result,
+                model_path=model_path,
+                rows=rows[party],
+                seed=cfg.seed * 10_000 + rnd * 100 + index,
+                desc=f"{arm.name} r{rnd} {party}",
+            )
+            for index, party in enumerate(cfg.data.parties)
+        ]
         result.adapter = add(result.adapter, _mean(deltas))
     if result.events:
         result.epsilon = epsilon(result.events, cfg.dp.delta, cfg.dp.accountant)
