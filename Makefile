@@ -11,7 +11,7 @@ export ZENML_ENABLE_RICH_TRACEBACK := false
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test setup browser stack demo-data preflight lint ui bench bench-env clean
+.PHONY: run test setup browser stack demo-data policies preflight lint ui bench bench-env clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,14 @@ stack: setup .zen
 demo-data: setup
 	$(BIN)/python -m cloudfed.data.demo --out .cloudfed/clouds
 
+# One policy per simulated cloud (kept once written: it is the party's, not the launcher's).
+policies: setup
+	$(BIN)/python -m cloudfed.party_policy provision $(CONFIG)
+
 preflight: setup
 	$(BIN)/python -m cloudfed.preflight $(CONFIG)
 
-run: stack demo-data preflight
+run: stack demo-data policies preflight
 	$(BIN)/zenml pipeline run pipelines.federated_training.federated_training -c $(CONFIG)
 	@cat .cloudfed/coordinator/last_run/summary.txt
 	@echo "Results: MLflow (run 'make ui', then open http://127.0.0.1:5000), report files in .cloudfed/coordinator/last_run/"

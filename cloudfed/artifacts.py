@@ -43,14 +43,18 @@ class GlobalAdapterRef(_Ref):
 
 
 class LocalUpdateRef(_Ref):
-    """A party's plaintext update, by reference: the file stays in the party's storage."""
+    """A party's plaintext update, by reference: the file stays in the party's storage.
+
+    `sha256` is the party's keyed digest (HMAC under its own key) of the file, not its plain hash,
+    and `train` holds only what the release rules let out: every training metric without DP, the
+    party's DP-SGD epsilon and delta under DP. Its example count never leaves the party.
+    """
 
     party: str
     round: int
     uri: str
     sha256: str
     base_sha256: str
-    examples: int
     train: dict[str, float | int | str]
 
 
@@ -136,6 +140,24 @@ class PartyEval(_Ref):
     tokens: int
     examples: int
     seconds: float
+
+
+class EvalRelease(_Ref):
+    """What an evaluate step lets out: the party's metrics (no DP) or its masked share of a sum.
+
+    Under any DP, `metrics` is None and `sealed_key` points at the party's masked, sealed metrics
+    on the exchange, which the coordinator can only add up with every other evaluator's.
+    """
+
+    party: str
+    round: int
+    model_sha256: str
+    evaluators: list[str]
+    seconds: float
+    metrics: PartyEval | None = None
+    sealed_key: str | None = None
+    sealed_sha256: str | None = None
+    fingerprint: str = ""
 
 
 FederationPlan.model_rebuild()

@@ -164,3 +164,8 @@ def ckks_sum_key(round: int) -> str:
 
 def ckks_plain_sum_key(round: int) -> str:
     return f"{_round_dir(round)}/ckks/decrypted-sum.sealed"
+
+
+def metrics_key(round: int, party: str) -> str:
+    """A party's masked metrics about the global adapter of `round` (0 = the base model)."""
+    return f"{_round_dir(round)}/metrics/{_name(party, 'party')}.sealed"

@@ -163,8 +163,14 @@ class FederationConfig(_Strict):
         unknown_dp = sorted(set(privacy.dp_sgd) - set(names))
         if unknown_dp:
             raise ValueError(f"privacy.dp_sgd names unknown parties {unknown_dp}")
+        modes = {self.protection.default, *(r.mode for r in self.protection.rules)}
+        if privacy.mode == "central" and "ckks" in modes:
+            raise ValueError(
+                "privacy.mode central adds the noise after the coordinator has the sum, but a "
+                "CKKS sum is decrypted by the key party and released to the coordinator without "
+                "it. Use mode distributed (each party noises before encrypting) or secagg"
+            )
         if privacy.mode == "distributed":
-            modes = {self.protection.default, *(r.mode for r in self.protection.rules)}
             if "plaintext" in modes:
                 raise ValueError(
                     "privacy.mode distributed adds each party's noise inside secure aggregation "
@@ -176,6 +182,12 @@ class FederationConfig(_Strict):
             raise ValueError(
                 f"privacy.min_contributors={m} must lie between min_parties={self.min_parties} "
                 f"and the {len(self.active_parties)} participating parties"
+            )
+        if privacy.mode == "distributed" and privacy.colluding >= self.min_contributors:
+            raise ValueError(
+                f"privacy.colluding={privacy.colluding} must be below min_contributors="
+                f"{self.min_contributors}: with that many co-contributors pooling their noise "
+                "shares no honest share is left"
             )
 
     @property
@@ -227,6 +239,7 @@ _FIXES: dict[str, str] = {
     "delta": "use a delta strictly between 0 and 1, well below 1/records (e.g. 1e-5)",
     "noise_multiplier": "use a positive noise multiplier such as 1.0",
     "min_contributors": "use a count between min_parties and the number of parties",
+    "colluding": "use at least 1 and fewer than min_contributors (default 1)",
     "privacy": "see the privacy block of configs/local.yaml",
     "dp_sgd": "see the dp_sgd example in configs/local.yaml",
 }

@@ -3,41 +3,68 @@
 Every function here reads raw or harmonised rows only from the party's own storage and returns
 references and numbers. The plaintext update is written to the party's storage and leaves it only
 through `cloudfed.secure_party.upload`, protected per the policy and sealed to the coordinator.
+
+Every party function first checks the run configuration against the party's own policy
+(`cloudfed.party_policy`) and the keys it meets against the party's pins. Under any DP, what it
+returns follows the release rules (README, Privacy budgets): no example count, no per-party
+metric, keyed digests instead of hashes of its data.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict
 
-from cloudfed.artifacts import GlobalAdapterRef, LocalUpdateRef, PartyEval
-from cloudfed.data.ref import DatasetRef
+from cloudfed.artifacts import (
+    EvalRelease,
+    FederationPlan,
+    GlobalAdapterRef,
+    LocalUpdateRef,
+    PartyEval,
+)
+from cloudfed.data.ref import DatasetRef, redact
 from cloudfed.errors import DataError, ProtectionError, SimulatedDropout
 from cloudfed.exchange import (
     Exchange,
     federation_exchange,
+    fetch_public_keys,
+    metrics_key,
     publish_public_keys,
 )
 from cloudfed.federation import FederationConfig, PartyConfig
-from cloudfed.protection import load_or_create_keys
+from cloudfed.party_policy import ConsentError, LoadedPolicy, check_pin, enforce, required_survivors
+from cloudfed.protection import KeyPairs, SealContext, load_or_create_keys, seal
+from cloudfed.protection.commitments import keyed_digest, matches
 from cloudfed.training.adapter_io import state_from_bytes, state_to_bytes
 from cloudfed.training.model import resolve_base_model
 
 COORDINATOR = "coordinator"
+# Released under DP: what a party's DP-SGD ledger says, nothing about its data or training.
+RELEASED_UNDER_DP = ("dp_sgd_epsilon", "dp_sgd_delta")
+# The metrics a party puts into the round's secure sum, in order.
+METRIC_SLOTS = ("eval_nll", "eval_tokens", "eval_examples", "trained", "train_loss", "train_tokens")
+
+__all__ = ["SimulatedDropout"]
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_verified(path: Path, sha256: str, what: str) -> bytes:
-    """Refuse to train or evaluate on a file that changed since it was registered."""
+def read_verified(path: Path, sha256: str, what: str, keys: KeyPairs | None = None) -> bytes:
+    """Refuse to train or evaluate on a file that changed since it was registered.
+
+    With `keys`, `sha256` is the party's keyed digest of the file (a redacted reference).
+    """
     data = path.read_bytes()
-    if _sha256(data) != sha256:
+    ok = matches(keys, data, what, sha256) if keys is not None else _sha256(data) == sha256
+    if not ok:
         raise DataError(
             f"{path}: {what} changed since it was recorded (sha256 mismatch). Fix: re-run the "
             "pipeline so harmonisation and training see the same file."
@@ -53,10 +80,11 @@ def load_global(exchange: Exchange, ref: GlobalAdapterRef) -> dict[str, np.ndarr
     return state_from_bytes(data)
 
 
-def read_rows(uri: str, sha256: str) -> pd.DataFrame:
+def read_rows(uri: str, sha256: str, keys: KeyPairs | None = None) -> pd.DataFrame:
     import io
 
-    rows = pd.read_parquet(io.BytesIO(read_verified(Path(uri), sha256, "harmonised data")))
+    data = read_verified(Path(uri), sha256, "harmonised data", keys)
+    rows = pd.read_parquet(io.BytesIO(data))
     if rows.empty:
         raise DataError(
             f"{uri}: no rows left after harmonisation. Fix: check the party's raw export and its "
@@ -65,16 +93,80 @@ def read_rows(uri: str, sha256: str) -> pd.DataFrame:
     return rows
 
 
+def _rows(data: DatasetRef, split: str, keys: KeyPairs) -> pd.DataFrame:
+    uri, digest = (
+        (data.train_uri, data.train_sha256)
+        if split == "train"
+        else (data.eval_uri, data.eval_sha256)
+    )
+    return read_rows(uri, digest, keys if data.redacted else None)
+
+
 def simulated_dropout(cfg: FederationConfig, party: str, stage: str, round: int) -> None:
     if cfg.simulate_dropouts.get(party) == stage:
         raise SimulatedDropout(f"{party} left round {round} at {stage} (simulate_dropouts)")
 
 
-def party_keys(party: PartyConfig, exchange: Exchange):
+def party_keys(party: PartyConfig, exchange: Exchange) -> KeyPairs:
     """Generate the party's identity once, keep it in its storage, publish the public half."""
     keys = load_or_create_keys("party", party.name, Path(party.storage) / "keys")
     publish_public_keys(exchange, keys.public_bundle())
     return keys
+
+
+def consent(
+    cfg: FederationConfig, party: PartyConfig, plan: FederationPlan | None = None
+) -> tuple[KeyPairs, LoadedPolicy]:
+    """The party's keys and policy, once the round is no weaker than the policy and pins hold."""
+    loaded = enforce(cfg, party.name)
+    keys = party_keys(party, federation_exchange(cfg))
+    check_pin(loaded, "party", party.name, keys.public_bundle().fingerprint)
+    if plan is not None:
+        check_pin(loaded, COORDINATOR, COORDINATOR, plan.coordinator_fingerprint)
+    return keys, loaded
+
+
+def release_dataset(cfg: FederationConfig, party: PartyConfig, ref: DatasetRef) -> DatasetRef:
+    """The harmonise step's output: the full reference without DP, a redacted one with DP."""
+    if not cfg.privacy.protects_records:
+        return ref
+    keys, _ = consent(cfg, party)
+    return redact(
+        ref,
+        keyed_digest(keys, ref.train_sha256, "harmonised data"),
+        keyed_digest(keys, ref.eval_sha256, "harmonised data"),
+    )
+
+
+class LocalUpdateRecord(BaseModel):
+    """The party's own record of an update; stays in its storage next to the update."""
+
+    model_config = ConfigDict(frozen=True)
+
+    party: str
+    round: int
+    run_id: str
+    uri: str
+    sha256: str
+    base_sha256: str
+    examples: int
+    train: dict[str, float | int | str]
+
+
+def _record_path(uri: str) -> Path:
+    return Path(uri).with_suffix(".json")
+
+
+def load_local_record(
+    cfg: FederationConfig, party: PartyConfig, local: LocalUpdateRef
+) -> LocalUpdateRecord:
+    """The party's record behind a released reference, checked against its keyed digest."""
+    keys = party_keys(party, federation_exchange(cfg))
+    record = LocalUpdateRecord.model_validate_json(_record_path(local.uri).read_bytes())
+    if record.party != party.name or record.round != local.round:
+        raise DataError(f"{local.uri}: the update record is not {party.name}'s of this round")
+    read_verified(Path(record.uri), local.sha256, "local update", keys)
+    return record
 
 
 def train_round(
@@ -83,18 +175,24 @@ def train_round(
     round: int,
     data: DatasetRef,
     global_ref: GlobalAdapterRef,
+    plan: FederationPlan | None = None,
 ) -> LocalUpdateRef:
     from cloudfed.training.local import train_local
 
     simulated_dropout(cfg, party.name, "train", round)
+    keys, loaded = consent(cfg, party, plan)
     exchange = federation_exchange(cfg)
+    if cfg.privacy.enabled and plan is not None:
+        _check_party_level_budget(cfg, loaded, exchange, plan, round)
     global_state = load_global(exchange, global_ref)
-    rows = read_rows(data.train_uri, data.train_sha256)
+    rows = _rows(data, "train", keys)
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
     seed = cfg.seed * 1_000_003 + round * 7919 + int(_sha256(party.name.encode())[:6], 16)
     path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
     if party.name in cfg.privacy.dp_sgd:
-        return _train_dp_sgd(cfg, party, round, rows, global_ref, global_state, model_path, seed)
+        return _train_dp_sgd(
+            cfg, party, loaded, keys, round, rows, global_ref, global_state, model_path, seed
+        )
     delta, metrics = train_local(
         model_path,
         global_state,
@@ -104,11 +202,51 @@ def train_round(
         seed=seed,
         desc=f"{party.name} r{round}",
     )
-    return _keep_update(party, round, path, delta, global_ref, metrics.examples, metrics.as_dict())
+    return _keep_update(
+        cfg, party, keys, round, path, delta, global_ref, metrics.examples, metrics.as_dict()
+    )
+
+
+def _check_party_level_budget(
+    cfg: FederationConfig,
+    loaded: LoadedPolicy,
+    exchange: Exchange,
+    plan: FederationPlan,
+    round: int,
+) -> None:
+    """Party side of the budget: the round is reserved, and the party's own cap holds."""
+    from cloudfed.party_policy import party_level_cap
+    from cloudfed.privacy.ledger import verified_for_party
+
+    coordinator = fetch_public_keys(
+        exchange, "coordinator", COORDINATOR, fingerprint=loaded.policy.pins.coordinator
+    )
+    ledger = verified_for_party(
+        exchange,
+        coordinator,
+        federation_id=cfg.federation_id,
+        head_file=loaded.state_dir / "ledger_head.json",
+    )
+    entry = ledger.entry(f"{plan.run_id}/r{round:04d}")
+    if entry is None:
+        raise ConsentError(
+            f"{loaded.policy.party} refuses round {round}: the privacy ledger holds no reservation "
+            "for it, so its spend would go unaccounted"
+        )
+    cap = party_level_cap(cfg, loaded)
+    spent = ledger.epsilon(party=loaded.policy.party)
+    if cap is not None and spent > cap + 1e-9:
+        raise ConsentError(
+            f"{loaded.policy.party} refuses round {round}: its party-level epsilon would reach "
+            f"{spent:.4g}, above {cap:g} (the stricter of privacy.max_epsilon and "
+            f"privacy.max_epsilon in {loaded.path})"
+        )
 
 
 def _keep_update(
+    cfg: FederationConfig,
     party: PartyConfig,
+    keys: KeyPairs,
     round: int,
     path: Path,
     delta: dict[str, np.ndarray],
@@ -119,22 +257,39 @@ def _keep_update(
     payload = state_to_bytes(delta)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(payload)
-    ref = LocalUpdateRef(
+    record = LocalUpdateRecord(
         party=party.name,
         round=round,
+        run_id=global_ref.run_id,
         uri=str(path),
         sha256=_sha256(payload),
         base_sha256=global_ref.sha256,
         examples=examples,
         train=train,
     )
-    path.with_suffix(".json").write_text(ref.model_dump_json(), encoding="utf-8")
-    return ref
+    _record_path(str(path)).write_text(record.model_dump_json(), encoding="utf-8")
+    return _released(cfg, keys, record)
+
+
+def _released(cfg: FederationConfig, keys: KeyPairs, record: LocalUpdateRecord) -> LocalUpdateRef:
+    train = record.train
+    if cfg.privacy.protects_records:
+        train = {k: v for k, v in train.items() if k in RELEASED_UNDER_DP}
+    return LocalUpdateRef(
+        party=record.party,
+        round=record.round,
+        uri=record.uri,
+        sha256=keyed_digest(keys, record.sha256, "local update"),
+        base_sha256=record.base_sha256,
+        train=train,
+    )
 
 
 def _train_dp_sgd(
     cfg: FederationConfig,
     party: PartyConfig,
+    loaded: LoadedPolicy,
+    keys: KeyPairs,
     round: int,
     rows: pd.DataFrame,
     global_ref: GlobalAdapterRef,
@@ -142,7 +297,13 @@ def _train_dp_sgd(
     model_path: str,
     seed: int,
 ) -> LocalUpdateRef:
-    """DP-SGD under the party's own ledger: charged before training, never twice per round."""
+    """DP-SGD under the party's own ledger: charged before training, never twice per round.
+
+    The ledger sits in the party's state folder (from its policy, not the run config) and counts
+    every run and federation on the party's data; the cap is the stricter of the run config's and
+    the policy's.
+    """
+    from cloudfed.party_policy import dp_sgd_cap
     from cloudfed.privacy import party_ledger
     from cloudfed.privacy.accountant import GaussianEvent, noise_for_target
     from cloudfed.training.dp_sgd import train_local_dp
@@ -157,24 +318,31 @@ def _train_dp_sgd(
         accountant="rdp",
         what=f"privacy.dp_sgd.{party.name}.target_epsilon",
     )
+    floor = loaded.policy.dp_sgd.min_noise_multiplier if loaded.policy.dp_sgd else None
+    if floor is not None and z < floor:
+        raise ConsentError(
+            f"{party.name} refuses to train: DP-SGD noise multiplier {z:.4g} (from "
+            f"privacy.dp_sgd.{party.name}) is below dp_sgd.min_noise_multiplier={floor:g} in "
+            f"{loaded.path}"
+        )
     event = GaussianEvent(z, sample_rate, cfg.training.local_steps)
-    entry_id = f"{global_ref.run_id or 'no-run'}/r{round:04d}"
+    entry_id = f"{cfg.federation_id}/{global_ref.run_id or 'no-run'}/r{round:04d}"
     path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
-    ledger_file = party_ledger.ledger_path(party.storage)
+    ledger_file = party_ledger.ledger_path(loaded.state_dir)
     ledger, charged = party_ledger.reserve(
         ledger_file,
         party=party.name,
-        federation_id=cfg.federation_id,
-        settings=dp,
+        delta=dp.delta,
+        max_epsilon=dp_sgd_cap(cfg, loaded),
         entry_id=entry_id,
         round=round,
         event=event,
     )
-    kept = path.with_suffix(".json")
+    kept = _record_path(str(path))
     if charged and kept.exists():  # a retried step: hand back the update already paid for
-        ref = LocalUpdateRef.model_validate_json(kept.read_text(encoding="utf-8"))
-        if ref.base_sha256 == global_ref.sha256 and ref.train.get("dp_sgd_entry") == entry_id:
-            return ref
+        record = LocalUpdateRecord.model_validate_json(kept.read_text(encoding="utf-8"))
+        if record.base_sha256 == global_ref.sha256 and record.train.get("dp_sgd_entry") == entry_id:
+            return _released(cfg, keys, record)
     delta, metrics, run = train_local_dp(
         model_path,
         global_state,
@@ -197,20 +365,32 @@ def _train_dp_sgd(
         "dp_sgd_max_grad_norm": dp.max_grad_norm,
         "dp_sgd_empty_batches": run.empty_batches,
     }
-    return _keep_update(party, round, path, delta, global_ref, metrics.examples, train)
+    return _keep_update(cfg, party, keys, round, path, delta, global_ref, metrics.examples, train)
 
 
 def evaluate_round(
-    cfg: FederationConfig, party: PartyConfig, data: DatasetRef, global_ref: GlobalAdapterRef
-) -> PartyEval:
+    cfg: FederationConfig,
+    party: PartyConfig,
+    data: DatasetRef,
+    global_ref: GlobalAdapterRef,
+    plan: FederationPlan | None = None,
+    evaluators: list[str] | None = None,
+) -> EvalRelease:
+    """Held-out metrics of the global adapter: released per party without DP, else masked.
+
+    Under DP the party puts its metrics (and its training metrics of this round) into the
+    round's secure sum over `evaluators`, keeps its own copy in its storage, and releases nothing
+    else about them.
+    """
     from cloudfed.training.local import evaluate
 
     start = time.perf_counter()
+    keys, loaded = consent(cfg, party, plan)
     adapter = load_global(federation_exchange(cfg), global_ref)
-    rows = read_rows(data.eval_uri, data.eval_sha256)
+    rows = _rows(data, "eval", keys)
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
     m = evaluate(model_path, adapter, rows, training=cfg.training, lora=cfg.lora, seed=cfg.seed)
-    return PartyEval(
+    metrics = PartyEval(
         party=party.name,
         round=global_ref.round,
         loss=m.loss,
@@ -219,3 +399,114 @@ def evaluate_round(
         examples=m.examples,
         seconds=time.perf_counter() - start,
     )
+    names = sorted(evaluators or [party.name])
+    if not cfg.privacy.protects_records:
+        return EvalRelease(
+            party=party.name,
+            round=global_ref.round,
+            model_sha256=global_ref.sha256,
+            evaluators=names,
+            seconds=metrics.seconds,
+            metrics=metrics,
+        )
+    own = Path(party.storage) / "evals" / (global_ref.run_id or "no-run")
+    own.mkdir(parents=True, exist_ok=True)
+    (own / f"r{global_ref.round:04d}.json").write_text(metrics.model_dump_json(), encoding="utf-8")
+    if plan is None:
+        raise ConsentError(f"{party.name}: a metrics release under DP needs the federation plan")
+    values = [
+        m.loss * m.tokens,
+        float(m.tokens),
+        float(m.examples),
+        *_train_slots(party, global_ref),
+    ]
+    key, blob = _release_metrics(cfg, party, keys, loaded, plan, global_ref, names, values)
+    return EvalRelease(
+        party=party.name,
+        round=global_ref.round,
+        model_sha256=global_ref.sha256,
+        evaluators=names,
+        seconds=time.perf_counter() - start,
+        sealed_key=key,
+        sealed_sha256=_sha256(blob),
+        fingerprint=keys.public_bundle().fingerprint,
+    )
+
+
+def _train_slots(party: PartyConfig, global_ref: GlobalAdapterRef) -> list[float]:
+    """The party's training metrics of the round that produced `global_ref`, if it trained."""
+    path = _record_path(
+        str(Path(party.storage) / "updates" / f"r{global_ref.round:04d}.safetensors")
+    )
+    if global_ref.round == 0 or not path.exists():
+        return [0.0, 0.0, 0.0]
+    record = LocalUpdateRecord.model_validate_json(path.read_bytes())
+    if record.run_id != global_ref.run_id or record.round != global_ref.round:
+        return [0.0, 0.0, 0.0]
+    loss = float(record.train.get("loss_mean", float("nan")))
+    if not np.isfinite(loss):
+        return [0.0, 0.0, 0.0]
+    return [1.0, loss, float(record.train.get("tokens", 0))]
+
+
+def _release_metrics(
+    cfg: FederationConfig,
+    party: PartyConfig,
+    keys: KeyPairs,
+    loaded: LoadedPolicy,
+    plan: FederationPlan,
+    model: GlobalAdapterRef,
+    evaluators: list[str],
+    values: list[float],
+) -> tuple[str, bytes]:
+    """Masked and sealed, once per model and evaluator list (else sums could be differenced)."""
+    from cloudfed.protection import metrics_sum
+
+    need = required_survivors(cfg, loaded)
+    if party.name not in evaluators or len(evaluators) < need:
+        raise ConsentError(
+            f"{party.name} refuses to release metrics in a sum over {evaluators}: it must be in "
+            f"it and the sum must cover at least {need} parties (its own minimum)"
+        )
+    exchange = federation_exchange(cfg)
+    bundles = {}
+    for name in evaluators:
+        pinned = loaded.policy.pins.parties.get(name)
+        if pinned is None:
+            raise ConsentError(f"{party.name} refuses a metrics sum with unpinned {name!r}")
+        bundles[name] = fetch_public_keys(exchange, "party", name, fingerprint=pinned)
+    record_file = loaded.state_dir / "metrics_releases.json"
+    released = json.loads(record_file.read_text()) if record_file.exists() else {}
+    earlier = released.get(model.sha256)
+    if earlier is not None and earlier != evaluators:
+        raise ConsentError(
+            f"{party.name} already released metrics about model {model.sha256[:12]} in a sum "
+            f"over {earlier}; releasing them again over {evaluators} would let the two sums be "
+            "differenced"
+        )
+    binding = {
+        "federation_id": cfg.federation_id,
+        "run_id": plan.run_id,
+        "round": model.round,
+        "model_sha256": model.sha256,
+        "evaluators": evaluators,
+        "slots": list(METRIC_SLOTS),
+    }
+    body = metrics_sum.masked(values, me=keys, evaluators=bundles, binding=binding)
+    context = SealContext(
+        federation_id=cfg.federation_id,
+        round=model.round,
+        party=party.name,
+        kind="metrics",
+        metadata={"run_id": plan.run_id, "model_sha256": model.sha256, "evaluators": evaluators},
+    )
+    coordinator = fetch_public_keys(
+        exchange, COORDINATOR, COORDINATOR, fingerprint=loaded.policy.pins.coordinator
+    )
+    blob = seal(body, context=context, sender=keys, recipient=coordinator)
+    released[model.sha256] = evaluators
+    loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    record_file.write_text(json.dumps(released, sort_keys=True), encoding="utf-8")
+    key = metrics_key(model.round, party.name)
+    exchange.put_bytes(key, blob)
+    return key, blob

@@ -7,11 +7,13 @@ typo costs seconds, not a pipeline run.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 from cloudfed.errors import CloudfedError, ConfigError
 from cloudfed.federation import FederationConfig, load_run_config
+from cloudfed.party_policy import enforce
 
 
 def check(cfg: FederationConfig, root: Path) -> list[str]:
@@ -28,7 +30,44 @@ def check(cfg: FederationConfig, root: Path) -> list[str]:
     for party in cfg.active_parties:
         check_source(party, root)
         lines.append(f"ok  {party.name}: {party.raw.train}, {party.raw.eval} via {party.mapping}")
+    for party in cfg.active_parties:
+        loaded = enforce(cfg, party.name)
+        lines.append(f"ok  {party.name} accepts this run under its policy {loaded.path}")
+    lines += [f"warning: {w}" for w in privacy_warnings(cfg)]
     return lines
+
+
+def privacy_warnings(cfg: FederationConfig, adapter_values: int | None = None) -> list[str]:
+    """Party-level DP among few parties: the noise swamps the signal; say so with the estimate.
+
+    The noise on the sum has L2 norm about z*C*sqrt(d), the signal at most n*C (n updates of
+    norm <= C), so the signal-to-noise ratio of a round is at most n / (z*sqrt(d)).
+    """
+    from cloudfed.privacy.party_level import round_noise_multiplier
+
+    if not cfg.privacy.enabled:
+        return []
+    d = adapter_values if adapter_values is not None else _adapter_values(cfg)
+    n = len(cfg.active_parties)
+    z = round_noise_multiplier(cfg)
+    snr = n / (z * math.sqrt(d))
+    if snr >= 1.0:
+        return []
+    return [
+        f"privacy.mode={cfg.privacy.mode} with {n} parties: the noise on each round's sum is "
+        f"about z*clip*sqrt(d) = {z:.3g}*clip*sqrt({d}) against a signal of at most n*clip, a "
+        f"signal-to-noise ratio of at most n/(z*sqrt(d)) = {snr:.3g} per round; the model will "
+        "barely learn. Party-level DP needs hundreds of parties per round; with a handful, use "
+        "record-level DP-SGD (privacy.dp_sgd) instead"
+    ]
+
+
+def _adapter_values(cfg: FederationConfig) -> int:
+    from cloudfed.training.local import initial_adapter
+    from cloudfed.training.model import resolve_base_model
+
+    path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
+    return int(sum(v.size for v in initial_adapter(path, cfg.lora, seed=cfg.seed).values()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ from cloudfed.federation import FederationConfig
 from cloudfed.party import load_global
 from cloudfed.privacy.budget import commit_round, entry_id, load_ledger
 from cloudfed.privacy.ledger import LedgerEntry
-from cloudfed.privacy.noise import real_gaussian
+from cloudfed.privacy.noise import add_integer_noise, central_noise
 from cloudfed.privacy.party_level import calibration
 from cloudfed.protection import open_sealed_with_metadata, seal
 from cloudfed.protection import payload as container
@@ -81,7 +81,6 @@ class Upload:
     sections: dict[str, bytes]
     clipped: int
     bytes: int
-    dp_clipped: bool = False
 
 
 def open_upload(
@@ -115,6 +114,12 @@ def open_upload(
     if meta.get("policy_sha256") != layout.policy_sha256:
         raise ValueError("update was protected under another protection policy")
     sections = container.unpack(opened.payload)
+    try:
+        meta = json.loads(sections.pop("meta", b"{}"))
+    except ValueError:
+        raise ValueError("update metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise ValueError("update metadata is not a mapping")
     if set(sections) != set(layout.modes):
         raise ValueError(f"update carries sections {sorted(sections)}, not {list(layout.modes)}")
     if (seg := layout.segment("secagg")) is not None and len(sections["secagg"]) != 4 * (
@@ -149,7 +154,6 @@ def open_upload(
         sections,
         int(clipped) if isinstance(clipped, int) else 0,
         len(opened.payload),
-        dp_clipped=meta.get("dp_clipped") is True,
     )
 
 
@@ -388,10 +392,12 @@ def ckks_sum(
         layout=layout,
         only=_survivors(rosters),
     )
-    if len(uploads) < cfg.min_parties:
+    needed = cfg.min_contributors if cfg.privacy.mode == "distributed" else cfg.min_parties
+    if len(uploads) < needed:
         raise AggregationError(
-            f"round {round}: {len(uploads)} valid CKKS upload(s), fewer than min_parties="
-            f"{cfg.min_parties}; no model was published for this round"
+            f"round {round}: {len(uploads)} valid CKKS upload(s), fewer than the {needed} this "
+            "round needs (min_parties, or privacy.min_contributors under distributed DP); no "
+            "model was published for this round"
         )
     parties = sorted(uploads)
     public = ckks_public_context(cfg, exchange, plan, ckks_key)
@@ -523,6 +529,8 @@ def aggregate_protected(
         inputs = {p: np.frombuffer(uploads[p].sections["secagg"], dtype="<u4") for p in parties}
         words = protocol.unmask(setup, adverts, doc["shared"], inputs, responses)
         specs = secagg_specs(cfg, len(setup.parties))
+        if cfg.privacy.mode == "central":  # noise on the integer sum, before it is decoded
+            words[:-1] = add_integer_noise(words[:-1], calibration(cfg).sum_std / specs[0].step)
         tensors, weight_sum = decode_secagg(seg, words, specs, len(parties))
         sums.update(tensors)
         secagg_stats = {
@@ -559,8 +567,10 @@ def aggregate_protected(
     if weight_sum is None or not weight_sum > 0:
         raise AggregationError(f"round {round}: the aggregated weight is {weight_sum}, not > 0")
     rejected = list({r.party: r for r in reversed(rejected)}.values())[::-1]  # first reason wins
-    if cfg.privacy.mode == "central":  # the coordinator is trusted with the sum, not the release
-        sums = _add_central_noise(cfg, sums)
+    if cfg.privacy.mode == "central" and (seg := layout.segment("plaintext")) is not None:
+        # The coordinator is trusted with the sum, not the release: the public tensors' real sum
+        # goes onto the noise grid (secagg words were noised as integers above).
+        sums.update(_add_central_noise(cfg, {n: sums[n] for n, _ in seg.tensors}))
     delta = {name: (sums[name] / weight_sum).astype(np.float32) for name in sorted(sums)}
     new_ref = publish_global(exchange, round, add(global_state, delta), plan.run_id)
     privacy: dict[str, Any] = {}
@@ -606,13 +616,15 @@ def _reservation(
 
 
 def _add_central_noise(cfg: FederationConfig, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every real sum rounded onto the noise grid, then noised there (see privacy.noise)."""
     std = calibration(cfg).sum_std
     names = sorted(sums)
     sizes = [sums[n].size for n in names]
-    noise = real_gaussian(sum(sizes), std)
+    flat = np.concatenate([np.asarray(sums[n], np.float64).ravel() for n in names])
+    noisy, _ = central_noise(flat, std)
     out, at = {}, 0
     for name, size in zip(names, sizes, strict=True):
-        out[name] = sums[name] + noise[at : at + size].reshape(sums[name].shape)
+        out[name] = noisy[at : at + size].reshape(sums[name].shape)
         at += size
     return out
 
@@ -632,16 +644,20 @@ def _commit_privacy(
     cal = calibration(cfg)
     effective = cal.effective_multiplier(len(parties))
     ledger = commit_round(cfg, exchange, keys, plan, round, parties, effective, new_ref.sha256)
-    clipped = sum(uploads[p].dp_clipped for p in parties)
     return {
         "mode": cfg.privacy.mode,
         "noise_multiplier": reservation.noise_multiplier,
+        # Against `colluding` co-contributors who subtract their own shares (the worst case)...
         "effective_noise_multiplier": effective,
+        # ... and against the coordinator alone, which knows no share.
+        "effective_noise_multiplier_vs_coordinator": cal.effective_multiplier_vs_coordinator(
+            len(parties)
+        ),
+        "colluding": cal.colluding,
+        "contributors": len(parties),
         "noise_std": cal.sum_std,
         "clip": cal.clip,
         "delta": cfg.privacy.delta,
-        "clipped_parties": clipped,
-        "fraction_clipped": clipped / len(parties),
         "epsilon": ledger.epsilon(),
         "party_epsilon": {p: ledger.epsilon(party=p) for p in ledger.parties()},
         "ledger_rounds": len(ledger.entries),

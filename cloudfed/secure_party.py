@@ -8,6 +8,7 @@ in the party's storage, owner-only, between stages.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,9 +41,16 @@ from cloudfed.exchange import (
     update_key,
 )
 from cloudfed.federation import FederationConfig, PartyConfig
-from cloudfed.party import COORDINATOR, load_global, party_keys, read_verified, simulated_dropout
-from cloudfed.privacy.noise import add_integer_noise, real_gaussian
-from cloudfed.privacy.party_level import calibration, clip_update
+from cloudfed.party import (
+    COORDINATOR,
+    consent,
+    load_global,
+    load_local_record,
+    simulated_dropout,
+)
+from cloudfed.party_policy import ConsentError, LoadedPolicy, check_pin, required_survivors
+from cloudfed.privacy.noise import add_integer_noise, noisy_on_grid
+from cloudfed.privacy.party_level import calibration, ckks_grid, clip_update
 from cloudfed.protection import SealContext, open_sealed_with_metadata, seal
 from cloudfed.protection import payload as container
 from cloudfed.protection.encoding import (
@@ -134,6 +142,20 @@ def read_roster(
     return doc, setup
 
 
+def check_members(loaded: LoadedPolicy, doc: dict[str, Any]) -> None:
+    """Every member of a roster must carry the key this party pinned for it."""
+    for name, fingerprint in doc["members"].items():
+        check_pin(loaded, "party", name, fingerprint)
+
+
+def _own_view(
+    cfg: FederationConfig, loaded: LoadedPolicy, setup: protocol.RoundSetup
+) -> protocol.RoundSetup:
+    """The roster's setup with the survivors' minimum this party requires, not the roster's."""
+    need = max(setup.min_survivors, required_survivors(cfg, loaded))
+    return dataclasses.replace(setup, min_survivors=need)
+
+
 def _peer(exchange: Exchange, doc: dict[str, Any], name: str) -> PublicKeyBundle:
     return fetch_public_keys(exchange, "party", name, fingerprint=doc["members"][name])
 
@@ -172,7 +194,7 @@ def advertise(
     simulated_dropout(cfg, party.name, "advertise", local.round)
     start = time.perf_counter()
     exchange = federation_exchange(cfg)
-    keys = party_keys(party, exchange)
+    keys, _ = consent(cfg, party, plan)
     secrets = protocol.PartySecrets.generate()
     _write_owner_only(_secret_path(party, local.round, plan.run_id, "secrets"), secrets.to_bytes())
     context = stage_context(cfg, local.round, party.name, ADVERT, run_id=plan.run_id)
@@ -198,8 +220,9 @@ def share_keys(
     simulated_dropout(cfg, party.name, "share_keys", roster.round)
     start = time.perf_counter()
     exchange = federation_exchange(cfg)
-    keys = party_keys(party, exchange)
+    keys, loaded = consent(cfg, party, plan)
     doc, setup = read_roster(cfg, exchange, plan, roster, "keys")
+    check_members(loaded, doc)
     if party.name not in setup.parties:
         raise ProtectionError(f"{party.name} is not in this round's secure-aggregation roster")
     secrets = _load_secrets(party, roster.round, plan.run_id)
@@ -252,84 +275,42 @@ def upload(
     rosters: list[SecAggRoster],
     ckks_keys: list[CkksKeyRef],
 ) -> SealedUpdateRef:
-    """Stage 3: the update, each tensor under its mode, sealed to the coordinator."""
-    from cloudfed.protection import ckks
+    """Stage 3: the update, each tensor under its mode, sealed to the coordinator, once a round.
 
+    A retried upload for the same round hands back the very same sealed bytes: a second masked
+    vector under the same masks (fresh dither, fresh noise) would let the coordinator difference
+    the two. Asked again under another roster or key, the party refuses.
+    """
     simulated_dropout(cfg, party.name, "upload", local.round)
     start = time.perf_counter()
     exchange = federation_exchange(cfg)
-    keys = party_keys(party, exchange)
-    layout = layout_for(cfg, exchange, plan)
-    update = state_from_bytes(read_verified(Path(local.uri), local.sha256, "local update"))
-    shapes = {n: s for seg in layout.segments for n, s in seg.tensors}
-    reason = check_update(update, shapes, max_abs=MAX_ABS_UPDATE)
-    if reason:  # masked or encrypted, nobody downstream could see what is wrong with it
-        raise DataError(
-            f"{party.name}: the local update of round {local.round} is invalid ({reason}); it is "
-            "not uploaded. Fix: check this party's training logs (learning rate, data)"
-        )
-    meta: dict[str, Any] = {}
-    if cfg.privacy.enabled:  # party-level DP: clip first, equal weights (see privacy.party_level)
-        update, _, was_clipped = clip_update(update, cfg.privacy.clip)
-        weight = 1.0
-        cal = calibration(cfg)
-        meta.update(dp_mode=cal.mode, dp_clip=cal.clip, dp_clipped=was_clipped)
-        if cal.mode == "distributed":
-            meta["dp_party_std"] = cal.party_std
-    else:
-        weight = party_weight(local.examples, cfg.protection.weight_cap)
-    distributed = cfg.privacy.mode == "distributed"
-    sections: dict[str, bytes] = {}
-    clipped = 0
-    if (seg := layout.segment("secagg")) is not None:
-        if len(rosters) != 1:
-            raise ProtectionError("secure aggregation needs the coordinator's shares roster")
-        doc, setup = read_roster(cfg, exchange, plan, rosters[0], "shares")
-        secrets = _load_secrets(party, local.round, plan.run_id)
-        shared = doc["shared"]
-        adverts = {
-            v: verified_advert(cfg, exchange, doc, local.round, v) for v in setup.graph[party.name]
-        }
-        specs = secagg_specs(cfg, len(setup.parties))
-        words, clipped = encode_secagg(seg, update, weight, specs)
-        if distributed:  # this party's share of the noise, before masking; the weight stays exact
-            words[:-1] = add_integer_noise(words[:-1], cal.party_std / specs[0].step)
-            meta["dp_party_scale"] = cal.party_std / specs[0].step
-        masked = protocol.masked_input(setup, party.name, secrets, words, adverts, shared)
-        sections["secagg"] = masked.tobytes()
-        meta["secagg_words"] = int(masked.shape[0])
-    if (seg := layout.segment("ckks")) is not None:
-        if len(ckks_keys) != 1:
-            raise ProtectionError("CKKS needs the key party's public context")
-        if ckks_keys[0].round != local.round:
-            raise ProtectionError("CKKS keys are for another round")
-        public = ckks_public_context(cfg, exchange, plan, ckks_keys[0])
-        vector = flat_with_weight(seg, update, weight)
-        if distributed:
-            vector[:-1] += real_gaussian(seg.size, cal.party_std)
-        blocks = ckks.encrypt_vector(public, vector, workers=cfg.protection.ckks.workers)
-        sections["ckks"] = ckks.pack_blocks(blocks)
-        meta["ckks_blocks"] = len(blocks)
-    if (seg := layout.segment("plaintext")) is not None:
-        values = seg.flatten(update, weight)
-        if len(layout.segments) == 1:  # nothing protected carries the weight: it travels too
-            values = np.concatenate([values, [weight]])
-        sections["plaintext"] = values.astype("<f4").tobytes()
-    payload = container.pack(sections)
-    context = stage_context(
-        cfg,
-        local.round,
-        party.name,
-        "update",
-        run_id=plan.run_id,
-        base_sha256=local.base_sha256,
-        policy_sha256=layout.policy_sha256,
-        clipped=clipped,
-        **meta,
+    keys, loaded = consent(cfg, party, plan)
+    view = json.dumps(
+        {
+            "local": local.sha256,
+            "rosters": [r.sha256 for r in rosters],
+            "ckks": [k.sha256 for k in ckks_keys],
+        },
+        sort_keys=True,
+    ).encode()
+    kept, kept_view = (
+        _secret_path(party, local.round, plan.run_id, "upload"),
+        _secret_path(party, local.round, plan.run_id, "upload-view"),
     )
-    blob = seal(payload, context=context, sender=keys, recipient=coordinator_bundle(exchange, plan))
+    if kept.exists() and kept_view.exists():
+        if kept_view.read_bytes() != view:
+            raise ProtectionError(
+                f"{party.name} already uploaded its update for round {local.round} under another "
+                "roster or key; a second upload could be differenced against the first"
+            )
+        blob = kept.read_bytes()
+    else:
+        blob = _sealed_update(cfg, party, local, plan, rosters, ckks_keys, keys, loaded, exchange)
+        _write_owner_only(kept, blob)
+        _write_owner_only(kept_view, view)
     key = update_key(local.round, party.name)
     exchange.put_bytes(key, blob)
+    layout = layout_for(cfg, exchange, plan)
     return SealedUpdateRef(
         party=party.name,
         round=local.round,
@@ -341,6 +322,94 @@ def upload(
     )
 
 
+def _sealed_update(
+    cfg: FederationConfig,
+    party: PartyConfig,
+    local: LocalUpdateRef,
+    plan: FederationPlan,
+    rosters: list[SecAggRoster],
+    ckks_keys: list[CkksKeyRef],
+    keys: KeyPairs,
+    loaded: LoadedPolicy,
+    exchange: Exchange,
+) -> bytes:
+    from cloudfed.protection import ckks
+
+    layout = layout_for(cfg, exchange, plan)
+    record = load_local_record(cfg, party, local)
+    update = state_from_bytes(Path(record.uri).read_bytes())
+    shapes = {n: s for seg in layout.segments for n, s in seg.tensors}
+    reason = check_update(update, shapes, max_abs=MAX_ABS_UPDATE)
+    if reason:  # masked or encrypted, nobody downstream could see what is wrong with it
+        raise DataError(
+            f"{party.name}: the local update of round {local.round} is invalid ({reason}); it is "
+            "not uploaded. Fix: check this party's training logs (learning rate, data)"
+        )
+    # Inside the encryption: what the coordinator checks. Under any DP nothing data-dependent.
+    meta: dict[str, Any] = {}
+    private = cfg.privacy.protects_records
+    if cfg.privacy.enabled:  # party-level DP: clip first, equal weights (see privacy.party_level)
+        update, _, _ = clip_update(update, cfg.privacy.clip)
+        cal = calibration(cfg)
+        meta.update(dp_mode=cal.mode, dp_clip=cal.clip)
+        if cal.mode == "distributed":
+            meta["dp_party_std"] = cal.party_std
+    # Under any DP, weights are uniform: an example count would make a party's influence on the
+    # sum data-dependent, and a co-contributor in a two-party round would read its peer's count
+    # off the weight sum.
+    weight = 1.0 if private else party_weight(record.examples, cfg.protection.weight_cap)
+    distributed = cfg.privacy.mode == "distributed"
+    sections: dict[str, bytes] = {}
+    clipped = 0
+    if (seg := layout.segment("secagg")) is not None:
+        if len(rosters) != 1:
+            raise ProtectionError("secure aggregation needs the coordinator's shares roster")
+        doc, setup = read_roster(cfg, exchange, plan, rosters[0], "shares")
+        check_members(loaded, doc)
+        secrets = _load_secrets(party, local.round, plan.run_id)
+        shared = doc["shared"]
+        adverts = {
+            v: verified_advert(cfg, exchange, doc, local.round, v) for v in setup.graph[party.name]
+        }
+        specs = secagg_specs(cfg, len(setup.parties))
+        words, clipped = encode_secagg(seg, update, weight, specs)
+        if distributed:  # this party's share of the noise, before masking; the weight stays exact
+            words[:-1] = add_integer_noise(words[:-1], cal.party_std / specs[0].step)
+        masked = protocol.masked_input(setup, party.name, secrets, words, adverts, shared)
+        sections["secagg"] = masked.tobytes()
+    if (seg := layout.segment("ckks")) is not None:
+        if len(ckks_keys) != 1:
+            raise ProtectionError("CKKS needs the key party's public context")
+        if ckks_keys[0].round != local.round:
+            raise ProtectionError("CKKS keys are for another round")
+        check_pin(loaded, "party", ckks_keys[0].party, ckks_keys[0].fingerprint)
+        public = ckks_public_context(cfg, exchange, plan, ckks_keys[0])
+        vector = flat_with_weight(seg, update, weight)
+        if distributed:  # onto the shared grid first, then integer noise: exact multiples only
+            vector[:-1] = noisy_on_grid(vector[:-1], cal.party_std, ckks_grid(cfg))
+        blocks = ckks.encrypt_vector(public, vector, workers=cfg.protection.ckks.workers)
+        sections["ckks"] = ckks.pack_blocks(blocks)
+    if (seg := layout.segment("plaintext")) is not None:
+        values = seg.flatten(update, weight)
+        if len(layout.segments) == 1:  # nothing protected carries the weight: it travels too
+            values = np.concatenate([values, [weight]])
+        sections["plaintext"] = values.astype("<f4").tobytes()
+    if not private:
+        meta["clipped"] = clipped
+    sections["meta"] = json.dumps(meta, sort_keys=True).encode()
+    payload = container.pack(sections)
+    context = stage_context(
+        cfg,
+        local.round,
+        party.name,
+        "update",
+        run_id=plan.run_id,
+        base_sha256=local.base_sha256,
+        policy_sha256=layout.policy_sha256,
+    )
+    return seal(payload, context=context, sender=keys, recipient=coordinator_bundle(exchange, plan))
+
+
 def reveal_shares(
     cfg: FederationConfig, party: PartyConfig, roster: SecAggRoster, plan: FederationPlan
 ) -> StageRef:
@@ -348,8 +417,12 @@ def reveal_shares(
     simulated_dropout(cfg, party.name, "unmask", roster.round)
     start = time.perf_counter()
     exchange = federation_exchange(cfg)
-    keys = party_keys(party, exchange)
+    keys, loaded = consent(cfg, party, plan)
     doc, setup = read_roster(cfg, exchange, plan, roster, "inputs")
+    check_members(loaded, doc)
+    # Survivors checked against this party's own minimum (distributed DP: min_contributors),
+    # also per SecAgg+ component: the roster's min_survivors is the coordinator's word only.
+    setup = _own_view(cfg, loaded, setup)
     shared, uploaded = doc["shared"], doc["uploaded"]
     answered = _secret_path(party, roster.round, plan.run_id, "revealed")
     view = json.dumps({"shared": shared, "uploaded": uploaded}).encode()
@@ -396,7 +469,7 @@ def ckks_keygen(
     from cloudfed.protection import ckks
 
     exchange = federation_exchange(cfg)
-    keys = party_keys(party, exchange)
+    keys, _ = consent(cfg, party, plan)
     c = cfg.protection.ckks
     secret, public = ckks.generate_keys(
         ckks.CkksParams(
@@ -423,30 +496,75 @@ def ckks_keygen(
 def ckks_decrypt_sum(
     cfg: FederationConfig, party: PartyConfig, round: int, plan: FederationPlan, length: int
 ) -> StageRef:
-    """Key party: decrypt the coordinator's summed ciphertext, and nothing else, for it."""
+    """Key party: decrypt the coordinator's summed ciphertext, once, and nothing else, for it.
+
+    Refuses a sum that declares fewer contributors than this party's own minimum, or members it
+    did not pin. Under distributed DP every contribution lay on the noise grid, so the decrypted
+    sum is rounded back onto it: CKKS's approximation error (which depends on the plaintexts) is
+    not released. The round's secret context is deleted once used; a retry with the same sum gets
+    the same answer, another sum gets none.
+    """
     from cloudfed.protection import ckks
 
     start = time.perf_counter()
     exchange = federation_exchange(cfg)
-    keys = party_keys(party, exchange)
+    keys, loaded = consent(cfg, party, plan)
     coordinator = coordinator_bundle(exchange, plan)
+    incoming = exchange.get_bytes(ckks_sum_key(round))
+    answered = _ckks_secret_path(party, plan.run_id, round).with_suffix(".answered")
+    answer = _ckks_secret_path(party, plan.run_id, round).with_suffix(".answer")
+    key = ckks_plain_sum_key(round)
+    if answered.exists():
+        if answered.read_bytes() != sha256(incoming).encode() or not answer.exists():
+            raise ProtectionError(
+                f"{party.name} already decrypted a CKKS sum for round {round}; it decrypts one "
+                "sum per round and key"
+            )
+        blob = answer.read_bytes()
+        exchange.put_bytes(key, blob)
+        return _stage_ref(party.name, round, "ckks-decrypt", key, blob, keys, start)
     context = stage_context(cfg, round, COORDINATOR, CKKS_SUM)
     opened = open_sealed_with_metadata(
-        exchange.get_bytes(ckks_sum_key(round)), context=context, recipient=keys, sender=coordinator
+        incoming, context=context, recipient=keys, sender=coordinator
     )
     if opened.metadata.get("run_id") != plan.run_id:
         raise ProtectionError("ckks sum rejected: it belongs to another run (replay)")
     summed = opened.metadata.get("parties")
-    if not isinstance(summed, list) or len(summed) < cfg.min_parties:
-        raise ProtectionError(
-            f"refusing to decrypt a CKKS sum of {summed!r}: fewer than min_parties="
-            f"{cfg.min_parties} contributions would expose a single update"
+    need = required_survivors(cfg, loaded)
+    if not isinstance(summed, list) or len(set(summed)) < need:
+        raise ConsentError(
+            f"{party.name} refuses to decrypt a CKKS sum of {summed!r}: fewer than {need} "
+            "contributions (its own minimum) would expose too little noise or a single update"
         )
-    secret = _ckks_secret_path(party, plan.run_id, round).read_bytes()
-    values = ckks.decrypt_vector(secret, ckks.unpack_blocks(opened.payload), length)
+    for name in summed:
+        if name not in loaded.policy.pins.parties:
+            raise ConsentError(f"{party.name} refuses a CKKS sum that names unpinned {name!r}")
+    secret_path = _ckks_secret_path(party, plan.run_id, round)
+    if not secret_path.exists():
+        raise ProtectionError(f"{party.name} holds no CKKS secret key for round {round}")
+    values = ckks.decrypt_vector(
+        secret_path.read_bytes(), ckks.unpack_blocks(opened.payload), length
+    )
+    _write_owner_only(answered, sha256(incoming).encode())
+    secret_path.unlink()  # one decryption per round's key
+    if cfg.privacy.mode == "distributed":
+        values = back_onto_grid(values, ckks_grid(cfg), round)
     out = stage_context(cfg, round, party.name, CKKS_PLAIN, run_id=plan.run_id, parties=summed)
     # float32 is all the adapter keeps; fewer released bits of the decryption, too.
     blob = seal(values.astype("<f4").tobytes(), context=out, sender=keys, recipient=coordinator)
-    key = ckks_plain_sum_key(round)
+    _write_owner_only(answer, blob)
     exchange.put_bytes(key, blob)
     return _stage_ref(party.name, round, "ckks-decrypt", key, blob, keys, start)
+
+
+def back_onto_grid(values: np.ndarray, grid: float, round: int) -> np.ndarray:
+    """Exact multiples of the noise grid, or nothing if CKKS's error came near half a step."""
+    scaled = values / grid
+    ticks = np.rint(scaled)
+    worst = float(np.max(np.abs(scaled - ticks))) if scaled.size else 0.0
+    if worst > 0.25:
+        raise ProtectionError(
+            f"round {round}: the CKKS decryption error reached {worst:.2f} noise-grid steps; the "
+            "sum is not released (raise protection.ckks.global_scale_bits)"
+        )
+    return ticks * grid

@@ -24,6 +24,7 @@ from cloudfed.artifacts import (
     Rejection,
     SealedUpdateRef,
 )
+from cloudfed.coordinator import RoundEval
 from cloudfed.data.ref import DatasetRef
 from cloudfed.errors import ProtectionError
 from cloudfed.federation import FederationConfig
@@ -78,6 +79,7 @@ def log_privacy_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
             privacy_delta=p.delta,
             privacy_accountant=p.accountant,
             privacy_min_contributors=cfg.min_contributors,
+            privacy_colluding=p.colluding,
         )
     mlflow.log_params(params)
     mlflow.log_dict(p.model_dump(mode="json"), "privacy/settings.json")
@@ -121,6 +123,20 @@ def log_harmonisation(datasets: Sequence[DatasetRef]) -> dict[str, float]:
     from cloudfed.data.report import harmonisation_report, report_markdown
 
     metrics: dict[str, float] = {}
+    if any(d.redacted for d in datasets):  # under DP: contract versions and links only
+        for d in datasets:
+            mlflow.log_param(f"{d.party}/contract_sha256", d.contract_sha256)
+            mlflow.log_param(f"{d.party}/canonical_sha256", d.canonical_sha256)
+            mlflow.set_tag(f"data_docs.{d.party}", d.docs_uri)
+        mlflow.log_dict(
+            {
+                "redacted": "under DP a party releases no counts, profiles or expectation "
+                "outcomes; its Data Docs and quarantine stay in its own storage",
+                "parties": {d.party: d.contract_sha256 for d in datasets},
+            },
+            "harmonisation/report.json",
+        )
+        return metrics
     for d in datasets:
         metrics[f"{d.party}/rows_read"] = d.rows_read
         metrics[f"{d.party}/rows_accepted"] = d.rows_accepted
@@ -146,26 +162,38 @@ def log_harmonisation(datasets: Sequence[DatasetRef]) -> dict[str, float]:
 
 def log_round_metrics(
     round: int,
-    evals: Sequence[PartyEval],
+    ev: RoundEval,
     report: AggregateReport | None,
     local_updates: Sequence[LocalUpdateRef],
     sealed: Sequence[SealedUpdateRef],
     datasets: Sequence[DatasetRef] = (),
 ) -> dict[str, Any]:
-    loss = overall_loss(evals)
-    metrics: dict[str, float] = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
-    for e in evals:
+    """One round in MLflow; per-party values only as the release rules allow (README)."""
+    loss = ev.loss
+    metrics: dict[str, float] = {}
+    if not math.isnan(loss):
+        metrics.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50)))
+    metrics["eval_parties"] = len(ev.evaluators)
+    for e in ev.per_party:  # without DP only
         metrics[f"{e.party}/eval_loss"] = e.loss
         metrics[f"{e.party}/eval_perplexity"] = e.perplexity
         metrics[f"{e.party}/seconds_evaluate"] = e.seconds
+    train_losses = []
     for u in local_updates:
         for key in ("dp_sgd_epsilon", "dp_sgd_noise_multiplier", "dp_sgd_sample_rate"):
             if key in u.train:
                 metrics[f"{u.party}/{key}"] = float(u.train[key])
-        metrics[f"{u.party}/train_loss"] = float(u.train["loss_mean"])
-        metrics[f"{u.party}/train_tokens"] = float(u.train["tokens"])
-        metrics[f"{u.party}/tokens_per_s"] = float(u.train["tokens_per_s"])
-        metrics[f"{u.party}/seconds_train"] = float(u.train["seconds"])
+        if "loss_mean" in u.train:  # without DP only
+            train_losses.append(float(u.train["loss_mean"]))
+            metrics[f"{u.party}/train_loss"] = float(u.train["loss_mean"])
+            metrics[f"{u.party}/train_tokens"] = float(u.train["tokens"])
+            metrics[f"{u.party}/tokens_per_s"] = float(u.train["tokens_per_s"])
+            metrics[f"{u.party}/seconds_train"] = float(u.train["seconds"])
+    train_loss = sum(train_losses) / len(train_losses) if train_losses else ev.train_loss
+    if ev.released == "secure-sum" and ev.trained:
+        metrics.update(train_loss=ev.train_loss, train_tokens=ev.train_tokens)
+    if ev.note:
+        mlflow.set_tag(f"metrics_withheld.round_{round:04d}", ev.note)
     for s in sealed:
         metrics[f"{s.party}/bytes_sent"] = s.bytes_sent
         metrics[f"{s.party}/seconds_protect"] = s.seal_seconds
@@ -211,18 +239,27 @@ def log_round_metrics(
             )
     if datasets:
         metrics.update(log_harmonisation(datasets))
+    mlflow.set_tag("metrics_release", ev.released)
     mlflow.log_metrics(metrics, step=round)
-    train_losses = [float(u.train["loss_mean"]) for u in local_updates]
+    dp_eps = [
+        float(u.train["dp_sgd_epsilon"]) for u in local_updates if "dp_sgd_epsilon" in u.train
+    ]
     return {
         "round": round,
         "eval_loss": loss,
-        "eval_perplexity": metrics["eval_perplexity"],
-        "train_loss": sum(train_losses) / len(train_losses) if train_losses else float("nan"),
-        "parties": len(report.accepted) if report else len(evals),
+        "eval_perplexity": metrics.get("eval_perplexity", float("nan")),
+        "train_loss": train_loss,
+        "parties": len(report.accepted) if report else len(ev.evaluators),
         "rejected": len(report.rejected) if report else 0,
         "bytes_sent": int(metrics.get("bytes_sent_total", 0)),
         "epsilon": report.privacy.get("epsilon", float("nan")) if report else float("nan"),
-        **{f"{e.party}/eval_loss": e.loss for e in evals},
+        "dp_sgd_epsilon_max": max(dp_eps) if dp_eps else float("nan"),
+        **{f"{e.party}/eval_loss": e.loss for e in ev.per_party},
+        **{
+            f"{u.party}/dp_sgd_epsilon": float(u.train["dp_sgd_epsilon"])
+            for u in local_updates
+            if "dp_sgd_epsilon" in u.train
+        },
     }
 
 
@@ -237,10 +274,11 @@ def privacy_metrics(privacy: dict[str, Any]) -> dict[str, float]:
             "delta",
             "noise_multiplier",
             "effective_noise_multiplier",
+            "effective_noise_multiplier_vs_coordinator",
+            "colluding",
+            "contributors",
             "noise_std",
             "clip",
-            "fraction_clipped",
-            "clipped_parties",
         )
     }
     out.update({f"{p}/epsilon": float(e) for p, e in privacy["party_epsilon"].items()})
@@ -278,7 +316,12 @@ def loss_plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
 
 def privacy_plot_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     """Epsilon against round, and held-out loss against epsilon (the privacy/utility curve)."""
-    spent = [r for r in rows if not math.isnan(r.get("epsilon", float("nan")))]
+    key = "epsilon"
+    spent = [r for r in rows if not math.isnan(r.get(key, float("nan")))]
+    if len(spent) < 2:  # no party-level DP: the largest party's DP-SGD epsilon instead
+        key = "dp_sgd_epsilon_max"
+        spent = [r for r in rows if not math.isnan(r.get(key, float("nan")))]
+    spent = [r for r in spent if not math.isnan(r["eval_loss"])]
     if len(spent) < 2:
         return None
     import matplotlib
@@ -287,13 +330,18 @@ def privacy_plot_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot([r["round"] for r in spent], [r["epsilon"] for r in spent], marker="o")
+    label = (
+        "epsilon spent (federation, all runs)"
+        if key == "epsilon"
+        else "DP-SGD epsilon, largest party (all runs)"
+    )
+    left.plot([r["round"] for r in spent], [r[key] for r in spent], marker="o")
     left.set_xlabel("round")
-    left.set_ylabel("epsilon spent (federation, all runs)")
+    left.set_ylabel(label)
     left.grid(alpha=0.3)
-    right.plot([r["epsilon"] for r in spent], [r["eval_loss"] for r in spent], marker="o")
+    right.plot([r[key] for r in spent], [r["eval_loss"] for r in spent], marker="o")
     for r in spent:
-        right.annotate(f"r{r['round']}", (r["epsilon"], r["eval_loss"]), fontsize=8)
+        right.annotate(f"r{r['round']}", (r[key], r["eval_loss"]), fontsize=8)
     right.set_xlabel("epsilon")
     right.set_ylabel("held-out loss")
     right.grid(alpha=0.3)
@@ -304,45 +352,60 @@ def privacy_plot_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     return buf.getvalue()
 
 
+def _fmt(value: Any, spec: str) -> str:
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value, spec)
+    )
+
+
 def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
     from rich.console import Console
     from rich.table import Table
 
     parties = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/eval_loss")})
+    dp_parties = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/dp_sgd_epsilon")})
+    party_level = any(not math.isnan(r.get("epsilon", float("nan"))) for r in rows)
     table = Table(title="cloudfed: federated LoRA fine-tuning, held-out loss per round")
-    for col in [
-        "round",
-        "eval loss",
-        "ppl",
-        "train loss",
-        "parties",
-        "rejected",
-        "bytes sent",
-        "epsilon",
-        *parties,
-    ]:
+    columns = ["round", "eval loss", "ppl", "train loss", "parties", "rejected", "bytes sent"]
+    columns += ["epsilon"] if party_level else []
+    columns += [f"eps {p}" for p in dp_parties] + parties
+    for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(
+        cells = [
             str(r["round"]),
-            f"{r['eval_loss']:.4f}",
-            f"{r['eval_perplexity']:.1f}",
-            "-" if math.isnan(r["train_loss"]) else f"{r['train_loss']:.4f}",
+            _fmt(r["eval_loss"], ".4f"),
+            _fmt(r["eval_perplexity"], ".1f"),
+            _fmt(r["train_loss"], ".4f"),
             str(r["parties"]),
             str(r["rejected"]),
             f"{r['bytes_sent']:,}",
-            "-" if math.isnan(r.get("epsilon", float("nan"))) else f"{r['epsilon']:.3f}",
-            *[f"{r.get(f'{p}/eval_loss', float('nan')):.4f}" for p in parties],
-        )
-    console = Console(record=True, width=140, file=io.StringIO())
+        ]
+        cells += [_fmt(r.get("epsilon", float("nan")), ".3f")] if party_level else []
+        cells += [_fmt(r.get(f"{p}/dp_sgd_epsilon"), ".3f") for p in dp_parties]
+        cells += [_fmt(r.get(f"{p}/eval_loss", float("nan")), ".4f") for p in parties]
+        table.add_row(*cells)
+    console = Console(record=True, width=160, file=io.StringIO())
     console.print(table)
     first, last = rows[0], rows[-1]
+    change = (
+        f"{100 * (1 - last['eval_loss'] / first['eval_loss']):.1f}% lower"
+        if not (math.isnan(first["eval_loss"]) or math.isnan(last["eval_loss"]))
+        else "not released"
+    )
     console.print(
-        f"eval loss {first['eval_loss']:.4f} (round 0, base model) -> {last['eval_loss']:.4f} "
-        f"(round {last['round']}): "
-        f"{100 * (1 - last['eval_loss'] / first['eval_loss']):.1f}% lower. "
+        f"eval loss {_fmt(first['eval_loss'], '.4f')} (round 0, base model) -> "
+        f"{_fmt(last['eval_loss'], '.4f')} (round {last['round']}): {change}. "
         f"Stopped: {stop_reason}."
     )
+    if dp_parties:
+        console.print(
+            "eps <party>: that party's record-level DP-SGD epsilon (delta in privacy.dp_sgd) over "
+            "every run on its data so far. Under DP, losses are sums over every evaluating party "
+            "(secure sum); no party's own loss leaves it."
+        )
     return console.export_text()
 
 
@@ -384,6 +447,7 @@ def publish_run_report(
             "final_adapter_sha256": final.sha256,
         }
     )
-    mlflow.log_metric("final_eval_loss", rows[-1]["eval_loss"])
+    if not math.isnan(rows[-1]["eval_loss"]):
+        mlflow.log_metric("final_eval_loss", rows[-1]["eval_loss"])
     print(text)
     return text

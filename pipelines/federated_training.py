@@ -20,6 +20,7 @@ from zenml.enums import ExecutionMode
 from cloudfed.artifacts import Rejection
 from cloudfed.errors import CloudfedError, ConfigError, DataError
 from cloudfed.federation import FederationConfig, parse_federation
+from cloudfed.party_policy import ConsentError
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
 from steps.evaluate import evaluate
@@ -102,6 +103,29 @@ class _PartyCalls:
         return out
 
 
+def _evaluate_all(
+    cfg: FederationConfig,
+    federation: Any,
+    parties: list[str],
+    datasets: dict[str, Any],
+    current: Any,
+    plan: Any,
+    round: int,
+) -> list[Any]:
+    """Every party evaluates the same model; under DP their shares only add up together."""
+    out = []
+    for p in parties:
+        try:
+            out.append(
+                _party_step(evaluate, cfg, p)(
+                    federation, p, datasets[p], current, plan, parties, id=f"evaluate_{p}_r{round}"
+                )
+            )
+        except CloudfedError as exc:
+            logger.warning("round %d: party %s did not evaluate: %s", round, p, exc)
+    return out
+
+
 @pipeline(dynamic=True, enable_cache=False, execution_mode=ExecutionMode.CONTINUE_ON_FAILURE)
 def federated_training(federation: dict[str, Any]) -> None:
     with _user_errors():
@@ -117,8 +141,10 @@ def federated_training(federation: dict[str, Any]) -> None:
         datasets, excluded = {}, []
         for p in parties:
             try:
-                datasets[p] = _party_step(harmonize, cfg, p)(federation, p, id=f"harmonize_{p}")
-            except DataError as exc:  # its data fails the contract: the others may go on
+                datasets[p] = _party_step(harmonize, cfg, p)(
+                    federation, p, plan, id=f"harmonize_{p}"
+                )
+            except (DataError, ConsentError) as exc:  # fails its contract, or refuses the run
                 logger.warning("party %s excluded: %s", p, exc)
                 excluded.append(Rejection(party=p, reason=f"excluded: {exc}"))
         if len(datasets) < cfg.min_parties:
@@ -128,13 +154,18 @@ def federated_training(federation: dict[str, Any]) -> None:
                 + "\n".join(f"[{r.party}] {r.reason}" for r in excluded)
             )
         parties = list(datasets)
-        evals = [
-            _party_step(evaluate, cfg, p)(
-                federation, p, datasets[p], current, id=f"evaluate_{p}_r0"
+        evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, 0)
+        rows = [
+            coord(log_baseline)(
+                federation,
+                plan,
+                current,
+                evals,
+                list(datasets.values()),
+                excluded,
+                id="log_round_r0",
             )
-            for p in parties
         ]
-        rows = [coord(log_baseline)(evals, list(datasets.values()), excluded, id="log_round_r0")]
         stop_reason = f"round limit ({cfg.rounds}) reached"
         protection = plan.load().protection.get("tensors", {})
         for r in range(1, cfg.rounds + 1):
@@ -152,10 +183,21 @@ def federated_training(federation: dict[str, Any]) -> None:
                 p: u
                 for p in parties
                 if (
-                    u := party.call("train", train_local, p, federation, p, r, datasets[p], current)
+                    u := party.call(
+                        "train", train_local, p, federation, p, r, datasets[p], current, plan
+                    )
                 )
                 is not None
             }
+            if len(local) < cfg.min_parties:  # e.g. DP-SGD budgets spent: stop, say why
+                stop_reason = (
+                    f"round {r}: only {len(local)} of {len(parties)} parties trained, fewer than "
+                    f"min_parties={cfg.min_parties} ("
+                    + "; ".join(f"{d.party}: {d.reason}" for d in dropped)
+                    + ")"
+                )
+                logger.warning("cloudfed: stopping: %s", stop_reason)
+                break
             rosters, reveals, ckks_plain, ckks_keys = [], [], [], []
             uploaders = list(local)
             if "ckks" in protection:  # fresh keys each round; the secret stays with the key party
@@ -216,15 +258,18 @@ def federated_training(federation: dict[str, Any]) -> None:
                 id=f"aggregate_r{r}",
             )
             current = new_ref
-            evals = [
-                _party_step(evaluate, cfg, p)(
-                    federation, p, datasets[p], current, id=f"evaluate_{p}_r{r}"
-                )
-                for p in parties
-            ]
+            evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, r)
             rows.append(
                 coord(log_round)(
-                    r, evals, report, list(local.values()), sealed, id=f"log_round_r{r}"
+                    federation,
+                    plan,
+                    current,
+                    r,
+                    evals,
+                    report,
+                    list(local.values()),
+                    sealed,
+                    id=f"log_round_r{r}",
                 )
             )
         coord(publish_report)(federation, rows, current, stop_reason, id="publish_report")

@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 from zenml import get_step_context, step
 
+from cloudfed.artifacts import FederationPlan
 from cloudfed.data.ref import DatasetRef
 from steps._work import timed_work
 from steps.artifacts import Artifacts
@@ -12,14 +13,17 @@ from steps.artifacts import Artifacts
 
 @step
 def harmonize(
-    federation: dict[str, Any], party: str
+    federation: dict[str, Any], party: str, plan: FederationPlan
 ) -> Annotated[DatasetRef, Artifacts.DATASET_REF]:
+    """Under DP only a redacted reference (no counts, keyed digests) and no counts as metadata."""
     with timed_work(party=party) as meta:
         from cloudfed.data.harmonize import harmonize_party
         from cloudfed.data.tokens import counter_for
         from cloudfed.federation import parse_federation
+        from cloudfed.party import consent, release_dataset
 
         cfg = parse_federation(federation)
+        consent(cfg, cfg.party(party), plan)  # before reading a row: is this round acceptable?
         ref = harmonize_party(
             cfg.party(party),
             root=Path.cwd(),
@@ -27,10 +31,8 @@ def harmonize(
             count_tokens=counter_for(cfg.base_model),
             run_id=str(get_step_context().pipeline_run.id),
         )
-        meta.update(
-            rows_accepted=ref.rows_accepted,
-            rows_quarantined=ref.rows_quarantined,
-            contract_sha256=ref.contract_sha256,
-            data_docs=ref.docs_uri,
-        )
+        ref = release_dataset(cfg, cfg.party(party), ref)
+        meta.update(contract_sha256=ref.contract_sha256, data_docs=ref.docs_uri)
+        if not ref.redacted:
+            meta.update(rows_accepted=ref.rows_accepted, rows_quarantined=ref.rows_quarantined)
     return ref

@@ -6,9 +6,10 @@ from zenml import step
 
 from cloudfed.artifacts import (
     AggregateReport,
+    EvalRelease,
+    FederationPlan,
     GlobalAdapterRef,
     LocalUpdateRef,
-    PartyEval,
     Rejection,
     SealedUpdateRef,
 )
@@ -19,29 +20,45 @@ from steps.artifacts import Artifacts
 
 @step
 def log_baseline(
-    evals: list[PartyEval], datasets: list[DatasetRef], excluded: list[Rejection]
+    federation: dict[str, Any],
+    plan: FederationPlan,
+    model: GlobalAdapterRef,
+    evals: list[EvalRelease],
+    datasets: list[DatasetRef],
+    excluded: list[Rejection],
 ) -> Annotated[dict[str, Any], Artifacts.ROUND_ROW]:
     """Round 0: base model, what each party's data passed, and who was excluded and why."""
     with timed_work():
+        from cloudfed.coordinator import round_eval
+        from cloudfed.federation import parse_federation
         from cloudfed.tracking import log_exclusions, log_round_metrics
 
+        cfg = parse_federation(federation)
         log_exclusions(excluded)
-        row = log_round_metrics(0, evals, None, [], [], datasets)
+        ev = round_eval(cfg, plan, model, evals)
+        row = log_round_metrics(0, ev, None, [], [], datasets)
     return row
 
 
 @step
 def log_round(
+    federation: dict[str, Any],
+    plan: FederationPlan,
+    model: GlobalAdapterRef,
     round: int,
-    evals: list[PartyEval],
+    evals: list[EvalRelease],
     report: AggregateReport,
     local_updates: list[LocalUpdateRef],
     sealed: list[SealedUpdateRef],
 ) -> Annotated[dict[str, Any], Artifacts.ROUND_ROW]:
     with timed_work():
+        from cloudfed.coordinator import round_eval
+        from cloudfed.federation import parse_federation
         from cloudfed.tracking import log_round_metrics
 
-        row = log_round_metrics(round, evals, report, local_updates, sealed)
+        cfg = parse_federation(federation)
+        ev = round_eval(cfg, plan, model, evals)
+        row = log_round_metrics(round, ev, report, local_updates, sealed)
     return row
 
 

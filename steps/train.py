@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 from zenml import step
 
-from cloudfed.artifacts import GlobalAdapterRef, LocalUpdateRef
+from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, LocalUpdateRef
 from cloudfed.data.ref import DatasetRef
 from steps._work import timed_work
 from steps.artifacts import Artifacts
@@ -17,11 +17,12 @@ def train_local(
     round: int,
     dataset: DatasetRef,
     global_adapter: GlobalAdapterRef,
+    plan: FederationPlan,
 ) -> Annotated[LocalUpdateRef, Artifacts.LOCAL_UPDATE_REF]:
     with timed_work(party=party):
         from cloudfed.federation import parse_federation
         from cloudfed.party import train_round
 
         cfg = parse_federation(federation)
-        result = train_round(cfg, cfg.party(party), round, dataset, global_adapter)
+        result = train_round(cfg, cfg.party(party), round, dataset, global_adapter, plan)
     return result

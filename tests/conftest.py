@@ -33,3 +33,13 @@ def tiny_model_path(session_dir: Path) -> str:
     from cloudfed.training.model import resolve_base_model
 
     return resolve_base_model("builtin:tiny-llama", cache_dir=session_dir / "models", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def party_policies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's parties read their policies (and keep their state) in a folder of its own."""
+    from cloudfed.party_policy import POLICY_DIR_ENV
+
+    folder = tmp_path / "party-policies"
+    monkeypatch.setenv(POLICY_DIR_ENV, str(folder))
+    return folder

@@ -14,7 +14,9 @@ from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, LocalUpdateRef,
 from cloudfed.errors import CloudfedError
 from cloudfed.exchange import federation_exchange
 from cloudfed.federation import FederationConfig, parse_federation
-from cloudfed.party import load_global
+from cloudfed.party import LocalUpdateRecord, load_global, party_keys
+from cloudfed.party_policy import provision
+from cloudfed.protection.commitments import keyed_digest
 from cloudfed.training.adapter_io import state_to_bytes
 
 Hook = Callable[[str, "Federation"], None]
@@ -48,11 +50,49 @@ def federation_dict(
     return fed
 
 
+def local_update(
+    cfg: FederationConfig,
+    run_id: str,
+    base_sha256: str,
+    name: str,
+    round: int,
+    state: dict[str, np.ndarray],
+    examples: int,
+) -> LocalUpdateRef:
+    """What train_round leaves: the update and its record in party storage, a keyed ref."""
+    payload = state_to_bytes(state)
+    path = Path(cfg.party(name).storage) / "updates" / f"r{round:04d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(payload)
+    sha = hashlib.sha256(payload).hexdigest()
+    record = LocalUpdateRecord(
+        party=name,
+        round=round,
+        run_id=run_id,
+        uri=str(path),
+        sha256=sha,
+        base_sha256=base_sha256,
+        examples=examples,
+        train={"loss_mean": 1.0},
+    )
+    path.with_suffix(".json").write_text(record.model_dump_json())
+    keys = party_keys(cfg.party(name), federation_exchange(cfg))
+    return LocalUpdateRef(
+        party=name,
+        round=round,
+        uri=str(path),
+        sha256=keyed_digest(keys, sha, "local update"),
+        base_sha256=base_sha256,
+        train={"loss_mean": 1.0},
+    )
+
+
 class Federation:
     """A prepared federation; `round()` runs every protection stage of one round."""
 
     def __init__(self, raw: dict[str, Any]) -> None:
         self.cfg: FederationConfig = parse_federation(raw)
+        provision(self.cfg, force=True)  # every party accepts exactly this config, keys pinned
         self.plan: FederationPlan = coordinator.prepare(self.cfg)
         self.exchange = federation_exchange(self.cfg)
         self.current: GlobalAdapterRef = self.plan.initial_adapter
@@ -63,18 +103,8 @@ class Federation:
         return {k: np.full(v.shape, value, dtype=np.float32) for k, v in self.initial.items()}
 
     def local(self, name: str, round: int, state: dict[str, np.ndarray], examples: int):
-        payload = state_to_bytes(state)
-        path = Path(self.cfg.party(name).storage) / "updates" / f"r{round:04d}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(payload)
-        return LocalUpdateRef(
-            party=name,
-            round=round,
-            uri=str(path),
-            sha256=hashlib.sha256(payload).hexdigest(),
-            base_sha256=self.current.sha256,
-            examples=examples,
-            train={"loss_mean": 1.0},
+        return local_update(
+            self.cfg, self.plan.run_id, self.current.sha256, name, round, state, examples
         )
 
     def round(
@@ -200,3 +230,35 @@ class Federation:
 
     def global_state(self) -> dict[str, np.ndarray]:
         return load_global(self.exchange, self.current)
+
+
+def accept_exactly(cfg: FederationConfig, party: str) -> Path:
+    """Rewrite one party's policy so that it accepts exactly `cfg` (keys pinned as they are)."""
+    import yaml
+
+    from cloudfed.coordinator import coordinator_keys
+    from cloudfed.party_policy import policy_for, policy_path
+
+    exchange = federation_exchange(cfg)
+    prints = {"coordinator": coordinator_keys(cfg, exchange).public_bundle().fingerprint}
+    for p in cfg.active_parties:
+        prints[p.name] = party_keys(p, exchange).public_bundle().fingerprint
+    path = policy_path(party)
+    doc = policy_for(cfg, party, prints).model_dump(mode="json", exclude_none=True)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def accept_anything(cfg: FederationConfig, party: str) -> Path:
+    """A party whose policy accepts any privacy setting (its keys still pinned): lets a test reach
+    the coordinator's own checks with an upload the party made under other settings."""
+    import yaml
+
+    from cloudfed.party_policy import PartyLevelFloor, load_policy
+
+    path = accept_exactly(cfg, party)
+    policy = load_policy(party).policy.model_copy(
+        update={"privacy": PartyLevelFloor(max_delta=0.5), "dp_sgd": None}
+    )
+    path.write_text(yaml.safe_dump(policy.model_dump(mode="json", exclude_none=True)))
+    return path

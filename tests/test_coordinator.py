@@ -27,7 +27,9 @@ from cloudfed.exchange import (
 )
 from cloudfed.federation import FederationConfig, parse_federation
 from cloudfed.party import load_global
-from cloudfed.training.adapter_io import state_from_bytes, state_to_bytes
+from cloudfed.party_policy import provision
+from cloudfed.training.adapter_io import state_from_bytes
+from tests.protected_support import local_update
 
 NAMES = ("alpha-aws", "beta-gcp", "gamma-azure")
 
@@ -70,6 +72,7 @@ class Fed:
 
     def __init__(self, tmp_path: Path, model_cache: Path, *, min_parties: int = 2) -> None:
         self.cfg = make_cfg(tmp_path, model_cache, min_parties=min_parties)
+        provision(self.cfg, force=True)
         self.plan: FederationPlan = coordinator.prepare(self.cfg)
         self.exchange = federation_exchange(self.cfg)
         self.initial = load_global(self.exchange, self.plan.initial_adapter)
@@ -81,19 +84,7 @@ class Fed:
     def local(
         self, name: str, round: int, state: dict[str, np.ndarray], examples: int
     ) -> LocalUpdateRef:
-        payload = state_to_bytes(state)
-        path = Path(self.cfg.party(name).storage) / "updates" / f"r{round:04d}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(payload)
-        return LocalUpdateRef(
-            party=name,
-            round=round,
-            uri=str(path),
-            sha256=hashlib.sha256(payload).hexdigest(),
-            base_sha256=self.base,
-            examples=examples,
-            train={"loss_mean": 1.0},
-        )
+        return local_update(self.cfg, self.plan.run_id, self.base, name, round, state, examples)
 
     def export(
         self, name: str, round: int, state: dict[str, np.ndarray], examples: int
@@ -402,10 +393,15 @@ def test_train_round_refuses_changed_parquet(fed: Fed) -> None:
     local = party.train_round(
         fed.cfg, p, 1, _dataset_ref(name, path, sha), fed.plan.initial_adapter
     )
-    assert local.party == name and local.round == 1 and local.examples == 4
+    assert local.party == name and local.round == 1
+    assert "examples" not in local.model_dump()  # the count stays with the party
     update = state_from_bytes(Path(local.uri).read_bytes())
     assert sorted(update) == sorted(fed.initial)
-    assert hashlib.sha256(Path(local.uri).read_bytes()).hexdigest() == local.sha256
+    # The released digest is keyed: not the file's plain hash, which outsiders could test.
+    plain = hashlib.sha256(Path(local.uri).read_bytes()).hexdigest()
+    assert local.sha256 != plain
+    record = party.load_local_record(fed.cfg, p, local)
+    assert record.sha256 == plain and record.examples == 4
 
 
 def test_empty_harmonised_split_is_a_data_error(fed: Fed) -> None:

@@ -33,6 +33,10 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPairs]:
     }
 
 
+RUN = "ab" * 16
+SHA = "ef" * 32
+
+
 def ctx(round: int = 3, party: str = "alice", fed: str = "fed-1", **meta: object) -> SealContext:
     return SealContext(federation_id=fed, round=round, party=party, metadata=meta)
 
@@ -116,9 +120,9 @@ def test_ciphertext_hides_plaintext(keys: dict[str, KeyPairs]) -> None:
 
 
 def test_metadata_is_public_and_authenticated(keys: dict[str, KeyPairs]) -> None:
-    blob = seal_ab(keys, b"x", n_examples=120, loss=0.5)
+    blob = seal_ab(keys, b"x", run_id=RUN, base_sha256=SHA)
     header = read_public_header(blob)
-    assert header["metadata"] == {"n_examples": 120, "loss": 0.5}
+    assert header["metadata"] == {"run_id": RUN, "base_sha256": SHA}
     assert header["context"] == {
         "federation_id": "fed-1",
         "round": 3,
@@ -129,9 +133,9 @@ def test_metadata_is_public_and_authenticated(keys: dict[str, KeyPairs]) -> None
         blob, context=ctx(), recipient=keys["coord"], sender=keys["alice"].public_bundle()
     )
     assert opened.payload == b"x"
-    assert opened.metadata == {"n_examples": 120, "loss": 0.5}
+    assert opened.metadata == {"run_id": RUN, "base_sha256": SHA}
     with pytest.raises(ProtectionError, match="context mismatch"):
-        open_ab(keys, blob, ctx(n_examples=121))
+        open_ab(keys, blob, ctx(run_id=RUN, base_sha256="0" * 64))
 
 
 def flip(blob: bytes, index: int) -> bytes:

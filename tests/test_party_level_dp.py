@@ -29,15 +29,18 @@ from cloudfed.privacy.accountant import GaussianEvent, epsilon
 from cloudfed.privacy.budget import load_ledger, reserve_round
 from cloudfed.privacy.ledger import LEDGER_KEY
 from cloudfed.privacy.noise import (
+    CENTRAL_GRID_BITS,
     Calibration,
     add_integer_noise,
+    central_noise,
     opendp_discrete_gaussian,
-    real_gaussian,
+    power_of_two_grid,
     seeded_sampler,
 )
 from cloudfed.privacy.party_level import (
     calibration,
     charged_multiplier,
+    ckks_grid,
     clip_update,
     dp_value_spec,
     l2_norm,
@@ -51,7 +54,7 @@ from cloudfed.protection.secagg.quantize import (
     quantize,
 )
 from cloudfed.secure_party import layout_for
-from tests.protected_support import Federation, federation_dict
+from tests.protected_support import Federation, accept_anything, federation_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 A, B, C = NAMES = ("alpha-aws", "beta-gcp", "gamma-azure")
@@ -138,18 +141,21 @@ def test_clip_refuses_non_finite_updates() -> None:
 N = 200_000
 
 
-def test_real_gaussian_std_matches_the_requested_std() -> None:
-    cal = Calibration("central", noise_multiplier=1.3, clip=CLIP, min_contributors=2)
-    x = real_gaussian(N, cal.sum_std, seeded_sampler(11))
+def test_central_noise_std_matches_and_lands_exactly_on_its_grid() -> None:
+    cal = Calibration("central", noise_multiplier=1.3, clip=CLIP, min_contributors=2, colluding=0)
+    sums = np.random.default_rng(3).uniform(-0.3, 0.3, N)  # reals on no grid at all
+    x, grid = central_noise(sums, cal.sum_std, seeded_sampler(11))
     assert x.shape == (N,) and x.dtype == np.float64
     assert cal.sum_std == pytest.approx(1.3 * CLIP)
-    assert x.std() == pytest.approx(cal.sum_std, rel=0.01)
-    assert abs(x.mean()) < 5 * cal.sum_std / math.sqrt(N)
-    # Reals on a grid of std / 2^20: far finer than the noise, yet not a float sampler.
-    grid = cal.sum_std / (1 << 20)
-    assert np.allclose(x / grid, np.rint(x / grid), atol=1e-6)
+    assert (x - sums).std() == pytest.approx(cal.sum_std, rel=0.01)
+    assert abs((x - sums).mean()) < 5 * cal.sum_std / math.sqrt(N)
+    # A power of two at most std / 2^20, and every released value an exact multiple of it.
+    assert grid == power_of_two_grid(cal.sum_std, CENTRAL_GRID_BITS)
+    assert cal.sum_std / 2**31 < grid <= cal.sum_std / 2**30
+    assert math.log2(grid) == int(math.log2(grid))
+    np.testing.assert_array_equal(x / grid, np.rint(x / grid))
     with pytest.raises(ValueError, match="positive"):
-        real_gaussian(3, 0.0, seeded_sampler(0))
+        central_noise(sums[:3], 0.0, seeded_sampler(0))
 
 
 def test_integer_noise_std_matches_party_scale_and_wraps_modulo_2_32() -> None:
@@ -167,29 +173,30 @@ def test_integer_noise_std_matches_party_scale_and_wraps_modulo_2_32() -> None:
     np.testing.assert_array_equal(np.where(wrapped >= 1 << 31, wrapped - MOD, wrapped), noise)
 
 
-@pytest.mark.parametrize(("m", "s"), [(2, 2), (3, 3), (2, 3), (3, 7)])
-def test_party_shares_sum_to_the_calibrated_std(m: int, s: int) -> None:
-    """m shares reach sum_std exactly; s > m contributors carry z * sqrt(s / m)."""
-    cal = Calibration("distributed", noise_multiplier=0.9, clip=CLIP, min_contributors=m)
-    assert cal.party_std == pytest.approx(cal.sum_std / math.sqrt(m))
+@pytest.mark.parametrize(("m", "c", "s"), [(2, 1, 2), (3, 1, 3), (2, 1, 3), (3, 2, 7)])
+def test_party_shares_minus_the_colluders_reach_the_calibrated_std(m: int, c: int, s: int) -> None:
+    """Any m - c shares reach sum_std; s contributors carry z*sqrt((s-c)/(m-c)) past c of them."""
+    cal = Calibration(
+        "distributed", noise_multiplier=0.9, clip=CLIP, min_contributors=m, colluding=c
+    )
+    assert cal.party_std == pytest.approx(cal.sum_std / math.sqrt(m - c))
     step = 2 * CLIP / ((1 << 27) - 1)
     scale = cal.party_std / step
     sampler = seeded_sampler(100 * m + s)
-    total = np.zeros(N, dtype=np.int64)
+    shares = []
     for _ in range(s):
         words = np.full(N, 1 << 31, dtype=np.uint32)
-        total += add_integer_noise(words, scale, sampler).astype(np.int64) - (1 << 31)
-    std = total.std() * step
-    assert cal.effective_multiplier(s) == pytest.approx(0.9 * math.sqrt(s / m))
+        shares.append(add_integer_noise(words, scale, sampler).astype(np.int64) - (1 << 31))
+    # c colluding co-contributors subtract their own shares from the sum they see.
+    std = (sum(shares[c:])).std() * step
+    assert cal.effective_multiplier(s) == pytest.approx(0.9 * math.sqrt((s - c) / (m - c)))
     assert std == pytest.approx(cal.effective_multiplier(s) * CLIP, rel=0.01)
-    if s == m:
-        assert std == pytest.approx(cal.sum_std, rel=0.01)
-    else:
-        assert std > 1.1 * cal.sum_std  # more survivors, more noise than charged
+    assert std >= cal.sum_std * 0.99
+    assert cal.effective_multiplier_vs_coordinator(s) == pytest.approx(0.9 * math.sqrt(s / (m - c)))
 
 
 def test_central_effective_multiplier_is_the_configured_one() -> None:
-    cal = Calibration("central", noise_multiplier=0.9, clip=CLIP, min_contributors=2)
+    cal = Calibration("central", noise_multiplier=0.9, clip=CLIP, min_contributors=2, colluding=0)
     assert [cal.effective_multiplier(s) for s in (2, 3, 10)] == [0.9, 0.9, 0.9]
 
 
@@ -202,6 +209,7 @@ def test_calibration_from_config_uses_min_contributors() -> None:
         3,
     )
     assert calibration(local_cfg(dp("distributed", 1.2))).min_contributors == 2  # min_parties
+    assert calibration(local_cfg(dp("distributed", 1.2))).colluding == 1  # the default
 
 
 def test_opendp_sampler_matches_its_scale() -> None:
@@ -211,10 +219,14 @@ def test_opendp_sampler_matches_its_scale() -> None:
     assert ints.std() == pytest.approx(1000.0, rel=0.03)
     assert abs(ints.mean()) < 5 * 1000.0 / math.sqrt(50_000)
     assert len(np.unique(ints)) > 1000
+    # 64-bit: scales past 2^31 keep their size (OpenDP's default int is i32 and saturates).
+    big = opendp_discrete_gaussian(20_000, 1.2e9)
+    assert big.std() == pytest.approx(1.2e9, rel=0.03)
     assert opendp_discrete_gaussian(0, 5.0).shape == (0,)
-    reals = real_gaussian(20_000, 0.07)
+    reals, grid = central_noise(np.zeros(20_000), 0.07)
     assert reals.std() == pytest.approx(0.07, rel=0.03)
     assert abs(reals.mean()) < 5 * 0.07 / math.sqrt(20_000)
+    np.testing.assert_array_equal(reals / grid, np.rint(reals / grid))
     words = add_integer_noise(np.full(20_000, 1 << 31, dtype=np.uint32), 250.0)
     assert (words.astype(np.int64) - (1 << 31)).std() == pytest.approx(250.0, rel=0.03)
 
@@ -322,23 +334,36 @@ def test_distributed_charges_slightly_less_than_configured(
     assert spec.bits < MODULUS_BITS - headroom_bits(parties)  # bits given up to the noise
     noise_steps = cal.party_std * math.sqrt(parties) / spec.step
     assert parties * spec.levels / 2 + 12 * noise_steps < 1 << 31
-    charged = charged_multiplier(cfg, parties, values)
+    charged = charged_multiplier(cfg, parties, {"secagg": values})
     assert charged < z
     assert charged == pytest.approx(z, rel=1e-3)
     assert charged == pytest.approx(z * CLIP / (CLIP + math.sqrt(values) * spec.step), rel=1e-12)
-    assert charged_multiplier(cfg, parties, 10 * values) < charged  # more values, more slack
+    assert charged_multiplier(cfg, parties, {"secagg": 10 * values}) < charged  # more slack
+    # CKKS values are rounded onto the shares' noise grid (half a step each, charged as a step).
+    both = charged_multiplier(cfg, parties, {"secagg": values, "ckks": values})
+    grid = ckks_grid(cfg)
+    slack = math.sqrt(values) * (spec.step + grid)
+    assert both == pytest.approx(z * CLIP / (CLIP + slack), rel=1e-12)
 
 
 @pytest.mark.parametrize("parties", [2, 3, 100])
 def test_central_charges_the_configured_multiplier(parties: int) -> None:
     cfg = local_cfg(dp("central", 1.1))
-    assert charged_multiplier(cfg, parties, 0) == 1.1  # nothing rounded: exactly z
+    assert charged_multiplier(cfg, parties, {}) == 1.1  # nothing rounded: exactly z
     step = dp_value_spec(cfg, parties).step
-    charged = charged_multiplier(cfg, parties, 10**6)  # secagg rounding: a hair less
+    # Secagg rounding only: the coordinator noises the summed words as integers.
+    charged = charged_multiplier(cfg, parties, {"secagg": 10**6})
     assert charged == pytest.approx(1.1 * CLIP / (CLIP + 1e3 * step), rel=1e-12) and charged < 1.1
-    assert dp_value_spec(cfg, parties) == QuantSpec.for_parties(CLIP, parties)
+    # Public tensors' real sum is rounded onto the noise grid: that rounding is charged.
+    grid = power_of_two_grid(1.1 * CLIP, CENTRAL_GRID_BITS)
+    plain = charged_multiplier(cfg, parties, {"plaintext": 10**6})
+    assert plain == pytest.approx(1.1 * CLIP / (CLIP + 1e3 * grid), rel=1e-12)
+    assert 1.1 * (1 - 1e-4) < plain < 1.1
+    # The quantiser gives up top bits so that the coordinator's noise cannot wrap either.
+    assert dp_value_spec(cfg, parties).bits <= QuantSpec.for_parties(CLIP, parties).bits
+    assert dp_value_spec(cfg, 3).bits < QuantSpec.for_parties(CLIP, 3).bits
     target = local_cfg({"mode": "central", "target_epsilon": 4.0, "max_epsilon": 8.0}, rounds=3)
-    z = charged_multiplier(target, parties, 10**6)
+    z = charged_multiplier(target, parties, {"secagg": 10**6})
     assert epsilon([GaussianEvent(z, 1.0, 3)], DELTA, "rdp") <= 4.0
 
 
@@ -394,9 +419,11 @@ def recorded_noise(fed: Federation, rec: Recorder, mode: str) -> dict[str, np.nd
         assert len(rec.calls) == len(NAMES)
         assert all(size == seg.size and scale == party_scale for size, scale, _ in rec.calls)
         flat = sum(c[2] for c in rec.calls).astype(np.float64) * spec.step
-    else:
+    else:  # one draw, on the summed words
+        spec = dp_value_spec(fed.cfg, len(NAMES))
         assert len(rec.calls) == 1 and rec.calls[0][0] == seg.size
-        flat = rec.calls[0][2].astype(np.float64) * (calibration(fed.cfg).sum_std / (1 << 20))
+        assert rec.calls[0][1] == calibration(fed.cfg).sum_std / spec.step
+        flat = rec.calls[0][2].astype(np.float64) * spec.step
     out, pos = {}, 0
     for name, shape in seg.tensors:  # name order, as both noise paths lay them out
         n = int(np.prod(shape))
@@ -418,8 +445,8 @@ def test_a_100x_update_contributes_at_most_the_clip(
     ref, report, _ = fed.round(1, {A: (small[A], 10), B: (small[B], 10), C: (big, 10)})
 
     assert report.accepted == sorted(NAMES)
-    assert report.privacy["clipped_parties"] == 1
-    assert report.privacy["fraction_clipped"] == pytest.approx(1 / 3)
+    # Whether a party's update was clipped depends on its data: not released under DP.
+    assert not {"clipped_parties", "fraction_clipped"} & set(report.privacy)
     assert report.weight_sum == pytest.approx(3.0, abs=1e-6)  # equal weights under DP
     delta = delta_of(fed, ref)
     noise = recorded_noise(fed, rec, mode)
@@ -435,7 +462,7 @@ def test_a_100x_update_contributes_at_most_the_clip(
     assert norm_of(rest) <= CLIP / n * (1 + 2e-3)
     assert norm_of(big) / n > 30 * norm_of(rest)  # what an unclipped update would have moved it
     # The noise that was added has the calibrated size on the mean (1344 coordinates).
-    eff = report.privacy["effective_noise_multiplier"]
+    eff = report.privacy["effective_noise_multiplier_vs_coordinator"]  # all shares are in it
     sample = np.concatenate([v.ravel() for v in noise.values()])
     assert sample.std() == pytest.approx(eff * CLIP, rel=0.1)
 
@@ -445,8 +472,7 @@ def test_dp_round_reports_privacy_and_commits_the_ledger(
     tmp_path: Path, model_cache: Path, mode: str
 ) -> None:
     fed = make_fed(tmp_path, model_cache, dp(mode, 1.0, max_epsilon=100.0))
-    values = fed.plan.protection["values"]["secagg"]
-    charged = charged_multiplier(fed.cfg, len(NAMES), values)
+    charged = charged_multiplier(fed.cfg, len(NAMES), fed.plan.protection["values"])
     norms = {A: 0.5 * CLIP, B: 2 * CLIP, C: 0.9 * CLIP}
     updates = {p: (state_update(fed, i, norms[p]), 50) for i, p in enumerate(NAMES)}
     reservation = reserve(fed, 1)
@@ -459,18 +485,20 @@ def test_dp_round_reports_privacy_and_commits_the_ledger(
     assert privacy["epsilon"] > 0
     assert privacy["epsilon"] == pytest.approx(one_round, rel=1e-9)
     assert privacy["party_epsilon"] == pytest.approx({p: one_round for p in NAMES}, rel=1e-9)
-    assert 0.0 <= privacy["fraction_clipped"] <= 1.0
-    assert privacy["clipped_parties"] == 1 and privacy["fraction_clipped"] == pytest.approx(1 / 3)
+    assert "fraction_clipped" not in privacy and "clipped_parties" not in privacy
     assert privacy["clip"] == CLIP and privacy["delta"] == DELTA
     assert privacy["noise_std"] == pytest.approx(1.0 * CLIP)
     assert privacy["noise_multiplier"] == pytest.approx(charged, rel=1e-12)
     assert privacy["ledger_rounds"] == 1
     if mode == "distributed":
         assert charged < 1.0
-        assert privacy["effective_noise_multiplier"] == pytest.approx(math.sqrt(3 / 2))
+        # m=2, c=1: each party adds the full variance; 3 contributors, one of them curious.
+        assert privacy["effective_noise_multiplier"] == pytest.approx(math.sqrt(2))
+        assert privacy["effective_noise_multiplier_vs_coordinator"] == pytest.approx(math.sqrt(3))
+        assert privacy["colluding"] == 1 and privacy["contributors"] == 3
         assert report.secagg["bits"] == dp_value_spec(fed.cfg, len(NAMES)).bits
     else:
-        assert charged == pytest.approx(1.0, rel=1e-6) and charged < 1.0  # secagg rounding
+        assert charged == pytest.approx(1.0, rel=1e-3) and charged < 1.0  # rounding slack
         assert privacy["effective_noise_multiplier"] == 1.0
     ledger = load_ledger(fed.cfg, fed.exchange, coordinator_keys(fed.cfg, fed.exchange))
     entry = ledger.entry(f"{fed.plan.run_id}/r0001")
@@ -495,9 +523,10 @@ def test_dp_round_with_a_dropout_charges_only_the_contributors(
     assert report.accepted == [A, B]
     privacy = report.privacy
     assert set(privacy["party_epsilon"]) == {A, B}
-    assert privacy["fraction_clipped"] == 0.0
-    # Two survivors of min_contributors=2: exactly the calibrated noise, no more.
+    # Two survivors of min_contributors=2: against the other survivor, exactly the calibrated
+    # noise (its own share subtracted); against the coordinator, both shares.
     assert privacy["effective_noise_multiplier"] == pytest.approx(1.0)
+    assert privacy["effective_noise_multiplier_vs_coordinator"] == pytest.approx(math.sqrt(2))
     entry = load_ledger(fed.cfg, fed.exchange, coordinator_keys(fed.cfg, fed.exchange)).entry(
         f"{fed.plan.run_id}/r0001"
     )
@@ -534,11 +563,12 @@ def test_aggregation_without_reservation_is_refused(
         fed.round(1, updates)
     assert not fed.exchange.exists(global_adapter_key(1))
     assert fed.exchange.exists(global_adapter_key(0))
-    # A reservation for another round does not count for this one.
-    reserve(fed, 2)
+    # A reservation for another round does not count for this one. (Round 1 itself cannot be
+    # retried: its parties uploaded once and refuse a second upload under new masks.)
+    reserve(fed, 3)
     with pytest.raises(AggregationError, match="no privacy-budget reservation"):
-        fed.round(1, updates)
-    assert not fed.exchange.exists(global_adapter_key(1))
+        fed.round(2, updates)
+    assert not fed.exchange.exists(global_adapter_key(2))
 
 
 @pytest.mark.parametrize(
@@ -564,6 +594,7 @@ def test_upload_under_other_privacy_settings_is_rejected(
     else:
         other_raw["privacy"] = party_privacy
     other = parse_federation(other_raw)
+    accept_anything(other, C)  # C agrees to anything: the coordinator's check is what's tested
     upload = secure_party.upload
 
     def upload_with_own_settings(cfg, party, *args, **kwargs):
@@ -587,6 +618,7 @@ def test_upload_with_a_smaller_noise_share_is_rejected(
     other_raw = copy.deepcopy(raw)
     other_raw["privacy"] = dp("distributed", 0.01)  # same mode and clip, 100x less noise
     other = parse_federation(other_raw)
+    accept_anything(other, C)  # C agrees to anything: the coordinator's check is what's tested
     upload = secure_party.upload
 
     def upload_with_own_settings(cfg, party, *args, **kwargs):
@@ -597,6 +629,8 @@ def test_upload_with_a_smaller_noise_share_is_rejected(
     updates = {p: (state_update(fed, i, CLIP / 2), 50) for i, p in enumerate(NAMES)}
     _, report, _ = fed.round(1, updates)
     assert C not in report.accepted
+    rejection = next(r.reason for r in report.rejected if r.party == C)
+    assert "noise share of std" in rejection and "below this round's" in rejection
 
 
 def test_contributor_outside_the_reservation_publishes_nothing(

@@ -386,11 +386,12 @@ def _dp_sgd(**kw) -> DpSgdSettings:
 
 
 def _party_reserve(path: Path, entry_id: str, round: int, event: GaussianEvent, **kw):
+    settings = kw.pop("settings", _dp_sgd())
     return party_ledger.reserve(
         path,
         party="alpha-aws",
-        federation_id=FED,
-        settings=kw.pop("settings", _dp_sgd()),
+        delta=settings.delta,
+        max_epsilon=settings.max_epsilon,
         entry_id=entry_id,
         round=round,
         event=event,
@@ -418,7 +419,7 @@ def test_party_ledger_charges_a_retried_round_once(tmp_path: Path) -> None:
     assert charged is False and len(nxt.entries) == 2
     assert nxt.epsilon() == pytest.approx(epsilon([event, event], DELTA, "rdp"), rel=1e-9)
     party_ledger.mark_spent(path, nxt, "run-a/r0002")
-    reloaded = party_ledger.load(path, federation_id=FED, delta=DELTA)
+    reloaded = party_ledger.load(path, party="alpha-aws", delta=DELTA)
     assert [e.status for e in reloaded.entries] == ["reserved", "spent"]
 
 
@@ -434,7 +435,9 @@ def test_party_ledger_refuses_to_pass_its_max_epsilon(tmp_path: Path) -> None:
     msg = str(err.value)
     assert msg.startswith("alpha-aws:")
     assert f"spent epsilon={one:.4g}" in msg
-    assert f"privacy.dp_sgd.alpha-aws.max_epsilon={settings.max_epsilon:g}" in msg
+    assert (
+        f"of {settings.max_epsilon:g} (the stricter of privacy.dp_sgd.alpha-aws.max_epsilon" in msg
+    )
     assert f"would bring it to {two:.4g}" in msg and "Fix:" in msg
     assert path.read_bytes() == on_disk  # nothing charged for a round that does not train
     # A retry of the round already charged still passes (it does not spend again).

@@ -35,6 +35,10 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPairs]:
     }
 
 
+RUN = "ab" * 16
+OTHER_RUN = "cd" * 16
+
+
 def ctx(
     round: int = 3,
     party: str = "alice",
@@ -84,21 +88,21 @@ def flip(blob: bytes, at: int) -> bytes:
 
 @pytest.mark.parametrize("payload", [b"", b"x", PAYLOAD, bytes(range(256)) * 40])
 def test_round_trip_returns_payload_and_metadata(keys: dict[str, KeyPairs], payload: bytes) -> None:
-    blob = signed(keys, payload, n=3, note="roster")
+    blob = signed(keys, payload, run_id=RUN)
     opened = open_as_alice(keys, blob)
     assert isinstance(opened, Opened)
     assert opened.payload == payload
-    assert opened.metadata == {"n": 3, "note": "roster"}
+    assert opened.metadata == {"run_id": RUN}
     # Public, not confidential: the payload is in the clear.
     assert payload in blob
     assert blob.startswith(SIGNED_MAGIC)
 
 
 def test_expected_metadata_must_match(keys: dict[str, KeyPairs]) -> None:
-    blob = signed(keys, n=3)
-    assert open_as_alice(keys, blob, ctx(n=3)).metadata == {"n": 3}
+    blob = signed(keys, run_id=RUN)
+    assert open_as_alice(keys, blob, ctx(run_id=RUN)).metadata == {"run_id": RUN}
     with pytest.raises(ProtectionError, match="context mismatch"):
-        open_as_alice(keys, blob, ctx(n=4))
+        open_as_alice(keys, blob, ctx(run_id=OTHER_RUN))
 
 
 def test_signatures_are_deterministic_per_content(keys: dict[str, KeyPairs]) -> None:
@@ -142,12 +146,12 @@ def test_tampered_header_bytes_are_rejected(keys: dict[str, KeyPairs]) -> None:
         lambda h: h["context"].update(round=4),
         lambda h: h["context"].update(party="bob"),
         lambda h: h["context"].update(kind="update"),
-        lambda h: h["metadata"].update(n=99),
+        lambda h: h["metadata"].update(run_id=OTHER_RUN),
         lambda h: h["sender"].update(name="bob"),
     ],
 )
 def test_well_formed_header_edits_break_the_signature(keys: dict[str, KeyPairs], edit) -> None:
-    blob = signed(keys, n=3)
+    blob = signed(keys, run_id=RUN)
     header = header_of(blob)
     edit(header)
     forged = with_header(blob, header)

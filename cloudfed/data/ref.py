@@ -104,3 +104,31 @@ class DatasetRef(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     profile: DataProfile | None = None
     docs_uri: str = ""
+    # Under DP the party releases a redacted copy: counts, profile and expectation outcomes stay
+    # in its storage, and the two sha256 fields are its keyed digests (see protection.commitments).
+    redacted: bool = False
+
+
+def redact(ref: DatasetRef, train_digest: str, eval_digest: str) -> DatasetRef:
+    """What a party releases about its data under DP: paths, keyed digests, contract hashes."""
+    return ref.model_copy(
+        update={
+            "train_sha256": train_digest,
+            "eval_sha256": eval_digest,
+            "rows_read": 0,
+            "rows_accepted": 0,
+            "rows_quarantined": 0,
+            "rows_train": 0,
+            "rows_eval": 0,
+            "quarantine_reasons": {},
+            "pii_replaced": {},
+            "rows_repaired": 0,
+            "validation": ValidationSummary(
+                suite=ref.validation.suite, success=True, evaluated=0, successful=0
+            ),
+            "expectations": [],
+            "warnings": [],
+            "profile": None,
+            "redacted": True,
+        }
+    )

@@ -35,8 +35,8 @@ def load_ledger(cfg: FederationConfig, exchange: Exchange, keys: KeyPairs) -> Le
 
 def charged_for(cfg: FederationConfig, plan: FederationPlan) -> float:
     """What one round is charged: worst case over every planned party advertising."""
-    secagg_values = plan.protection.get("values", {}).get("secagg", 0)
-    return charged_multiplier(cfg, len(plan.parties), int(secagg_values))
+    values = {k: int(v) for k, v in plan.protection.get("values", {}).items()}
+    return charged_multiplier(cfg, len(plan.parties), values)
 
 
 def reserve_round(

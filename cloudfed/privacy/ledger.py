@@ -12,11 +12,18 @@ Reserving an id that is already there charges nothing (a retried step never spen
 reservation whose round never published stays charged, because the coordinator may already have
 seen that round's (noisy) sum. Epsilon is always recomputed from the whole history by the
 accountant, never added up.
+
+The ledger cannot roll back unnoticed: every saved version carries its version number and the
+hashes of all earlier versions (a hash chain), signed with the rest. Each party keeps the newest
+version and hash it has seen in its own state folder and refuses an older ledger, or one whose
+chain does not pass through what it saw (`verified_for_party`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +72,13 @@ class Ledger(BaseModel):
     delta: float
     accountant: AccountantName
     entries: list[LedgerEntry] = Field(default_factory=list)
+    version: int = 0  # 0: never saved; each save adds one
+    chain: list[str] = Field(default_factory=list)  # heads of versions 1 .. version-1
+
+    def head(self) -> str:
+        """SHA-256 of this version's canonical JSON: what the next version chains to."""
+        doc = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(doc.encode()).hexdigest()
 
     def entry(self, entry_id: str) -> LedgerEntry | None:
         return next((e for e in self.entries if e.id == entry_id), None)
@@ -98,12 +112,8 @@ class LedgerStore:
         self.exchange, self.keys, self.federation_id = exchange, keys, federation_id
         self.local = Path(coordinator_storage) / "privacy" / LEDGER_FILE
 
-    def _context(self):
-        from cloudfed.protection.envelope import SealContext
-
-        return SealContext(
-            federation_id=self.federation_id, round=0, party=self.keys.name, kind=LEDGER_KIND
-        )
+    def _context(self, version: int | None = None):
+        return ledger_context(self.federation_id, version)
 
     def _from_exchange(self) -> Ledger | None:
         from cloudfed.protection.envelope import open_public
@@ -139,7 +149,7 @@ class LedgerStore:
                 "prefix of the other). Fix: keep the copy with every round you know was run and "
                 "delete the other; the budget must never be reset by accident"
             )
-        ledger = max(found, key=_progress)
+        ledger = max(found, key=lambda c: (c.version, *_progress(c)))
         if ledger.federation_id != self.federation_id:
             raise ProtectionError(f"{self.local}: the ledger belongs to {ledger.federation_id}")
         if (ledger.delta, ledger.accountant) != (delta, accountant):
@@ -151,16 +161,73 @@ class LedgerStore:
         return ledger
 
     def save(self, ledger: Ledger) -> None:
+        """Write the next version, chained to the newest one persisted."""
         from cloudfed.protection.envelope import sign_public
 
+        current = self.load(delta=ledger.delta, accountant=ledger.accountant)
+        if not _is_prefix(current, ledger):
+            raise ProtectionError("privacy ledger: a new version must extend the current one")
+        ledger.chain = [*current.chain, current.head()] if current.version else []
+        ledger.version = current.version + 1
         blob = ledger.model_dump_json(indent=1).encode()
         self.local.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.local.with_name(f".{self.local.name}.{os.getpid()}.tmp")
         tmp.write_bytes(blob)
         os.replace(tmp, self.local)
         self.exchange.put_bytes(
-            LEDGER_KEY, sign_public(blob, context=self._context(), sender=self.keys)
+            LEDGER_KEY, sign_public(blob, context=self._context(ledger.version), sender=self.keys)
         )
+
+
+def ledger_context(federation_id: str, version: int | None = None):
+    from cloudfed.protection.envelope import SealContext
+
+    return SealContext(
+        federation_id=federation_id,
+        round=0,
+        party="coordinator",
+        kind=LEDGER_KIND,
+        metadata={} if version is None else {"version": version},
+    )
+
+
+def verified_for_party(exchange, coordinator, *, federation_id: str, head_file: Path) -> Ledger:
+    """The exchange's ledger as a party accepts it, or a ProtectionError.
+
+    It must be signed by the pinned coordinator, no older than the newest version this party has
+    seen before, and chained through it.
+    """
+    from cloudfed.protection.envelope import open_public
+
+    if not exchange.exists(LEDGER_KEY):
+        raise ProtectionError("privacy ledger missing on the exchange; no round can be verified")
+    opened = open_public(
+        exchange.get_bytes(LEDGER_KEY), context=ledger_context(federation_id), sender=coordinator
+    )
+    ledger = Ledger.model_validate_json(opened.payload)
+    if ledger.federation_id != federation_id or opened.metadata.get("version") != ledger.version:
+        raise ProtectionError("privacy ledger rejected: wrong federation or version")
+    if len(ledger.chain) != max(0, ledger.version - 1):
+        raise ProtectionError("privacy ledger rejected: its hash chain is incomplete")
+    if head_file.exists():
+        seen = json.loads(head_file.read_text(encoding="utf-8"))
+        v, h = int(seen["version"]), str(seen["head"])
+        if ledger.version < v:
+            raise ProtectionError(
+                f"privacy ledger rolled back: version {ledger.version} is older than version {v} "
+                f"this party saw ({head_file}); refusing it"
+            )
+        at = ledger.head() if ledger.version == v else ledger.chain[v - 1]
+        if at != h:
+            raise ProtectionError(
+                f"privacy ledger forked: its version {v} is not the one this party saw "
+                f"({head_file}); refusing it"
+            )
+    head_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = head_file.with_name(f".{head_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"version": ledger.version, "head": ledger.head()}))
+    os.replace(tmp, head_file)
+    return ledger
 
 
 class Reservation(BaseModel):

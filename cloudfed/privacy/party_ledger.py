@@ -1,6 +1,9 @@
-"""A party's own record-level (DP-SGD) budget, kept in its own storage and never shared.
+"""A party's own record-level (DP-SGD) budget, kept in its own state folder and never shared.
 
-Same entry format as the federation ledger, keyed by `<run_id>/r<round>`. An entry is written
+The folder comes from the party's policy, not from the run configuration, so a launcher cannot
+reset the budget by pointing `parties[].storage` elsewhere; and one ledger counts every run and
+every federation on the party's data (entries are keyed `<federation>/<run_id>/r<round>`, and
+epsilon composes all of them). An entry is written
 before training starts; a retried training step for the same run and round finds it and charges
 nothing more: either the earlier attempt crashed before its update left the party (nothing was
 released), or its update is still on disk and is handed back instead of training again.
@@ -14,16 +17,15 @@ from pathlib import Path
 from cloudfed.errors import DataError
 from cloudfed.privacy.accountant import GaussianEvent
 from cloudfed.privacy.ledger import Ledger, LedgerEntry, _now
-from cloudfed.privacy.settings import DpSgdSettings
 
 
-def ledger_path(storage: str | Path) -> Path:
-    return Path(storage) / "privacy" / "dp_sgd_ledger.json"
+def ledger_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / "dp_sgd_ledger.json"
 
 
-def load(path: Path, *, federation_id: str, delta: float) -> Ledger:
+def load(path: Path, *, party: str, delta: float) -> Ledger:
     if not path.exists():
-        return Ledger(federation_id=federation_id, delta=delta, accountant="rdp")
+        return Ledger(federation_id=party, delta=delta, accountant="rdp")
     ledger = Ledger.model_validate_json(path.read_bytes())
     if ledger.delta != delta:
         raise DataError(
@@ -44,28 +46,29 @@ def reserve(
     path: Path,
     *,
     party: str,
-    federation_id: str,
-    settings: DpSgdSettings,
+    delta: float,
+    max_epsilon: float,
     entry_id: str,
     round: int,
     event: GaussianEvent,
 ) -> tuple[Ledger, bool]:
     """Charge one round's DP-SGD before training; (ledger, already_charged)."""
-    ledger = load(path, federation_id=federation_id, delta=settings.delta)
+    ledger = load(path, party=party, delta=delta)
     if ledger.entry(entry_id) is not None:
         return ledger, True
     after = ledger.epsilon(extra=[event])
-    if settings.max_epsilon is not None and after > settings.max_epsilon:
+    if after > max_epsilon:
         raise DataError(
             f"{party}: record-level DP-SGD budget: spent epsilon={ledger.epsilon():.4g} of "
-            f"privacy.dp_sgd.{party}.max_epsilon={settings.max_epsilon:g}; round {round} would "
-            f"bring it to {after:.4g}, so this party does not train. Fix: raise max_epsilon "
-            "only if the data owner agrees"
+            f"{max_epsilon:g} (the stricter of privacy.dp_sgd.{party}.max_epsilon and the "
+            f"party policy's dp_sgd.max_epsilon, ledger {path}); round {round} would bring it "
+            f"to {after:.4g}, so this party does not train. Fix: raise the cap only if the data "
+            "owner agrees"
         )
     ledger.entries.append(
         LedgerEntry(
             id=entry_id,
-            run_id=entry_id.split("/")[0],
+            run_id=entry_id.split("/")[-2],
             round=round,
             mode="dp-sgd",
             noise_multiplier=event.noise_multiplier,

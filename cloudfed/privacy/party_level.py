@@ -39,6 +39,7 @@ def calibration(cfg: FederationConfig) -> Calibration:
         noise_multiplier=round_noise_multiplier(cfg),
         clip=cfg.privacy.clip,
         min_contributors=cfg.min_contributors,
+        colluding=cfg.privacy.colluding if cfg.privacy.mode == "distributed" else 0,
     )
 
 
@@ -67,29 +68,52 @@ def clip_update(
 
 
 def dp_value_spec(cfg: FederationConfig, parties: int) -> QuantSpec:
-    """Quantisation of DP values: range +-C, fewer bits when distributed noise must not wrap.
+    """Quantisation of DP values: range +-C, fewer bits so that the noise cannot wrap.
 
     No value of an update clipped to L2 norm C lies outside +-C, so nothing is clipped twice.
     """
     cal = calibration(cfg)
-    if cfg.privacy.mode != "distributed":
-        return QuantSpec.for_parties(cal.clip, parties, cfg.protection.secagg.bits)
-    noise_std = cal.party_std * math.sqrt(parties)  # every advertised party adds its share
+    if cfg.privacy.mode == "central":  # the coordinator's noise goes onto the summed words
+        noise_std = cal.sum_std
+    else:  # every advertised party adds its share
+        noise_std = cal.party_std * math.sqrt(parties)
     bits = noise_bits(parties, noise_std / (2 * cal.clip))
     if cfg.protection.secagg.bits is not None:
         bits = min(bits, cfg.protection.secagg.bits)
     return QuantSpec(cal.clip, bits, parties)
 
 
-def charged_multiplier(cfg: FederationConfig, parties: int, values: int) -> float:
-    """The z the ledger charges, allowing for what quantisation adds to the sensitivity.
+def rounding_slack(cfg: FederationConfig, parties: int, values: Mapping[str, int]) -> float:
+    """How much rounding may lengthen one party's contribution in L2, on top of the clip.
 
-    Secure aggregation rounds stochastically, which may lengthen a clipped update by up to one
-    step per coordinate of its `values` secagg values, in either mode; the noise is fixed, so the
-    charged z is a hair lower. Without secagg values nothing is rounded.
+    - secagg: stochastic rounding moves each value by less than one quantisation step;
+    - CKKS (distributed): each party rounds its values onto the noise grid (half a grid step);
+    - central: the coordinator rounds every real sum onto its noise grid (half a step), and the
+      difference of two rounded sums may differ from the difference of the sums by a full step.
+    """
+    from cloudfed.privacy.noise import CENTRAL_GRID_BITS, power_of_two_grid
+
+    cal = calibration(cfg)
+    slack = 0.0
+    if (n := values.get("secagg", 0)) > 0:
+        slack += math.sqrt(n) * dp_value_spec(cfg, parties).step
+    if cal.mode == "distributed" and (n := values.get("ckks", 0)) > 0:
+        slack += math.sqrt(n) * ckks_grid(cfg)
+    if cal.mode == "central" and (n := values.get("plaintext", 0)) > 0:
+        slack += math.sqrt(n) * power_of_two_grid(cal.sum_std, CENTRAL_GRID_BITS)
+    return slack
+
+
+def ckks_grid(cfg: FederationConfig) -> float:
+    """The grid of distributed CKKS noise shares, for this config's CKKS scale."""
+    return calibration(cfg).ckks_grid(cfg.protection.ckks.global_scale_bits)
+
+
+def charged_multiplier(cfg: FederationConfig, parties: int, values: Mapping[str, int]) -> float:
+    """The z the ledger charges, allowing for what rounding adds to the sensitivity.
+
+    The noise is fixed at z*C; rounding may lengthen a clipped contribution to C + slack, so the
+    charged multiplier is z*C / (C + slack), a hair below z (about 1e-4 relative in the demo).
     """
     cal = calibration(cfg)
-    if values <= 0:
-        return cal.noise_multiplier
-    step = dp_value_spec(cfg, parties).step
-    return cal.sum_std / (cal.clip + math.sqrt(values) * step)
+    return cal.sum_std / (cal.clip + rounding_slack(cfg, parties, values))

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 PrivacyMode = Literal["off", "central", "distributed"]
 AccountantName = Literal["rdp", "prv"]
+# A party's record-level budget when its dp_sgd block names none: finite, never "unlimited".
+DEFAULT_DP_SGD_MAX_EPSILON = 10.0
 
 
 class _Strict(BaseModel):
@@ -43,8 +45,9 @@ class DpSgdSettings(_Strict):
     target_epsilon: float | None = None
     max_grad_norm: float = Field(1.0, gt=0.0)
     delta: float = 1e-5
-    # The party refuses to train once its own record-level spend would pass this.
-    max_epsilon: float | None = None
+    # The party refuses to train once its own record-level spend (over every run and federation
+    # on its data) would pass this; the stricter of this and the party's own policy holds.
+    max_epsilon: float = DEFAULT_DP_SGD_MAX_EPSILON
 
     _check_epsilon = field_validator("target_epsilon", "max_epsilon")(_epsilon)
     _check_delta = field_validator("delta")(_delta)
@@ -53,6 +56,10 @@ class DpSgdSettings(_Strict):
     def _check(self) -> DpSgdSettings:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        if self.target_epsilon is not None and self.target_epsilon > self.max_epsilon:
+            raise ValueError(
+                f"target_epsilon {self.target_epsilon} exceeds max_epsilon {self.max_epsilon}"
+            )
         return self
 
 
@@ -73,9 +80,12 @@ class PrivacySettings(_Strict):
     max_epsilon: float | None = None
     accountant: AccountantName = "rdp"
     # Distributed mode: the fewest contributors the noise must still cover (worst case of
-    # dropouts); null means the federation's min_parties. Parties add 1/min_contributors of the
-    # variance each, so any min_contributors of them already reach the calibrated noise.
+    # dropouts); null means the federation's min_parties.
     min_contributors: int | None = Field(None, ge=2)
+    # Distributed mode: how many contributors may pool their own noise shares (a curious
+    # co-contributor knows its own). Each party adds 1/(min_contributors - colluding) of the
+    # variance, so the shares of the others still reach the calibrated noise.
+    colluding: int = Field(1, ge=1)
     # Record-level DP-SGD per party name.
     dp_sgd: dict[str, DpSgdSettings] = Field(default_factory=dict)
 
@@ -105,4 +115,10 @@ class PrivacySettings(_Strict):
 
     @property
     def enabled(self) -> bool:
+        """Party-level DP on the aggregate is on."""
         return self.mode != "off"
+
+    @property
+    def protects_records(self) -> bool:
+        """Any DP at all (party-level or DP-SGD): per-party values fall under the release rules."""
+        return self.enabled or bool(self.dp_sgd)

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from cloudfed.errors import ProtectionError
 from cloudfed.federation import PARTY_NAME_PATTERN
 from cloudfed.protection.hazmat import aead, kdf, signing
+from cloudfed.protection.headers import check_public_metadata
 from cloudfed.protection.keys import KeyPairs, PublicKeyBundle
 
 MAGIC = b"CFSEAL"
@@ -140,6 +141,7 @@ def seal(
     """Encrypt for `recipient`, sign as `sender`; a fresh ephemeral key makes every key unique."""
     if context.party != sender.name:
         raise ValueError("context.party must be the sender's own name")
+    check_public_metadata(context.kind, context.metadata)
     if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK_SIZE}]")
     view = memoryview(payload).cast("B")
@@ -312,6 +314,7 @@ def sign_public(payload: bytes, *, context: SealContext, sender: KeyPairs) -> by
     """Readable by all, attributable to `sender` and bound to federation, round, party and kind."""
     if context.party != sender.name:
         raise ValueError("context.party must be the sender's own name")
+    check_public_metadata(context.kind, context.metadata)
     payload = memoryview(payload).cast("B").tobytes()
     me = sender.public_bundle()
     header = _canonical(

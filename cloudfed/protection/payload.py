@@ -1,4 +1,8 @@
-"""The container a party seals to the coordinator: one section per protection mode.
+"""The container a party seals to the coordinator: one section per protection mode, and `meta`.
+
+`meta` is JSON the coordinator needs to check an upload (the privacy settings it was made under,
+and, without privacy, how many values secure aggregation clipped); it travels inside the
+encryption because the sealed header is readable on the exchange.
 
     b"CFUPD" | u8 version | u32 header_len | header JSON {"sections": [[name, length], ...]}
     | section bytes in header order
@@ -17,7 +21,7 @@ from cloudfed.errors import ProtectionError
 
 MAGIC = b"CFUPD"
 VERSION = 1
-SECTIONS = ("secagg", "ckks", "plaintext")
+SECTIONS = ("secagg", "ckks", "plaintext", "meta")
 _U32 = struct.Struct(">I")
 _MAX_HEADER = 1 << 12
 

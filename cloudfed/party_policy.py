@@ -1,0 +1,367 @@
+"""A party's own policy: the weakest federation it takes part in, and whose keys it trusts.
+
+Whoever launches the pipeline writes the run configuration, and is not trusted to speak for a
+party: a config with `privacy: off`, `min_parties: 2` where the party agreed to 3, or another
+coordinator key would otherwise weaken the party's protection silently. So every party step reads
+the party's policy from the party's side (an environment variable or folder of the party's
+runtime, never a path from the run configuration) and refuses a round that is weaker than it, or
+whose coordinator or peer keys are not the ones it pinned. A missing policy refuses too.
+
+    CLOUDFED_PARTY_POLICY_<PARTY>   the policy file of one party (dashes as underscores, upper case)
+    CLOUDFED_PARTY_POLICIES         else: a folder holding <party>.yaml
+                                    (default .cloudfed/party-policies, the local demo's)
+
+Next to its policy the party keeps its own state (`state_dir`): its record-level DP-SGD ledger,
+the newest federation-ledger version it has seen, and which metrics it released for which model.
+
+`python -m cloudfed.party_policy provision CONFIG` writes, for the local demo, one policy per
+simulated cloud that accepts exactly that configuration and pins the keys it finds (creating them
+once); in a real federation each party writes its own after comparing fingerprints out of band.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cloudfed.errors import CloudfedError, ConfigError
+from cloudfed.federation import PARTY_NAME_PATTERN, FederationConfig, load_run_config
+from cloudfed.privacy.settings import DEFAULT_DP_SGD_MAX_EPSILON, PrivacyMode
+
+POLICY_DIR_ENV = "CLOUDFED_PARTY_POLICIES"
+DEFAULT_POLICY_DIR = ".cloudfed/party-policies"
+_PROTECTION_ORDER = {"plaintext": 0, "ckks": 1, "secagg": 2}
+_PRIVACY_ORDER = {"off": 0, "central": 1, "distributed": 2}
+_FINGERPRINT = r"^[0-9a-f]{64}$"
+
+
+class ConsentError(CloudfedError):
+    """A party refuses a round: weaker than its policy, unpinned keys, or no policy at all."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pins(_Strict):
+    """Fingerprints the party trusts: the coordinator's and every member's, its own included."""
+
+    coordinator: str = Field(pattern=_FINGERPRINT)
+    parties: dict[str, str] = Field(min_length=1)
+
+
+class PartyLevelFloor(_Strict):
+    """The weakest party-level DP (noise on the aggregate) the party accepts."""
+
+    mode: PrivacyMode = "off"
+    min_noise_multiplier: float | None = Field(None, gt=0.0)
+    clip: float | None = Field(None, gt=0.0)  # the L2 clip it agreed to; any other is refused
+    min_contributors: int = Field(2, ge=2)
+    min_colluding: int = Field(1, ge=1)
+    max_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    # Its own party-level budget across every run; the stricter of this and max_epsilon holds.
+    max_epsilon: float | None = Field(None, gt=0.0)
+
+
+class DpSgdFloor(_Strict):
+    """Record-level DP-SGD the party insists on for its own training."""
+
+    required: bool = True
+    min_noise_multiplier: float | None = Field(None, gt=0.0)
+    max_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    # Its own record-level budget over every run and federation on its data.
+    max_epsilon: float = Field(DEFAULT_DP_SGD_MAX_EPSILON, gt=0.0)
+
+
+class PartyPolicy(_Strict):
+    party: str = Field(pattern=PARTY_NAME_PATTERN)
+    federation_id: str = Field(pattern=PARTY_NAME_PATTERN)
+    # Weakest protection any adapter tensor may get: plaintext < ckks (trusts the key party)
+    # < secagg (trusts no single party).
+    min_protection: Literal["plaintext", "ckks", "secagg"] = "secagg"
+    min_parties: int = Field(2, ge=2)
+    privacy: PartyLevelFloor = PartyLevelFloor()
+    dp_sgd: DpSgdFloor | None = None
+    pins: Pins
+    # Party-side state; relative paths are relative to the policy file's folder.
+    state_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    policy: PartyPolicy
+    path: Path
+
+    @property
+    def state_dir(self) -> Path:
+        given = self.policy.state_dir
+        if given is None:
+            return self.path.parent / f"{self.policy.party}-state"
+        path = Path(given)
+        return path if path.is_absolute() else self.path.parent / path
+
+
+def policy_env_var(party: str) -> str:
+    return "CLOUDFED_PARTY_POLICY_" + party.upper().replace("-", "_")
+
+
+def policy_path(party: str) -> Path:
+    specific = os.environ.get(policy_env_var(party))
+    if specific:
+        return Path(specific)
+    return Path(os.environ.get(POLICY_DIR_ENV) or DEFAULT_POLICY_DIR) / f"{party}.yaml"
+
+
+def load_policy(party: str) -> LoadedPolicy:
+    path = policy_path(party)
+    if not path.is_file():
+        raise ConsentError(
+            f"{party}: no party policy at {path}; a party takes part only under a policy of its "
+            f"own. Fix: write one (see README, Party policies), point {policy_env_var(party)} or "
+            f"{POLICY_DIR_ENV} at it, or for the local demo run "
+            "`python -m cloudfed.party_policy provision configs/local.yaml`"
+        )
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        policy = PartyPolicy.model_validate(doc)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConsentError(f"{path}: the party policy is invalid: {exc}") from None
+    if policy.party != party:
+        raise ConsentError(f"{path}: the policy is {policy.party}'s, not {party}'s")
+    return LoadedPolicy(policy, path)
+
+
+def _config_modes(cfg: FederationConfig) -> set[str]:
+    return {cfg.protection.default, *(r.mode for r in cfg.protection.rules)}
+
+
+def violations(cfg: FederationConfig, loaded: LoadedPolicy) -> list[str]:
+    """Every way the run configuration is weaker than the policy, each naming both fields."""
+    pol, where, out = loaded.policy, loaded.path, []
+
+    def weaker(field: str, got: object, policy_field: str, want: object) -> None:
+        out.append(
+            f"parameters.federation.{field}={got!r} is weaker than {policy_field}={want!r} in "
+            f"{where}"
+        )
+
+    if cfg.federation_id != pol.federation_id:
+        weaker("federation_id", cfg.federation_id, "federation_id", pol.federation_id)
+    if cfg.min_parties < pol.min_parties:
+        weaker("min_parties", cfg.min_parties, "min_parties", pol.min_parties)
+    for mode in sorted(_config_modes(cfg)):
+        if _PROTECTION_ORDER[mode] < _PROTECTION_ORDER[pol.min_protection]:
+            weaker("protection (a tensor's mode)", mode, "min_protection", pol.min_protection)
+    members = [p.name for p in cfg.active_parties]
+    unpinned = sorted(set(members) - set(pol.pins.parties))
+    if unpinned:
+        out.append(
+            f"parameters.federation.parties lists {unpinned}, whose keys {where} does not pin "
+            "(pins.parties); the party does not share a round with them"
+        )
+    out += _privacy_violations(cfg, loaded, weaker)
+    return out
+
+
+def _privacy_violations(cfg: FederationConfig, loaded: LoadedPolicy, weaker) -> list[str]:
+    from cloudfed.privacy.party_level import round_noise_multiplier
+
+    pol, p = loaded.policy, cfg.privacy
+    floor = pol.privacy
+    out: list[str] = []
+    if _PRIVACY_ORDER[p.mode] < _PRIVACY_ORDER[floor.mode]:
+        weaker("privacy.mode", p.mode, "privacy.mode", floor.mode)
+    if p.enabled:
+        z = round_noise_multiplier(cfg)
+        if floor.min_noise_multiplier is not None and z < floor.min_noise_multiplier:
+            weaker(
+                "privacy noise multiplier",
+                round(z, 6),
+                "privacy.min_noise_multiplier",
+                floor.min_noise_multiplier,
+            )
+        if floor.clip is not None and not math.isclose(p.clip, floor.clip):
+            weaker("privacy.clip", p.clip, "privacy.clip", floor.clip)
+        if p.delta > floor.max_delta:
+            weaker("privacy.delta", p.delta, "privacy.max_delta", floor.max_delta)
+        if p.mode == "distributed":
+            if cfg.min_contributors < floor.min_contributors:
+                weaker(
+                    "privacy.min_contributors",
+                    cfg.min_contributors,
+                    "privacy.min_contributors",
+                    floor.min_contributors,
+                )
+            if p.colluding < floor.min_colluding:
+                weaker(
+                    "privacy.colluding", p.colluding, "privacy.min_colluding", floor.min_colluding
+                )
+    dp = p.dp_sgd.get(pol.party)
+    if pol.dp_sgd is not None and pol.dp_sgd.required and dp is None:
+        weaker(f"privacy.dp_sgd.{pol.party}", None, "dp_sgd.required", True)
+    if pol.dp_sgd is not None and dp is not None:
+        if dp.delta > pol.dp_sgd.max_delta:
+            weaker(
+                f"privacy.dp_sgd.{pol.party}.delta",
+                dp.delta,
+                "dp_sgd.max_delta",
+                pol.dp_sgd.max_delta,
+            )
+        floor_z = pol.dp_sgd.min_noise_multiplier
+        if (
+            floor_z is not None
+            and dp.noise_multiplier is not None
+            and dp.noise_multiplier < floor_z
+        ):
+            weaker(
+                f"privacy.dp_sgd.{pol.party}.noise_multiplier",
+                dp.noise_multiplier,
+                "dp_sgd.min_noise_multiplier",
+                floor_z,
+            )
+    return out
+
+
+def enforce(cfg: FederationConfig, party: str) -> LoadedPolicy:
+    """The party's policy, once the run configuration is found no weaker than it."""
+    loaded = load_policy(party)
+    problems = violations(cfg, loaded)
+    if problems:
+        raise ConsentError(
+            f"{party} refuses this round: "
+            + "; ".join(problems)
+            + ". Fix: run with settings at least as strong as the party's policy, or ask the "
+            "party to change its policy"
+        )
+    return loaded
+
+
+def check_pin(loaded: LoadedPolicy, role: str, name: str, fingerprint: str) -> None:
+    """Refuse a coordinator or member key other than the pinned one."""
+    pins = loaded.policy.pins
+    want = pins.coordinator if role == "coordinator" else pins.parties.get(name)
+    if want != fingerprint:
+        field = "pins.coordinator" if role == "coordinator" else f"pins.parties.{name}"
+        raise ConsentError(
+            f"{loaded.policy.party} refuses this round: the {role} key of {name} has fingerprint "
+            f"{fingerprint[:16]}..., not the one pinned in {loaded.path} ({field}="
+            f"{str(want)[:16]}...). Fix: compare fingerprints out of band; re-pin only if the "
+            "key really changed"
+        )
+
+
+def required_survivors(cfg: FederationConfig, loaded: LoadedPolicy) -> int:
+    """Fewest parties whose sum the party helps reveal or decrypt, by its own view."""
+    need = max(cfg.min_parties, loaded.policy.min_parties)
+    if cfg.privacy.mode == "distributed":
+        need = max(need, cfg.min_contributors, loaded.policy.privacy.min_contributors)
+    return need
+
+
+def dp_sgd_cap(cfg: FederationConfig, loaded: LoadedPolicy) -> float:
+    """The party's record-level budget: the stricter of the run config's and its own."""
+    party = loaded.policy.party
+    caps = [cfg.privacy.dp_sgd[party].max_epsilon] if party in cfg.privacy.dp_sgd else []
+    if loaded.policy.dp_sgd is not None:
+        caps.append(loaded.policy.dp_sgd.max_epsilon)
+    return min(caps) if caps else DEFAULT_DP_SGD_MAX_EPSILON
+
+
+def party_level_cap(cfg: FederationConfig, loaded: LoadedPolicy) -> float | None:
+    caps = [c for c in (cfg.privacy.max_epsilon, loaded.policy.privacy.max_epsilon) if c]
+    return min(caps) if caps else None
+
+
+def policy_for(cfg: FederationConfig, party: str, fingerprints: dict[str, str]) -> PartyPolicy:
+    """A policy that accepts exactly `cfg` (the demo's provisioning)."""
+    from cloudfed.privacy.party_level import round_noise_multiplier
+
+    p = cfg.privacy
+    modes = _config_modes(cfg)
+    floor = PartyLevelFloor(
+        mode=p.mode,
+        min_noise_multiplier=round(round_noise_multiplier(cfg), 6) if p.enabled else None,
+        clip=p.clip if p.enabled else None,
+        min_contributors=cfg.min_contributors,
+        min_colluding=p.colluding,
+        max_delta=p.delta,
+        max_epsilon=p.max_epsilon,
+    )
+    dp = p.dp_sgd.get(party)
+    return PartyPolicy(
+        party=party,
+        federation_id=cfg.federation_id,
+        min_protection=min(modes, key=_PROTECTION_ORDER.__getitem__),
+        min_parties=cfg.min_parties,
+        privacy=floor,
+        dp_sgd=None if dp is None else DpSgdFloor(max_delta=dp.delta, max_epsilon=dp.max_epsilon),
+        pins=Pins(
+            coordinator=fingerprints["coordinator"],
+            parties={p.name: fingerprints[p.name] for p in cfg.active_parties},
+        ),
+    )
+
+
+def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
+    """Keys for the coordinator and every party (made once), and one policy per party."""
+    from cloudfed.protection.keys import load_or_create_keys
+
+    coordinator = load_or_create_keys(
+        "coordinator", "coordinator", Path(cfg.coordinator_storage) / "keys"
+    )
+    prints = {"coordinator": coordinator.public_bundle().fingerprint}
+    for party in cfg.active_parties:
+        keys = load_or_create_keys("party", party.name, Path(party.storage) / "keys")
+        prints[party.name] = keys.public_bundle().fingerprint
+    lines = []
+    for party in cfg.active_parties:
+        path = policy_path(party.name)
+        if path.exists() and not force:
+            lines.append(f"kept {path} (the party's own; --force rewrites it)")
+            continue
+        doc = policy_for(cfg, party.name, prints).model_dump(mode="json", exclude_none=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        header = (
+            f"# {party.name}'s own policy: the weakest federation it takes part in, and the keys\n"
+            "# it trusts. Written by `python -m cloudfed.party_policy provision` for the local\n"
+            "# demo; a real party writes its own and compares fingerprints out of band.\n"
+        )
+        path.write_text(header + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        lines.append(f"wrote {path}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cloudfed.party_policy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prov = sub.add_parser("provision", help="keys and one policy per party, for the local demo")
+    prov.add_argument("config")
+    prov.add_argument("--force", action="store_true", help="rewrite existing policies")
+    check = sub.add_parser("check", help="would every party accept this run configuration?")
+    check.add_argument("config")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_run_config(args.config)
+        if args.command == "provision":
+            for line in provision(cfg, force=args.force):
+                print(line)
+        else:
+            for party in cfg.active_parties:
+                enforce(cfg, party.name)
+                print(f"ok  {party.name} accepts {args.config} ({policy_path(party.name)})")
+    except (CloudfedError, ConfigError) as exc:
+        print(f"cloudfed: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
