@@ -74,7 +74,7 @@ ui: setup
 
 bench-env: .venv-flwr/bin/python
 
-bench: stack demo-data bench-env
+bench: stack demo-data policies bench-env
 	$(BIN)/python benchmarks/harmonize.py
 	$(BIN)/python benchmarks/demo_run.py --config $(CONFIG)
 	$(BIN)/python benchmarks/protection.py

@@ -51,6 +51,15 @@ def _arm_config(base: dict[str, Any], work: Path, privacy: dict[str, Any]) -> Pa
 
 def _run(config: Path) -> dict[str, Any]:
     env = dict(os.environ, ZENML_ANALYTICS_OPT_IN="false", NO_COLOR="1", HF_HUB_OFFLINE="1")
+    # Each arm's parties keep their own policies and ledgers (accepting exactly that arm).
+    env["CLOUDFED_PARTY_POLICIES"] = str(config.parent / "party-policies")
+    subprocess.run(
+        [sys.executable, "-m", "cloudfed.party_policy", "provision", str(config)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     zenml = str(Path(sys.executable).parent / "zenml")
     start = time.perf_counter()
     proc = subprocess.run(
@@ -79,10 +88,10 @@ def _run(config: Path) -> dict[str, Any]:
     }
 
 
-def _dp_sgd_epsilons(fed: dict[str, Any]) -> dict[str, float]:
+def _dp_sgd_epsilons(fed: dict[str, Any], policies: Path) -> dict[str, float]:
     out = {}
     for party in fed["parties"]:
-        ledger = Path(party["storage"]) / "privacy" / "dp_sgd_ledger.json"
+        ledger = policies / f"{party['name']}-state" / "dp_sgd_ledger.json"
         if ledger.exists():
             out[party["name"]] = json.loads(ledger.read_text())["entries"][-1]["epsilon_after"]
     return out
@@ -120,7 +129,7 @@ def _overhead(base: dict[str, Any], steps: int) -> dict[str, float]:
             lora=cfg.lora,
             seed=rep,
             noise_multiplier=1.0,
-            max_grad_norm=1.0,
+            max_grad_norm=0.1,
         )
         times["dp_sgd"].append(time.perf_counter() - t)
     plain, dp = min(times["plain"]), min(times["dp_sgd"])
@@ -135,8 +144,10 @@ def _overhead(base: dict[str, Any], steps: int) -> dict[str, float]:
 
 
 def _arms(base: dict[str, Any], epsilons: tuple[float, ...]) -> dict[str, dict[str, Any]]:
-    clip = base["parameters"]["federation"].get("privacy", {}).get("clip", 0.05)
+    privacy = base["parameters"]["federation"].get("privacy", {})
+    clip = privacy.get("clip", 0.1)
     names = [p["name"] for p in base["parameters"]["federation"]["parties"]]
+    grad_norm = {n: privacy.get("dp_sgd", {}).get(n, {}).get("max_grad_norm", 1.0) for n in names}
     arms: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cloudfed-privacy-bench-") as tmp:
 
@@ -147,7 +158,7 @@ def _arms(base: dict[str, Any], epsilons: tuple[float, ...]) -> dict[str, dict[s
             result = _run(config)
             result.update(privacy=privacy)
             fed = yaml.safe_load(config.read_text())["parameters"]["federation"]
-            if eps := _dp_sgd_epsilons(fed):
+            if eps := _dp_sgd_epsilons(fed, work / "party-policies"):
                 result["dp_sgd_epsilon"] = eps
             print(name, json.dumps(result), file=sys.stderr, flush=True)
             return result
@@ -160,7 +171,17 @@ def _arms(base: dict[str, Any], epsilons: tuple[float, ...]) -> dict[str, dict[s
             )
             arms[f"dp_sgd_eps{eps:g}"] = arm(
                 f"dp_sgd_eps{eps:g}",
-                {"mode": "off", "dp_sgd": {n: {"target_epsilon": eps} for n in names}},
+                {
+                    "mode": "off",
+                    "dp_sgd": {
+                        n: {
+                            "target_epsilon": eps,
+                            "max_epsilon": eps,
+                            "max_grad_norm": grad_norm[n],
+                        }
+                        for n in names
+                    },
+                },
             )
     return arms
 

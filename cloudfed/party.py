@@ -119,8 +119,9 @@ def consent(
 ) -> tuple[KeyPairs, LoadedPolicy]:
     """The party's keys and policy, once the round is no weaker than the policy and pins hold."""
     loaded = enforce(cfg, party.name)
-    keys = party_keys(party, federation_exchange(cfg))
-    check_pin(loaded, "party", party.name, keys.public_bundle().fingerprint)
+    keys = load_or_create_keys("party", party.name, Path(party.storage) / "keys")
+    check_pin(loaded, "party", party.name, keys.public_bundle().fingerprint)  # before publishing
+    publish_public_keys(federation_exchange(cfg), keys.public_bundle())
     if plan is not None:
         check_pin(loaded, COORDINATOR, COORDINATOR, plan.coordinator_fingerprint)
     return keys, loaded

@@ -90,10 +90,28 @@ def write_config(path: Path, fed: dict[str, Any]) -> Path:
     return path
 
 
-def run_pipeline(
-    project: Path, config: Path, timeout: int = 900
-) -> subprocess.CompletedProcess[str]:
-    cmd = [
+def policy_dir(config: Path) -> Path:
+    """Where the parties of a test run keep their policies: beside its run config."""
+    return config.parent / "party-policies"
+
+
+def party_env(project: Path, config: Path) -> dict[str, str]:
+    """The run's environment with its parties' policies provisioned (kept once written), as
+    `make run` does; a config too broken to provision is left for the pipeline to refuse."""
+    env = zenml_env()
+    env["CLOUDFED_PARTY_POLICIES"] = str(policy_dir(config))
+    subprocess.run(
+        [str(BIN / "python"), "-m", "cloudfed.party_policy", "provision", str(config)],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    return env
+
+
+def pipeline_command(config: Path) -> list[str]:
+    return [
         str(BIN / "zenml"),
         "pipeline",
         "run",
@@ -101,8 +119,18 @@ def run_pipeline(
         "-c",
         str(config),
     ]
+
+
+def run_pipeline(
+    project: Path, config: Path, timeout: int = 900
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        cmd, cwd=project, env=zenml_env(), capture_output=True, text=True, timeout=timeout
+        pipeline_command(config),
+        cwd=project,
+        env=party_env(project, config),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

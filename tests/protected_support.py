@@ -134,6 +134,7 @@ class Federation:
                 return None
 
         local = {p: self.local(p, round, s, n) for p, (s, n) in updates.items()}
+        self.last_local = local
         modes = plan.protection["tensors"]
         rosters, reveals, ckks_plain, ckks_keys = [], [], [], []
         uploaders = list(local)
@@ -171,6 +172,7 @@ class Federation:
             roster = secure_coordinator.shares_roster(cfg, round, shares, roster, plan)
             uploaders = roster.shared
             rosters = [roster]
+            self.last_upload_rosters = rosters
         sealed = [
             s
             for p in uploaders

@@ -19,19 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from cloudfed.data.demo import generate_demo
 from cloudfed.privacy.accountant import GaussianEvent, epsilon
 from cloudfed.privacy.ledger import Ledger, LedgerStore
 from tests.e2e_support import (
-    BIN,
     federation,
     make_project,
     mlflow_last_run,
+    party_env,
+    pipeline_command,
+    policy_dir,
     run_pipeline,
     scan_for,
     write_config,
-    zenml_env,
 )
 
 pytestmark = pytest.mark.e2e
@@ -66,17 +68,6 @@ def _fed(work: Path, clouds: Path, rounds: int, privacy: dict[str, Any]) -> dict
     fed = federation(work, clouds, PARTIES, rounds=rounds, privacy=privacy)
     fed["training"]["local_steps"] = 5
     return fed
-
-
-def _command(config: Path) -> list[str]:
-    return [
-        str(BIN / "zenml"),
-        "pipeline",
-        "run",
-        "pipelines.federated_training.federated_training",
-        "-c",
-        str(config),
-    ]
 
 
 def _ledger(coordinator: Path) -> Ledger:
@@ -155,11 +146,17 @@ def budget(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     first["ledger"] = _ledger(coordinator)
     first["ledger_bytes"] = (coordinator / "privacy" / "ledger.json").read_bytes()
     first["signed_ledger"] = _signed_ledger(work)
-    dp_sgd_ledger = clouds / DP_PARTY / "storage" / "privacy" / "dp_sgd_ledger.json"
+    dp_sgd_ledger = policy_dir(config) / f"{DP_PARTY}-state" / "dp_sgd_ledger.json"
     first["dp_sgd_ledger"] = dp_sgd_ledger.read_bytes() if dp_sgd_ledger.exists() else None
     second = _run(project, config)
     second["summary"] = (coordinator / "last_run" / "summary.txt").read_text()
-    return {"work": work, "clouds": clouds, "first": first, "second": second}
+    return {
+        "work": work,
+        "clouds": clouds,
+        "config": config,
+        "first": first,
+        "second": second,
+    }
 
 
 def test_budget_stops_the_pipeline_after_the_rounds_that_fit(budget: dict[str, Any]) -> None:
@@ -201,9 +198,15 @@ def test_budget_stops_the_pipeline_after_the_rounds_that_fit(budget: dict[str, A
     assert before[3] == pytest.approx(spent[1], rel=1e-6)
     for key in ("privacy/delta", "privacy/noise_multiplier", "privacy/clip"):
         assert sorted(_history(client, rid, key)) == [1, 2], key
-    fraction = _history(client, rid, "privacy/fraction_clipped")
-    assert sorted(fraction) == [1, 2] and all(0.0 <= v <= 1.0 for v in fraction.values())
+    # Whether a party's update was clipped depends on its data: not released under DP.
+    assert _history(client, rid, "privacy/fraction_clipped") == {}
     assert _history(client, rid, "privacy/clip")[1] == pytest.approx(0.1)
+    # Two contributors, min_contributors 2, one curious: each share carries the full z*C, so
+    # against the other contributor exactly z; against the coordinator z*sqrt(2).
+    effective = _history(client, rid, "privacy/effective_noise_multiplier")
+    assert effective == pytest.approx({1: 1.0, 2: 1.0})
+    versus = _history(client, rid, "privacy/effective_noise_multiplier_vs_coordinator")
+    assert versus == pytest.approx({1: math.sqrt(2), 2: math.sqrt(2)})
     run = client.get_run(rid)
     stop = run.data.tags["privacy.budget_stop"]
     assert f"spent epsilon={spent[1]:.4g}" in stop and "round 3" in stop, stop
@@ -240,7 +243,7 @@ def test_rerun_refuses_a_round_past_the_budget_and_ends_cleanly(budget: dict[str
     assert (coordinator / "privacy" / "ledger.json").read_bytes() == first["ledger_bytes"]
     assert _ledger(coordinator) == first["ledger"]
     assert _signed_ledger(work) == first["ledger"]
-    dp_sgd_ledger = budget["clouds"] / DP_PARTY / "storage" / "privacy" / "dp_sgd_ledger.json"
+    dp_sgd_ledger = policy_dir(budget["config"]) / f"{DP_PARTY}-state" / "dp_sgd_ledger.json"
     assert dp_sgd_ledger.read_bytes() == first["dp_sgd_ledger"]
 
     client, _ = mlflow_last_run()
@@ -259,13 +262,18 @@ def test_dp_sgd_party_keeps_its_own_ledger_and_epsilon(budget: dict[str, Any]) -
     assert first["dp_sgd_ledger"] is not None, "the DP-SGD party wrote no ledger"
     ledger = Ledger.model_validate_json(first["dp_sgd_ledger"])
     run_id = first["ledger"].entries[0].run_id
-    assert [e.id for e in ledger.entries] == [f"{run_id}/r0001", f"{run_id}/r0002"]
+    ids = [f"test-federation/{run_id}/r0001", f"test-federation/{run_id}/r0002"]
+    assert [e.id for e in ledger.entries] == ids
     assert all(e.status == "spent" and e.mode == "dp-sgd" for e in ledger.entries)
     assert all(e.parties == [DP_PARTY] and e.noise_multiplier == 1.0 for e in ledger.entries)
     assert all(0.0 < e.sample_rate < 1.0 and e.steps == 5 for e in ledger.entries)
+    # The ledger lives with the party's policy, not in the storage the run config names.
+    assert not list(clouds.rglob("dp_sgd_ledger.json"))
     for other in PARTIES:
         if other != DP_PARTY:
-            assert not (clouds / other / "storage" / "privacy").exists()
+            assert not (
+                policy_dir(budget["config"]) / f"{other}-state" / "dp_sgd_ledger.json"
+            ).exists()
 
     client, _ = mlflow_last_run()
     rid = first["mlflow_run"]
@@ -274,7 +282,9 @@ def test_dp_sgd_party_keeps_its_own_ledger_and_epsilon(budget: dict[str, Any]) -
     for k in (1, 2):
         expected = epsilon([e.event() for e in ledger.entries[:k]], ledger.delta, "rdp")
         assert eps[k] == pytest.approx(expected, rel=1e-6)
-    assert _history(client, rid, f"{DP_PARTY}/dp_sgd_noise_multiplier") == {1: 1.0, 2: 1.0}
+    # The noise multiplier and sample rate follow from the party's record count: kept local.
+    assert _history(client, rid, f"{DP_PARTY}/dp_sgd_noise_multiplier") == {}
+    assert _history(client, rid, f"{DP_PARTY}/dp_sgd_sample_rate") == {}
     for other in PARTIES:
         if other != DP_PARTY:
             assert _history(client, rid, f"{other}/dp_sgd_epsilon") == {}
@@ -316,9 +326,9 @@ def killed(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     config = write_config(work / "killed.yaml", _fed(work, clouds, 3, _privacy(50.0)))
     log = (work / "killed.log").open("w")
     proc = subprocess.Popen(
-        _command(config),
+        pipeline_command(config),
         cwd=project,
-        env=zenml_env(),
+        env=party_env(project, config),
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
@@ -382,3 +392,47 @@ def test_killed_and_rerun_pipeline_shows_no_double_spend(killed: dict[str, Any])
     assert eps[2] == pytest.approx(total, rel=1e-6)
     assert eps[1] == pytest.approx(_events_epsilon(ledger.entries[: len(gone) + 1]), rel=1e-6)
     assert math.isclose(ledger.epsilon(), total, rel_tol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def dp_sgd_cap(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """DP-SGD in both parties, no party-level DP, run twice; before the second run each party
+    tightens its own policy's budget to fit exactly one more round (stricter than the config)."""
+    work = tmp_path_factory.mktemp("privacy-dp-sgd-cap")
+    clouds = work / "clouds"
+    generate_demo(clouds, seed=23, train_rows=60, eval_rows=10)
+    dp_sgd = {p: {"noise_multiplier": 1.0, "max_epsilon": 50.0} for p in PARTIES}
+    config = write_config(work / "run.yaml", _fed(work, clouds, 2, {"dp_sgd": dp_sgd}))
+    first = _run(project, config)
+    caps = {}
+    for p in PARTIES:
+        state = policy_dir(config) / f"{p}-state"
+        ledger = Ledger.model_validate_json((state / "dp_sgd_ledger.json").read_bytes())
+        events = [e.event() for e in ledger.entries]
+        three = epsilon(events + events[:1], DELTA, "rdp")
+        four = epsilon(events * 2, DELTA, "rdp")
+        caps[p] = round((three + four) / 2, 4)
+        path = policy_dir(config) / f"{p}.yaml"
+        doc = yaml.safe_load(path.read_text())
+        doc["dp_sgd"]["max_epsilon"] = caps[p]
+        path.write_text(yaml.safe_dump(doc))
+    second = _run(project, config)
+    second["summary"] = (work / "coordinator" / "last_run" / "summary.txt").read_text()
+    return {"work": work, "config": config, "first": first, "second": second, "caps": caps}
+
+
+def test_repeated_runs_stop_at_the_dp_sgd_cap(dp_sgd_cap: dict[str, Any]) -> None:
+    second, caps = dp_sgd_cap["second"], dp_sgd_cap["caps"]
+    assert _summary_rounds(second["summary"]) == [0, 1], second["summary"]
+    flat = _flat(second["summary"])
+    assert "Stopped: round 2: only 0 of 2 parties trained, fewer than min_parties=2" in flat
+    for p in PARTIES:
+        assert f"{p}: dropped at train: {p}: record-level DP-SGD budget" in flat, flat
+        assert f"of {caps[p]:g} (the stricter of privacy.dp_sgd.{p}.max_epsilon" in flat
+        ledger = Ledger.model_validate_json(
+            (policy_dir(dp_sgd_cap["config"]) / f"{p}-state" / "dp_sgd_ledger.json").read_bytes()
+        )
+        assert len(ledger.entries) == 3 and ledger.epsilon() <= caps[p]
+    assert "cloudfed: stopping: round 2" in second["out"]
+    started = _steps_started(second["out"])
+    assert not [s for s in started if s.startswith("advertise_") and s.endswith("_r2")]

@@ -1,0 +1,148 @@
+"""The default demo (`configs/local.yaml`, moved into a temp folder) through `zenml pipeline run`.
+
+One run, read by every test here: it learns (held-out loss at least 10% below the base model)
+while every party reports a finite record-level epsilon, and what it released matches the README's
+list: clear headers on the exchange hold routing only, and MLflow and ZenML's step metadata hold
+no per-party training value that is not on the released list.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cloudfed.data.demo import MARKER_PREFIX, generate_demo
+from cloudfed.protection.headers import ALLOWED
+from tests.attacks import headers_on_exchange
+from tests.e2e_support import (
+    REPO_ROOT,
+    make_project,
+    mlflow_last_run,
+    run_pipeline,
+    scan_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.e2e
+# What the README lists as released per party under DP (metrics, params, tags, step metadata).
+RELEASED_METRICS = {
+    "dp_sgd_epsilon",  # the party's record-level epsilon, from its own ledger
+    "epsilon",  # party-level epsilon (ledger), when that mode is on
+    "bytes_sent",  # fixed by the protection layout, not by data
+    "bytes_over_fp32",
+    "seconds_protect",  # wall-clock time: see the README on timing
+    "weight",  # uniform under DP
+}
+RELEASED_PARAMS = {"contract_sha256", "canonical_sha256"}
+RELEASED_STEP_METADATA = {"party", "round", "work_seconds", "contract_sha256", "data_docs"}
+WITHHELD = re.compile(r"rows_|eval_loss|train_loss|tokens|examples|quarantined|pii|clipped")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("demo")
+    clouds = work / "clouds"
+    generate_demo(clouds)  # what `make demo-data` writes
+    doc = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text(encoding="utf-8"))
+    fed = copy.deepcopy(doc["parameters"]["federation"])
+    fed.update(
+        model_cache=str(work / "models"),
+        exchange=str(work / "exchange"),
+        coordinator_storage=str(work / "coordinator"),
+        contracts_dir=str(REPO_ROOT / "data_contracts"),
+    )
+    for party in fed["parties"]:
+        name = party["name"]
+        party["raw"] = {
+            k: str(clouds / Path(v).relative_to(".cloudfed/clouds"))
+            for k, v in party["raw"].items()
+        }
+        party["mapping"] = str(REPO_ROOT / party["mapping"])
+        party["storage"] = str(clouds / name / "storage")
+    project = make_project(work / "project")
+    proc = run_pipeline(project, write_config(work / "run.yaml", fed))
+    return {"work": work, "clouds": clouds, "proc": proc, "fed": fed}
+
+
+def test_the_default_demo_learns_with_a_finite_epsilon_per_party(demo: dict[str, Any]) -> None:
+    proc = demo["proc"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    client, run = mlflow_last_run()
+    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
+    rounds = demo["fed"]["rounds"]
+    assert sorted(losses) == list(range(rounds + 1))
+    assert losses[rounds] <= 0.9 * losses[0], losses  # at least 10% lower than the base model
+    for party in demo["fed"]["parties"]:
+        name, target = party["name"], demo["fed"]["privacy"]["dp_sgd"][party["name"]]
+        eps = {
+            m.step: m.value
+            for m in client.get_metric_history(run.info.run_id, f"{name}/dp_sgd_epsilon")
+        }
+        assert sorted(eps) == list(range(1, rounds + 1)), (name, eps)
+        assert 0 < eps[1] < eps[rounds] <= target["target_epsilon"] + 1e-6, (name, eps)
+    assert run.data.tags["metrics_release"] == "secure-sum"
+    summary = (demo["work"] / "coordinator" / "last_run" / "summary.txt").read_text()
+    assert "eps hospital-aws" in summary and "% lower" in summary
+
+
+def test_clear_headers_on_the_exchange_are_routing_only(demo: dict[str, Any]) -> None:
+    assert demo["proc"].returncode == 0
+    headers = headers_on_exchange(demo["work"] / "exchange")
+    kinds = {h["context"]["kind"] for _, h in headers}
+    assert {"update", "secagg-share", "secagg-reveal", "metrics"} <= kinds, kinds
+    for path, header in headers:
+        assert set(header["metadata"]) <= ALLOWED[header["context"]["kind"]], (path, header)
+
+
+def test_mlflow_and_step_metadata_hold_only_released_per_party_values(demo: dict[str, Any]) -> None:
+    from zenml.client import Client
+
+    assert demo["proc"].returncode == 0
+    names = {p["name"] for p in demo["fed"]["parties"]}
+    client, run = mlflow_last_run()
+
+    def per_party(keys) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for key in keys:
+            head, _, rest = key.partition("/")
+            if head in names:
+                out.setdefault(head, set()).add(rest)
+        return out
+
+    for party, keys in per_party(run.data.metrics).items():
+        assert keys <= RELEASED_METRICS, (party, keys - RELEASED_METRICS)
+    for party, keys in per_party(run.data.params).items():
+        assert keys <= RELEASED_PARAMS, (party, keys - RELEASED_PARAMS)
+    tag_parties = {k.split(".", 1)[1] for k in run.data.tags if k.startswith("data_docs.")}
+    assert tag_parties == names
+    assert not [k for k in run.data.metrics if WITHHELD.search(k) and "/" in k], run.data.metrics
+    zen_run = Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
+    party_steps = [s for name, s in zen_run.steps.items() if any(n in name for n in names)]
+    assert len(party_steps) > 10
+    for step in party_steps:
+        keys = set(step.run_metadata)
+        assert keys <= RELEASED_STEP_METADATA, (step.name, keys - RELEASED_STEP_METADATA)
+
+
+def test_no_raw_record_or_plaintext_update_reaches_the_coordinator_side(
+    demo: dict[str, Any],
+) -> None:
+    assert demo["proc"].returncode == 0
+    zen = Path(os.environ["ZENML_CONFIG_PATH"])
+    work, clouds = demo["work"], demo["clouds"]
+    roots = [zen, work / "exchange", work / "coordinator"]
+    updates = []
+    for path in sorted(clouds.glob("*/storage/updates/*.safetensors")):
+        data = path.read_bytes()
+        header = 8 + int.from_bytes(data[:8], "little")
+        updates.append(data[header + 256 : header + 320])
+    assert len(updates) == 3 * demo["fed"]["rounds"]
+    markers = [MARKER_PREFIX.encode()]
+    assert scan_for([clouds], updates[:1]) and scan_for([clouds], markers)  # controls
+    assert not scan_for(roots, markers + updates)
