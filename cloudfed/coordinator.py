@@ -91,9 +91,6 @@ class RoundEval:
     loss: float = float("nan")
     tokens: float = 0.0
     examples: float = 0.0
-    train_loss: float = float("nan")
-    trained: int = 0
-    train_tokens: float = 0.0
     evaluators: tuple[str, ...] = ()
     per_party: tuple[PartyEval, ...] = ()
     note: str = ""
@@ -165,14 +162,9 @@ def _open_metrics_sum(
     total = dict(
         zip(METRIC_SLOTS, metrics_sum.unmasked_sum(vectors, len(METRIC_SLOTS)), strict=True)
     )
-    trained = int(round(total["trained"]))
     return RoundEval(
         "secure-sum",
         loss=total["eval_nll"] / total["eval_tokens"] if total["eval_tokens"] > 0 else float("nan"),
         tokens=total["eval_tokens"],
-        examples=total["eval_examples"],
-        train_loss=total["train_loss"] / trained if trained else float("nan"),
-        trained=trained,
-        train_tokens=total["train_tokens"],
         evaluators=tuple(expected),
     )

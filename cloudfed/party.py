@@ -47,8 +47,12 @@ from cloudfed.training.model import resolve_base_model
 COORDINATOR = "coordinator"
 # Released under DP: what a party's DP-SGD ledger says, nothing about its data or training.
 RELEASED_UNDER_DP = ("dp_sgd_epsilon", "dp_sgd_delta")
-# The metrics a party puts into the round's secure sum, in order.
-METRIC_SLOTS = ("eval_nll", "eval_tokens", "eval_examples", "trained", "train_loss", "train_tokens")
+# How far below its floor a party accepts the ledger's charged noise multiplier: the rounding
+# slack of secure aggregation (about 1e-7) and CKKS grids (about 1e-3), not coarse settings.
+CHARGED_SLACK = 0.01
+# The metrics a party puts into the round's secure sum, in order. Training loss is not among
+# them: it is an un-noised function of the training records that DP-SGD's epsilon does not cover.
+METRIC_SLOTS = ("eval_nll", "eval_tokens")
 
 __all__ = ["SimulatedDropout"]
 
@@ -234,6 +238,14 @@ def _check_party_level_budget(
             f"{loaded.policy.party} refuses round {round}: the privacy ledger holds no reservation "
             "for it, so its spend would go unaccounted"
         )
+    floor = loaded.policy.privacy.min_noise_multiplier
+    if floor is not None and entry.noise_multiplier < floor * (1 - CHARGED_SLACK):
+        raise ConsentError(
+            f"{loaded.policy.party} refuses round {round}: the ledger charges it at noise "
+            f"multiplier {entry.noise_multiplier:.6g}, below privacy.min_noise_multiplier="
+            f"{floor:g} in {loaded.path} (rounding slack beyond {CHARGED_SLACK:.0%}: coarse "
+            "protection.secagg.bits or CKKS scale)"
+        )
     cap = party_level_cap(cfg, loaded)
     spent = ledger.epsilon(party=loaded.policy.party)
     if cap is not None and spent > cap + 1e-9:
@@ -306,11 +318,11 @@ def _train_dp_sgd(
     """
     from cloudfed.party_policy import dp_sgd_cap
     from cloudfed.privacy import party_ledger
-    from cloudfed.privacy.accountant import GaussianEvent, noise_for_target
+    from cloudfed.privacy.accountant import GaussianEvent, epsilon, noise_for_target
     from cloudfed.training.dp_sgd import train_local_dp
 
     dp = cfg.privacy.dp_sgd[party.name]
-    sample_rate = min(1.0, cfg.training.batch_size / len(rows))
+    sample_rate = dp.sample_rate or min(1.0, cfg.training.batch_size / len(rows))
     z = dp.noise_multiplier or noise_for_target(
         dp.target_epsilon or 0.0,
         dp.delta,
@@ -327,6 +339,14 @@ def _train_dp_sgd(
             f"{loaded.path}"
         )
     event = GaussianEvent(z, sample_rate, cfg.training.local_steps)
+    per_run = loaded.policy.dp_sgd.max_epsilon_per_run if loaded.policy.dp_sgd else None
+    planned = epsilon([event] * cfg.rounds, dp.delta, "rdp")
+    if per_run is not None and planned > per_run * (1 + 1e-9):
+        raise ConsentError(
+            f"{party.name} refuses to train: this run's {cfg.rounds} round(s) would spend "
+            f"epsilon={planned:.4g} of its record-level budget, above "
+            f"dp_sgd.max_epsilon_per_run={per_run:g} in {loaded.path}"
+        )
     entry_id = f"{cfg.federation_id}/{global_ref.run_id or 'no-run'}/r{round:04d}"
     path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
     ledger_file = party_ledger.ledger_path(loaded.state_dir)
@@ -353,6 +373,7 @@ def _train_dp_sgd(
         seed=seed,
         noise_multiplier=z,
         max_grad_norm=dp.max_grad_norm,
+        sample_rate=sample_rate,
         desc=f"{party.name} r{round} DP-SGD",
     )
     party_ledger.mark_spent(ledger_file, ledger, entry_id)
@@ -401,6 +422,8 @@ def evaluate_round(
         seconds=time.perf_counter() - start,
     )
     names = sorted(evaluators or [party.name])
+    if len(set(names)) != len(names):
+        raise ConsentError(f"{party.name} refuses an evaluator list with repeated names: {names}")
     if not cfg.privacy.protects_records:
         return EvalRelease(
             party=party.name,
@@ -415,39 +438,20 @@ def evaluate_round(
     (own / f"r{global_ref.round:04d}.json").write_text(metrics.model_dump_json(), encoding="utf-8")
     if plan is None:
         raise ConsentError(f"{party.name}: a metrics release under DP needs the federation plan")
-    values = [
-        m.loss * m.tokens,
-        float(m.tokens),
-        float(m.examples),
-        *_train_slots(party, global_ref),
-    ]
-    key, blob = _release_metrics(cfg, party, keys, loaded, plan, global_ref, names, values)
+    values = [m.loss * m.tokens, float(m.tokens)]
+    key, blob = _release_metrics(
+        cfg, party, keys, loaded, plan, global_ref, names, values, eval_split=data.eval_sha256
+    )
     return EvalRelease(
         party=party.name,
         round=global_ref.round,
         model_sha256=global_ref.sha256,
         evaluators=names,
-        seconds=time.perf_counter() - start,
+        seconds=0.0,  # evaluation time grows with the eval split: not released under DP
         sealed_key=key,
         sealed_sha256=_sha256(blob),
         fingerprint=keys.public_bundle().fingerprint,
     )
-
-
-def _train_slots(party: PartyConfig, global_ref: GlobalAdapterRef) -> list[float]:
-    """The party's training metrics of the round that produced `global_ref`, if it trained."""
-    path = _record_path(
-        str(Path(party.storage) / "updates" / f"r{global_ref.round:04d}.safetensors")
-    )
-    if global_ref.round == 0 or not path.exists():
-        return [0.0, 0.0, 0.0]
-    record = LocalUpdateRecord.model_validate_json(path.read_bytes())
-    if record.run_id != global_ref.run_id or record.round != global_ref.round:
-        return [0.0, 0.0, 0.0]
-    loss = float(record.train.get("loss_mean", float("nan")))
-    if not np.isfinite(loss):
-        return [0.0, 0.0, 0.0]
-    return [1.0, loss, float(record.train.get("tokens", 0))]
 
 
 def _release_metrics(
@@ -459,15 +463,26 @@ def _release_metrics(
     model: GlobalAdapterRef,
     evaluators: list[str],
     values: list[float],
+    *,
+    eval_split: str,
 ) -> tuple[str, bytes]:
-    """Masked and sealed, once per model and evaluator list (else sums could be differenced)."""
+    """Masked and sealed, only ever in a sum over one evaluator list per eval split.
+
+    Two sums over different lists (across rounds, runs or models that behave alike) would
+    difference to the values of the parties in one list and not the other; with one list for
+    the life of the party's eval split, every sum it joins covers the same parties. The list
+    must hold at least `colluding` + 2 parties, so that colluders who subtract their own values
+    still face a sum of two.
+    """
     from cloudfed.protection import metrics_sum
 
-    need = required_survivors(cfg, loaded)
-    if party.name not in evaluators or len(evaluators) < need:
+    colluding = max(cfg.privacy.colluding, loaded.policy.privacy.min_colluding)
+    need = max(required_survivors(cfg, loaded), colluding + 2)
+    if party.name not in evaluators or len(set(evaluators)) < need:
         raise ConsentError(
             f"{party.name} refuses to release metrics in a sum over {evaluators}: it must be in "
-            f"it and the sum must cover at least {need} parties (its own minimum)"
+            f"it and the sum must cover at least {need} parties (its own minimum, and two more "
+            "than the colluding parties it allows for)"
         )
     exchange = federation_exchange(cfg)
     bundles = {}
@@ -478,12 +493,12 @@ def _release_metrics(
         bundles[name] = fetch_public_keys(exchange, "party", name, fingerprint=pinned)
     record_file = loaded.state_dir / "metrics_releases.json"
     released = json.loads(record_file.read_text()) if record_file.exists() else {}
-    earlier = released.get(model.sha256)
+    earlier = released.get(eval_split)
     if earlier is not None and earlier != evaluators:
         raise ConsentError(
-            f"{party.name} already released metrics about model {model.sha256[:12]} in a sum "
-            f"over {earlier}; releasing them again over {evaluators} would let the two sums be "
-            "differenced"
+            f"{party.name} already released metrics on this eval split in sums over {earlier}; "
+            f"a sum over {evaluators} could be differenced against them, so it releases none "
+            "(new eval data starts afresh)"
         )
     binding = {
         "federation_id": cfg.federation_id,
@@ -505,7 +520,7 @@ def _release_metrics(
         exchange, COORDINATOR, COORDINATOR, fingerprint=loaded.policy.pins.coordinator
     )
     blob = seal(body, context=context, sender=keys, recipient=coordinator)
-    released[model.sha256] = evaluators
+    released[eval_split] = evaluators
     loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     record_file.write_text(json.dumps(released, sort_keys=True), encoding="utf-8")
     key = metrics_key(model.round, party.name)

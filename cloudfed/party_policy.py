@@ -77,8 +77,10 @@ class DpSgdFloor(_Strict):
     required: bool = True
     min_noise_multiplier: float | None = Field(None, gt=0.0)
     max_delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    # Its own record-level budget over every run and federation on its data.
+    # Its own record-level budget over every run and federation on its data...
     max_epsilon: float = Field(DEFAULT_DP_SGD_MAX_EPSILON, gt=0.0)
+    # ... and what one run may spend of it (else one run could spend it all).
+    max_epsilon_per_run: float | None = Field(None, gt=0.0)
 
 
 class PartyPolicy(_Strict):
@@ -88,6 +90,9 @@ class PartyPolicy(_Strict):
     # < secagg (trusts no single party).
     min_protection: Literal["plaintext", "ckks", "secagg"] = "secagg"
     min_parties: int = Field(2, ge=2)
+    # Who it trusts to hold a CKKS secret key (which must not collude with the coordinator);
+    # itself always.
+    ckks_key_parties: list[str] = Field(default_factory=list)
     privacy: PartyLevelFloor = PartyLevelFloor()
     dp_sgd: DpSgdFloor | None = None
     pins: Pins
@@ -160,6 +165,12 @@ def violations(cfg: FederationConfig, loaded: LoadedPolicy) -> list[str]:
     for mode in sorted(_config_modes(cfg)):
         if _PROTECTION_ORDER[mode] < _PROTECTION_ORDER[pol.min_protection]:
             weaker("protection (a tensor's mode)", mode, "min_protection", pol.min_protection)
+    key_party = cfg.ckks_key_party
+    if "ckks" in _config_modes(cfg) and key_party not in {pol.party, *pol.ckks_key_parties}:
+        out.append(
+            f"parameters.federation.protection.ckks.key_party={key_party!r} is not a party "
+            f"{where} trusts with a CKKS secret key (ckks_key_parties={pol.ckks_key_parties})"
+        )
     members = [p.name for p in cfg.active_parties]
     unpinned = sorted(set(members) - set(pol.pins.parties))
     if unpinned:
@@ -301,12 +312,38 @@ def policy_for(cfg: FederationConfig, party: str, fingerprints: dict[str, str]) 
         federation_id=cfg.federation_id,
         min_protection=min(modes, key=_PROTECTION_ORDER.__getitem__),
         min_parties=cfg.min_parties,
+        ckks_key_parties=[cfg.ckks_key_party] if "ckks" in modes else [],
         privacy=floor,
-        dp_sgd=None if dp is None else DpSgdFloor(max_delta=dp.delta, max_epsilon=dp.max_epsilon),
+        dp_sgd=None if dp is None else _dp_sgd_floor(cfg, dp),
         pins=Pins(
             coordinator=fingerprints["coordinator"],
             parties={p.name: fingerprints[p.name] for p in cfg.active_parties},
         ),
+    )
+
+
+def _dp_sgd_floor(cfg: FederationConfig, dp) -> DpSgdFloor:
+    """Accept exactly this config's DP-SGD: its per-run spend, and its noise as the floor.
+
+    The noise multiplier is known here only with a public sample rate (else it follows from the
+    record count, at training time).
+    """
+    from cloudfed.privacy.accountant import GaussianEvent, epsilon, noise_for_target
+
+    steps = cfg.training.local_steps * cfg.rounds
+    z = dp.noise_multiplier
+    if z is None and dp.sample_rate is not None:
+        z = noise_for_target(
+            dp.target_epsilon, dp.delta, sample_rate=dp.sample_rate, steps=steps, accountant="rdp"
+        )
+    per_run = dp.target_epsilon
+    if per_run is None and dp.sample_rate is not None:
+        per_run = epsilon([GaussianEvent(z, dp.sample_rate, steps)], dp.delta, "rdp")
+    return DpSgdFloor(
+        min_noise_multiplier=None if z is None else round(z * (1 - 1e-6), 6),
+        max_delta=dp.delta,
+        max_epsilon=dp.max_epsilon,
+        max_epsilon_per_run=None if per_run is None else round(per_run * (1 + 1e-6), 6),
     )
 
 

@@ -189,9 +189,8 @@ def log_round_metrics(
             metrics[f"{u.party}/train_tokens"] = float(u.train["tokens"])
             metrics[f"{u.party}/tokens_per_s"] = float(u.train["tokens_per_s"])
             metrics[f"{u.party}/seconds_train"] = float(u.train["seconds"])
-    train_loss = sum(train_losses) / len(train_losses) if train_losses else ev.train_loss
-    if ev.released == "secure-sum" and ev.trained:
-        metrics.update(train_loss=ev.train_loss, train_tokens=ev.train_tokens)
+    # Under DP no training loss is released (not even summed): DP-SGD's epsilon does not cover it.
+    train_loss = sum(train_losses) / len(train_losses) if train_losses else float("nan")
     if ev.note:
         mlflow.set_tag(f"metrics_withheld.round_{round:04d}", ev.note)
     for s in sealed:
@@ -321,9 +320,9 @@ def privacy_plot_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     if len(spent) < 2:  # no party-level DP: the largest party's DP-SGD epsilon instead
         key = "dp_sgd_epsilon_max"
         spent = [r for r in rows if not math.isnan(r.get(key, float("nan")))]
-    spent = [r for r in spent if not math.isnan(r["eval_loss"])]
     if len(spent) < 2:
         return None
+    curve = [r for r in spent if not math.isnan(r["eval_loss"])]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,9 +338,11 @@ def privacy_plot_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     left.set_xlabel("round")
     left.set_ylabel(label)
     left.grid(alpha=0.3)
-    right.plot([r[key] for r in spent], [r["eval_loss"] for r in spent], marker="o")
-    for r in spent:
+    right.plot([r[key] for r in curve], [r["eval_loss"] for r in curve], marker="o")
+    for r in curve:
         right.annotate(f"r{r['round']}", (r[key], r["eval_loss"]), fontsize=8)
+    if not curve:  # too few evaluators for a secure sum under DP
+        right.text(0.5, 0.5, "held-out loss not released", ha="center", transform=right.transAxes)
     right.set_xlabel("epsilon")
     right.set_ylabel("held-out loss")
     right.grid(alpha=0.3)

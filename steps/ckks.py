@@ -12,6 +12,7 @@ from cloudfed.artifacts import (
     SecAggRoster,
     StageRef,
 )
+from steps._party import refuse_launcher_environment
 from steps._work import timed_work
 
 
@@ -20,6 +21,7 @@ def ckks_keygen(
     federation: dict[str, Any], party: str, round: int, plan: FederationPlan
 ) -> Annotated[CkksKeyRef, "ckks_key_ref"]:
     with timed_work(party=party, round=round):
+        refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
         from cloudfed.secure_party import ckks_keygen as keygen
 
@@ -52,6 +54,7 @@ def ckks_decrypt(
     federation: dict[str, Any], party: str, round: int, summed: StageRef, plan: FederationPlan
 ) -> Annotated[StageRef, "ckks_plain_ref"]:
     with timed_work(party=party, round=round):
+        refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
         from cloudfed.secure_party import ckks_decrypt_sum, federation_exchange, layout_for
 

@@ -10,6 +10,7 @@ from zenml import step
 
 from cloudfed.artifacts import EvalRelease, FederationPlan, GlobalAdapterRef
 from cloudfed.data.ref import DatasetRef
+from steps._party import refuse_launcher_environment
 from steps._work import timed_work
 from steps.artifacts import Artifacts
 
@@ -24,6 +25,7 @@ def evaluate(
     evaluators: list[str],
 ) -> Annotated[EvalRelease, Artifacts.PARTY_EVAL]:
     with timed_work(party=party):
+        refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
         from cloudfed.party import evaluate_round
 

@@ -11,6 +11,7 @@ from cloudfed.artifacts import (
     SealedUpdateRef,
     SecAggRoster,
 )
+from steps._party import refuse_launcher_environment
 from steps._work import timed_work
 from steps.artifacts import Artifacts
 
@@ -25,6 +26,7 @@ def export_update(
     ckks_keys: list[CkksKeyRef],
 ) -> Annotated[SealedUpdateRef, Artifacts.SEALED_UPDATE_REF]:
     with timed_work(party=party):
+        refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
         from cloudfed.secure_party import upload
 

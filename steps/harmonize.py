@@ -7,6 +7,7 @@ from zenml import get_step_context, step
 
 from cloudfed.artifacts import FederationPlan
 from cloudfed.data.ref import DatasetRef
+from steps._party import refuse_launcher_environment
 from steps._work import timed_work
 from steps.artifacts import Artifacts
 
@@ -17,6 +18,7 @@ def harmonize(
 ) -> Annotated[DatasetRef, Artifacts.DATASET_REF]:
     """Under DP only a redacted reference (no counts, keyed digests) and no counts as metadata."""
     with timed_work(party=party) as meta:
+        refuse_launcher_environment(party)
         from cloudfed.data.harmonize import harmonize_party
         from cloudfed.data.tokens import counter_for
         from cloudfed.federation import parse_federation
@@ -30,6 +32,7 @@ def harmonize(
             contracts_dir=Path(cfg.contracts_dir),
             count_tokens=counter_for(cfg.base_model),
             run_id=str(get_step_context().pipeline_run.id),
+            private=cfg.privacy.protects_records,
         )
         ref = release_dataset(cfg, cfg.party(party), ref)
         meta.update(contract_sha256=ref.contract_sha256, data_docs=ref.docs_uri)

@@ -16,6 +16,7 @@ from cloudfed.artifacts import (
     SecAggRoster,
     StageRef,
 )
+from steps._party import refuse_launcher_environment
 from steps._work import timed_work
 
 STAGE_REF = "secagg_stage_ref"
@@ -27,6 +28,7 @@ def secagg_advertise(
     federation: dict[str, Any], party: str, local_update: LocalUpdateRef, plan: FederationPlan
 ) -> Annotated[StageRef, STAGE_REF]:
     with timed_work(party=party):
+        refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
         from cloudfed.secure_party import advertise
 
@@ -53,6 +55,7 @@ def secagg_share_keys(
     federation: dict[str, Any], party: str, roster: SecAggRoster, plan: FederationPlan
 ) -> Annotated[StageRef, STAGE_REF]:
     with timed_work(party=party):
+        refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
         from cloudfed.secure_party import share_keys
 
@@ -101,6 +104,7 @@ def secagg_reveal(
     federation: dict[str, Any], party: str, roster: SecAggRoster, plan: FederationPlan
 ) -> Annotated[StageRef, STAGE_REF]:
     with timed_work(party=party):
+        refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
         from cloudfed.secure_party import reveal_shares
 

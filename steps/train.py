@@ -6,6 +6,7 @@ from zenml import step
 
 from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, LocalUpdateRef
 from cloudfed.data.ref import DatasetRef
+from steps._party import refuse_launcher_environment
 from steps._work import timed_work
 from steps.artifacts import Artifacts
 
@@ -20,6 +21,7 @@ def train_local(
     plan: FederationPlan,
 ) -> Annotated[LocalUpdateRef, Artifacts.LOCAL_UPDATE_REF]:
     with timed_work(party=party):
+        refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
         from cloudfed.party import train_round
 

@@ -21,7 +21,7 @@ def _local() -> dict:
 def test_local_config_is_valid() -> None:
     cfg = load_run_config(REPO_ROOT / "configs/local.yaml")
     assert [p.name for p in cfg.parties] == ["hospital-aws", "bank-gcp", "insurer-azure"]
-    assert cfg.rounds == 3 and cfg.min_parties == 2
+    assert cfg.rounds == 4 and cfg.min_parties == 2
     assert all(p.step_operator is None for p in cfg.parties)
 
 

@@ -434,3 +434,23 @@ def test_token_counts_use_the_models_tokenizer(tiny_model_path: str) -> None:
     assert expected == list(count_utf8_bytes(texts))
     with pytest.raises(ConfigError, match="tokenizer is not available locally"):
         tokenizer_counter("/nonexistent/model-folder")
+
+
+def test_under_dp_logs_and_refusals_carry_no_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Step logs and a failure's message reach the coordinator's side: under DP, no counts."""
+    root = make_root(tmp_path)
+    edit_suite(root, "dataset_profile.json", "duplicate_share", max_value=0.001)  # a warning
+    with caplog.at_level("DEBUG"):
+        ref = harmonise(root, "insurer-azure", private=True)
+    assert ref.rows_train == 234  # the party's own reference keeps them (it is redacted later)
+    assert "harmonised party=insurer-azure" in caplog.text
+    for leak in ("read=", "accepted=", "quarantined=", "observed", "234", "0.01"):
+        assert leak not in caplog.text, leak
+    edit_suite(root, "dataset_profile.json", "train_rows", min_value=500)  # now it blocks
+    with pytest.raises(DataError) as exc:
+        harmonise(root, "bank-gcp", private=True)
+    msg = str(exc.value)
+    assert "fails a blocking expectation of its contract" in msg
+    assert "observed" not in msg and "234" not in msg and "train_rows" not in msg

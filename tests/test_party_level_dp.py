@@ -462,7 +462,9 @@ def test_a_100x_update_contributes_at_most_the_clip(
     assert norm_of(rest) <= CLIP / n * (1 + 2e-3)
     assert norm_of(big) / n > 30 * norm_of(rest)  # what an unclipped update would have moved it
     # The noise that was added has the calibrated size on the mean (1344 coordinates).
-    eff = report.privacy["effective_noise_multiplier_vs_coordinator"]  # all shares are in it
+    # All noise that was added: every share (distributed), or the coordinator's own (central).
+    key = "effective_noise_multiplier" + ("_vs_coordinator" if mode == "distributed" else "")
+    eff = report.privacy[key]
     sample = np.concatenate([v.ravel() for v in noise.values()])
     assert sample.std() == pytest.approx(eff * CLIP, rel=0.1)
 
@@ -500,6 +502,8 @@ def test_dp_round_reports_privacy_and_commits_the_ledger(
     else:
         assert charged == pytest.approx(1.0, rel=1e-3) and charged < 1.0  # rounding slack
         assert privacy["effective_noise_multiplier"] == 1.0
+        # The coordinator unmasks the exact sum: no noise stands against it in central mode.
+        assert privacy["effective_noise_multiplier_vs_coordinator"] == 0.0
     ledger = load_ledger(fed.cfg, fed.exchange, coordinator_keys(fed.cfg, fed.exchange))
     entry = ledger.entry(f"{fed.plan.run_id}/r0001")
     assert entry is not None and entry.status == "spent"

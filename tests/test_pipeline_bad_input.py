@@ -64,3 +64,25 @@ def test_mapping_names_unknown_column(setup: dict) -> None:
     assert proc.returncode == 2, out[-4000:]
     assert "answer_text" in out and str(mapping) in out
     _assert_stopped_before_training(out, setup["clouds"])
+
+
+def test_launcher_cannot_point_parties_at_policies_of_its_own(setup: dict) -> None:
+    """A run config may set environment variables for every step; a party refuses CLOUDFED_*."""
+    import yaml
+
+    fed = federation(setup["work"], setup["clouds"], PARTIES)
+    evil = setup["work"] / "launcher-policies"
+    config = setup["work"] / "evil_env.yaml"
+    doc = {
+        "enable_cache": False,
+        "environment": {"CLOUDFED_PARTY_POLICIES": str(evil)},
+        "parameters": {"federation": fed},
+    }
+    config.write_text(yaml.safe_dump(doc))
+    proc = run_pipeline(setup["project"], config, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-4000:]
+    for party in PARTIES:
+        assert f"{party} refuses a run configuration that sets ['CLOUDFED_PARTY_POLICIES']" in out
+    assert "fewer than min_parties" in out
+    _assert_stopped_before_training(out, setup["clouds"])

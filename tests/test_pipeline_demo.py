@@ -128,6 +128,15 @@ def test_mlflow_and_step_metadata_hold_only_released_per_party_values(demo: dict
     for step in party_steps:
         keys = set(step.run_metadata)
         assert keys <= RELEASED_STEP_METADATA, (step.name, keys - RELEASED_STEP_METADATA)
+    # Step logs land in the coordinator's artifact store: this run's harmonise logs hold no count.
+    zen = Path(os.environ["ZENML_CONFIG_PATH"])
+    ours = [
+        p for p in zen.rglob("*.log") if b"(counts stay with the party under DP)" in p.read_bytes()
+    ]
+    assert len(ours) >= len(names), "the DP run's harmonise logs were not found"
+    for path in ours:
+        text = path.read_text(errors="replace")
+        assert not re.search(r"read=\d|accepted=\d|quarantined=\d|observed \d", text), path
 
 
 def test_no_raw_record_or_plaintext_update_reaches_the_coordinator_side(

@@ -64,6 +64,7 @@ from tests.attacks import (
 from tests.protected_support import Federation, federation_dict
 
 A, B, C = NAMES = ("alpha-aws", "beta-gcp", "gamma-azure")
+D = "delta-onprem"
 CLIP = 0.05
 DELTA = 1e-5
 TRIALS = 3000  # 3 sigma of a fair coin over 3000 trials: 0.027
@@ -333,7 +334,7 @@ def dataset(fed: Federation, name: str, rows: int = 12) -> DatasetRef:
         train_uri=str(train),
         eval_uri=str(held),
         train_sha256=_parquet(train, rows, 1),
-        eval_sha256=_parquet(held, rows // 2, 2 + NAMES.index(name)),
+        eval_sha256=_parquet(held, rows // 2, 2 + (*NAMES, D).index(name)),
         rows_read=rows + rows // 2,
         rows_accepted=rows + rows // 2,
         rows_quarantined=0,
@@ -401,8 +402,9 @@ def _evaluate(fed: Federation, data: dict[str, DatasetRef], evaluators: list[str
 def test_metrics_leave_only_as_a_sum_that_cannot_be_differenced(
     tmp_path: Path, model_cache: Path
 ) -> None:
-    fed = make_fed(tmp_path, model_cache, privacy={"dp_sgd": DP_SGD})
-    data = {p: dataset(fed, p) for p in NAMES}
+    four = (*NAMES, D)
+    fed = make_fed(tmp_path, model_cache, names=four, privacy={"dp_sgd": {**DP_SGD, D: DP_SGD[A]}})
+    data = {p: dataset(fed, p) for p in four}
     releases = _evaluate(fed, data, list(NAMES))
     assert all(r.metrics is None and r.sealed_key for r in releases)
     ev = round_eval(fed.cfg, fed.plan, fed.current, releases)
@@ -436,11 +438,22 @@ def test_metrics_leave_only_as_a_sum_that_cannot_be_differenced(
     # Without one evaluator the masks do not cancel: nothing is released.
     partial = round_eval(fed.cfg, fed.plan, fed.current, releases[:2])
     assert partial.released == "withheld" and math.isnan(partial.loss)
-    # The differencing attack: ask again about the same model over fewer parties.
-    with pytest.raises(ConsentError, match="already released metrics about model"):
-        _evaluate(fed, data, [B, C], who=[B])
-    with pytest.raises(ConsentError, match="at least 2 parties"):
-        _evaluate(fed, data, [C], who=[C])
+    # The differencing attacks: another list over the same eval split, for this model or for any
+    # other (a later round, another run, a model that behaves the same): the party refuses.
+    with pytest.raises(ConsentError, match="already released metrics on this eval split"):
+        _evaluate(fed, data, [A, B, D], who=[A])
+    from cloudfed.coordinator import publish_global
+
+    later = publish_global(fed.exchange, 1, fed.const(0.0), fed.plan.run_id)  # a new model
+    with pytest.raises(ConsentError, match="already released metrics on this eval split"):
+        party_mod.evaluate_round(fed.cfg, fed.cfg.party(A), data[A], later, fed.plan, [A, B, D])
+    # Too few to hide anyone: two parties (colluding 1 + 2 = 3 needed), or a padded list.
+    with pytest.raises(ConsentError, match="at least 3 parties"):
+        _evaluate(fed, data, [C, D], who=[D])
+    with pytest.raises(ConsentError, match="repeated names"):
+        _evaluate(fed, data, [D, D, C], who=[D])
+    # The same list again (a retried step, or the next round) is fine.
+    assert _evaluate(fed, data, list(NAMES), who=[A])[0].sealed_key
 
 
 # --- 4. parties gate their own reveals and decryptions ------------------------------------------
@@ -705,3 +718,48 @@ def test_the_dp_sgd_ledger_lives_with_the_party_not_in_configured_storage(
     party_mod.train_round(fed.cfg, fed.cfg.party(A), 1, dataset(fed, A), fed.current, fed.plan)
     assert party_ledger.ledger_path(load_policy(A).state_dir).exists()
     assert not list(Path(fed.cfg.party(A).storage).rglob("dp_sgd_ledger.json"))
+
+
+def test_a_coarse_quantiser_cannot_push_the_charged_noise_below_the_floor(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """8-bit secure aggregation: the nominal z is the policy's, the charged one is far lower."""
+    fed = make_fed(
+        tmp_path, model_cache, privacy=dp("distributed", 1.0), protection={"secagg": {"bits": 8}}
+    )
+    reserve(fed, 1)
+    loaded = load_policy(A)
+    with pytest.raises(ConsentError, match="below privacy.min_noise_multiplier=1"):
+        party_mod._check_party_level_budget(fed.cfg, loaded, fed.exchange, fed.plan, 1)
+
+
+def test_one_run_cannot_spend_more_than_the_policy_allows_per_run(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    dp_sgd = {A: {"noise_multiplier": 1.0, "sample_rate": 0.5, "max_epsilon": 50.0}}
+    fed = make_fed(tmp_path, model_cache, privacy={"dp_sgd": dp_sgd})  # 3 rounds accepted
+    greedy = _weaker(fed, rounds=9)  # same noise, three times the steps
+    with pytest.raises(
+        ConsentError, match=r"would spend epsilon=.* above dp_sgd.max_epsilon_per_run"
+    ):
+        party_mod.train_round(greedy, greedy.party(A), 1, dataset(fed, A), fed.current, fed.plan)
+    assert not Path(fed.cfg.party(A).storage, "updates").exists()
+
+
+@pytest.mark.parametrize("public_rate", [True, False])
+def test_a_public_sample_rate_keeps_the_record_count_out_of_epsilon(
+    tmp_path: Path, model_cache: Path, public_rate: bool
+) -> None:
+    rate = {"sample_rate": 0.25} if public_rate else {}
+    dp_sgd = {p: {"noise_multiplier": 1.0, "max_epsilon": 50.0, **rate} for p in (A, B)}
+    fed = make_fed(tmp_path, model_cache, privacy={"dp_sgd": dp_sgd})
+    released = {
+        p: party_mod.train_round(
+            fed.cfg, fed.cfg.party(p), 1, dataset(fed, p, rows=rows), fed.current, fed.plan
+        ).train["dp_sgd_epsilon"]
+        for p, rows in ((A, 12), (B, 20))
+    }
+    if public_rate:  # 12 and 20 records, one epsilon: it follows from public values only
+        assert released[A] == released[B]
+    else:  # q = batch_size / records: the epsilon tells the counts apart
+        assert released[A] != released[B]

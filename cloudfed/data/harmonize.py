@@ -403,6 +403,7 @@ def harmonize_party(
     count_tokens: TokenCounter = count_utf8_bytes,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     run_id: str = "latest",
+    private: bool = False,
 ) -> DatasetRef:
     """Load, map, scrub, quarantine, validate and write one party's train and eval splits.
 
@@ -411,6 +412,10 @@ def harmonize_party(
     party's cloud as in the run configuration. Data Docs go to
     ``<storage>/data_docs/<run_id>/`` and are built before a blocking verdict is raised, so the
     steward can read why.
+
+    `private` (any DP on): logs and errors carry no count or observed value, because the step's
+    logs and a failure's message reach the coordinator's side; the details stay in the party's
+    Data Docs and quarantine.
     """
     root = Path(root)
     contracts_dir = contracts_dir if Path(contracts_dir).is_absolute() else root / contracts_dir
@@ -441,6 +446,11 @@ def harmonize_party(
     docs_dir = storage / "data_docs" / run_id
     verdict = judge(contract, results, docs_dir)
     docs_page = verdict.docs[0] if verdict.docs else docs_dir
+    if verdict.blocking and private:
+        raise DataError(
+            f"party {party.name!r}: its harmonised data fails a blocking expectation of its "
+            "contract; under DP the details stay with the party (its Data Docs and quarantine)."
+        )
     if verdict.blocking:
         raise DataError(
             f"party {party.name!r}: the harmonised data fails the contract "
@@ -452,7 +462,7 @@ def harmonize_party(
         )
     for split in SPLITS:
         os.replace(staging / f"{split}.parquet", storage / "harmonised" / f"{split}.parquet")
-    for warning in verdict.warnings:
+    for warning in [] if private else verdict.warnings:
         log.warning("contract warning party=%s: %s", party.name, warning)
 
     rows_read = sum(r.rows_read for r in results.values())
@@ -462,13 +472,16 @@ def harmonize_party(
         raise RuntimeError(f"party {party.name!r}: rows do not reconcile")
     reasons = sum((r.reasons for r in results.values()), Counter())
     pii = sum((r.pii for r in results.values()), Counter())
-    log.info(
-        "harmonised party=%s read=%d accepted=%d quarantined=%d",
-        party.name,
-        rows_read,
-        accepted,
-        quarantined,
-    )
+    if private:
+        log.info("harmonised party=%s (counts stay with the party under DP)", party.name)
+    else:
+        log.info(
+            "harmonised party=%s read=%d accepted=%d quarantined=%d",
+            party.name,
+            rows_read,
+            accepted,
+            quarantined,
+        )
     base = Path(party.storage)
     docs_rel = docs_page.relative_to(root) if docs_page.is_relative_to(root) else docs_page
     return DatasetRef(

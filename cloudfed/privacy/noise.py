@@ -166,5 +166,11 @@ class Calibration:
         return self.noise_std_excluding(contributors, self.colluding) / self.clip
 
     def effective_multiplier_vs_coordinator(self, contributors: int) -> float:
-        """The z the sum carried against the coordinator alone (it knows no share)."""
+        """The z the sum carried against the coordinator alone (it knows no share).
+
+        Zero in central mode: the coordinator unmasks the exact sum and is trusted with it; the
+        epsilon then holds for the published model, not against the coordinator.
+        """
+        if self.mode == "central":
+            return 0.0
         return self.noise_std_excluding(contributors, 0) / self.clip

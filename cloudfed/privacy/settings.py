@@ -44,6 +44,10 @@ class DpSgdSettings(_Strict):
     noise_multiplier: float | None = Field(None, gt=0.0)
     target_epsilon: float | None = None
     max_grad_norm: float = Field(1.0, gt=0.0)
+    # Poisson sampling rate of the DP-SGD batches. Give it, and the party's epsilon depends on
+    # public values only; left out, it is batch_size / records, and the epsilon a party reports
+    # then reveals its record count.
+    sample_rate: float | None = Field(None, gt=0.0, le=1.0)
     delta: float = 1e-5
     # The party refuses to train once its own record-level spend (over every run and federation
     # on its data) would pass this; the stricter of this and the party's own policy holds.

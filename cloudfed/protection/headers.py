@@ -27,7 +27,12 @@ def _is(pattern: re.Pattern[str]) -> Callable[[Any], bool]:
 
 
 def _names(value: Any) -> bool:
-    return isinstance(value, list) and all(_is(_NAME)(v) for v in value)
+    """A list of distinct party names (a repeated name would pad a count)."""
+    return (
+        isinstance(value, list)
+        and all(_is(_NAME)(v) for v in value)
+        and len(set(value)) == len(value)
+    )
 
 
 def _version(value: Any) -> bool:

@@ -36,8 +36,9 @@ class DpSgdRun:
     empty_batches: int
 
 
-def _os_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def _os_generator(device: str = "cpu") -> torch.Generator:
+    """Seeded from the OS, on the device its draws live on (CUDA noise needs a CUDA generator)."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def check_supported(model: torch.nn.Module, base_model: str) -> None:
@@ -82,6 +83,7 @@ def train_local_dp(
     seed: int,
     noise_multiplier: float,
     max_grad_norm: float,
+    sample_rate: float | None = None,
     desc: str = "train (DP-SGD)",
 ):
     """`local_steps` DP-SGD steps; the adapter delta, metrics and the spend for the ledger."""
@@ -105,7 +107,7 @@ def train_local_dp(
         max_len=training.max_seq_len,
     )
     records = len(examples)
-    sample_rate = min(1.0, training.batch_size / records)
+    sample_rate = sample_rate or min(1.0, training.batch_size / records)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     params = [p for p in gsm.parameters() if p.requires_grad]
     optimizer = DPOptimizer(
@@ -114,7 +116,7 @@ def train_local_dp(
         max_grad_norm=max_grad_norm,
         expected_batch_size=max(1, round(sample_rate * records)),
         loss_reduction="mean",
-        generator=_os_generator(),
+        generator=_os_generator(device.name),
     )
     sampler = UniformWithReplacementSampler(
         num_samples=records, sample_rate=sample_rate, generator=_os_generator()
