@@ -147,7 +147,15 @@ def _arms(base: dict[str, Any], epsilons: tuple[float, ...]) -> dict[str, dict[s
     privacy = base["parameters"]["federation"].get("privacy", {})
     clip = privacy.get("clip", 0.1)
     names = [p["name"] for p in base["parameters"]["federation"]["parties"]]
-    grad_norm = {n: privacy.get("dp_sgd", {}).get(n, {}).get("max_grad_norm", 1.0) for n in names}
+    # Each party's DP-SGD settings from the config (clip, public sample rate), the target varied.
+    base_dp = {
+        n: {
+            k: v
+            for k, v in privacy.get("dp_sgd", {}).get(n, {}).items()
+            if k in ("max_grad_norm", "sample_rate", "delta")
+        }
+        for n in names
+    }
     arms: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cloudfed-privacy-bench-") as tmp:
 
@@ -174,12 +182,7 @@ def _arms(base: dict[str, Any], epsilons: tuple[float, ...]) -> dict[str, dict[s
                 {
                     "mode": "off",
                     "dp_sgd": {
-                        n: {
-                            "target_epsilon": eps,
-                            "max_epsilon": eps,
-                            "max_grad_norm": grad_norm[n],
-                        }
-                        for n in names
+                        n: {**base_dp[n], "target_epsilon": eps, "max_epsilon": eps} for n in names
                     },
                 },
             )

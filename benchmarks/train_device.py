@@ -35,28 +35,11 @@ SMALL = {
 
 
 def _model(size: str, cache: Path) -> str:
-    from cloudfed.training.model import resolve_base_model
+    from cloudfed.training.model import build_llama, resolve_base_model
 
-    tiny = resolve_base_model("builtin:tiny-llama", cache_dir=cache, seed=0)
     if size == "tiny":
-        return tiny
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        **SMALL,
-    )
-    torch.manual_seed(0)
-    out = cache / "small-llama"
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return str(out)
+        return resolve_base_model("builtin:tiny-llama", cache_dir=cache, seed=0)
+    return str(build_llama(cache / "small-llama", SMALL, seed=0))
 
 
 def _rows(n: int):

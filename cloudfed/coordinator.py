@@ -126,9 +126,8 @@ def _open_metrics_sum(
     model: GlobalAdapterRef,
     releases: Sequence[EvalRelease],
 ) -> RoundEval:
-    from cloudfed.party import METRIC_SLOTS
+    from cloudfed.party import METRIC_SLOTS, metrics_context
     from cloudfed.protection import metrics_sum, open_sealed_with_metadata
-    from cloudfed.protection.envelope import SealContext
 
     if not releases:
         return RoundEval("withheld", note="no party evaluated")
@@ -148,13 +147,7 @@ def _open_metrics_sum(
         if r.sealed_key != metrics_key(model.round, r.party) or r.model_sha256 != model.sha256:
             raise ProtectionError(f"metrics of {r.party} are not about this round's model")
         sender = fetch_public_keys(exchange, "party", r.party, fingerprint=r.fingerprint)
-        context = SealContext(
-            federation_id=cfg.federation_id,
-            round=model.round,
-            party=r.party,
-            kind="metrics",
-            metadata={"run_id": plan.run_id, "model_sha256": model.sha256, "evaluators": expected},
-        )
+        context = metrics_context(cfg, plan, model, r.party, expected)
         opened = open_sealed_with_metadata(
             exchange.get_bytes(r.sealed_key), context=context, recipient=keys, sender=sender
         )

@@ -454,6 +454,23 @@ def evaluate_round(
     )
 
 
+def metrics_context(
+    cfg: FederationConfig,
+    plan: FederationPlan,
+    model: GlobalAdapterRef,
+    party: str,
+    evaluators: list[str],
+) -> SealContext:
+    """What a party's masked metrics are bound to; both ends build it the same way."""
+    return SealContext(
+        federation_id=cfg.federation_id,
+        round=model.round,
+        party=party,
+        kind="metrics",
+        metadata={"run_id": plan.run_id, "model_sha256": model.sha256, "evaluators": evaluators},
+    )
+
+
 def _release_metrics(
     cfg: FederationConfig,
     party: PartyConfig,
@@ -509,13 +526,7 @@ def _release_metrics(
         "slots": list(METRIC_SLOTS),
     }
     body = metrics_sum.masked(values, me=keys, evaluators=bundles, binding=binding)
-    context = SealContext(
-        federation_id=cfg.federation_id,
-        round=model.round,
-        party=party.name,
-        kind="metrics",
-        metadata={"run_id": plan.run_id, "model_sha256": model.sha256, "evaluators": evaluators},
-    )
+    context = metrics_context(cfg, plan, model, party.name, evaluators)
     coordinator = fetch_public_keys(
         exchange, COORDINATOR, COORDINATOR, fingerprint=loaded.policy.pins.coordinator
     )

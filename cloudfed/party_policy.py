@@ -299,7 +299,7 @@ def policy_for(cfg: FederationConfig, party: str, fingerprints: dict[str, str]) 
     modes = _config_modes(cfg)
     floor = PartyLevelFloor(
         mode=p.mode,
-        min_noise_multiplier=round(round_noise_multiplier(cfg), 6) if p.enabled else None,
+        min_noise_multiplier=_down(round_noise_multiplier(cfg)) if p.enabled else None,
         clip=p.clip if p.enabled else None,
         min_contributors=cfg.min_contributors,
         min_colluding=p.colluding,
@@ -322,6 +322,15 @@ def policy_for(cfg: FederationConfig, party: str, fingerprints: dict[str, str]) 
     )
 
 
+def _down(x: float) -> float:
+    """Six decimals, never above `x`: a floor written from a config must accept that config."""
+    return math.floor(x * 1e6) / 1e6
+
+
+def _up(x: float) -> float:
+    return math.ceil(x * 1e6) / 1e6
+
+
 def _dp_sgd_floor(cfg: FederationConfig, dp) -> DpSgdFloor:
     """Accept exactly this config's DP-SGD: its per-run spend, and its noise as the floor.
 
@@ -340,10 +349,10 @@ def _dp_sgd_floor(cfg: FederationConfig, dp) -> DpSgdFloor:
     if per_run is None and dp.sample_rate is not None:
         per_run = epsilon([GaussianEvent(z, dp.sample_rate, steps)], dp.delta, "rdp")
     return DpSgdFloor(
-        min_noise_multiplier=None if z is None else round(z * (1 - 1e-6), 6),
+        min_noise_multiplier=None if z is None else _down(z),
         max_delta=dp.delta,
         max_epsilon=dp.max_epsilon,
-        max_epsilon_per_run=None if per_run is None else round(per_run * (1 + 1e-6), 6),
+        max_epsilon_per_run=None if per_run is None else _up(per_run),
     )
 
 

@@ -369,7 +369,9 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
     dp_parties = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/dp_sgd_epsilon")})
     party_level = any(not math.isnan(r.get("epsilon", float("nan"))) for r in rows)
     table = Table(title="cloudfed: federated LoRA fine-tuning, held-out loss per round")
-    columns = ["round", "eval loss", "ppl", "train loss", "parties", "rejected", "bytes sent"]
+    trained = any(not math.isnan(r["train_loss"]) for r in rows)  # not released under DP
+    columns = ["round", "eval loss", "ppl", *(["train loss"] if trained else [])]
+    columns += ["parties", "rejected", "bytes sent"]
     columns += ["epsilon"] if party_level else []
     columns += [f"eps {p}" for p in dp_parties] + parties
     for col in columns:
@@ -379,7 +381,7 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
             str(r["round"]),
             _fmt(r["eval_loss"], ".4f"),
             _fmt(r["eval_perplexity"], ".1f"),
-            _fmt(r["train_loss"], ".4f"),
+            *([_fmt(r["train_loss"], ".4f")] if trained else []),
             str(r["parties"]),
             str(r["rejected"]),
             f"{r['bytes_sent']:,}",

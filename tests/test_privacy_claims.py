@@ -763,3 +763,23 @@ def test_a_public_sample_rate_keeps_the_record_count_out_of_epsilon(
         assert released[A] == released[B]
     else:  # q = batch_size / records: the epsilon tells the counts apart
         assert released[A] != released[B]
+
+
+@pytest.mark.parametrize("target", [1.0, 4.0, 7.3])
+def test_a_provisioned_policy_accepts_exactly_its_own_config(
+    tmp_path: Path, model_cache: Path, target: float
+) -> None:
+    """Floors are written rounded down and caps rounded up, so a derived z never trips them."""
+    privacy = {
+        "mode": "distributed",
+        "clip": CLIP,
+        "target_epsilon": target,
+        "max_epsilon": 10.0,
+        "dp_sgd": {A: {"target_epsilon": target, "sample_rate": 0.3, "max_epsilon": 10.0}},
+    }
+    fed = make_fed(tmp_path, model_cache, privacy=privacy)
+    for p in NAMES:
+        enforce(fed.cfg, p)
+    floor = load_policy(A).policy
+    assert floor.privacy.min_noise_multiplier is not None
+    assert floor.dp_sgd is not None and floor.dp_sgd.max_epsilon_per_run >= target

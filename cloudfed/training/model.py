@@ -67,6 +67,11 @@ def _byte_level_tokenizer():  # -> PreTrainedTokenizerFast
 
 def build_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:
     """Write a randomly initialised tiny Llama and its tokenizer to `out_dir` (idempotent)."""
+    return build_llama(out_dir, TINY_LLAMA_CONFIG, seed=seed)
+
+
+def build_llama(out_dir: Path, sizes: dict[str, int], *, seed: int = 0) -> Path:
+    """A randomly initialised Llama of `sizes` with the byte-level tokenizer (idempotent)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     marker = out_dir / "config.json"
@@ -80,7 +85,7 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
-        **TINY_LLAMA_CONFIG,
+        **sizes,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
