@@ -783,3 +783,31 @@ def test_a_provisioned_policy_accepts_exactly_its_own_config(
     floor = load_policy(A).policy
     assert floor.privacy.min_noise_multiplier is not None
     assert floor.dp_sgd is not None and floor.dp_sgd.max_epsilon_per_run >= target
+
+
+# --- 7. the default demo, and preflight's warning ------------------------------------------------
+
+
+def test_preflight_warns_with_the_estimate_when_party_level_dp_drowns_the_signal() -> None:
+    from cloudfed.preflight import privacy_warnings
+
+    raw = federation_dict(Path("/tmp/x"), Path("/tmp/m"), NAMES, privacy=dp("distributed", 1.1))
+    (warning,) = privacy_warnings(parse_federation(raw), adapter_values=55_296)
+    assert "n/(z*sqrt(d)) = 0.0116" in warning and "3 parties" in warning
+    assert "use record-level DP-SGD" in warning
+    dp_sgd_only = parse_federation({**raw, "privacy": {"dp_sgd": {A: DP_SGD[A]}}})
+    assert privacy_warnings(dp_sgd_only, adapter_values=55_296) == []
+    # Thousands of parties leave signal: no warning.
+    many = [f"p{i:04d}" for i in range(3000)]
+    big = federation_dict(Path("/tmp/x"), Path("/tmp/m"), many, privacy=dp("distributed", 1.1))
+    assert privacy_warnings(parse_federation(big), adapter_values=55_296) == []
+
+
+def test_the_default_demo_is_secure_aggregation_plus_dp_sgd_in_every_party() -> None:
+    from cloudfed.federation import load_run_config
+
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "local.yaml")
+    assert cfg.privacy.mode == "off" and cfg.protection.default == "secagg"
+    assert set(cfg.privacy.dp_sgd) == {p.name for p in cfg.parties}
+    for dp_sgd in cfg.privacy.dp_sgd.values():  # finite, and epsilon independent of the count
+        assert dp_sgd.max_epsilon < math.inf and dp_sgd.sample_rate is not None
