@@ -50,6 +50,8 @@ class LocalUpdateRef(_Ref):
     party's DP-SGD epsilon and delta under DP. Its example count never leaves the party.
     """
 
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
+
     party: str
     round: int
     uri: str

@@ -144,9 +144,13 @@ def release_dataset(cfg: FederationConfig, party: PartyConfig, ref: DatasetRef) 
 
 
 class LocalUpdateRecord(BaseModel):
-    """The party's own record of an update; stays in its storage next to the update."""
+    """The party's own record of an update; stays in its storage next to the update.
 
-    model_config = ConfigDict(frozen=True)
+    A DP-SGD round whose Poisson batches all came out empty has no training loss (NaN): kept as
+    NaN through JSON, not turned into a null that will not load.
+    """
+
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
 
     party: str
     round: int

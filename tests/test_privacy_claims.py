@@ -811,3 +811,19 @@ def test_the_default_demo_is_secure_aggregation_plus_dp_sgd_in_every_party() -> 
     assert set(cfg.privacy.dp_sgd) == {p.name for p in cfg.parties}
     for dp_sgd in cfg.privacy.dp_sgd.values():  # finite, and epsilon independent of the count
         assert dp_sgd.max_epsilon < math.inf and dp_sgd.sample_rate is not None
+
+
+def test_a_round_of_only_empty_poisson_batches_keeps_its_record_loadable(tmp_path: Path) -> None:
+    """DP-SGD may draw only empty batches: its loss is NaN, and the record must still load."""
+    record = party_mod.LocalUpdateRecord(
+        party=A,
+        round=1,
+        run_id="ab" * 16,
+        uri=str(tmp_path / "u.safetensors"),
+        sha256="0" * 64,
+        base_sha256="1" * 64,
+        examples=12,
+        train={"loss_mean": float("nan"), "dp_sgd_epsilon": 0.5},
+    )
+    again = party_mod.LocalUpdateRecord.model_validate_json(record.model_dump_json())
+    assert math.isnan(float(again.train["loss_mean"])) and again.train["dp_sgd_epsilon"] == 0.5
