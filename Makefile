@@ -58,8 +58,9 @@ browser:
 	  command -v chromium >/dev/null 2>&1 || \
 	    echo "chromium could not be installed: run 'apt-get install chromium' (as root)"; }
 
-test: setup browser
-	CLOUDFED_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
+# Flower's venv too: a test runs its benchmark peer in tiny mode beside ours.
+test: setup browser bench-env
+	CLOUDFED_REQUIRE_BROWSER=1 CLOUDFED_REQUIRE_FLOWER=1 $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,6 +1,9 @@
 """Benchmark the default demo: wall time, time per step kind, ZenML+MLflow overhead, tokens/s.
 
-    .venv/bin/python benchmarks/demo_run.py [--config configs/local.yaml]
+    .venv/bin/python benchmarks/demo_run.py [--config configs/local.yaml] [--project DIR]
+
+`--project` runs it in another ZenML project folder (a test runs the demo e2e through this
+benchmark on an isolated stack, so one pipeline run serves both).
 
 Runs the real `zenml pipeline run` on the active stack (`make stack` first), then reads the run
 back from ZenML. A step's overhead is its wall time (ZenML start to end) minus the work inside it,
@@ -47,6 +50,7 @@ def _kind(step_name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/local.yaml")
+    parser.add_argument("--project", type=Path, default=ROOT, help="the ZenML project to run in")
     args = parser.parse_args()
     env = dict(os.environ, ZENML_ANALYTICS_OPT_IN="false", NO_COLOR="1")
     zenml = str(Path(sys.executable).parent / "zenml")
@@ -60,7 +64,7 @@ def main() -> None:
             "-c",
             args.config,
         ],
-        cwd=ROOT,
+        cwd=args.project,
         env=env,
         capture_output=True,
         text=True,

@@ -1,6 +1,7 @@
 """Harmonisation speed and memory: load + map + clean + rows suite + dedup + write, per format.
 
     python benchmarks/harmonize.py [--rows 200000] [--small 50000]
+    python benchmarks/harmonize.py --tiny      # one format, a few hundred rows: seconds (a test)
 
 Generates demo-schema exports (CSV, nested JSON Lines, Parquet) of ``--small`` and ``--rows``
 train rows, harmonises each in a fresh subprocess (so peak RSS is that run's alone) and prints
@@ -121,11 +122,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--small", type=int, default=50_000)
     parser.add_argument("--chunk-rows", type=int, default=50_000)
+    parser.add_argument("--parties", nargs="+", choices=list(PARTIES), default=list(PARTIES))
+    parser.add_argument("--tiny", action="store_true", help="seconds: one format, small files")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child[0], args.child[1], int(args.child[2]))
         return
+    if args.tiny:
+        args.rows, args.small, args.chunk_rows, args.parties = 600, 300, 200, ["hospital-aws"]
+    parties = {p: PARTIES[p] for p in args.parties}
     sys.path.insert(0, str(REPO))
     from cloudfed.data.demo import generate_demo
 
@@ -137,13 +143,13 @@ def main() -> None:
             t0 = time.perf_counter()
             generate_demo(root, seed=0, train_rows=size, eval_rows=200)
             gen = time.perf_counter() - t0
-            for party, fmt in PARTIES.items():
+            for party, fmt in parties.items():
                 m = _measure(root, party, args.chunk_rows)
                 m["generate_s"] = round(gen, 1)
                 results[f"{fmt}@{size}"] = m
         report["runs"] = results
-        big = [results[f"{fmt}@{args.rows}"] for fmt in PARTIES.values()]
-        small = [results[f"{fmt}@{args.small}"] for fmt in PARTIES.values()]
+        big = [results[f"{fmt}@{args.rows}"] for fmt in parties.values()]
+        small = [results[f"{fmt}@{args.small}"] for fmt in parties.values()]
         rows_per_core = min(int(r["rows_per_cpu_s"]) for r in big)  # type: ignore[call-overload]
         report["summary"] = {
             "min_rows_per_cpu_s_at_large": rows_per_core,
@@ -151,7 +157,7 @@ def main() -> None:
             "meets_speed_target": rows_per_core >= TARGET_ROWS_PER_CORE_S,
             "peak_mib_small_vs_large": {
                 fmt: [s["peak_above_baseline_mib"], b["peak_above_baseline_mib"]]
-                for fmt, s, b in zip(PARTIES.values(), small, big, strict=True)
+                for fmt, s, b in zip(parties.values(), small, big, strict=True)
             },
             "rows_ratio": args.rows / args.small,
         }

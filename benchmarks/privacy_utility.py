@@ -1,6 +1,11 @@
 """Privacy against utility on the demo federation, and DP-SGD's cost against plain training.
 
     .venv/bin/python benchmarks/privacy_utility.py [--config configs/local.yaml] [--quick]
+    .venv/bin/python benchmarks/privacy_utility.py --tiny --project DIR --clouds DIR  # a test
+
+`--tiny`: one round of two steps, the no-DP and DP-SGD epsilon-8 arms only, results not saved.
+`--project` runs the pipelines in another ZenML project folder, `--clouds` takes the demo raw
+data from another folder (a test runs it on an isolated stack).
 
 Runs the real pipeline once per arm, each on its own exchange, coordinator and party storage
 (so no arm spends another's budget), and reads the final held-out loss:
@@ -36,6 +41,9 @@ TARGET_RATIO_AT_8 = 1.10
 OPACUS_OVERHEAD = (2.2, 8.0)
 
 
+PROJECT = ROOT  # where `zenml pipeline run` runs (--project)
+
+
 def _arm_config(base: dict[str, Any], work: Path, privacy: dict[str, Any]) -> Path:
     doc = copy.deepcopy(base)
     fed = doc["parameters"]["federation"]
@@ -55,7 +63,7 @@ def _run(config: Path) -> dict[str, Any]:
     env["CLOUDFED_PARTY_POLICIES"] = str(config.parent / "party-policies")
     subprocess.run(
         [sys.executable, "-m", "cloudfed.party_policy", "provision", str(config)],
-        cwd=ROOT,
+        cwd=PROJECT,
         env=env,
         check=True,
         capture_output=True,
@@ -65,7 +73,7 @@ def _run(config: Path) -> dict[str, Any]:
     proc = subprocess.run(
         [zenml, "pipeline", "run", "pipelines.federated_training.federated_training"]
         + ["-c", str(config)],
-        cwd=ROOT,
+        cwd=PROJECT,
         env=env,
         capture_output=True,
         text=True,
@@ -97,7 +105,7 @@ def _dp_sgd_epsilons(fed: dict[str, Any], policies: Path) -> dict[str, float]:
     return out
 
 
-def _overhead(base: dict[str, Any], steps: int) -> dict[str, float]:
+def _overhead(base: dict[str, Any], steps: int, storage: Path) -> dict[str, float]:
     """Plain training against DP-SGD, same party rows, same steps, same model, in process."""
     import pandas as pd
 
@@ -107,11 +115,14 @@ def _overhead(base: dict[str, Any], steps: int) -> dict[str, float]:
     from cloudfed.training.model import resolve_base_model
 
     cfg = parse_federation(base["parameters"]["federation"])
-    shards = sorted((ROOT / cfg.parties[0].storage).rglob("train*.parquet"))
+    shards = sorted(storage.rglob("train*.parquet"))
     if not shards:
-        raise SystemExit("no harmonised rows: run `make run` once first")
+        raise SystemExit(f"no harmonised rows under {storage}: run `make run` once first")
     rows = pd.read_parquet(shards[0])
-    model = resolve_base_model(cfg.base_model, cache_dir=ROOT / cfg.model_cache, seed=cfg.seed)
+    cache = Path(cfg.model_cache)
+    model = resolve_base_model(
+        cfg.base_model, cache_dir=cache if cache.is_absolute() else ROOT / cache, seed=cfg.seed
+    )
     training = cfg.training.model_copy(update={"local_steps": steps})
     state = initial_adapter(model, cfg.lora, seed=cfg.seed)
     train_local(model, state, rows, training=training, lora=cfg.lora, seed=1)  # warm-up
@@ -143,7 +154,10 @@ def _overhead(base: dict[str, Any], steps: int) -> dict[str, float]:
     }
 
 
-def _arms(base: dict[str, Any], epsilons: tuple[float, ...]) -> dict[str, dict[str, Any]]:
+def _arms(
+    base: dict[str, Any], epsilons: tuple[float, ...], tmp: Path, *, party_level: bool = True
+) -> dict[str, dict[str, Any]]:
+    """One pipeline run per arm, each in its own folder under `tmp`; no arm spends another's."""
     privacy = base["parameters"]["federation"].get("privacy", {})
     clip = privacy.get("clip", 0.1)
     names = [p["name"] for p in base["parameters"]["federation"]["parties"]]
@@ -156,37 +170,61 @@ def _arms(base: dict[str, Any], epsilons: tuple[float, ...]) -> dict[str, dict[s
         }
         for n in names
     }
-    arms: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="cloudfed-privacy-bench-") as tmp:
 
-        def arm(name: str, privacy: dict[str, Any]) -> dict[str, Any]:
-            work = Path(tmp) / name
-            work.mkdir()
-            config = _arm_config(base, work, privacy)
-            result = _run(config)
-            result.update(privacy=privacy)
-            fed = yaml.safe_load(config.read_text())["parameters"]["federation"]
-            if eps := _dp_sgd_epsilons(fed, work / "party-policies"):
-                result["dp_sgd_epsilon"] = eps
-            print(name, json.dumps(result), file=sys.stderr, flush=True)
-            return result
+    def arm(name: str, privacy: dict[str, Any]) -> dict[str, Any]:
+        work = tmp / name
+        work.mkdir()
+        config = _arm_config(base, work, privacy)
+        result = _run(config)
+        result.update(privacy=privacy)
+        fed = yaml.safe_load(config.read_text())["parameters"]["federation"]
+        if eps := _dp_sgd_epsilons(fed, work / "party-policies"):
+            result["dp_sgd_epsilon"] = eps
+        print(name, json.dumps(result), file=sys.stderr, flush=True)
+        return result
 
-        arms["infinity"] = arm("infinity", {"mode": "off"})
-        for eps in epsilons:
+    arms = {"infinity": arm("infinity", {"mode": "off"})}
+    for eps in epsilons:
+        if party_level:
             arms[f"party_level_eps{eps:g}"] = arm(
                 f"party_level_eps{eps:g}",
                 {"mode": "distributed", "clip": clip, "target_epsilon": eps, "max_epsilon": eps},
             )
-            arms[f"dp_sgd_eps{eps:g}"] = arm(
-                f"dp_sgd_eps{eps:g}",
-                {
-                    "mode": "off",
-                    "dp_sgd": {
-                        n: {**base_dp[n], "target_epsilon": eps, "max_epsilon": eps} for n in names
-                    },
+        arms[f"dp_sgd_eps{eps:g}"] = arm(
+            f"dp_sgd_eps{eps:g}",
+            {
+                "mode": "off",
+                "dp_sgd": {
+                    n: {**base_dp[n], "target_epsilon": eps, "max_epsilon": eps} for n in names
                 },
-            )
+            },
+        )
     return arms
+
+
+def _tiny(base: dict[str, Any]) -> dict[str, Any]:
+    """One round of two local steps on few eval rows: the whole benchmark in under a minute."""
+    doc = copy.deepcopy(base)
+    fed = doc["parameters"]["federation"]
+    fed["rounds"] = 1
+    fed["training"].update(local_steps=2, max_eval_rows=16)
+    return doc
+
+
+def _relocate(base: dict[str, Any], clouds: Path | None, models: Path) -> dict[str, Any]:
+    """Paths of the config made absolute, raw data from `clouds`, so any project can run it."""
+    doc = copy.deepcopy(base)
+    fed = doc["parameters"]["federation"]
+    fed["contracts_dir"] = str(ROOT / fed.get("contracts_dir", "data_contracts"))
+    fed["model_cache"] = str(models)
+    for party in fed["parties"]:
+        party["mapping"] = str(ROOT / party["mapping"])
+        if clouds is not None:
+            party["raw"] = {
+                k: str(clouds / Path(v).relative_to(".cloudfed/clouds"))
+                for k, v in party["raw"].items()
+            }
+    return doc
 
 
 def _utility(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -211,27 +249,45 @@ def _utility(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    global PROJECT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/local.yaml")
     parser.add_argument("--quick", action="store_true", help="only epsilon 8 and infinity")
     parser.add_argument(
         "--only", choices=["utility", "overhead"], help="run one half, keep the other's last result"
     )
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="seconds per arm, nothing saved")
+    parser.add_argument("--project", type=Path, default=ROOT)
+    parser.add_argument("--clouds", type=Path, default=None, help="demo raw data root")
+    args = parser.parse_args(argv)
+    PROJECT = args.project
     base = yaml.safe_load((ROOT / args.config).read_text())
+    if args.tiny:
+        base = _tiny(base)
     out_file = ROOT / "benchmarks" / "results_privacy.json"
-    result: dict[str, Any] = {"benchmark": "privacy_utility"}
-    if args.only and out_file.exists():
+    result: dict[str, Any] = {"benchmark": "privacy_utility", "tiny": args.tiny}
+    if args.only and out_file.exists() and not args.tiny:
         result.update(json.loads(out_file.read_text()))
-    if args.only != "overhead":
-        result.update(_utility(_arms(base, (8.0,) if args.quick else EPSILONS)))
-    if args.only != "utility":
-        steps = base["parameters"]["federation"]["training"]["local_steps"]
-        result["dp_sgd_overhead"] = _overhead(base, steps)
+    steps = base["parameters"]["federation"]["training"]["local_steps"]
+    first = base["parameters"]["federation"]["parties"][0]
+    with tempfile.TemporaryDirectory(prefix="cloudfed-privacy-bench-") as name:
+        tmp = Path(name)
+        models = tmp / "models" if args.tiny else ROOT / ".cloudfed" / "models"
+        base = _relocate(base, args.clouds, models)
+        storage = ROOT / first["storage"]  # --only overhead: what `make run` harmonised
+        if args.only != "overhead":
+            epsilons = (8.0,) if args.quick or args.tiny else EPSILONS
+            arms = _arms(base, epsilons, tmp, party_level=not args.tiny)
+            result.update(_utility(arms))
+            storage = tmp / "infinity" / first["name"]
+        if args.only != "utility":
+            result["dp_sgd_overhead"] = _overhead(base, steps, storage)
     out = json.dumps(result, indent=2)
-    out_file.write_text(out + "\n")
+    if not args.tiny:
+        out_file.write_text(out + "\n")
     print(out)
+    return result
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/protection.py [--sizes 1000000 16000000] [--parties 3 10 50]
                                               [--no-flower] [--no-e2e]
+    .venv/bin/python benchmarks/protection.py --tiny    # seconds, small vectors, no e2e (a test)
 
 For each LoRA update size and party count n (and 2n, for the scaling ratio), on the same vectors:
 - party: quantise + self mask + one pairwise mask per SecAgg+ neighbour + seal to the coordinator
@@ -257,7 +258,11 @@ def main() -> None:
     parser.add_argument("--ckks-size", type=int, default=1_000_000)
     parser.add_argument("--no-flower", action="store_true")
     parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="seconds: small vectors, no e2e")
     args = parser.parse_args()
+    if args.tiny:
+        args.sizes, args.parties, args.repeats, args.ckks_size = [20_000], [3], 1, 8_192
+        args.no_e2e = True
     started = time.perf_counter()
     ks = sorted({default_neighbours(n, COMPLETE_UP_TO) for n in args.parties})
     report: dict[str, Any] = {"targets": TARGETS, "clip": CLIP, "cpu_count": os.cpu_count()}

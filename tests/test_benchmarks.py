@@ -1,27 +1,105 @@
-"""Benchmarks in their tiny modes, so none can rot unnoticed (their numbers are not asserted)."""
+"""Every benchmark in its tiny mode, so none can rot unnoticed (their numbers are not asserted).
+
+`benchmarks/demo_run.py` is run by the default demo's end-to-end test (tests/test_pipeline_demo.py),
+which makes its one pipeline run through it. Flower's peer needs its own venv (`make bench-env`,
+which `make test` runs): outside `make test` its part is skipped when the venv is missing.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import pytest
 
+from tests.e2e_support import REPO_ROOT, make_project, zenml_env
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+FLOWER = REPO_ROOT / ".venv-flwr" / "bin" / "python"
 
 
-def test_train_device_tiny_mode_trains_both_ways_on_this_machine() -> None:
-    result = _load("train_device").main(["--tiny"])
+def _bench(name: str, *args: str, python: Path | str = sys.executable, **kw: Any) -> dict:
+    proc = subprocess.run(
+        [str(python), str(REPO_ROOT / "benchmarks" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def _flower_or_skip() -> None:
+    if not FLOWER.exists():
+        if os.environ.get("CLOUDFED_REQUIRE_FLOWER") == "1":
+            pytest.fail("Flower's venv is missing: `make test` should have run `make bench-env`")
+        pytest.skip("Flower's venv is missing (run through `make test`, or `make bench-env`)")
+
+
+def test_train_device_tiny() -> None:
+    result = _bench("train_device", "--tiny")
     assert result["device"] in {"cpu", "cuda"}
     for mode in ("plain", "dp_sgd"):
         run = result[mode]
         assert run["tokens"] > 0 and run["tokens_per_s"] > 0 and run["finite"]
         assert run["lora_dtype"] == "float32"  # adapters stay fp32 over a bf16 base on CUDA
     assert result["plain"]["eval_loss_after"] < result["plain"]["eval_loss_before"]
-    assert result["dp_sgd_over_plain_x"] > 0
+
+
+def test_harmonize_tiny() -> None:
+    result = _bench("harmonize", "--tiny")
+    assert set(result["runs"]) == {"csv@300", "csv@600"}
+    for run in result["runs"].values():
+        assert run["rows"] == run["accepted"] + run["quarantined"] > 0
+        assert run["rows_per_cpu_s"] > 0 and run["peak_above_baseline_mib"] >= 0
+    assert set(result["summary"]["peak_mib_small_vs_large"]) == {"csv"}
+
+
+def test_protection_tiny_without_flower() -> None:
+    result = _bench("protection", "--tiny", "--no-flower")
+    (row,) = result["secagg"]
+    assert row["d"] == 20_000 and row["mask_over_raw_aes"] > 0
+    (entry,) = row["rounds"]
+    assert entry["n"] == 3 and entry["max_abs_error"] <= entry["error_bound"]
+    assert entry["bytes_over_fp32"] <= 1.05
+    assert result["ckks"]["max_abs_error"] <= result["ckks"]["tolerance"]
+    assert "end_to_end" not in result
+
+
+def test_flower_peer_tiny_beside_ours() -> None:
+    _flower_or_skip()
+    peer = _bench(
+        "flower_peer", "--sizes", "5000", "--neighbours", "2", "--repeats", "1", python=FLOWER
+    )
+    assert peer["tool"] == "flower_peer" and peer["sizes"][0]["d"] == 5000
+    result = _bench("protection", "--tiny")  # the same, through our side-by-side
+    assert isinstance(result["flower"], dict)
+    assert result["secagg"][0]["mask_speedup_vs_flower"] > 0
+
+
+@pytest.mark.e2e
+def test_privacy_utility_tiny(tmp_path: Path) -> None:
+    from cloudfed.data.demo import generate_demo
+
+    generate_demo(tmp_path / "clouds")
+    project = make_project(tmp_path / "project")
+    result = _bench(
+        "privacy_utility",
+        "--tiny",
+        "--project",
+        str(project),
+        "--clouds",
+        str(tmp_path / "clouds"),
+        env=zenml_env(),
+    )
+    arms = {r["arm"]: r for r in result["table"]}
+    assert set(arms) == {"infinity", "dp_sgd_eps8"}
+    assert arms["infinity"]["loss_ratio"] == 1.0
+    eps = result["arms"]["dp_sgd_eps8"]["dp_sgd_epsilon"]
+    assert len(eps) == 3 and all(0 < e <= 8.0 for e in eps.values())
+    overhead = result["dp_sgd_overhead"]
+    assert overhead["steps"] == 2 and overhead["plain_s"] > 0 and overhead["dp_sgd_s"] > 0
