@@ -90,7 +90,6 @@ class RoundEval:
     released: str
     loss: float = float("nan")
     tokens: float = 0.0
-    examples: float = 0.0
     evaluators: tuple[str, ...] = ()
     per_party: tuple[PartyEval, ...] = ()
     note: str = ""
@@ -111,7 +110,6 @@ def round_eval(
             "per-party",
             loss=loss,
             tokens=tokens,
-            examples=sum(e.examples for e in evals),
             evaluators=tuple(sorted(e.party for e in evals)),
             per_party=tuple(evals),
         )

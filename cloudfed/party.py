@@ -54,8 +54,6 @@ CHARGED_SLACK = 0.01
 # them: it is an un-noised function of the training records that DP-SGD's epsilon does not cover.
 METRIC_SLOTS = ("eval_nll", "eval_tokens")
 
-__all__ = ["SimulatedDropout"]
-
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -166,16 +164,14 @@ def _record_path(uri: str) -> Path:
     return Path(uri).with_suffix(".json")
 
 
-def load_local_record(
-    cfg: FederationConfig, party: PartyConfig, local: LocalUpdateRef
-) -> LocalUpdateRecord:
-    """The party's record behind a released reference, checked against its keyed digest."""
-    keys = party_keys(party, federation_exchange(cfg))
+def load_local_update(
+    party: PartyConfig, local: LocalUpdateRef, keys: KeyPairs
+) -> tuple[LocalUpdateRecord, bytes]:
+    """The party's record behind a reference, and the update's bytes checked against its digest."""
     record = LocalUpdateRecord.model_validate_json(_record_path(local.uri).read_bytes())
     if record.party != party.name or record.round != local.round:
         raise DataError(f"{local.uri}: the update record is not {party.name}'s of this round")
-    read_verified(Path(record.uri), local.sha256, "local update", keys)
-    return record
+    return record, read_verified(Path(record.uri), local.sha256, "local update", keys)
 
 
 def train_round(

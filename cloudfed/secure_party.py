@@ -45,7 +45,7 @@ from cloudfed.party import (
     COORDINATOR,
     consent,
     load_global,
-    load_local_record,
+    load_local_update,
     simulated_dropout,
 )
 from cloudfed.party_policy import ConsentError, LoadedPolicy, check_pin, required_survivors
@@ -285,6 +285,7 @@ def upload(
     start = time.perf_counter()
     exchange = federation_exchange(cfg)
     keys, loaded = consent(cfg, party, plan)
+    layout = layout_for(cfg, exchange, plan)
     view = json.dumps(
         {
             "local": local.sha256,
@@ -305,12 +306,13 @@ def upload(
             )
         blob = kept.read_bytes()
     else:
-        blob = _sealed_update(cfg, party, local, plan, rosters, ckks_keys, keys, loaded, exchange)
+        blob = _sealed_update(
+            cfg, party, local, plan, rosters, ckks_keys, keys, loaded, exchange, layout
+        )
         _write_owner_only(kept, blob)
         _write_owner_only(kept_view, view)
     key = update_key(local.round, party.name)
     exchange.put_bytes(key, blob)
-    layout = layout_for(cfg, exchange, plan)
     return SealedUpdateRef(
         party=party.name,
         round=local.round,
@@ -332,12 +334,12 @@ def _sealed_update(
     keys: KeyPairs,
     loaded: LoadedPolicy,
     exchange: Exchange,
+    layout: Layout,
 ) -> bytes:
     from cloudfed.protection import ckks
 
-    layout = layout_for(cfg, exchange, plan)
-    record = load_local_record(cfg, party, local)
-    update = state_from_bytes(Path(record.uri).read_bytes())
+    record, data = load_local_update(party, local, keys)
+    update = state_from_bytes(data)
     shapes = {n: s for seg in layout.segments for n, s in seg.tensors}
     reason = check_update(update, shapes, max_abs=MAX_ABS_UPDATE)
     if reason:  # masked or encrypted, nobody downstream could see what is wrong with it

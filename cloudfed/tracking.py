@@ -48,7 +48,9 @@ def log_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
             "lora_target_modules": ",".join(cfg.lora.target_modules),
             "config_fingerprint": plan.fingerprint,
             "adapter_parameters": plan.adapter_parameters,
-            "aggregation": "fedavg(min(examples, weight_cap))",
+            "aggregation": "fedavg(uniform: any DP)"
+            if cfg.privacy.protects_records
+            else "fedavg(min(examples, weight_cap))",
             "protection": plan.protection.get("mode", ""),
             "policy_sha256": plan.protection.get("policy_sha256", ""),
             "weight_cap": cfg.protection.weight_cap,

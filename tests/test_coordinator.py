@@ -400,7 +400,7 @@ def test_train_round_refuses_changed_parquet(fed: Fed) -> None:
     # The released digest is keyed: not the file's plain hash, which outsiders could test.
     plain = hashlib.sha256(Path(local.uri).read_bytes()).hexdigest()
     assert local.sha256 != plain
-    record = party.load_local_record(fed.cfg, p, local)
+    record, _ = party.load_local_update(p, local, party.party_keys(p, fed.exchange))
     assert record.sha256 == plain and record.examples == 4
 
 

@@ -361,7 +361,8 @@ def test_under_dp_a_party_releases_no_count_no_metric_and_no_plain_hash(
     assert "examples" not in local.model_dump()
     assert local.sha256 != hashlib.sha256(Path(local.uri).read_bytes()).hexdigest()
     # The party's own record keeps everything, in its own storage.
-    record = party_mod.load_local_record(fed.cfg, fed.cfg.party(A), local)
+    keys = party_mod.party_keys(fed.cfg.party(A), fed.exchange)
+    record, _ = party_mod.load_local_update(fed.cfg.party(A), local, keys)
     assert record.examples == 12 and "loss_mean" in record.train
     # Without DP the same party releases its metrics (the table a non-private run shows).
     open_fed = make_fed(tmp_path / "open", model_cache)

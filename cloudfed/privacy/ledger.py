@@ -111,6 +111,7 @@ class LedgerStore:
     def __init__(self, exchange, keys, *, federation_id: str, coordinator_storage: str) -> None:
         self.exchange, self.keys, self.federation_id = exchange, keys, federation_id
         self.local = Path(coordinator_storage) / "privacy" / LEDGER_FILE
+        self._base: Ledger | None = None  # the version last loaded or saved, as persisted
 
     def _context(self, version: int | None = None):
         return ledger_context(self.federation_id, version)
@@ -142,7 +143,9 @@ class LedgerStore:
         remote, local = self._from_exchange(), self._from_local()
         found = [c for c in (remote, local) if c is not None]
         if not found:
-            return Ledger(federation_id=self.federation_id, delta=delta, accountant=accountant)
+            empty = Ledger(federation_id=self.federation_id, delta=delta, accountant=accountant)
+            self._base = empty.model_copy(deep=True)
+            return empty
         if len(found) == 2 and not (_is_prefix(remote, local) or _is_prefix(local, remote)):
             raise ProtectionError(
                 f"the privacy ledgers on the exchange and in {self.local} disagree (neither is a "
@@ -158,13 +161,14 @@ class LedgerStore:
                 f"{ledger.accountant}, the config asks for delta={delta} with {accountant}. Fix: "
                 "keep privacy.delta and privacy.accountant as the federation started with them"
             )
+        self._base = ledger.model_copy(deep=True)  # callers change the ledger they get back
         return ledger
 
     def save(self, ledger: Ledger) -> None:
-        """Write the next version, chained to the newest one persisted."""
+        """Write the next version, chained to the version this store last loaded or saved."""
         from cloudfed.protection.envelope import sign_public
 
-        current = self.load(delta=ledger.delta, accountant=ledger.accountant)
+        current = self._base or self.load(delta=ledger.delta, accountant=ledger.accountant)
         if not _is_prefix(current, ledger):
             raise ProtectionError("privacy ledger: a new version must extend the current one")
         ledger.chain = [*current.chain, current.head()] if current.version else []
@@ -177,6 +181,7 @@ class LedgerStore:
         self.exchange.put_bytes(
             LEDGER_KEY, sign_public(blob, context=self._context(ledger.version), sender=self.keys)
         )
+        self._base = ledger.model_copy(deep=True)
 
 
 def ledger_context(federation_id: str, version: int | None = None):
