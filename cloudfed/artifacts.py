@@ -22,11 +22,12 @@ class FederationPlan(_Ref):
     run_id: str
     fingerprint: str
     parties: list[str]
-    rounds: int
+    rounds: int  # the federation's total: this run trains rounds start_round+1 .. rounds
     min_parties: int
     base_model: str
     coordinator_fingerprint: str
-    initial_adapter: GlobalAdapterRef
+    initial_adapter: GlobalAdapterRef  # the last published round's adapter (round start_round)
+    start_round: int = 0  # 0 for a new federation; the last published round when continuing
     adapter_parameters: int
     # Layout summary: mode label, policy hash, tensors and values per mode.
     protection: dict[str, Any] = Field(default_factory=dict)
