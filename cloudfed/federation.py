@@ -119,7 +119,12 @@ class FederationConfig(_Strict):
     exchange: str = ".cloudfed/exchange"
     coordinator_storage: str = ".cloudfed/coordinator"
     contracts_dir: str = "data_contracts"
+    # The federation's total: a run continues after the last published round and stops here.
     rounds: int = Field(3, ge=1, le=10_000)
+    # Start from the base model in a new generation instead of continuing (budgets carry on).
+    start_over: bool = False
+    # A lock whose holder runs elsewhere and has not beaten for this long is taken over.
+    lock_timeout_minutes: float = Field(360, gt=0)
     # One accepted update would make global(r+1) - global(r) that party's plaintext update.
     min_parties: int = Field(2, ge=2)
     seed: int = 0
@@ -204,6 +209,11 @@ class FederationConfig(_Strict):
     def active_parties(self) -> list[PartyConfig]:
         wanted = set(self.participants) if self.participants else None
         return [p for p in self.parties if wanted is None or p.name in wanted]
+
+    @property
+    def coordinator_dir(self) -> Path:
+        """The coordinator's files of this federation (ledger, last run); keys are shared."""
+        return Path(self.coordinator_storage) / self.federation_id
 
     def party(self, name: str) -> PartyConfig:
         for p in self.parties:

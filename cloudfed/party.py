@@ -534,6 +534,6 @@ def _release_metrics(
     released[eval_split] = evaluators
     loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     record_file.write_text(json.dumps(released, sort_keys=True), encoding="utf-8")
-    key = metrics_key(model.round, party.name)
+    key = metrics_key(plan.run_id, model.round, party.name)
     exchange.put_bytes(key, blob)
     return key, blob

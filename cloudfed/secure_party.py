@@ -164,7 +164,7 @@ def verified_advert(
     cfg: FederationConfig, exchange: Exchange, doc: dict[str, Any], round: int, name: str
 ) -> protocol.Advertisement:
     """A neighbour's advertisement, checked end to end with its own signature."""
-    blob = exchange.get_bytes(secagg_advert_key(round, name))
+    blob = exchange.get_bytes(secagg_advert_key(doc["setup"]["run_id"], round, name))
     if sha256(blob) != doc["adverts"][name]:
         raise ProtectionError(f"secagg advertisement of {name} differs from the roster's")
     context = stage_context(cfg, round, name, ADVERT, run_id=doc["setup"]["run_id"])
@@ -201,7 +201,7 @@ def advertise(
     blob = sign_public(
         secrets.advertisement().model_dump_json().encode(), context=context, sender=keys
     )
-    key = secagg_advert_key(local.round, party.name)
+    key = secagg_advert_key(plan.run_id, local.round, party.name)
     exchange.put_bytes(key, blob)
     return _stage_ref(party.name, local.round, "advertise", key, blob, keys, start)
 
@@ -227,7 +227,7 @@ def share_keys(
         raise ProtectionError(f"{party.name} is not in this round's secure-aggregation roster")
     secrets = _load_secrets(party, roster.round, plan.run_id)
     own = doc["adverts"][party.name]
-    if own != sha256(exchange.get_bytes(secagg_advert_key(roster.round, party.name))):
+    if own != sha256(exchange.get_bytes(secagg_advert_key(plan.run_id, roster.round, party.name))):
         raise ProtectionError("secagg roster rejected: it lists another advertisement of ours")
     total = 0
     for holder, share in protocol.make_shares(setup, party.name, secrets).items():
@@ -242,14 +242,14 @@ def share_keys(
             if holder != party.name
             else keys.public_bundle(),
         )
-        exchange.put_bytes(secagg_share_key(roster.round, holder, party.name), blob)
+        exchange.put_bytes(secagg_share_key(plan.run_id, roster.round, holder, party.name), blob)
         total += len(blob)
     marker = json.dumps({"holders": list(setup.holders(party.name)), "bytes": total}).encode()
     return _stage_ref(
         party.name,
         roster.round,
         "shares",
-        secagg_share_key(roster.round, party.name, party.name),
+        secagg_share_key(plan.run_id, roster.round, party.name, party.name),
         marker,
         keys,
         start,
@@ -311,7 +311,7 @@ def upload(
         )
         _write_owner_only(kept, blob)
         _write_owner_only(kept_view, view)
-    key = update_key(local.round, party.name)
+    key = update_key(plan.run_id, local.round, party.name)
     exchange.put_bytes(key, blob)
     return SealedUpdateRef(
         party=party.name,
@@ -442,7 +442,7 @@ def reveal_shares(
         )
         sender = keys.public_bundle() if owner == party.name else _peer(exchange, doc, owner)
         opened = open_sealed_with_metadata(
-            exchange.get_bytes(secagg_share_key(roster.round, party.name, owner)),
+            exchange.get_bytes(secagg_share_key(plan.run_id, roster.round, party.name, owner)),
             context=context,
             recipient=keys,
             sender=sender,
@@ -455,7 +455,7 @@ def reveal_shares(
     body = json.dumps({o: r.model_dump() for o, r in reveals.items()}).encode()
     context = stage_context(cfg, roster.round, party.name, REVEAL, run_id=plan.run_id)
     blob = seal(body, context=context, sender=keys, recipient=coordinator_bundle(exchange, plan))
-    key = secagg_reveal_key(roster.round, party.name)
+    key = secagg_reveal_key(plan.run_id, roster.round, party.name)
     exchange.put_bytes(key, blob)
     return _stage_ref(party.name, roster.round, "unmask", key, blob, keys, start)
 
@@ -484,11 +484,11 @@ def ckks_keygen(
     _write_owner_only(_ckks_secret_path(party, plan.run_id, round), secret)
     context = stage_context(cfg, round, party.name, CKKS_CONTEXT, run_id=plan.run_id)
     blob = sign_public(public, context=context, sender=keys)
-    exchange.put_bytes(ckks_public_key(round), blob)
+    exchange.put_bytes(ckks_public_key(plan.run_id, round), blob)
     return CkksKeyRef(
         party=party.name,
         round=round,
-        key=ckks_public_key(round),
+        key=ckks_public_key(plan.run_id, round),
         sha256=sha256(blob),
         fingerprint=keys.public_bundle().fingerprint,
         bytes=len(blob),
@@ -512,10 +512,10 @@ def ckks_decrypt_sum(
     exchange = federation_exchange(cfg)
     keys, loaded = consent(cfg, party, plan)
     coordinator = coordinator_bundle(exchange, plan)
-    incoming = exchange.get_bytes(ckks_sum_key(round))
+    incoming = exchange.get_bytes(ckks_sum_key(plan.run_id, round))
     answered = _ckks_secret_path(party, plan.run_id, round).with_suffix(".answered")
     answer = _ckks_secret_path(party, plan.run_id, round).with_suffix(".answer")
-    key = ckks_plain_sum_key(round)
+    key = ckks_plain_sum_key(plan.run_id, round)
     if answered.exists():
         if answered.read_bytes() != sha256(incoming).encode() or not answer.exists():
             raise ProtectionError(

@@ -136,8 +136,42 @@ def federated_training(federation: dict[str, Any]) -> None:
             return step.with_options(experiment_tracker=tracker) if tracker else step
 
         # Step outputs travel by reference; plain values would be uploaded again for every step.
-        federation, plan, current = coord(prepare_federation)(federation, id="prepare")
-        parties = plan.load().parties
+        federation, plan, current = coord(prepare_federation)(
+            federation, _config_source(), id="prepare"
+        )
+        planned = plan.load()
+        try:
+            _run_rounds(cfg, coord, federation, plan, current, planned)
+        finally:  # a killed run leaves its lock; the next run takes it over (cloudfed.run_lock)
+            _release_lock(cfg, planned.run_id)
+
+
+def _release_lock(cfg: FederationConfig, run_id: str) -> None:
+    from cloudfed import run_lock
+    from cloudfed.exchange import federation_exchange
+
+    run_lock.release(federation_exchange(cfg), run_id)
+
+
+def _run_rounds(
+    cfg: FederationConfig, coord: Any, federation: Any, plan: Any, current: Any, planned: Any
+) -> None:
+    """Harmonise, then rounds start_round+1 .. rounds: `rounds` is the federation's total."""
+    with _user_errors():
+        if planned.start_round >= cfg.rounds:
+            from cloudfed.exchange import federation_exchange
+
+            ref = planned.initial_adapter
+            print(
+                f"cloudfed: federation {cfg.federation_id} has published all {cfg.rounds} rounds "
+                f"(at round {planned.start_round}); nothing to train and nothing new published. "
+                f"The last model: {federation_exchange(cfg).url(ref.key)} (sha256 {ref.sha256}); "
+                f"its report: {cfg.coordinator_dir / 'last_run'}. To train further raise rounds; "
+                "to start from the base model set start_over: true (make start-over).",
+                flush=True,
+            )
+            return
+        parties = planned.parties
         datasets, excluded = {}, []
         for p in parties:
             try:
@@ -154,7 +188,8 @@ def federated_training(federation: dict[str, Any]) -> None:
                 + "\n".join(f"[{r.party}] {r.reason}" for r in excluded)
             )
         parties = list(datasets)
-        evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, 0)
+        start = planned.start_round
+        evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, start)
         rows = [
             coord(log_baseline)(
                 federation,
@@ -163,12 +198,12 @@ def federated_training(federation: dict[str, Any]) -> None:
                 evals,
                 list(datasets.values()),
                 excluded,
-                id="log_round_r0",
+                id=f"log_round_r{start}",
             )
         ]
         stop_reason = f"round limit ({cfg.rounds}) reached"
-        protection = plan.load().protection.get("tensors", {})
-        for r in range(1, cfg.rounds + 1):
+        protection = planned.protection.get("tensors", {})
+        for r in range(start + 1, cfg.rounds + 1):
             if cfg.privacy.enabled:  # charged before anyone trains; refused means stop cleanly
                 reservation = coord(privacy_reserve)(
                     federation, r, plan, parties, id=f"privacy_reserve_r{r}"
@@ -272,4 +307,4 @@ def federated_training(federation: dict[str, Any]) -> None:
                     id=f"log_round_r{r}",
                 )
             )
-        coord(publish_report)(federation, rows, current, stop_reason, id="publish_report")
+        coord(publish_report)(federation, plan, rows, current, stop_reason, id="publish_report")

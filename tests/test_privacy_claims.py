@@ -469,7 +469,7 @@ def test_parties_refuse_to_reveal_a_sum_below_their_own_minimum(
     with pytest.raises(AggregationError):
         fed.round(1, updates_of(fed), drop={C: "upload"})
     for p in (A, B):  # no share was revealed: the coordinator cannot unmask the 2-party sum
-        assert not fed.exchange.exists(secagg_reveal_key(1, p))
+        assert not fed.exchange.exists(secagg_reveal_key(fed.plan.run_id, 1, p))
 
 
 def test_central_dp_with_ckks_is_refused() -> None:
@@ -507,7 +507,7 @@ def test_key_party_decrypts_once_and_never_too_few(tmp_path: Path, model_cache: 
             sender=keys,
             recipient=party_mod.party_keys(cfg.party(A), fed.exchange).public_bundle(),
         )
-        fed.exchange.put_bytes(ckks_sum_key(1), blob)
+        fed.exchange.put_bytes(ckks_sum_key(fed.plan.run_id, 1), blob)
 
     coordinator_asks([A, B])  # one ciphertext, declared as two: below the party's minimum 3
     with pytest.raises(ConsentError, match="fewer than 3 contributions"):

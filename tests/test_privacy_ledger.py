@@ -52,7 +52,7 @@ class Site:
 
     @property
     def local(self) -> Path:
-        return self.storage / "privacy" / "ledger.json"
+        return self.storage / FED / "privacy" / "ledger.json"
 
     @property
     def remote(self) -> Path:
