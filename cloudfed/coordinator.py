@@ -94,27 +94,24 @@ def prepare(cfg: FederationConfig, *, source: str = "the run configuration") -> 
                     **ledger_head(cfg, exchange, keys),
                 )
             )
-            logger.info(
-                "cloudfed: %s federation %s (generation %d) from the base model; rounds 1-%d",
-                "starting over:" if cfg.start_over and generation > 1 else "starting",
-                cfg.federation_id,
-                generation,
-                cfg.rounds,
+            verb = "starting over:" if cfg.start_over and generation > 1 else "starting"
+            _say(
+                f"cloudfed: {verb} federation {cfg.federation_id} (generation {generation}) from "
+                f"the base model; rounds 1-{cfg.rounds}"
             )
         else:
             check_continues(last, lineage, federation_id=cfg.federation_id, source=source)
             _check_continuation(cfg, exchange, keys, last)
             start, generation = last.global_adapter, last.generation
-            logger.info(
-                "cloudfed: continuing federation %s at round %d from global adapter sha256 %s "
-                "(published by run %s); rounds counts the federation's total: %s",
-                cfg.federation_id,
-                last.round + 1,
-                start.sha256[:12],
-                last.run_id[:8],
+            todo = (
                 f"this run trains rounds {last.round + 1}-{cfg.rounds}"
                 if last.round < cfg.rounds
-                else f"all {cfg.rounds} are done, nothing to train",
+                else f"all {cfg.rounds} are done, nothing to train"
+            )
+            _say(
+                f"cloudfed: continuing federation {cfg.federation_id} at round {last.round + 1} "
+                f"from global adapter sha256 {start.sha256[:12]}… (round {last.round}, published "
+                f"by run {last.run_id[:8]}); rounds is the federation's total: {todo}"
             )
     except BaseException:
         run_lock.release(exchange, run_id)
@@ -134,6 +131,11 @@ def prepare(cfg: FederationConfig, *, source: str = "the run configuration") -> 
         adapter_parameters=int(sum(v.size for v in state.values())),
         protection=layout.summary(),
     )
+
+
+def _say(message: str) -> None:
+    """Shown in the run's output whatever the log level: the user must know where a run starts."""
+    print(message, flush=True)
 
 
 def ledger_head(cfg: FederationConfig, exchange: Exchange, keys: KeyPairs) -> dict[str, object]:

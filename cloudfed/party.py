@@ -195,8 +195,19 @@ def train_round(
     seed = cfg.seed * 1_000_003 + round * 7919 + int(_sha256(party.name.encode())[:6], 16)
     path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
     if party.name in cfg.privacy.dp_sgd:
+        rounds_this_run = cfg.rounds - (plan.start_round if plan is not None else 0)
         return _train_dp_sgd(
-            cfg, party, loaded, keys, round, rows, global_ref, global_state, model_path, seed
+            cfg,
+            party,
+            loaded,
+            keys,
+            round,
+            rows,
+            global_ref,
+            global_state,
+            model_path,
+            seed,
+            rounds_this_run,
         )
     delta, metrics = train_local(
         model_path,
@@ -309,6 +320,7 @@ def _train_dp_sgd(
     global_state: dict[str, np.ndarray],
     model_path: str,
     seed: int,
+    rounds_this_run: int,
 ) -> LocalUpdateRef:
     """DP-SGD under the party's own ledger: charged before training, never twice per round.
 
@@ -340,10 +352,10 @@ def _train_dp_sgd(
         )
     event = GaussianEvent(z, sample_rate, cfg.training.local_steps)
     per_run = loaded.policy.dp_sgd.max_epsilon_per_run if loaded.policy.dp_sgd else None
-    planned = epsilon([event] * cfg.rounds, dp.delta, "rdp")
+    planned = epsilon([event] * rounds_this_run, dp.delta, "rdp")
     if per_run is not None and planned > per_run * (1 + 1e-9):
         raise ConsentError(
-            f"{party.name} refuses to train: this run's {cfg.rounds} round(s) would spend "
+            f"{party.name} refuses to train: this run's {rounds_this_run} round(s) would spend "
             f"epsilon={planned:.4g} of its record-level budget, above "
             f"dp_sgd.max_epsilon_per_run={per_run:g} in {loaded.path}"
         )
