@@ -289,7 +289,11 @@ def test_blocking_row_expectation_unknown_domain(tmp_path: Path) -> None:
         DataError,
         match=r"expect_column_values_to_be_in_set\(domain\) failed on "
         r"240 of 240 rows \(domain in \[",
-    ):
+    ) as exc:
+        harmonise(root, "hospital-aws")
+    assert "metadata.domain: 'retail' is not an allowed value" in str(exc.value)
+    edit_mapping(root, "hospital-aws", metadata={"domain": "helthcare", "task": "clinical_qa"})
+    with pytest.raises(DataError, match="did you mean 'healthcare'"):
         harmonise(root, "hospital-aws")
 
 
