@@ -492,7 +492,9 @@ h4 { font-size: 1.4rem; } h5 { font-size: 1.2rem; } h6, .h6 { font-size: 1rem; }
 .nav-tabs { border-bottom: 1px solid #dee2e6; margin-bottom: 0.5rem; }
 /* Parts that need GX's CDN scripts (filters, modals) or advertise GX's cloud. */
 .btn, .btn-group, .sticky > .card.mb-3, .ge-walkthrough-modal, footer { display: none !important; }
-.show-scrollbars { overflow-wrap: anywhere; }
+.show-scrollbars { overflow-wrap: break-word; }
+/* Collapsed blocks stay open without GX's scripts, so the toggle has nothing to do. */
+a[data-toggle="collapse"] { display: none; }
 /* Status icons: Font Awesome's classes, drawn with Unicode glyphs. */
 .fas { display: inline-block; min-width: 1.1em; font-style: normal; font-weight: 700;
   text-align: center; line-height: 1; }
