@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from cloudfed.data.demo import MARKER_PREFIX
+from cloudfed.data.docs import make_offline
 from tests.test_harmonize import edit_suite, harmonise, make_root
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -171,3 +172,26 @@ def test_dataset_page_and_a_blocked_run(tmp_path: Path) -> None:
     assert_offline(dom, probe)
     red = [i for i in probe["icons"] if "fa-times" in i["cls"]]
     assert red and all(i["color"] == RED for i in red)
+
+
+def test_make_offline_rewrites_links_relative_to_each_page(tmp_path: Path) -> None:
+    page = tmp_path / "validations/suite/run/time/train.html"
+    page.parent.mkdir(parents=True)
+    page.write_text(
+        "<html><head>"
+        '<link rel="stylesheet" href="https://maxcdn.bootstrapcdn.com/b.min.css"/>\n'
+        '<script src="https://code.jquery.com/jquery-3.7.1.min.js"></script>\n'
+        '<link rel="shortcut icon" href="../../../static/images/favicon.ico"/>'
+        "</head><body>"
+        '<img src="https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/'
+        'logo-long.png?d=20261128T0"/></body></html>'
+    )
+    for _ in range(2):  # a site rebuilt in the same folder: still one stylesheet link
+        make_offline(tmp_path)
+    out = page.read_text()
+    assert "https://" not in out
+    assert out.count("cloudfed-offline.css") == 1
+    assert 'href="../../../../static/styles/cloudfed-offline.css"' in out
+    assert 'href="../../../../static/images/favicon.ico"' in out
+    assert 'src="../../../../static/images/logo-long.png"' in out
+    assert (tmp_path / "static/styles/cloudfed-offline.css").read_text().count(".fa-times") == 1

@@ -431,8 +431,9 @@ def make_offline(site_dir: Path) -> None:
         html = _CDN_SCRIPT.sub("", html)
         html = _REMOTE_LOGO.sub(rf'src="{static}images/\1"', html)
         html = _STATIC_REF.sub(rf'\1="{static}', html)
-        link = f'<link rel="stylesheet" href="{static}styles/cloudfed-offline.css">\n'
-        html = html.replace("</head>", link + "</head>", 1)
+        if "cloudfed-offline.css" not in html:  # a page kept from an earlier build has it
+            link = f'<link rel="stylesheet" href="{static}styles/cloudfed-offline.css">\n'
+            html = html.replace("</head>", link + "</head>", 1)
         page.write_text(html, encoding="utf-8")
 
 
