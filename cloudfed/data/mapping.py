@@ -15,7 +15,9 @@ whenever any value is present. ``{{`` and ``}}`` are literal braces.
 
 from __future__ import annotations
 
+import difflib
 import string
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from cloudfed.data.contracts import Expectation
 from cloudfed.data.loaders import load_raw, missing_file_fix
 from cloudfed.errors import DataError
 from cloudfed.federation import PartyConfig
@@ -443,3 +446,39 @@ def check_source(party: PartyConfig, root: Path) -> None:
             nrows=PREFLIGHT_ROWS,
         )
         check_columns(head, mapping, raw_path)
+
+
+def metadata_problems(mapping: SourceMapping, expectations: Sequence[Expectation]) -> list[str]:
+    """The mapping's constant labels that the rows suite's allowed sets refuse, with a fix.
+
+    A misspelled ``domain`` would otherwise fail every row; naming the closest allowed value
+    here turns "240 of 240 rows failed" into a one-word fix.
+    """
+    values = {"domain": mapping.metadata.domain, "task": mapping.metadata.task}
+    lines = _metadata_lines(mapping)
+    problems = []
+    for exp in expectations:
+        column = exp.kwargs.get("column")
+        allowed = exp.kwargs.get("value_set")
+        if exp.type != "expect_column_values_to_be_in_set" or column not in values:
+            continue
+        if not isinstance(allowed, list) or values[column] in allowed:
+            continue
+        allowed = [str(a) for a in allowed]
+        close = difflib.get_close_matches(values[column], allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        at = f"line {lines[column]}: " if column in lines else ""
+        problems.append(
+            f"{mapping.source_path}: {at}metadata.{column}: {values[column]!r} is not an allowed "
+            f"value; {hint}Fix: use one of {allowed} (the rows suite's allowed set, in "
+            f"{exp.origin}), or add the value there."
+        )
+    return problems
+
+
+def _metadata_lines(mapping: SourceMapping) -> dict[str, int]:
+    try:
+        text = Path(mapping.source_path).read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    return {k[1]: v for k, v in yaml_lines(text).items() if len(k) == 2 and k[0] == "metadata"}
