@@ -285,3 +285,93 @@ def publish_round(
     )
     run_lock.heartbeat(exchange, plan.run_id)
     return key
+
+
+def status(cfg: FederationConfig) -> str:
+    """Where a federation stands, for a person: last round, its adapter, the lock."""
+    from cloudfed import run_lock
+    from cloudfed.coordinator import coordinator_keys
+    from cloudfed.exchange import federation_exchange
+
+    exchange = federation_exchange(cfg)
+    last = History(exchange, coordinator_keys(cfg, exchange), cfg.federation_id).latest()
+    lines = [f"federation {cfg.federation_id} on {exchange.fs.unstrip_protocol(exchange.root)}"]
+    if last is None:
+        lines.append("no round published yet: the next run starts from the base model")
+    else:
+        lines.append(f"at {describe(last, exchange)}, published by run {last.run_id}")
+        left = cfg.rounds - last.round
+        lines.append(
+            f"rounds: {cfg.rounds} in total, {max(left, 0)} left for the next run"
+            + ("" if left > 0 else " (raise rounds to train further, or start over)")
+        )
+    holder = run_lock.read_lock(exchange)
+    lines.append(
+        "lock: free"
+        if holder is None
+        else f"lock: held by run {holder.run_id} (pid {holder.pid} on {holder.host}, "
+        f"heartbeat {holder.heartbeat_at})"
+    )
+    return "\n".join(lines)
+
+
+def _start_over_config(config: str, out: str) -> None:
+    """A copy of the run config with start_over: true.
+
+    One run starts over; later runs with the original config continue the new generation.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    doc = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    doc["parameters"]["federation"]["start_over"] = True
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    print(f"{out}: {config} with start_over: true")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from cloudfed.errors import CloudfedError
+    from cloudfed.federation import load_run_config
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cloudfed.federation_state",
+        description="Where a federation stands; clear a dead run's lock; start over.",
+    )
+    parser.add_argument("command", choices=["status", "unlock", "start-over-config"])
+    parser.add_argument("config", help="the run configuration (zenml pipeline run -c)")
+    parser.add_argument("--out", default=".cloudfed/start-over.yaml")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "start-over-config":
+            load_run_config(args.config)
+            _start_over_config(args.config, args.out)
+            return 0
+        cfg = load_run_config(args.config)
+        if args.command == "unlock":
+            from cloudfed import run_lock
+            from cloudfed.exchange import federation_exchange
+
+            exchange = federation_exchange(cfg)
+            holder = run_lock.read_lock(exchange)
+            if holder is None:
+                print(f"{cfg.federation_id}: not locked")
+                return 0
+            exchange.delete(run_lock.LOCK_KEY)
+            print(
+                f"{cfg.federation_id}: removed the lock of run {holder.run_id} (pid {holder.pid})"
+            )
+            return 0
+        print(status(cfg))
+        return 0
+    except CloudfedError as exc:
+        print(f"cloudfed: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -53,6 +53,7 @@ from cloudfed.privacy.noise import add_integer_noise, noisy_on_grid
 from cloudfed.privacy.party_level import calibration, ckks_grid, clip_update
 from cloudfed.protection import SealContext, open_sealed_with_metadata, seal
 from cloudfed.protection import payload as container
+from cloudfed.protection.commitments import keyed_seed
 from cloudfed.protection.encoding import (
     encode_secagg,
     flat_with_weight,
@@ -374,7 +375,10 @@ def _sealed_update(
             v: verified_advert(cfg, exchange, doc, local.round, v) for v in setup.graph[party.name]
         }
         specs = secagg_specs(cfg, len(setup.parties))
-        words, clipped = encode_secagg(seg, update, weight, specs)
+        # Rounding coins fixed by the round and the adapter trained from (see keyed_seed).
+        seed = keyed_seed(keys, "secagg-dither", f"{local.round}:{local.base_sha256}")
+        rng = np.random.Generator(np.random.PCG64(seed))
+        words, clipped = encode_secagg(seg, update, weight, specs, rng)
         if distributed:  # this party's share of the noise, before masking; the weight stays exact
             words[:-1] = add_integer_noise(words[:-1], cal.party_std / specs[0].step)
         masked = protocol.masked_input(setup, party.name, secrets, words, adverts, shared)

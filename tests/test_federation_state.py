@@ -249,3 +249,53 @@ def test_a_remote_holder_is_taken_over_only_after_its_heartbeat_expires(tmp_path
     )
     run_lock.acquire(ex, "a" * 32, federation_id="f", timeout_minutes=60)
     assert run_lock.read_lock(ex).run_id == "a" * 32
+
+
+def test_the_status_command_says_where_the_federation_stands(
+    tmp_path: Path, model_cache: Path, capsys
+) -> None:
+    import yaml
+
+    from cloudfed.federation_state import main
+
+    raw = federation_dict(tmp_path, model_cache, NAMES, rounds=3)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"parameters": {"federation": raw}}))
+    cfg = parse_federation(raw)
+    plan = _prepare(cfg)
+    _publish(cfg, plan, 1)
+    assert main(["status", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "at round 1 (generation 1)" in out and "2 left for the next run" in out
+    assert "lock: free" in out
+    run_lock.acquire(federation_exchange(cfg), "d" * 32, federation_id="x", timeout_minutes=1)
+    assert main(["status", str(config)]) == 0
+    assert f"lock: held by run {'d' * 32}" in capsys.readouterr().out
+    assert main(["unlock", str(config)]) == 0
+    assert run_lock.read_lock(federation_exchange(cfg)) is None
+    out = tmp_path / "start-over.yaml"
+    assert main(["start-over-config", str(config), "--out", str(out)]) == 0
+    doc = yaml.safe_load(out.read_text())
+    assert doc["parameters"]["federation"]["start_over"] is True
+    assert doc["parameters"]["federation"]["rounds"] == 3
+
+
+def test_a_retried_round_rounds_its_update_with_the_same_coins(tmp_path: Path) -> None:
+    """Two attempts at one round must not give two independent roundings of one update."""
+    import numpy as np
+
+    from cloudfed.protection.commitments import keyed_seed
+    from cloudfed.protection.secagg.quantize import QuantSpec, quantize
+
+    keys = load_or_create_keys("party", "alpha-aws", tmp_path / "a")
+    other = load_or_create_keys("party", "beta-gcp", tmp_path / "b")
+    spec = QuantSpec.for_parties(1.0, 3, 16)
+    x = np.linspace(-0.9, 0.9, 1001)
+
+    def words(k, context: str) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64(keyed_seed(k, "secagg-dither", context)))
+        return quantize(x, spec, rng)[0]
+
+    assert np.array_equal(words(keys, "1:abc"), words(keys, "1:abc"))
+    assert not np.array_equal(words(keys, "1:abc"), words(keys, "2:abc"))
+    assert not np.array_equal(words(keys, "1:abc"), words(other, "1:abc"))

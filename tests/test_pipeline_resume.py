@@ -40,7 +40,9 @@ ROUNDS = 3
 
 
 def _fed(work: Path, **overrides: Any) -> dict[str, Any]:
-    clouds = work / "clouds"
+    """Both federations use the same parties: their data, storage and keys (the keys fix the
+    secure-aggregation rounding coins, as they do for a party that retries a round)."""
+    clouds = work.parent / "clouds"
     if not clouds.exists():
         generate_demo(clouds, seed=31, train_rows=60, eval_rows=8)
     fed = federation(work, clouds, PARTIES, rounds=ROUNDS, **overrides)
@@ -90,15 +92,19 @@ def _adapter(work: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    project = make_project(tmp_path_factory.mktemp("resume-project") / "project")
-    straight = tmp_path_factory.mktemp("straight")
+    root = tmp_path_factory.mktemp("resume")
+    project = make_project(root / "project")
+    straight = root / "straight"
+    straight.mkdir()
     proc = run_pipeline(project, write_config(straight / "run.yaml", _fed(straight)))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
-    work = tmp_path_factory.mktemp("killed")
+    work = root / "killed"
+    work.mkdir()
     config = write_config(work / "run.yaml", _fed(work))
     exchange = work / "exchange" / FED
-    first_update = work / "clouds" / PARTIES[0] / "storage" / "updates" / "r0001.safetensors"
+    first_update = root / "clouds" / PARTIES[0] / "storage" / "updates" / "r0001.safetensors"
+    first_update.unlink()  # the straight run's: the kill waits for this run's
 
     def round_files(round: int, pattern: str) -> list[Path]:
         return list(exchange.glob(f"runs/*/r{round:04d}/{pattern}"))
