@@ -45,7 +45,7 @@ def _fed(work: Path, **overrides: Any) -> dict[str, Any]:
     clouds = work.parent / "clouds"
     if not clouds.exists():
         generate_demo(clouds, seed=31, train_rows=60, eval_rows=8)
-    fed = federation(work, clouds, PARTIES, rounds=ROUNDS, **overrides)
+    fed = federation(work, clouds, PARTIES, **{"rounds": ROUNDS, **overrides})
     fed["training"]["local_steps"] = 3
     return fed
 
