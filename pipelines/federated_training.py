@@ -20,7 +20,7 @@ from zenml.enums import ExecutionMode
 from cloudfed.artifacts import Rejection
 from cloudfed.errors import CloudfedError, ConfigError, DataError
 from cloudfed.federation import FederationConfig, parse_federation
-from cloudfed.party_policy import ConsentError
+from cloudfed.preflight import check_config
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
 from steps.evaluate import evaluate
@@ -130,6 +130,7 @@ def _evaluate_all(
 def federated_training(federation: dict[str, Any]) -> None:
     with _user_errors():
         cfg = parse_federation(federation, source=_config_source())
+        check_config(cfg, _config_source())  # what preflight refuses without a party's data
         tracker = _tracker()
 
         def coord(step: Any) -> Any:
@@ -139,14 +140,16 @@ def federated_training(federation: dict[str, Any]) -> None:
         federation, plan, current = coord(prepare_federation)(federation, id="prepare")
         parties = plan.load().parties
         datasets, excluded = {}, []
-        for p in parties:
-            try:
-                datasets[p] = _party_step(harmonize, cfg, p)(
-                    federation, p, plan, id=f"harmonize_{p}"
-                )
-            except (DataError, ConsentError) as exc:  # fails its contract, or refuses the run
-                logger.warning("party %s excluded: %s", p, exc)
-                excluded.append(Rejection(party=p, reason=f"excluded: {exc}"))
+        for p in parties:  # every party harmonises before any trains, so a stop costs nothing
+            ref = _party_step(harmonize, cfg, p)(federation, p, plan, id=f"harmonize_{p}")
+            outcome = ref.load()
+            if outcome.status == "config-error":  # missing or unfit file: stop, as preflight
+                raise ConfigError(outcome.message)
+            if outcome.ok:
+                datasets[p] = ref
+            else:  # fails its contract, or refuses the run
+                logger.warning("party %s excluded: %s", p, outcome.message)
+                excluded.append(Rejection(party=p, reason=f"excluded: {outcome.message}"))
         if len(datasets) < cfg.min_parties:
             raise DataError(
                 f"{len(datasets)} of {len(parties)} parties passed their data contracts, fewer "
