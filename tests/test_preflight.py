@@ -218,3 +218,11 @@ def test_contract_failure_is_a_data_outcome_and_refusal_excludes(
     assert "expect_column_values_to_be_in_set(domain)" in ref.message
     ok = _prepare(cfg, "hospital-aws", tmp_path)
     assert ok.status == "ok" and ok.message == "" and ok.rows_accepted > 0
+
+    fed["privacy"] = {"dp_sgd": {"hospital-aws": {"noise_multiplier": 1.0, "sample_rate": 0.1}}}
+    private = parse_federation(fed)
+    provision(private, force=True)
+    released = _prepare(private, "hospital-aws", tmp_path)  # under DP: redacted, still ok
+    assert released.ok and released.redacted and released.rows_accepted == 0
+    failed = _prepare(private, "bank-gcp", tmp_path)
+    assert failed.status == "data-failed" and "60 of 60" not in failed.message
