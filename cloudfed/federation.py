@@ -337,8 +337,15 @@ def load_run_config(path: str | Path) -> FederationConfig:
         ) from None
     params = doc.get("parameters") if isinstance(doc, dict) else None
     if not isinstance(params, dict) or "federation" not in params:
-        raise ConfigError(
-            f"{path}: parameters.federation is missing. Fix: add a 'parameters: federation:' "
-            "block as in configs/local.yaml."
+        typos = [
+            f"did you mean '{want}'? Rename '{found}' to '{want}'."
+            for keys, want in ((doc, "parameters"), (params, "federation"))
+            if isinstance(keys, dict)
+            for found in difflib.get_close_matches(want, [str(k) for k in keys], n=1)
+            if found != want
+        ]
+        fix = (
+            typos[0] if typos else "add a 'parameters: federation:' block as in configs/local.yaml."
         )
+        raise ConfigError(f"{path}: parameters.federation is missing. Fix: {fix}")
     return parse_federation(params["federation"], source=str(path))

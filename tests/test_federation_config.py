@@ -124,3 +124,19 @@ def test_multicloud_example_names_a_step_operator_per_party() -> None:
         "azure": "azureml_insurer",
     }
     assert cfg.exchange.startswith("s3://")
+
+
+@pytest.mark.parametrize(
+    ("text", "fix"),
+    [
+        ("paramters:\n  federation: {}\n", "did you mean 'parameters'? Rename 'paramters'"),
+        ("parameters:\n  federaton: {}\n", "did you mean 'federation'? Rename 'federaton'"),
+        ("enable_cache: false\n", "add a 'parameters: federation:' block"),
+    ],
+)
+def test_misspelt_parameters_block_gets_the_closest_key(tmp_path: Path, text, fix) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert str(err.value).startswith(f"{path}: parameters.federation is missing. Fix: {fix}")
