@@ -19,7 +19,7 @@ from zenml.enums import ExecutionMode
 
 from cloudfed.artifacts import Rejection
 from cloudfed.errors import CloudfedError, ConfigError, DataError
-from cloudfed.federation import FederationConfig, parse_federation
+from cloudfed.federation import FederationConfig, load_run_config, parse_federation
 from cloudfed.preflight import check_config
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
@@ -127,8 +127,11 @@ def _evaluate_all(
 
 
 @pipeline(dynamic=True, enable_cache=False, execution_mode=ExecutionMode.CONTINUE_ON_FAILURE)
-def federated_training(federation: dict[str, Any]) -> None:
+def federated_training(federation: dict[str, Any] | None = None) -> None:
+    # Optional only so that a misspelt `parameters:` block reaches preflight's message here.
     with _user_errors():
+        if federation is None:
+            load_run_config(_config_source())  # raises: parameters.federation is missing
         cfg = parse_federation(federation, source=_config_source())
         check_config(cfg, _config_source())  # what preflight refuses without a party's data
         tracker = _tracker()

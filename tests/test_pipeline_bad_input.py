@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from cloudfed.data.demo import generate_demo
 from tests.e2e_support import (
@@ -100,11 +102,7 @@ REFUSED: dict[str, Callable[[dict[str, Any], dict], list[str]]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(REFUSED))
-def test_rejected_config_matrix_stops_like_preflight(setup: dict, case: str) -> None:
-    fed = federation(setup["work"], setup["clouds"], PARTIES)
-    expected = REFUSED[case](fed, setup)
-    config = write_config(setup["work"] / f"{case}.yaml", fed)
+def _assert_refused_like_preflight(setup: dict, config: Path, expected: list[str]) -> None:
     pre = subprocess.run(
         [str(BIN / "python"), "-m", "cloudfed.preflight", str(config)],
         cwd=setup["project"],
@@ -124,6 +122,23 @@ def test_rejected_config_matrix_stops_like_preflight(setup: dict, case: str) -> 
     assert proc.returncode == 2, out[-4000:]
     assert message in out, f"preflight said:\n{message}\npipeline said:\n{out[-4000:]}"
     _assert_stopped_before_training(out, setup)
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_rejected_config_matrix_stops_like_preflight(setup: dict, case: str) -> None:
+    fed = federation(setup["work"], setup["clouds"], PARTIES)
+    expected = REFUSED[case](fed, setup)
+    config = write_config(setup["work"] / f"{case}.yaml", fed)
+    _assert_refused_like_preflight(setup, config, expected)
+
+
+def test_misspelt_parameters_block_stops_like_preflight(setup: dict) -> None:
+    """ZenML passes no parameters from a misspelt block; the pipeline then reads the file."""
+    fed = federation(setup["work"], setup["clouds"], PARTIES)
+    config = setup["work"] / "paramters.yaml"
+    config.write_text(yaml.safe_dump({"enable_cache": False, "paramters": {"federation": fed}}))
+    expected = ["parameters.federation is missing. Fix: did you mean 'parameters'?"]
+    _assert_refused_like_preflight(setup, config, expected)
 
 
 def test_negative_learning_rate(setup: dict) -> None:
@@ -151,8 +166,6 @@ def test_mapping_names_unknown_column(setup: dict) -> None:
 
 def test_launcher_cannot_point_parties_at_policies_of_its_own(setup: dict) -> None:
     """A run config may set environment variables for every step; a party refuses CLOUDFED_*."""
-    import yaml
-
     fed = federation(setup["work"], setup["clouds"], PARTIES)
     evil = setup["work"] / "launcher-policies"
     config = setup["work"] / "evil_env.yaml"
