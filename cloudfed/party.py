@@ -28,8 +28,9 @@ from cloudfed.artifacts import (
     LocalUpdateRef,
     PartyEval,
 )
-from cloudfed.data.ref import DatasetRef, redact
-from cloudfed.errors import DataError, ProtectionError, SimulatedDropout
+from cloudfed.data.ref import DatasetRef, redact, unavailable
+from cloudfed.data.tokens import TokenCounter
+from cloudfed.errors import CloudfedError, DataError, ProtectionError, SimulatedDropout
 from cloudfed.exchange import (
     Exchange,
     federation_exchange,
@@ -139,6 +140,48 @@ def release_dataset(cfg: FederationConfig, party: PartyConfig, ref: DatasetRef) 
         keyed_digest(keys, ref.train_sha256, "harmonised data"),
         keyed_digest(keys, ref.eval_sha256, "harmonised data"),
     )
+
+
+def prepare_dataset(
+    cfg: FederationConfig,
+    party: PartyConfig,
+    plan: FederationPlan | None,
+    *,
+    root: Path,
+    run_id: str,
+    count_tokens: TokenCounter,
+) -> DatasetRef:
+    """Consent, check the source as preflight does, harmonise, release: the outcome as a status.
+
+    A missing file or a mapping that does not fit is a configuration error, found by the same
+    check preflight runs (so the message is the same) and reported before a row is harmonised;
+    rows failing their contract are a data outcome. Only the status tells the two apart once the
+    step has run on a remote step operator, so nothing here raises them.
+    """
+    from cloudfed.data.harmonize import harmonize_party
+    from cloudfed.preflight import check_party_source
+
+    private = cfg.privacy.protects_records
+    try:
+        consent(cfg, party, plan)  # before reading a row: is this round acceptable?
+    except ConsentError as exc:
+        return unavailable(party.name, "refused", str(exc))
+    try:
+        check_party_source(cfg, party, root, private=private)
+    except CloudfedError as exc:
+        return unavailable(party.name, "config-error", str(exc))
+    try:
+        ref = harmonize_party(
+            party,
+            root=root,
+            contracts_dir=Path(cfg.contracts_dir),
+            count_tokens=count_tokens,
+            run_id=run_id,
+            private=private,
+        )
+    except DataError as exc:
+        return unavailable(party.name, "data-failed", str(exc))
+    return release_dataset(cfg, party, ref)
 
 
 class LocalUpdateRecord(BaseModel):

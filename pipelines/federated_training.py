@@ -19,8 +19,8 @@ from zenml.enums import ExecutionMode
 
 from cloudfed.artifacts import Rejection
 from cloudfed.errors import CloudfedError, ConfigError, DataError
-from cloudfed.federation import FederationConfig, parse_federation
-from cloudfed.party_policy import ConsentError
+from cloudfed.federation import FederationConfig, load_run_config, parse_federation
+from cloudfed.preflight import check_config
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
 from steps.evaluate import evaluate
@@ -127,9 +127,13 @@ def _evaluate_all(
 
 
 @pipeline(dynamic=True, enable_cache=False, execution_mode=ExecutionMode.CONTINUE_ON_FAILURE)
-def federated_training(federation: dict[str, Any]) -> None:
+def federated_training(federation: dict[str, Any] | None = None) -> None:
+    # Optional only so that a misspelt `parameters:` block reaches preflight's message here.
     with _user_errors():
+        if federation is None:
+            load_run_config(_config_source())  # raises: parameters.federation is missing
         cfg = parse_federation(federation, source=_config_source())
+        check_config(cfg, _config_source())  # what preflight refuses without a party's data
         tracker = _tracker()
 
         def coord(step: Any) -> Any:
@@ -173,14 +177,16 @@ def _run_rounds(
             return
         parties = planned.parties
         datasets, excluded = {}, []
-        for p in parties:
-            try:
-                datasets[p] = _party_step(harmonize, cfg, p)(
-                    federation, p, plan, id=f"harmonize_{p}"
-                )
-            except (DataError, ConsentError) as exc:  # fails its contract, or refuses the run
-                logger.warning("party %s excluded: %s", p, exc)
-                excluded.append(Rejection(party=p, reason=f"excluded: {exc}"))
+        for p in parties:  # every party harmonises before any trains, so a stop costs nothing
+            ref = _party_step(harmonize, cfg, p)(federation, p, plan, id=f"harmonize_{p}")
+            outcome = ref.load()
+            if outcome.status == "config-error":  # missing or unfit file: stop, as preflight
+                raise ConfigError(outcome.message)
+            if outcome.ok:
+                datasets[p] = ref
+            else:  # fails its contract, or refuses the run
+                logger.warning("party %s excluded: %s", p, outcome.message)
+                excluded.append(Rejection(party=p, reason=f"excluded: {outcome.message}"))
         if len(datasets) < cfg.min_parties:
             raise DataError(
                 f"{len(datasets)} of {len(parties)} parties passed their data contracts, fewer "

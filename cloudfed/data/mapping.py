@@ -419,16 +419,26 @@ def load_party_mapping(party: PartyConfig, root: Path) -> SourceMapping:
     """Load a party's mapping and check it was written for that party."""
     mapping = load_mapping(root / party.mapping)
     if mapping.party != party.name:
+        typo = difflib.get_close_matches(party.name, [mapping.party], n=1, cutoff=0.75)
+        meant = (
+            f"if the party is {mapping.party!r}, correct parties[{party.name}].name; otherwise "
+            if typo
+            else ""
+        )
         raise DataError(
             f"{mapping.source_path}: party: {mapping.party!r} but the run configuration uses this "
-            f"file for party {party.name!r}. Fix: point parties[{party.name}].mapping at the "
-            "party's own mapping file or correct `party`."
+            f"file for party {party.name!r}. Fix: {meant}point parties[{party.name}].mapping at "
+            "the party's own mapping file or correct `party`."
         )
     return mapping
 
 
-def check_source(party: PartyConfig, root: Path) -> None:
-    """Preflight a party's raw exports against its mapping, reading only the first rows."""
+def check_source_files(party: PartyConfig, root: Path) -> SourceMapping:
+    """What can be checked of a party's source without reading a record.
+
+    The mapping is valid and the party's own, and each raw file exists in the format the mapping
+    names. Nothing in its messages depends on the data, so they may reach the coordinator under DP.
+    """
     mapping = load_party_mapping(party, root)
     for split in ("train", "eval"):
         raw_path = root / getattr(party.raw, split)
@@ -438,6 +448,13 @@ def check_source(party: PartyConfig, root: Path) -> None:
                 f"Fix: {missing_file_fix(raw_path)}."
             )
         check_format(raw_path, mapping)
+    return mapping
+
+
+def check_source_rows(party: PartyConfig, root: Path, mapping: SourceMapping) -> None:
+    """Read the first rows of each raw file and check that the mapping finds what it reads."""
+    for split in ("train", "eval"):
+        raw_path = root / getattr(party.raw, split)
         head = load_raw(
             raw_path,
             mapping.format,
@@ -482,3 +499,8 @@ def _metadata_lines(mapping: SourceMapping) -> dict[str, int]:
     except OSError:
         return {}
     return {k[1]: v for k, v in yaml_lines(text).items() if len(k) == 2 and k[0] == "metadata"}
+
+
+def check_source(party: PartyConfig, root: Path) -> None:
+    """Preflight a party's raw exports against its mapping, reading only the first rows."""
+    check_source_rows(party, root, check_source_files(party, root))
