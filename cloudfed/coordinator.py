@@ -62,7 +62,7 @@ def prepare(cfg: FederationConfig, *, source: str = "the run configuration") -> 
     `cloudfed.federation_state`), after checking that nothing defining the model changed.
     """
     from cloudfed import run_lock
-    from cloudfed.federation_state import History, Lineage, RoundRecord, check_continues
+    from cloudfed.federation_state import Lineage, RoundRecord, check_continues, history_of
     from cloudfed.training.local import initial_adapter
 
     exchange = federation_exchange(cfg)
@@ -78,7 +78,7 @@ def prepare(cfg: FederationConfig, *, source: str = "the run configuration") -> 
         state = initial_adapter(model_path, cfg.lora, seed=cfg.seed)
         layout = route(cfg.protection, shapes_of(state))
         lineage = Lineage.of(cfg, layout.policy_sha256)
-        history = History(exchange, keys, cfg.federation_id)
+        history = history_of(cfg, exchange, keys)
         last = None if cfg.start_over else history.latest()
         if last is None:
             start = publish_global(exchange, 0, state, run_id)

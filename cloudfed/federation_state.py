@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -104,6 +105,11 @@ class RoundRecord(BaseModel):
     published_at: str = ""
 
 
+def history_of(cfg: FederationConfig, exchange: Exchange, keys: KeyPairs) -> History:
+    """The federation's history as its coordinator reads it (with its own high-water mark)."""
+    return History(exchange, keys, cfg.federation_id, cfg.coordinator_dir / "history_head.json")
+
+
 def record_key(generation: int, round: int) -> str:
     return f"{HISTORY}/g{generation:04d}/r{round:04d}.signed"
 
@@ -119,8 +125,58 @@ def _context(federation_id: str, round: int):
 class History:
     """The federation's round records on the exchange, as its coordinator reads and writes them."""
 
-    def __init__(self, exchange: Exchange, keys: KeyPairs, federation_id: str) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        keys: KeyPairs,
+        federation_id: str,
+        head_file: Path | None = None,
+    ) -> None:
+        """`head_file`, in the coordinator's own storage, is the newest record it has seen.
+
+        The exchange is untrusted: without it, deleting the newest records (or a generation)
+        would roll the federation back unnoticed, and a later run could publish a second,
+        equally signed version of a round.
+        """
         self.exchange, self.keys, self.federation_id = exchange, keys, federation_id
+        self.head_file = head_file
+
+    def _seen(self) -> tuple[int, int, str] | None:
+        if self.head_file is None or not self.head_file.exists():
+            return None
+        doc = json.loads(self.head_file.read_text(encoding="utf-8"))
+        return int(doc["generation"]), int(doc["round"]), str(doc["sha256"])
+
+    def _remember(self, generation: int, round: int, digest: str) -> None:
+        if self.head_file is None:
+            return
+        seen = self._seen()
+        if seen is not None and (seen[0], seen[1]) > (generation, round):
+            return
+        self.head_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.head_file.with_name(f".{self.head_file.name}.tmp")
+        doc = {"generation": generation, "round": round, "sha256": digest}
+        tmp.write_text(json.dumps(doc), encoding="utf-8")
+        tmp.replace(self.head_file)
+
+    def _check_against_seen(self, generation: int, digests: dict[int, str]) -> None:
+        seen = self._seen()
+        if seen is None:
+            return
+        g, r, digest = seen
+        where = f"{self.exchange.url(HISTORY)} (the coordinator last saw {self.head_file})"
+        if (generation, max(digests)) < (g, r):
+            raise ProtectionError(
+                f"{where}: the history ends at generation {generation} round {max(digests)}, "
+                f"before generation {g} round {r} that this coordinator published or read: "
+                "records were removed (rolled back). Fix: restore them from a backup"
+            )
+        at = digests.get(r) if generation == g else self.read(g, r)[1]
+        if at != digest:
+            raise ProtectionError(
+                f"{where}: generation {g} round {r} is not the record this coordinator saw "
+                "(replaced). Fix: restore the original record"
+            )
 
     def _index(self) -> dict[int, list[int]]:
         found: dict[int, list[int]] = {}
@@ -160,6 +216,12 @@ class History:
         """The newest generation's last round, checked back to its round 0 through the chain."""
         index = self._index()
         if not index:
+            if self._seen() is not None:
+                raise ProtectionError(
+                    f"{self.exchange.url(HISTORY)}: no round records, but this coordinator saw "
+                    f"some ({self.head_file}): the history was removed. Fix: restore it, or "
+                    "delete that file to start the federation anew"
+                )
             return None
         generation = max(index)
         rounds = index[generation]
@@ -171,6 +233,7 @@ class History:
             )
         previous: str | None = None
         record = None
+        digests: dict[int, str] = {}
         for r in rounds:
             record, digest = self.read(generation, r)
             if record.previous_sha256 != previous:
@@ -178,7 +241,10 @@ class History:
                     f"{self.exchange.url(record_key(generation, r))}: its chain does not pass "
                     "through the record before it"
                 )
-            previous = digest
+            previous = digests[r] = digest
+        self._check_against_seen(generation, digests)
+        assert record is not None and previous is not None
+        self._remember(generation, record.round, previous)
         return record
 
     def next_generation(self) -> int:
@@ -203,8 +269,16 @@ class History:
             sender=self.keys,
         )
         key = record_key(record.generation, record.round)
+        seen = self._seen()
+        if seen is not None and (record.generation, record.round) <= (seen[0], seen[1]):
+            raise ProtectionError(
+                f"{self.exchange.url(key)}: this coordinator already published or read "
+                f"generation {seen[0]} round {seen[1]}; it does not publish round {record.round} "
+                f"of generation {record.generation} again"
+            )
         try:
             self.exchange.put_bytes(key, blob, exclusive=True)
+            self._remember(record.generation, record.round, hashlib.sha256(blob).hexdigest())
         except FileExistsError:
             raise ProtectionError(
                 f"{self.exchange.url(key)}: round {record.round} of generation "
@@ -272,7 +346,7 @@ def publish_round(
 
     exchange = federation_exchange(cfg)
     keys = coordinator_keys(cfg, exchange)
-    key = History(exchange, keys, cfg.federation_id).publish(
+    key = history_of(cfg, exchange, keys).publish(
         RoundRecord(
             federation_id=cfg.federation_id,
             generation=plan.generation,
@@ -294,7 +368,7 @@ def status(cfg: FederationConfig) -> str:
     from cloudfed.exchange import federation_exchange
 
     exchange = federation_exchange(cfg)
-    last = History(exchange, coordinator_keys(cfg, exchange), cfg.federation_id).latest()
+    last = history_of(cfg, exchange, coordinator_keys(cfg, exchange)).latest()
     lines = [f"federation {cfg.federation_id} on {exchange.fs.unstrip_protocol(exchange.root)}"]
     if last is None:
         lines.append("no round published yet: the next run starts from the base model")

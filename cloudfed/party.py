@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -251,6 +252,7 @@ def train_round(
             model_path,
             seed,
             rounds_this_run,
+            plan.run_id if plan is not None else "no-run",
         )
     delta, metrics = train_local(
         model_path,
@@ -364,6 +366,7 @@ def _train_dp_sgd(
     model_path: str,
     seed: int,
     rounds_this_run: int,
+    plan_run_id: str,
 ) -> LocalUpdateRef:
     """DP-SGD under the party's own ledger: charged before training, never twice per round.
 
@@ -402,47 +405,65 @@ def _train_dp_sgd(
             f"epsilon={planned:.4g} of its record-level budget, above "
             f"dp_sgd.max_epsilon_per_run={per_run:g} in {loaded.path}"
         )
-    entry_id = f"{cfg.federation_id}/{global_ref.run_id or 'no-run'}/r{round:04d}"
-    path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
+    base_id = f"{cfg.federation_id}/{global_ref.run_id or 'no-run'}/r{round:04d}"
     ledger_file = party_ledger.ledger_path(loaded.state_dir)
-    ledger, charged = party_ledger.reserve(
-        ledger_file,
-        party=party.name,
-        delta=dp.delta,
-        max_epsilon=dp_sgd_cap(cfg, loaded),
-        entry_id=entry_id,
-        round=round,
-        event=event,
-    )
-    kept = _record_path(str(path))
-    if charged and kept.exists():  # a retried step: hand back the update already paid for
-        record = LocalUpdateRecord.model_validate_json(kept.read_text(encoding="utf-8"))
-        if record.base_sha256 == global_ref.sha256 and record.train.get("dp_sgd_entry") == entry_id:
+
+    def update_path(entry_id: str) -> Path:  # one file per attempt: no attempt overwrites another
+        return Path(party.storage) / "updates" / f"r{round:04d}-{_sha256(entry_id.encode())[:12]}"
+
+    def kept(entry: Any) -> bool:
+        record_file = update_path(entry.id).with_suffix(".json")
+        if not record_file.exists():
+            return False
+        record = LocalUpdateRecord.model_validate_json(record_file.read_text(encoding="utf-8"))
+        return record.base_sha256 == global_ref.sha256 and record.train.get("dp_sgd_entry") == (
+            entry.id
+        )
+
+    with party_ledger.training_lock(loaded.state_dir, party.name):
+        ledger, entry, hand_back = party_ledger.attempt(
+            ledger_file,
+            party=party.name,
+            delta=dp.delta,
+            max_epsilon=dp_sgd_cap(cfg, loaded),
+            base_id=base_id,
+            run_id=plan_run_id,
+            round=round,
+            event=event,
+            kept=kept,
+        )
+        path = update_path(entry.id).with_suffix(".safetensors")
+        if hand_back:  # a retry from the same adapter: the update already paid for, unchanged
+            record = LocalUpdateRecord.model_validate_json(
+                path.with_suffix(".json").read_text(encoding="utf-8")
+            )
             return _released(cfg, keys, record)
-    delta, metrics, run = train_local_dp(
-        model_path,
-        global_state,
-        rows,
-        training=cfg.training,
-        lora=cfg.lora,
-        seed=seed,
-        noise_multiplier=z,
-        max_grad_norm=dp.max_grad_norm,
-        sample_rate=sample_rate,
-        desc=f"{party.name} r{round} DP-SGD",
-    )
-    party_ledger.mark_spent(ledger_file, ledger, entry_id)
-    train = {
-        **metrics.as_dict(),
-        "dp_sgd_entry": entry_id,
-        "dp_sgd_epsilon": ledger.epsilon(),
-        "dp_sgd_delta": dp.delta,
-        "dp_sgd_noise_multiplier": z,
-        "dp_sgd_sample_rate": sample_rate,
-        "dp_sgd_max_grad_norm": dp.max_grad_norm,
-        "dp_sgd_empty_batches": run.empty_batches,
-    }
-    return _keep_update(cfg, party, keys, round, path, delta, global_ref, metrics.examples, train)
+        delta, metrics, run = train_local_dp(
+            model_path,
+            global_state,
+            rows,
+            training=cfg.training,
+            lora=cfg.lora,
+            seed=seed,
+            noise_multiplier=z,
+            max_grad_norm=dp.max_grad_norm,
+            sample_rate=sample_rate,
+            desc=f"{party.name} r{round} DP-SGD",
+        )
+        party_ledger.mark_spent(ledger_file, ledger, entry.id)
+        train = {
+            **metrics.as_dict(),
+            "dp_sgd_entry": entry.id,
+            "dp_sgd_epsilon": ledger.epsilon(),
+            "dp_sgd_delta": dp.delta,
+            "dp_sgd_noise_multiplier": z,
+            "dp_sgd_sample_rate": sample_rate,
+            "dp_sgd_max_grad_norm": dp.max_grad_norm,
+            "dp_sgd_empty_batches": run.empty_batches,
+        }
+        return _keep_update(
+            cfg, party, keys, round, path, delta, global_ref, metrics.examples, train
+        )
 
 
 def evaluate_round(

@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 LOCK_KEY = "lock.json"
 
 
+class LockLost(ConfigError):
+    """Another run took the federation over (or the lock was removed by hand)."""
+
+
 class LockHolder(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -82,20 +86,21 @@ def read_lock(exchange: Exchange) -> LockHolder | None:
         return LockHolder.model_validate_json(exchange.get_bytes(LOCK_KEY))
     except FileNotFoundError:
         return None
-    except ValueError:  # unreadable: treat as held by nobody we can name, refuse below
-        return LockHolder(
-            run_id="unreadable", host="?", pid=0, started_at="", heartbeat_at=_now().isoformat()
-        )
+    except ValueError:  # unreadable (the exchange is untrusted): nobody can be holding it
+        return LockHolder(run_id="unreadable", host="?", pid=0, started_at="", heartbeat_at="")
 
 
 def _stale(holder: LockHolder, timeout_minutes: float) -> str | None:
     """Why the holder is gone, or None when it may still be running."""
-    if holder.host == socket.gethostname() and holder.pid > 0 and not _alive(holder):
-        return f"its process {holder.pid} on {holder.host} no longer runs"
+    if holder.run_id == "unreadable":
+        return "the lock file is unreadable"
+    if holder.host == socket.gethostname() and holder.pid > 0:  # here, liveness is certain
+        alive = _alive(holder)
+        return None if alive else f"its process {holder.pid} on {holder.host} no longer runs"
     try:
         beat = dt.datetime.fromisoformat(holder.heartbeat_at)
     except ValueError:
-        return None
+        return "its heartbeat is unreadable"
     age = (_now() - beat).total_seconds() / 60
     if age > timeout_minutes:
         return f"no heartbeat for {age:.0f} min (lock_timeout_minutes={timeout_minutes:g})"
@@ -135,10 +140,14 @@ def acquire(exchange: Exchange, run_id: str, *, federation_id: str, timeout_minu
 
 
 def heartbeat(exchange: Exchange, run_id: str) -> None:
-    """Refresh the holder's heartbeat, so a long run on another machine is not taken over."""
+    """Refresh the heartbeat; a run that lost its lock stops instead of racing the new holder."""
     holder = read_lock(exchange)
     if holder is None or holder.run_id != run_id:
-        return
+        raise LockLost(
+            f"run {run_id} no longer holds {exchange.url(LOCK_KEY)} (now: "
+            f"{'nobody' if holder is None else 'run ' + holder.run_id}); it stops here rather "
+            "than publish rounds another run is also training"
+        )
     beat = holder.model_copy(update={"heartbeat_at": _now().isoformat(timespec="seconds")})
     exchange.put_bytes(LOCK_KEY, beat.model_dump_json().encode())
 

@@ -312,6 +312,9 @@ def upload(
         )
         _write_owner_only(kept, blob)
         _write_owner_only(kept_view, view)
+        _write_owner_only(
+            _secret_path(party, local.round, plan.run_id, "base"), local.base_sha256.encode()
+        )
     key = update_key(plan.run_id, local.round, party.name)
     exchange.put_bytes(key, blob)
     return SealedUpdateRef(
@@ -375,8 +378,11 @@ def _sealed_update(
             v: verified_advert(cfg, exchange, doc, local.round, v) for v in setup.graph[party.name]
         }
         specs = secagg_specs(cfg, len(setup.parties))
-        # Rounding coins fixed by the round and the adapter trained from (see keyed_seed).
-        seed = keyed_seed(keys, "secagg-dither", f"{local.round}:{local.base_sha256}")
+        # Rounding coins fixed by the update itself (see keyed_seed): the same value always rounds
+        # the same way, and different values get independent coins.
+        seed = keyed_seed(
+            keys, "secagg-dither", f"{cfg.federation_id}:{local.round}:{record.sha256}"
+        )
         rng = np.random.Generator(np.random.PCG64(seed))
         words, clipped = encode_secagg(seg, update, weight, specs, rng)
         if distributed:  # this party's share of the noise, before masking; the weight stays exact
@@ -454,7 +460,10 @@ def reveal_shares(
         share = protocol.Share.model_validate_json(opened.payload)
         protocol.check_share(setup, share, owner=owner, holder=party.name)
         held[owner] = share
+    across = _reveal_across_runs(cfg, party, plan, roster.round, uploaded)
     reveals = protocol.reveal(setup, party.name, held, shared, uploaded)
+    if across is not None:
+        _write_owner_only(across, json.dumps(sorted(uploaded)).encode())
     _write_owner_only(answered, view)
     body = json.dumps({o: r.model_dump() for o, r in reveals.items()}).encode()
     context = stage_context(cfg, roster.round, party.name, REVEAL, run_id=plan.run_id)
@@ -462,6 +471,37 @@ def reveal_shares(
     key = secagg_reveal_key(plan.run_id, roster.round, party.name)
     exchange.put_bytes(key, blob)
     return _stage_ref(party.name, roster.round, "unmask", key, blob, keys, start)
+
+
+def _reveal_across_runs(
+    cfg: FederationConfig, party: PartyConfig, plan: FederationPlan, round: int, uploaded: list[str]
+) -> Path | None:
+    """Where this party records whom it unmasked a round for, across every run that retries it.
+
+    A round retried from the same global adapter sends the same updates again (seeded training,
+    or DP-SGD handing back the update it paid for). Two opened sums over different survivor sets
+    would then difference to the missing parties' updates exactly, so a party unmasks a round of
+    one base adapter for one survivor set only.
+    """
+    base_file = _secret_path(party, round, plan.run_id, "base")
+    if not base_file.exists():  # no update of ours in this round: nothing of ours repeats
+        return None
+    base = base_file.read_text(encoding="utf-8")
+    path = (
+        Path(party.storage)
+        / "secagg"
+        / "revealed"
+        / cfg.federation_id
+        / f"g{plan.generation:04d}-r{round:04d}-{base[:16]}.json"
+    )
+    if path.exists() and json.loads(path.read_text(encoding="utf-8")) != sorted(uploaded):
+        raise ProtectionError(
+            f"{party.name} already unmasked round {round} from this global adapter for "
+            f"survivors {json.loads(path.read_text(encoding='utf-8'))}, in an earlier run; "
+            f"unmasking it for {sorted(uploaded)} would let the two sums be differenced to an "
+            "update. It reveals nothing for this attempt"
+        )
+    return path
 
 
 def _ckks_secret_path(party: PartyConfig, run_id: str, round: int) -> Path:

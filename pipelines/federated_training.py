@@ -157,6 +157,13 @@ def _release_lock(cfg: FederationConfig, run_id: str) -> None:
     run_lock.release(federation_exchange(cfg), run_id)
 
 
+def _heartbeat(cfg: FederationConfig, run_id: str) -> None:
+    from cloudfed import run_lock
+    from cloudfed.exchange import federation_exchange
+
+    run_lock.heartbeat(federation_exchange(cfg), run_id)
+
+
 def _run_rounds(
     cfg: FederationConfig, coord: Any, federation: Any, plan: Any, current: Any, planned: Any
 ) -> None:
@@ -210,6 +217,7 @@ def _run_rounds(
         stop_reason = f"round limit ({cfg.rounds}) reached"
         protection = planned.protection.get("tensors", {})
         for r in range(start + 1, cfg.rounds + 1):
+            _heartbeat(cfg, planned.run_id)  # stops here if another run took the lock over
             if cfg.privacy.enabled:  # charged before anyone trains; refused means stop cleanly
                 reservation = coord(privacy_reserve)(
                     federation, r, plan, parties, id=f"privacy_reserve_r{r}"

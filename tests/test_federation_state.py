@@ -46,7 +46,11 @@ def _publish(cfg, plan, round: int) -> None:
     exchange = federation_exchange(cfg)
     state = load_global(exchange, plan.initial_adapter)
     new = publish_global(exchange, round, {k: v + round for k, v in state.items()}, plan.run_id)
-    publish_round(cfg, plan, new, plan.protection["policy_sha256"])
+    run_lock.acquire(exchange, plan.run_id, federation_id="f", timeout_minutes=60)
+    try:  # as in a pipeline: the run holds the lock while it publishes
+        publish_round(cfg, plan, new, plan.protection["policy_sha256"])
+    finally:
+        run_lock.release(exchange, plan.run_id)
 
 
 def test_a_new_federation_starts_at_round_zero_and_a_rerun_continues(
@@ -299,3 +303,51 @@ def test_a_retried_round_rounds_its_update_with_the_same_coins(tmp_path: Path) -
     assert np.array_equal(words(keys, "1:abc"), words(keys, "1:abc"))
     assert not np.array_equal(words(keys, "1:abc"), words(keys, "2:abc"))
     assert not np.array_equal(words(keys, "1:abc"), words(other, "1:abc"))
+
+
+def test_the_exchange_cannot_roll_the_history_back(tmp_path: Path, model_cache: Path) -> None:
+    """Adversary: the untrusted exchange, deleting the newest record or a whole generation."""
+    cfg = _cfg(tmp_path, model_cache)
+    plan = _prepare(cfg)
+    _publish(cfg, plan, 1)
+    _publish(cfg, plan, 2)
+    root = Path(federation_exchange(cfg).root)
+    newest = root / record_key(1, 2)
+    kept = newest.read_bytes()
+    newest.unlink()  # the tail: the federation would "continue" at round 2 again
+    with pytest.raises(ProtectionError, match="rolled back"):
+        coordinator.prepare(cfg)
+    newest.write_bytes(kept)
+    assert _prepare(cfg).start_round == 2
+    again = _prepare(_cfg(tmp_path, model_cache, start_over=True))
+    assert again.generation == 2
+    for p in (root / "history" / "g0002").iterdir():  # a whole newer generation removed
+        p.unlink()
+    (root / "history" / "g0002").rmdir()
+    with pytest.raises(ProtectionError, match="rolled back"):
+        coordinator.prepare(cfg)
+
+
+def test_a_round_is_not_published_twice_even_after_its_record_vanished(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    cfg = _cfg(tmp_path, model_cache)
+    plan = _prepare(cfg)
+    _publish(cfg, plan, 1)
+    (Path(federation_exchange(cfg).root) / record_key(1, 1)).unlink()
+    with pytest.raises(ProtectionError, match="does not publish round 1 of generation 1 again"):
+        _publish(cfg, plan, 1)
+
+
+def test_a_live_local_holder_is_never_taken_over_and_a_displaced_run_stops(tmp_path: Path) -> None:
+    """Adversary: a launcher setting a tiny lock_timeout_minutes to run twice at once."""
+    ex = Exchange(str(tmp_path))
+    ex.put_bytes(run_lock.LOCK_KEY, _holder(os.getpid(), heartbeat_at="2020-01-01T00:00:00+00:00"))
+    with pytest.raises(ConfigError, match="is being run"):
+        run_lock.acquire(ex, "a" * 32, federation_id="f", timeout_minutes=0.001)
+    ex.put_bytes(run_lock.LOCK_KEY, b"\x00garbage")  # the exchange cannot hold it hostage
+    run_lock.acquire(ex, "a" * 32, federation_id="f", timeout_minutes=60)
+    run_lock.heartbeat(ex, "a" * 32)
+    ex.delete(run_lock.LOCK_KEY)  # removed by hand (make unlock) while the run goes on
+    with pytest.raises(run_lock.LockLost, match="no longer holds"):
+        run_lock.heartbeat(ex, "a" * 32)

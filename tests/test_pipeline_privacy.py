@@ -245,7 +245,7 @@ def test_rerun_refuses_a_round_past_the_budget_and_ends_cleanly(budget: dict[str
         updates = sorted(
             p.name for p in (budget["clouds"] / party / "storage" / "updates").glob("*.safetensors")
         )
-        assert updates == ["r0001.safetensors", "r0002.safetensors"], updates
+        assert [u[:5] for u in updates] == ["r0001", "r0002"], updates
     # No double spend: both copies of the ledger are exactly what the first run left.
     assert (coordinator / FED / "privacy" / "ledger.json").read_bytes() == first["ledger_bytes"]
     assert _ledger(coordinator) == first["ledger"]
