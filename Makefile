@@ -10,6 +10,12 @@ export ZENML_ANALYTICS_OPT_IN := false
 export ZENML_ENABLE_RICH_TRACEBACK := false
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
+# What `make run` prints: one progress line per round, the warnings to act on and the round
+# table; `make run V=1` (or CLOUDFED_LOG=full) prints the full ZenML step log. ZenML stores the
+# full step logs either way (cloudfed/console.py). Tests see the full log unless they ask.
+V ?= 0
+LOG_MODE := $(if $(filter 1,$(V)),full,$(or $(CLOUDFED_LOG),quiet))
+QUIET := $(if $(filter quiet,$(LOG_MODE)),>/dev/null,)
 
 .PHONY: run test setup browser stack demo-data policies preflight lint ui bench bench-env clean
 
@@ -26,7 +32,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 .zen: | setup
-	$(BIN)/zenml init
+	$(BIN)/zenml init $(QUIET)
 
 stack: setup .zen
 	@bash infra/register_local_stack.sh $(BIN) $(STACK)
@@ -42,8 +48,7 @@ preflight: setup
 	$(BIN)/python -m cloudfed.preflight $(CONFIG)
 
 run: stack demo-data policies preflight
-	$(BIN)/zenml pipeline run pipelines.federated_training.federated_training -c $(CONFIG)
-	@cat .cloudfed/coordinator/last_run/summary.txt
+	CLOUDFED_LOG=$(LOG_MODE) $(BIN)/zenml pipeline run pipelines.federated_training.federated_training -c $(CONFIG)
 	@echo "Results: MLflow (run 'make ui', then open http://127.0.0.1:5000), report files in .cloudfed/coordinator/last_run/"
 
 # Debian's chromium renders the GX Data Docs in the browser test; installed when missing.

@@ -17,6 +17,7 @@ from typing import Any
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
+from cloudfed import console
 from cloudfed.artifacts import Rejection
 from cloudfed.errors import CloudfedError, ConfigError, DataError
 from cloudfed.federation import FederationConfig, parse_federation
@@ -40,6 +41,7 @@ from steps.track import log_baseline, log_round, publish_report
 from steps.train import train_local
 
 logger = logging.getLogger("cloudfed")
+console.configure()  # `make run`: progress lines and warnings only (CLOUDFED_LOG=quiet)
 
 
 def _config_source() -> str:
@@ -131,6 +133,7 @@ def federated_training(federation: dict[str, Any]) -> None:
     with _user_errors():
         cfg = parse_federation(federation, source=_config_source())
         tracker = _tracker()
+        progress = console.Progress(cfg.rounds, len(cfg.active_parties))
 
         def coord(step: Any) -> Any:
             return step.with_options(experiment_tracker=tracker) if tracker else step
@@ -154,7 +157,9 @@ def federated_training(federation: dict[str, Any]) -> None:
                 + "\n".join(f"[{r.party}] {r.reason}" for r in excluded)
             )
         parties = list(datasets)
+        progress.harmonised(len(datasets))
         evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, 0)
+        progress.round_done(0, 0, 0, len(evals), 0)
         rows = [
             coord(log_baseline)(
                 federation,
@@ -272,4 +277,5 @@ def federated_training(federation: dict[str, Any]) -> None:
                     id=f"log_round_r{r}",
                 )
             )
+            progress.round_done(r, len(local), len(sealed), len(evals), len(dropped))
         coord(publish_report)(federation, rows, current, stop_reason, id="publish_report")
