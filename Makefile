@@ -15,6 +15,7 @@ export HF_HUB_OFFLINE := 1
 # full step logs either way (cloudfed/console.py). Tests see the full log unless they ask.
 V ?= 0
 LOG_MODE := $(if $(filter 1,$(V)),full,$(or $(CLOUDFED_LOG),quiet))
+# Quiet: no `zenml init` banner and no setuptools notice about editable installs either.
 QUIET := $(if $(filter quiet,$(LOG_MODE)),>/dev/null,)
 
 .PHONY: run test setup browser stack demo-data policies preflight lint ui bench bench-env clean
@@ -26,7 +27,7 @@ $(BIN)/python:
 # torch first, pinned: the CPU wheel on disk; a bare `torch` would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(WHEEL_LINKS) torch==2.13.0
-	$(BIN)/pip install --quiet $(WHEEL_LINKS) -e '.[dev]'
+	$(if $(QUIET),PYTHONWARNINGS=ignore::UserWarning )$(BIN)/pip install --quiet $(WHEEL_LINKS) -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
