@@ -15,25 +15,29 @@ export HF_HUB_OFFLINE := 1
 # full step logs either way (cloudfed/console.py). Tests see the full log unless they ask.
 V ?= 0
 LOG_MODE := $(if $(filter 1,$(V)),full,$(or $(CLOUDFED_LOG),quiet))
-# Quiet: no `zenml init` banner and no setuptools notice about editable installs either.
-QUIET := $(if $(filter quiet,$(LOG_MODE)),>/dev/null,)
+QUIET := $(filter quiet,$(LOG_MODE))
+# Quiet installs: pip's errors only (-qq; a pip.conf naming absent indexes warns once per
+# package), no setuptools notice about editable installs, and `zenml init`'s banner only if it fails.
+PIP_Q := $(if $(QUIET),-qq,--quiet)
+QUIETLY = $(if $(QUIET),out=$$($(1) 2>&1) || { echo "$$out"; exit 1; },$(1))
 
 .PHONY: run test setup browser stack demo-data policies preflight lint ui bench bench-env clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install $(PIP_Q) --upgrade pip
 
 # torch first, pinned: the CPU wheel on disk; a bare `torch` would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet $(WHEEL_LINKS) torch==2.13.0
-	$(if $(QUIET),PYTHONWARNINGS=ignore::UserWarning )$(BIN)/pip install --quiet $(WHEEL_LINKS) -e '.[dev]'
+	$(BIN)/pip install $(PIP_Q) $(WHEEL_LINKS) torch==2.13.0
+	$(if $(QUIET),PYTHONWARNINGS=ignore::UserWarning )$(BIN)/pip install $(PIP_Q) $(WHEEL_LINKS) -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
 
 .zen: | setup
-	$(BIN)/zenml init $(QUIET)
+	@echo "$(BIN)/zenml init"
+	@$(call QUIETLY,$(BIN)/zenml init)
 
 stack: setup .zen
 	@bash infra/register_local_stack.sh $(BIN) $(STACK)
