@@ -10,23 +10,34 @@ export ZENML_ANALYTICS_OPT_IN := false
 export ZENML_ENABLE_RICH_TRACEBACK := false
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
+# What `make run` prints: one progress line per round, the warnings to act on and the round
+# table; `make run V=1` (or CLOUDFED_LOG=full) prints the full ZenML step log. ZenML stores the
+# full step logs either way (cloudfed/console.py). Tests see the full log unless they ask.
+V ?= 0
+LOG_MODE := $(if $(filter 1,$(V)),full,$(or $(CLOUDFED_LOG),quiet))
+QUIET := $(filter quiet,$(LOG_MODE))
+# Quiet installs: pip's errors only (-qq; a pip.conf naming absent indexes warns once per
+# package), no setuptools notice about editable installs, and `zenml init`'s banner only if it fails.
+PIP_Q := $(if $(QUIET),-qq,--quiet)
+QUIETLY = $(if $(QUIET),out=$$($(1) 2>&1) || { echo "$$out"; exit 1; },$(1))
 
 .PHONY: run test setup browser stack demo-data policies preflight lint ui bench bench-env clean status start-over unlock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install $(PIP_Q) --upgrade pip
 
 # torch first, pinned: the CPU wheel on disk; a bare `torch` would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet $(WHEEL_LINKS) torch==2.13.0
-	$(BIN)/pip install --quiet $(WHEEL_LINKS) -e '.[dev]'
+	$(BIN)/pip install $(PIP_Q) $(WHEEL_LINKS) torch==2.13.0
+	$(if $(QUIET),PYTHONWARNINGS=ignore::UserWarning )$(BIN)/pip install $(PIP_Q) $(WHEEL_LINKS) -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
 
 .zen: | setup
-	$(BIN)/zenml init
+	@echo "$(BIN)/zenml init"
+	@$(call QUIETLY,$(BIN)/zenml init)
 
 stack: setup .zen
 	@bash infra/register_local_stack.sh $(BIN) $(STACK)
@@ -42,9 +53,8 @@ preflight: setup
 	$(BIN)/python -m cloudfed.preflight $(CONFIG)
 
 run: stack demo-data policies preflight
-	$(BIN)/zenml pipeline run pipelines.federated_training.federated_training -c $(CONFIG)
-	@cat .cloudfed/coordinator/last_run/summary.txt
-	@echo "Results: MLflow (run 'make ui', then open http://127.0.0.1:5000), report files in .cloudfed/coordinator/last_run/"
+	CLOUDFED_LOG=$(LOG_MODE) $(BIN)/zenml pipeline run pipelines.federated_training.federated_training -c $(CONFIG)
+	@echo "Results: MLflow (run 'make ui', then open http://127.0.0.1:5000), report files in .cloudfed/coordinator/<federation id>/last_run/"
 
 # Debian's chromium renders the GX Data Docs in the browser test; installed when missing.
 browser:

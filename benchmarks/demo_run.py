@@ -1,9 +1,11 @@
 """Benchmark the default demo: wall time, time per step kind, ZenML+MLflow overhead, tokens/s.
 
     .venv/bin/python benchmarks/demo_run.py [--config configs/local.yaml] [--project DIR]
+        [--console FILE]
 
 `--project` runs it in another ZenML project folder (a test runs the demo e2e through this
-benchmark on an isolated stack, so one pipeline run serves both).
+benchmark on an isolated stack, so one pipeline run serves both). `--console` keeps what the run
+printed (under `CLOUDFED_LOG=quiet`, what `make run` shows), so that test can read it too.
 
 Runs the real `zenml pipeline run` on the active stack (`make stack` first), then reads the run
 back from ZenML. A step's overhead is its wall time (ZenML start to end) minus the work inside it,
@@ -51,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/local.yaml")
     parser.add_argument("--project", type=Path, default=ROOT, help="the ZenML project to run in")
+    parser.add_argument("--console", type=Path, help="write the run's stdout and stderr here")
     args = parser.parse_args()
     env = dict(os.environ, ZENML_ANALYTICS_OPT_IN="false", NO_COLOR="1")
     zenml = str(Path(sys.executable).parent / "zenml")
@@ -70,6 +73,8 @@ def main() -> None:
         text=True,
     )
     total = time.perf_counter() - start
+    if args.console:
+        args.console.write_text(proc.stdout + proc.stderr, encoding="utf-8")
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
         raise SystemExit(proc.returncode)
@@ -101,6 +106,7 @@ def main() -> None:
         "pipeline_seconds": round(pipeline_s, 2),
         "cli_startup_and_teardown_seconds": round(total - pipeline_s, 2),
         "steps": len(overheads),
+        "console_lines": len((proc.stdout + proc.stderr).splitlines()),
         "seconds_per_step_kind": {
             k: {
                 "count": len(v),

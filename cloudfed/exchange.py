@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -65,14 +67,15 @@ def public_key_key(role: str, name: str) -> str:
 
 def federation_exchange(cfg: FederationConfig) -> Exchange:
     """Each federation gets its own prefix, so federations sharing an exchange never collide."""
-    return Exchange(f"{str(cfg.exchange).rstrip('/')}/{cfg.federation_id}")
+    return Exchange(f"{str(cfg.exchange).rstrip('/')}/{cfg.federation_id}", cfg.exchange_options)
 
 
 class Exchange:
     """Byte store rooted at a local path or fsspec URL; every key is validated first."""
 
-    def __init__(self, root: str) -> None:
-        self.fs, path = fsspec.core.url_to_fs(str(root))
+    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        """`storage_options` go to the fsspec backend (an S3-compatible store's endpoint_url)."""
+        self.fs, path = fsspec.core.url_to_fs(str(root), **dict(storage_options or {}))
         self.root = path.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
         if self._local:

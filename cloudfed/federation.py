@@ -12,18 +12,21 @@ import difflib
 import hashlib
 import inspect
 import json
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloudfed.errors import ConfigError
 from cloudfed.privacy.settings import PrivacySettings
 
 PARTY_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
+# Option names that carry credentials: the run configuration is read by the launcher and logged.
+_SECRET_OPTION = re.compile(r"secret|password|token|credential|connection_string|(^|_)(key|sas)$")
 
 
 class _Strict(BaseModel):
@@ -120,6 +123,9 @@ class FederationConfig(_Strict):
     base_model: str = BUILTIN_TINY_LLAMA
     model_cache: str = ".cloudfed/models"
     exchange: str = ".cloudfed/exchange"
+    # fsspec storage options of the exchange, e.g. {endpoint_url: ..., client_kwargs: {...}} for
+    # an S3-compatible store; credentials come from the runtime (role, env), never from here.
+    exchange_options: dict[str, Any] = Field(default_factory=dict)
     coordinator_storage: str = ".cloudfed/coordinator"
     contracts_dir: str = "data_contracts"
     # The federation's total: a run continues after the last published round and stops here.
@@ -139,6 +145,22 @@ class FederationConfig(_Strict):
     # Simulation only: make a party fail at a stage of every round (to rehearse dropout recovery).
     simulate_dropouts: dict[str, DropoutStage] = Field(default_factory=dict)
     parties: list[PartyConfig] = Field(min_length=1)
+
+    @field_validator("exchange_options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        def names(doc: Any) -> list[str]:
+            if not isinstance(doc, dict):
+                return []
+            return [str(k) for k in doc] + [n for v in doc.values() for n in names(v)]
+
+        secret = sorted({n for n in names(options) if _SECRET_OPTION.search(n.lower())})
+        if secret:
+            raise ValueError(
+                f"exchange_options {secret} look like credentials; the run configuration is seen "
+                "by the launcher and logged"
+            )
+        return options
 
     @model_validator(mode="after")
     def _check_parties(self) -> FederationConfig:
@@ -255,6 +277,9 @@ _FIXES: dict[str, str] = {
     "colluding": "use at least 1 and fewer than min_contributors (default 1)",
     "privacy": "see the privacy block of configs/local.yaml",
     "dp_sgd": "see the dp_sgd example in configs/local.yaml",
+    "exchange_options": "give the exchange credentials through its runtime (an IAM role, "
+    "workload identity, AWS_ACCESS_KEY_ID / GOOGLE_APPLICATION_CREDENTIALS / AZURE_* in the "
+    "environment), and keep only options such as endpoint_url here",
 }
 
 

@@ -12,5 +12,6 @@ fi
 if ! "$Z" stack describe "$STACK" >/dev/null 2>&1; then
   "$Z" stack register "$STACK" -o default -a default -e "$TRACKER" >/dev/null
 fi
-"$Z" stack set "$STACK" >/dev/null
+# ZenML announces the switch on stderr; the line below says it once (or what failed).
+out=$("$Z" stack set "$STACK" 2>&1) || { echo "$out" >&2; exit 1; }
 echo "ZenML stack '$STACK' is active (experiment tracker: $TRACKER, MLflow on sqlite)."

@@ -17,6 +17,7 @@ from typing import Any
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
+from cloudfed import console
 from cloudfed.artifacts import Rejection
 from cloudfed.errors import CloudfedError, ConfigError, DataError
 from cloudfed.federation import FederationConfig, load_run_config, parse_federation
@@ -40,6 +41,7 @@ from steps.track import log_baseline, log_round, publish_report
 from steps.train import train_local
 
 logger = logging.getLogger("cloudfed")
+console.configure()  # `make run`: progress lines and warnings only (CLOUDFED_LOG=quiet)
 
 
 def _config_source() -> str:
@@ -135,6 +137,7 @@ def federated_training(federation: dict[str, Any] | None = None) -> None:
         cfg = parse_federation(federation, source=_config_source())
         check_config(cfg, _config_source())  # what preflight refuses without a party's data
         tracker = _tracker()
+        progress = console.Progress(cfg.rounds, len(cfg.active_parties))
 
         def coord(step: Any) -> Any:
             return step.with_options(experiment_tracker=tracker) if tracker else step
@@ -145,7 +148,7 @@ def federated_training(federation: dict[str, Any] | None = None) -> None:
         )
         planned = plan.load()
         try:
-            _run_rounds(cfg, coord, federation, plan, current, planned)
+            _run_rounds(cfg, coord, federation, plan, current, planned, progress)
         finally:  # a killed run leaves its lock; the next run takes it over (cloudfed.run_lock)
             _release_lock(cfg, planned.run_id)
 
@@ -165,7 +168,13 @@ def _heartbeat(cfg: FederationConfig, run_id: str) -> None:
 
 
 def _run_rounds(
-    cfg: FederationConfig, coord: Any, federation: Any, plan: Any, current: Any, planned: Any
+    cfg: FederationConfig,
+    coord: Any,
+    federation: Any,
+    plan: Any,
+    current: Any,
+    planned: Any,
+    progress: console.Progress,
 ) -> None:
     """Harmonise, then rounds start_round+1 .. rounds: `rounds` is the federation's total."""
     with _user_errors():
@@ -201,8 +210,10 @@ def _run_rounds(
                 + "\n".join(f"[{r.party}] {r.reason}" for r in excluded)
             )
         parties = list(datasets)
+        progress.harmonised(len(datasets))
         start = planned.start_round
         evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, start)
+        progress.round_done(start, 0, 0, len(evals), 0)
         rows = [
             coord(log_baseline)(
                 federation,
@@ -321,4 +332,5 @@ def _run_rounds(
                     id=f"log_round_r{r}",
                 )
             )
+            progress.round_done(r, len(local), len(sealed), len(evals), len(dropped))
         coord(publish_report)(federation, plan, rows, current, stop_reason, id="publish_report")

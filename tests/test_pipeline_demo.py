@@ -4,7 +4,8 @@ One run, read by every test here, made through `benchmarks/demo_run.py` so that 
 exercised too: it learns (held-out loss at least 10% below the base model)
 while every party reports a finite record-level epsilon, and what it released matches the README's
 list: clear headers on the exchange hold routing only, and MLflow and ZenML's step metadata hold
-no per-party training value that is not on the released list.
+no per-party training value that is not on the released list. It runs as `make run` runs it
+(`CLOUDFED_LOG=quiet`, the Makefile's environment), so its console is what a person reads.
 """
 
 from __future__ import annotations
@@ -46,6 +47,26 @@ RELEASED_METRICS = {
 RELEASED_PARAMS = {"contract_sha256", "canonical_sha256"}
 RELEASED_STEP_METADATA = {"party", "round", "work_seconds", "contract_sha256", "data_docs"}
 WITHHELD = re.compile(r"rows_|eval_loss|train_loss|tokens|examples|quarantined|pii|clipped")
+# What the Makefile exports for `make run` (its quiet default included).
+MAKE_RUN_ENV = {
+    "CLOUDFED_LOG": "quiet",
+    "ZENML_ANALYTICS_OPT_IN": "false",
+    "ZENML_ENABLE_RICH_TRACEBACK": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+# A first `make run` prints 28 lines around the pipeline (install 5, zenml init 1, stack 1, demo
+# data 7, policies 4, preflight 8, the command and the results line; 48 in all from a fresh clone);
+# the pipeline's own share must leave the whole under 80.
+PIPELINE_CONSOLE_LINES = 40
+NOISE = (
+    "Skipping registering function",  # GX, through ZenML's console handler
+    "Uploading external artifact",  # ZenML, per step input
+    "Failed to disable MLflow autologging",  # ZenML's MLflow tracker: fastai is not installed
+    "Full backward hook",  # torch, under Opacus
+    "has started",  # ZenML, per step
+    "DP-SGD:",  # cloudfed's own progress bars
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +92,41 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         party["storage"] = str(clouds / name / "storage")
     project = make_project(work / "project")
     config = write_config(work / "run.yaml", fed)
+    console = work / "console.txt"
     proc = subprocess.run(
         [str(BIN / "python"), str(REPO_ROOT / "benchmarks" / "demo_run.py")]
-        + ["--config", str(config), "--project", str(project)],
+        + ["--config", str(config), "--project", str(project), "--console", str(console)],
         cwd=project,
-        env=party_env(project, config),
+        env={**party_env(project, config), **MAKE_RUN_ENV},
         capture_output=True,
         text=True,
         timeout=900,
     )
     bench = json.loads(proc.stdout) if proc.returncode == 0 else {}
-    return {"work": work, "clouds": clouds, "proc": proc, "fed": fed, "bench": bench}
+    return {
+        "work": work,
+        "clouds": clouds,
+        "proc": proc,
+        "fed": fed,
+        "bench": bench,
+        "console": console.read_text(encoding="utf-8") if console.exists() else "",
+    }
+
+
+def test_a_default_run_prints_a_page_not_the_step_log(demo: dict[str, Any]) -> None:
+    """`make run` shows one progress line per round and the round table once (issue 12)."""
+    assert demo["proc"].returncode == 0, demo["proc"].stderr[-6000:]
+    lines = demo["console"].splitlines()
+    assert demo["bench"]["console_lines"] == len(lines)
+    assert len(lines) < PIPELINE_CONSOLE_LINES, "\n".join(lines)
+    rounds = demo["fed"]["rounds"]
+    for r in range(rounds + 1):
+        said = [line for line in lines if f"cloudfed: round {r}/{rounds}: " in line]
+        assert len(said) == 1 and "3/3 parties evaluated" in said[0], (r, lines)
+    assert sum("held-out loss per round" in line for line in lines) == 1, lines
+    assert sum("% lower" in line for line in lines) == 1, lines
+    for noise in NOISE:
+        assert not [line for line in lines if noise in line], noise
 
 
 def test_the_demo_benchmark_reports_every_step_kind(demo: dict[str, Any]) -> None:

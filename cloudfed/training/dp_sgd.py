@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from cloudfed import console
 from cloudfed.errors import ConfigError
 from cloudfed.federation import LoraSettings, TrainingSettings
 from cloudfed.privacy.accountant import GaussianEvent
@@ -131,7 +132,8 @@ def train_local_dp(
     tokens = empty = 0
     start = time.perf_counter()
     stream = batches()
-    for _ in tqdm(range(training.local_steps), desc=desc, leave=False):
+    quiet = not console.progress_bars()
+    for _ in tqdm(range(training.local_steps), desc=desc, leave=False, disable=quiet):
         chosen = next(stream)
         optimizer.zero_grad(set_to_none=True)
         if len(chosen) == 0:  # an empty Poisson batch still takes a (pure-noise) step

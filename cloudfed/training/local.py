@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from cloudfed import console
 from cloudfed.federation import LoraSettings, TrainingSettings
 from cloudfed.training.batches import encode_pairs, sampled_batches, sequential_batches
 from cloudfed.training.lora import adapter_state, load_adapter_state, subtract, wrap_with_lora
@@ -106,7 +107,8 @@ def train_local(
         pad_id=tokenizer.pad_token_id,
         generator=generator,
     )
-    for batch in tqdm(batches, total=training.local_steps, desc=desc, leave=False):
+    quiet = not console.progress_bars()
+    for batch in tqdm(batches, total=training.local_steps, desc=desc, leave=False, disable=quiet):
         batch = {k: v.to(device.name) for k, v in batch.items()}
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
