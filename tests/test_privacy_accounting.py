@@ -388,7 +388,7 @@ def test_min_contributors_below_two_names_its_field() -> None:
 
 def test_unknown_privacy_key_is_refused_with_its_path() -> None:
     msg = refusal(with_privacy({**CENTRAL, "epsilon": 3.0}))
-    assert f"{PREFIX}.privacy.epsilon:" in msg and "Fix: remove 'epsilon'" in msg
+    assert f"{PREFIX}.privacy.epsilon:" in msg and "did you mean 'max_epsilon'?" in msg
 
 
 @pytest.mark.parametrize(
