@@ -57,7 +57,7 @@ def set_experiment_kind(client: Any, experiment_id: str) -> None:
 
 
 def run_name(cfg: FederationConfig, plan: FederationPlan) -> str:
-    """`demo-federation · secagg+dp-sgd · r1-4`: federation, protection, privacy, rounds."""
+    """So that runs tell apart: `demo-federation · secagg+dp-sgd · r1-4` (what and which rounds)."""
     tensors = plan.protection.get("tensors") or {}
     protection = (
         f"hybrid({','.join(tensors)})"
