@@ -11,7 +11,7 @@ export ZENML_ENABLE_RICH_TRACEBACK := false
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test setup browser stack demo-data policies preflight lint ui bench bench-env clean
+.PHONY: run test setup browser stack demo-data policies preflight lint ui bench bench-env clean status start-over unlock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -83,3 +83,16 @@ bench: stack demo-data policies bench-env
 
 clean:
 	rm -rf .cloudfed
+
+# The federation continues across runs (`rounds` is its total). Where it stands, and the lock:
+status: setup
+	$(BIN)/python -m cloudfed.federation_state status $(CONFIG)
+
+# One run from the base model in a new generation; later `make run`s continue that generation.
+start-over: setup
+	$(BIN)/python -m cloudfed.federation_state start-over-config $(CONFIG) --out .cloudfed/start-over.yaml
+	$(MAKE) run CONFIG=.cloudfed/start-over.yaml
+
+# Only for a lock left by a run that died on another machine (a local dead run's is taken over).
+unlock: setup
+	$(BIN)/python -m cloudfed.federation_state unlock $(CONFIG)

@@ -83,7 +83,8 @@ def _run(config: Path) -> dict[str, Any]:
         sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
         raise SystemExit(proc.returncode)
     fed = yaml.safe_load(config.read_text())["parameters"]["federation"]
-    with open(Path(fed["coordinator_storage"]) / "last_run" / "round_table.csv") as fh:
+    last_run = Path(fed["coordinator_storage"]) / fed["federation_id"] / "last_run"
+    with open(last_run / "round_table.csv") as fh:
         rows = list(csv.DictReader(fh))
     last = rows[-1]
     eps = float(last["epsilon"]) if last.get("epsilon") not in (None, "", "nan") else None

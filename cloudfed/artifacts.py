@@ -28,6 +28,7 @@ class FederationPlan(_Ref):
     coordinator_fingerprint: str
     initial_adapter: GlobalAdapterRef  # the last published round's adapter (round start_round)
     start_round: int = 0  # 0 for a new federation; the last published round when continuing
+    generation: int = 1  # start_over opens a new generation of round records
     adapter_parameters: int
     # Layout summary: mode label, policy hash, tensors and values per mode.
     protection: dict[str, Any] = Field(default_factory=dict)

@@ -3,12 +3,17 @@
     python -m cloudfed.contracts check data_contracts/sources/bank-gcp.yaml --sample export.jsonl
 
 Runs exactly what the harmonise step runs (the same reader, mapping, cleaning, rows suite,
-de-duplication and dataset suite) on the sample, in a temporary folder, and prints what passed
-and what failed with the row numbers of failures. Record text is never printed.
+de-duplication and dataset suite) on the sample, in a temporary folder, and prints what passed,
+what was quarantined and what failed, with each expectation's bound, the observed value and the
+row numbers of failures. Record text is never printed.
 
-Exit codes: 0 the sample passes (warnings allowed), 1 the data fails the contract (a blocking
-expectation, rows that fail a rows-suite expectation, or a mapping that does not fit the
-sample), 2 the contract itself is invalid (mapping or suite file).
+The canonical suites are found from the mapping (its folder or a folder above it, directly or
+as ``data_contracts/``, then ``./data_contracts``) unless ``--contracts`` names them.
+
+Exit codes, matching what the pipeline would do with the same data: 0 the sample is accepted
+(warnings and quarantined rows allowed; their count is printed), 1 a blocking expectation fails
+or the mapping does not fit the sample, 2 the contract itself is invalid (mapping, its labels,
+or a suite file, or no suite found).
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cloudfed.data.contracts import Contract, load_contract
+from cloudfed.data.contracts import SUITE_FILE, Contract, load_contract, suite_path
 from cloudfed.data.dedup import DedupIndex
-from cloudfed.data.harmonize import SplitResult, harmonise_split, judge
-from cloudfed.data.mapping import SourceMapping, load_mapping
+from cloudfed.data.harmonize import SplitResult, failure_message, harmonise_split, judge
+from cloudfed.data.mapping import SourceMapping, load_mapping, metadata_problems
 from cloudfed.data.tokens import count_utf8_bytes, counter_for
 from cloudfed.errors import DataError
 
@@ -40,9 +45,36 @@ def _rows(numbers: list[int]) -> str:
     return shown + (f" (+{more} more)" if more > 0 else "")
 
 
+def find_contracts(mapping_file: Path, contracts_dir: Path | None = None) -> Path:
+    """The contracts folder for a mapping: ``--contracts``, else found from the mapping.
+
+    A steward may keep the mapping anywhere (their own repository, a scratch folder). Looking
+    next to it and above it (directly or in a ``data_contracts/`` there), then in
+    ``./data_contracts``, finds the suites in every layout that has them; otherwise the error
+    says to pass ``--contracts`` rather than naming a path the steward never chose.
+    """
+    if contracts_dir is not None:
+        if suite_path(contracts_dir).is_file():
+            return contracts_dir
+        raise DataError(
+            f"--contracts {contracts_dir}: no {SUITE_FILE.as_posix()} there. Fix: pass "
+            "--contracts the folder that holds canonical/ (the repository's data_contracts/)."
+        )
+    here = mapping_file.absolute().parent  # not resolve(): a symlinked sources/ stays put
+    for folder in (here, *here.parents, Path.cwd()):
+        for candidate in (folder, folder / "data_contracts"):
+            if suite_path(candidate).is_file():
+                return candidate
+    raise DataError(
+        f"{mapping_file}: no canonical suite ({SUITE_FILE.as_posix()}) found next to the "
+        "mapping, in a folder above it or in ./data_contracts. Fix: pass --contracts "
+        "<folder holding canonical/>, for example --contracts path/to/cloudfed/data_contracts."
+    )
+
+
 def _load(mapping_file: Path, contracts_dir: Path | None) -> tuple[SourceMapping, Contract]:
     mapping = load_mapping(mapping_file)
-    contracts = contracts_dir or mapping_file.absolute().parent.parent
+    contracts = find_contracts(mapping_file, contracts_dir)
     contract = load_contract(
         contracts,
         mapping_file=mapping_file,
@@ -50,6 +82,9 @@ def _load(mapping_file: Path, contracts_dir: Path | None) -> tuple[SourceMapping
         extra_dataset=mapping.expectations.dataset,
         party=mapping.party,
     )
+    problems = metadata_problems(mapping, contract.rows.expectations)
+    if problems:
+        raise DataError("\n".join(problems))
     return mapping, contract
 
 
@@ -99,31 +134,41 @@ def check(
         verdict = judge(contract, {"train": res}, docs_dir)
         quarantined = _quarantine_rows(work / "quarantine.jsonl")
 
-    row_failures = 0
+    console.print(f"contracts: {', '.join(contract.files)}", highlight=False)
+    quarantining: list[str] = []
     for suite, tallies in (
         (contract.rows.name, res.tallies),
         (contract.dataset.name, verdict.dataset_tallies),
     ):
+        rows_suite = suite == contract.rows.name
         table = Table(title=f"{suite}: {sample}", expand=False, title_justify="left")
-        for col in ("expectation", "policy", "result", "failing", "rows"):
+        for col in ("expectation", "policy", "result", "bound", "observed", "rows"):
             table.add_column(col, overflow="fold")
         for t in tallies.values():
             policy = t.expectation.on_failure
             if t.success:
                 result = "[green]pass[/]"
+            elif policy == "quarantine":
+                result = "[yellow]quarantined[/]"
+                quarantining.append(
+                    failure_message(t, "sample", rows=rows_suite) + ": rows quarantined"
+                )
             elif policy == "warn":
                 result = "[yellow]warn[/]"
             else:
                 result = "[red]FAIL[/]"
-            if not t.success and suite == contract.rows.name and policy == "quarantine":
-                row_failures += 1
-            if t.evaluated:
-                failing = f"{t.unexpected}/{t.evaluated}"
-            elif t.success or t.observed is None:
-                failing = ""
+            if rows_suite and t.evaluated:
+                observed = f"{t.unexpected} of {t.evaluated} rows fail"
             else:
-                failing = f"observed {str(t.observed)[:40]}"
-            table.add_row(t.expectation.label, policy, result, failing, _rows(t.failing_rows))
+                observed = "" if t.observed is None else str(t.observed)[:40]
+            table.add_row(
+                t.expectation.label,
+                policy,
+                result,
+                t.expectation.bound,
+                observed,
+                _rows(t.failing_rows),
+            )
         console.print(table)
 
     counts = Table(title="rows", expand=False)
@@ -145,22 +190,29 @@ def check(
         for reason, rows in sorted(quarantined.items()):
             q.add_row(reason, str(len(rows)), _rows(rows))
         console.print(q)
-    if verdict.docs:
-        console.print(f"Data Docs: {verdict.docs[0]}", highlight=False)
+    if verdict.docs and docs_dir is not None:
+        console.print(f"Data Docs: {docs_dir.absolute() / 'index.html'}", highlight=False)
 
-    if verdict.blocking or row_failures:
+    for w in [*quarantining, *verdict.warnings]:
+        console.print(f"[yellow]warning[/]: {w}", highlight=False)
+    if verdict.blocking:
         for b in verdict.blocking:
             console.print(f"[red]blocking[/]: {b}", highlight=False)
         console.print(
-            f"[bold red]FAIL[/]: {len(verdict.blocking)} blocking expectation(s), "
-            f"{row_failures} rows-suite expectation(s) with failing rows.",
+            f"[bold red]FAIL[/]: {len(verdict.blocking)} blocking expectation(s); the harmonise "
+            "step would stop.",
             highlight=False,
         )
         return EXIT_DATA
-    for w in verdict.warnings:
-        console.print(f"[yellow]warning[/]: {w}", highlight=False)
     reasons = Counter({k: len(v) for k, v in quarantined.items()})
-    console.print(f"[bold green]PASS[/] (set aside: {dict(reasons) or 'none'})", highlight=False)
+    set_aside = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none"
+    n_warn = len(quarantining) + len(verdict.warnings)
+    head = f"PASS with {n_warn} warning(s)" if n_warn else "PASS"
+    console.print(
+        f"[bold green]{head}[/]: the harmonise step would accept {res.accepted} of "
+        f"{res.rows_read} rows (set aside: {set_aside}).",
+        highlight=False,
+    )
     return EXIT_PASS
 
 
@@ -178,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "--contracts",
         type=Path,
         default=None,
-        help="contracts folder (default: two levels above the mapping)",
+        help="folder holding canonical/ (default: found next to or above the mapping, "
+        "then ./data_contracts)",
     )
     c.add_argument("--docs", type=Path, default=None, help="also write Data Docs HTML here")
     c.add_argument(

@@ -47,23 +47,75 @@ def publish_global(
     exchange: Exchange, round: int, state: Mapping[str, np.ndarray], run_id: str = ""
 ) -> GlobalAdapterRef:
     data = state_to_bytes(state, metadata={"round": str(round)})
-    key = global_adapter_key(round)
+    key = global_adapter_key(run_id, round)
     exchange.put_bytes(key, data)
     return GlobalAdapterRef(
         round=round, key=key, sha256=sha256_bytes(data), bytes=len(data), run_id=run_id
     )
 
 
-def prepare(cfg: FederationConfig) -> FederationPlan:
-    """Keys, base model and the round-0 adapter that every party starts from."""
+def prepare(cfg: FederationConfig, *, source: str = "the run configuration") -> FederationPlan:
+    """Keys, the run lock, and where this run starts: the last published round, or round 0.
+
+    A new federation (or `start_over`) publishes the base model's adapter as round 0 of a new
+    generation; otherwise the run continues from the last round record (see
+    `cloudfed.federation_state`), after checking that nothing defining the model changed.
+    """
+    from cloudfed import run_lock
+    from cloudfed.federation_state import Lineage, RoundRecord, check_continues, history_of
     from cloudfed.training.local import initial_adapter
 
     exchange = federation_exchange(cfg)
     keys = coordinator_keys(cfg, exchange)
-    model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
-    state = initial_adapter(model_path, cfg.lora, seed=cfg.seed)
-    layout = route(cfg.protection, shapes_of(state))
     run_id = secrets.token_hex(16)
+    run_lock.acquire(
+        exchange, run_id, federation_id=cfg.federation_id, timeout_minutes=cfg.lock_timeout_minutes
+    )
+    try:
+        model_path = resolve_base_model(
+            cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed
+        )
+        state = initial_adapter(model_path, cfg.lora, seed=cfg.seed)
+        layout = route(cfg.protection, shapes_of(state))
+        lineage = Lineage.of(cfg, layout.policy_sha256)
+        history = history_of(cfg, exchange, keys)
+        last = None if cfg.start_over else history.latest()
+        if last is None:
+            start = publish_global(exchange, 0, state, run_id)
+            generation = history.next_generation()
+            history.publish(
+                RoundRecord(
+                    federation_id=cfg.federation_id,
+                    generation=generation,
+                    round=0,
+                    run_id=run_id,
+                    global_adapter=start,
+                    lineage=lineage,
+                    **ledger_head(cfg, exchange, keys),
+                )
+            )
+            verb = "starting over:" if cfg.start_over and generation > 1 else "starting"
+            _say(
+                f"cloudfed: {verb} federation {cfg.federation_id} (generation {generation}) from "
+                f"the base model; rounds 1-{cfg.rounds}"
+            )
+        else:
+            check_continues(last, lineage, federation_id=cfg.federation_id, source=source)
+            _check_continuation(cfg, exchange, keys, last)
+            start, generation = last.global_adapter, last.generation
+            todo = (
+                f"this run trains rounds {last.round + 1}-{cfg.rounds}"
+                if last.round < cfg.rounds
+                else f"all {cfg.rounds} are done, nothing to train"
+            )
+            _say(
+                f"cloudfed: continuing federation {cfg.federation_id} at round {last.round + 1} "
+                f"from global adapter sha256 {start.sha256[:12]}… (round {last.round}, published "
+                f"by run {last.run_id[:8]}); rounds is the federation's total: {todo}"
+            )
+    except BaseException:
+        run_lock.release(exchange, run_id)
+        raise
     return FederationPlan(
         federation_id=cfg.federation_id,
         run_id=run_id,
@@ -73,10 +125,51 @@ def prepare(cfg: FederationConfig) -> FederationPlan:
         min_parties=cfg.min_parties,
         base_model=cfg.base_model,
         coordinator_fingerprint=keys.public_bundle().fingerprint,
-        initial_adapter=publish_global(exchange, 0, state, run_id),
+        initial_adapter=start,
+        start_round=start.round,
+        generation=generation,
         adapter_parameters=int(sum(v.size for v in state.values())),
         protection=layout.summary(),
     )
+
+
+def _say(message: str) -> None:
+    """Shown in the run's output whatever the log level: the user must know where a run starts."""
+    print(message, flush=True)
+
+
+def ledger_head(cfg: FederationConfig, exchange: Exchange, keys: KeyPairs) -> dict[str, object]:
+    """The privacy ledger's version and head as a round record names them (none without DP)."""
+    if not cfg.privacy.enabled:
+        return {}
+    from cloudfed.privacy.budget import load_ledger
+
+    ledger = load_ledger(cfg, exchange, keys)
+    return {"ledger_version": ledger.version, "ledger_head": ledger.head()}
+
+
+def _check_continuation(
+    cfg: FederationConfig, exchange: Exchange, keys: KeyPairs, last: object
+) -> None:
+    """The adapter a record names is there, unchanged, and the budget was not rolled back."""
+    from cloudfed.federation_state import RoundRecord, check_ledger
+
+    assert isinstance(last, RoundRecord)
+    ref = last.global_adapter
+    try:
+        data = exchange.get_bytes(ref.key)
+    except FileNotFoundError:
+        raise ProtectionError(
+            f"{exchange.url(ref.key)}: the adapter of round {last.round} is missing from the "
+            "exchange, so the federation cannot continue. Fix: restore it, or start over with "
+            "`start_over: true`"
+        ) from None
+    if sha256_bytes(data) != ref.sha256:
+        raise ProtectionError(f"{exchange.url(ref.key)}: the adapter of round {last.round} changed")
+    if last.ledger_version is not None and cfg.privacy.enabled:
+        from cloudfed.privacy.budget import load_ledger
+
+        check_ledger(last, load_ledger(cfg, exchange, keys))
 
 
 @dataclass(frozen=True)
@@ -142,7 +235,10 @@ def _open_metrics_sum(
     keys = coordinator_keys(cfg, exchange)
     vectors = []
     for r in sorted(releases, key=lambda r: r.party):
-        if r.sealed_key != metrics_key(model.round, r.party) or r.model_sha256 != model.sha256:
+        if (
+            r.sealed_key != metrics_key(plan.run_id, model.round, r.party)
+            or r.model_sha256 != model.sha256
+        ):
             raise ProtectionError(f"metrics of {r.party} are not about this round's model")
         sender = fetch_public_keys(exchange, "party", r.party, fingerprint=r.fingerprint)
         context = metrics_context(cfg, plan, model, r.party, expected)

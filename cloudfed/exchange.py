@@ -36,18 +36,25 @@ def _name(value: str, what: str) -> str:
     return value
 
 
-def _round_dir(round: int) -> str:
+def _round_dir(run_id: str, round: int) -> str:
+    """One folder per run and round.
+
+    A round retried by a later run never meets the first attempt's messages, so nothing on the
+    exchange is ever overwritten.
+    """
     if round < 0:
         raise ValueError("round must be >= 0")
-    return f"rounds/r{round:04d}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", run_id):
+        raise ValueError(f"run id {run_id!r} must be 1-64 letters, digits, '-' or '_'")
+    return f"runs/{run_id}/r{round:04d}"
 
 
-def update_key(round: int, party: str) -> str:
-    return f"{_round_dir(round)}/updates/{_name(party, 'party')}.sealed"
+def update_key(run_id: str, round: int, party: str) -> str:
+    return f"{_round_dir(run_id, round)}/updates/{_name(party, 'party')}.sealed"
 
 
-def global_adapter_key(round: int) -> str:
-    return f"{_round_dir(round)}/global/adapter.safetensors"
+def global_adapter_key(run_id: str, round: int) -> str:
+    return f"{_round_dir(run_id, round)}/global/adapter.safetensors"
 
 
 def public_key_key(role: str, name: str) -> str:
@@ -74,10 +81,18 @@ class Exchange:
     def _path(self, key: str) -> str:
         return f"{self.root}/{validate_key(key)}"
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        """Readers never see a half-written file: local writes go to a temp name, then rename."""
+    def put_bytes(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        """Readers never see a half-written file: local writes go to a temp name, then rename.
+
+        `exclusive` writes only if the key is absent (FileExistsError otherwise): what must happen
+        once, such as publishing a round, cannot be done twice by two runs.
+        """
         path = self._path(key)
         if not self._local:
+            if exclusive:
+                with self.fs.open(path, "xb") as fh:  # If-None-Match / generation-0 writes
+                    fh.write(bytes(data))
+                return
             self.fs.pipe_file(path, bytes(data))  # object-store PUTs are already atomic
             return
         parent = os.path.dirname(path)
@@ -88,10 +103,19 @@ class Exchange:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            if exclusive:
+                os.link(tmp, path)  # atomic, and fails if the key exists
+            else:
+                os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def delete(self, key: str) -> None:
+        """Remove a key if present (only the run lock is ever removed)."""
+        path = self._path(key)
+        if self.fs.exists(path):
+            self.fs.rm_file(path)
 
     def get_bytes(self, key: str) -> bytes:
         """Read a whole object; FileNotFoundError when absent, as every fsspec backend raises."""
@@ -135,37 +159,37 @@ def fetch_public_keys(
     return bundle
 
 
-def secagg_advert_key(round: int, party: str) -> str:
-    return f"{_round_dir(round)}/secagg/advertise/{_name(party, 'party')}.signed"
+def secagg_advert_key(run_id: str, round: int, party: str) -> str:
+    return f"{_round_dir(run_id, round)}/secagg/advertise/{_name(party, 'party')}.signed"
 
 
-def secagg_roster_key(round: int, stage: str) -> str:
-    return f"{_round_dir(round)}/secagg/roster-{_name(stage, 'stage')}.signed"
+def secagg_roster_key(run_id: str, round: int, stage: str) -> str:
+    return f"{_round_dir(run_id, round)}/secagg/roster-{_name(stage, 'stage')}.signed"
 
 
-def secagg_share_key(round: int, holder: str, owner: str) -> str:
+def secagg_share_key(run_id: str, round: int, holder: str, owner: str) -> str:
     """Shares sit in the holder's inbox; only the holder's key opens them."""
-    inbox = f"{_round_dir(round)}/secagg/shares/{_name(holder, 'holder')}"
+    inbox = f"{_round_dir(run_id, round)}/secagg/shares/{_name(holder, 'holder')}"
     return f"{inbox}/{_name(owner, 'owner')}.sealed"
 
 
-def secagg_reveal_key(round: int, party: str) -> str:
-    return f"{_round_dir(round)}/secagg/unmask/{_name(party, 'party')}.sealed"
+def secagg_reveal_key(run_id: str, round: int, party: str) -> str:
+    return f"{_round_dir(run_id, round)}/secagg/unmask/{_name(party, 'party')}.sealed"
 
 
-def ckks_public_key(round: int) -> str:
+def ckks_public_key(run_id: str, round: int) -> str:
     """Fresh CKKS keys every round: whatever one round's decryption leaks ends with the round."""
-    return f"{_round_dir(round)}/ckks/public-context.signed"
+    return f"{_round_dir(run_id, round)}/ckks/public-context.signed"
 
 
-def ckks_sum_key(round: int) -> str:
-    return f"{_round_dir(round)}/ckks/sum.sealed"
+def ckks_sum_key(run_id: str, round: int) -> str:
+    return f"{_round_dir(run_id, round)}/ckks/sum.sealed"
 
 
-def ckks_plain_sum_key(round: int) -> str:
-    return f"{_round_dir(round)}/ckks/decrypted-sum.sealed"
+def ckks_plain_sum_key(run_id: str, round: int) -> str:
+    return f"{_round_dir(run_id, round)}/ckks/decrypted-sum.sealed"
 
 
-def metrics_key(round: int, party: str) -> str:
+def metrics_key(run_id: str, round: int, party: str) -> str:
     """A party's masked metrics about the global adapter of `round` (0 = the base model)."""
-    return f"{_round_dir(round)}/metrics/{_name(party, 'party')}.sealed"
+    return f"{_round_dir(run_id, round)}/metrics/{_name(party, 'party')}.sealed"

@@ -8,10 +8,13 @@ platform engineers, not readers of pydantic tracebacks.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import json
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -119,7 +122,12 @@ class FederationConfig(_Strict):
     exchange: str = ".cloudfed/exchange"
     coordinator_storage: str = ".cloudfed/coordinator"
     contracts_dir: str = "data_contracts"
+    # The federation's total: a run continues after the last published round and stops here.
     rounds: int = Field(3, ge=1, le=10_000)
+    # Start from the base model in a new generation instead of continuing (budgets carry on).
+    start_over: bool = False
+    # A lock whose holder runs elsewhere and has not beaten for this long is taken over.
+    lock_timeout_minutes: float = Field(360, gt=0)
     # One accepted update would make global(r+1) - global(r) that party's plaintext update.
     min_parties: int = Field(2, ge=2)
     seed: int = 0
@@ -205,6 +213,11 @@ class FederationConfig(_Strict):
         wanted = set(self.participants) if self.participants else None
         return [p for p in self.parties if wanted is None or p.name in wanted]
 
+    @property
+    def coordinator_dir(self) -> Path:
+        """The coordinator's files of this federation (ledger, last run); keys are shared."""
+        return Path(self.coordinator_storage) / self.federation_id
+
     def party(self, name: str) -> PartyConfig:
         for p in self.parties:
             if p.name == name:
@@ -252,6 +265,35 @@ def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
     return out
 
 
+def _model_of(node: Any) -> Any:
+    """`X | None` (an optional block) stands for X."""
+    if get_origin(node) in (Union, types.UnionType):
+        return next((a for a in get_args(node) if a is not type(None)), None)
+    return node
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the configuration accepts where `loc` points, by walking the models' fields."""
+    node: Any = FederationConfig
+    for part in loc:
+        node = _model_of(node)
+        if inspect.isclass(node) and issubclass(node, BaseModel):
+            field = node.model_fields.get(part) if isinstance(part, str) else None
+            node = field.annotation if field else None
+        elif get_origin(node) in (list, dict):  # an index, or a name as in dp_sgd.<party>
+            node = get_args(node)[-1]
+        else:
+            return []
+    node = _model_of(node)
+    return list(node.model_fields) if inspect.isclass(node) and issubclass(node, BaseModel) else []
+
+
+def closest_key(key: str, loc: tuple[Any, ...]) -> str | None:
+    """A misspelt key's likely intent, so the fix can say which key was meant."""
+    match = difflib.get_close_matches(key, _keys_at(loc), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def format_validation_error(exc: ValidationError, *, source: str, prefix: str) -> str:
     """Render pydantic errors as `file: field.path: problem (got X). Fix: ...` lines."""
     lines = [f"{source}: the federation configuration is invalid:"]
@@ -263,7 +305,12 @@ def format_validation_error(exc: ValidationError, *, source: str, prefix: str) -
         got_txt = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
-            fix = f"remove '{key}' or correct its spelling"
+            meant = closest_key(key, loc[:-1])
+            fix = (
+                f"did you mean '{meant}'? Rename '{key}' to '{meant}'"
+                if meant
+                else f"remove '{key}' or correct its spelling"
+            )
         elif err.get("type") == "missing":
             fix = f"add '{key}'"
         else:
@@ -300,8 +347,15 @@ def load_run_config(path: str | Path) -> FederationConfig:
         ) from None
     params = doc.get("parameters") if isinstance(doc, dict) else None
     if not isinstance(params, dict) or "federation" not in params:
-        raise ConfigError(
-            f"{path}: parameters.federation is missing. Fix: add a 'parameters: federation:' "
-            "block as in configs/local.yaml."
+        typos = [
+            f"did you mean '{want}'? Rename '{found}' to '{want}'."
+            for keys, want in ((doc, "parameters"), (params, "federation"))
+            if isinstance(keys, dict)
+            for found in difflib.get_close_matches(want, [str(k) for k in keys], n=1)
+            if found != want
+        ]
+        fix = (
+            typos[0] if typos else "add a 'parameters: federation:' block as in configs/local.yaml."
         )
+        raise ConfigError(f"{path}: parameters.federation is missing. Fix: {fix}")
     return parse_federation(params["federation"], source=str(path))

@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,8 +29,9 @@ from cloudfed.artifacts import (
     LocalUpdateRef,
     PartyEval,
 )
-from cloudfed.data.ref import DatasetRef, redact
-from cloudfed.errors import DataError, ProtectionError, SimulatedDropout
+from cloudfed.data.ref import DatasetRef, redact, unavailable
+from cloudfed.data.tokens import TokenCounter
+from cloudfed.errors import CloudfedError, DataError, ProtectionError, SimulatedDropout
 from cloudfed.exchange import (
     Exchange,
     federation_exchange,
@@ -141,6 +143,48 @@ def release_dataset(cfg: FederationConfig, party: PartyConfig, ref: DatasetRef) 
     )
 
 
+def prepare_dataset(
+    cfg: FederationConfig,
+    party: PartyConfig,
+    plan: FederationPlan | None,
+    *,
+    root: Path,
+    run_id: str,
+    count_tokens: TokenCounter,
+) -> DatasetRef:
+    """Consent, check the source as preflight does, harmonise, release: the outcome as a status.
+
+    A missing file or a mapping that does not fit is a configuration error, found by the same
+    check preflight runs (so the message is the same) and reported before a row is harmonised;
+    rows failing their contract are a data outcome. Only the status tells the two apart once the
+    step has run on a remote step operator, so nothing here raises them.
+    """
+    from cloudfed.data.harmonize import harmonize_party
+    from cloudfed.preflight import check_party_source
+
+    private = cfg.privacy.protects_records
+    try:
+        consent(cfg, party, plan)  # before reading a row: is this round acceptable?
+    except ConsentError as exc:
+        return unavailable(party.name, "refused", str(exc))
+    try:
+        check_party_source(cfg, party, root, private=private)
+    except CloudfedError as exc:
+        return unavailable(party.name, "config-error", str(exc))
+    try:
+        ref = harmonize_party(
+            party,
+            root=root,
+            contracts_dir=Path(cfg.contracts_dir),
+            count_tokens=count_tokens,
+            run_id=run_id,
+            private=private,
+        )
+    except DataError as exc:
+        return unavailable(party.name, "data-failed", str(exc))
+    return release_dataset(cfg, party, ref)
+
+
 class LocalUpdateRecord(BaseModel):
     """The party's own record of an update; stays in its storage next to the update.
 
@@ -195,8 +239,20 @@ def train_round(
     seed = cfg.seed * 1_000_003 + round * 7919 + int(_sha256(party.name.encode())[:6], 16)
     path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
     if party.name in cfg.privacy.dp_sgd:
+        rounds_this_run = cfg.rounds - (plan.start_round if plan is not None else 0)
         return _train_dp_sgd(
-            cfg, party, loaded, keys, round, rows, global_ref, global_state, model_path, seed
+            cfg,
+            party,
+            loaded,
+            keys,
+            round,
+            rows,
+            global_ref,
+            global_state,
+            model_path,
+            seed,
+            rounds_this_run,
+            plan.run_id if plan is not None else "no-run",
         )
     delta, metrics = train_local(
         model_path,
@@ -309,6 +365,8 @@ def _train_dp_sgd(
     global_state: dict[str, np.ndarray],
     model_path: str,
     seed: int,
+    rounds_this_run: int,
+    plan_run_id: str,
 ) -> LocalUpdateRef:
     """DP-SGD under the party's own ledger: charged before training, never twice per round.
 
@@ -340,54 +398,72 @@ def _train_dp_sgd(
         )
     event = GaussianEvent(z, sample_rate, cfg.training.local_steps)
     per_run = loaded.policy.dp_sgd.max_epsilon_per_run if loaded.policy.dp_sgd else None
-    planned = epsilon([event] * cfg.rounds, dp.delta, "rdp")
+    planned = epsilon([event] * rounds_this_run, dp.delta, "rdp")
     if per_run is not None and planned > per_run * (1 + 1e-9):
         raise ConsentError(
-            f"{party.name} refuses to train: this run's {cfg.rounds} round(s) would spend "
+            f"{party.name} refuses to train: this run's {rounds_this_run} round(s) would spend "
             f"epsilon={planned:.4g} of its record-level budget, above "
             f"dp_sgd.max_epsilon_per_run={per_run:g} in {loaded.path}"
         )
-    entry_id = f"{cfg.federation_id}/{global_ref.run_id or 'no-run'}/r{round:04d}"
-    path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
+    base_id = f"{cfg.federation_id}/{global_ref.run_id or 'no-run'}/r{round:04d}"
     ledger_file = party_ledger.ledger_path(loaded.state_dir)
-    ledger, charged = party_ledger.reserve(
-        ledger_file,
-        party=party.name,
-        delta=dp.delta,
-        max_epsilon=dp_sgd_cap(cfg, loaded),
-        entry_id=entry_id,
-        round=round,
-        event=event,
-    )
-    kept = _record_path(str(path))
-    if charged and kept.exists():  # a retried step: hand back the update already paid for
-        record = LocalUpdateRecord.model_validate_json(kept.read_text(encoding="utf-8"))
-        if record.base_sha256 == global_ref.sha256 and record.train.get("dp_sgd_entry") == entry_id:
+
+    def update_path(entry_id: str) -> Path:  # one file per attempt: no attempt overwrites another
+        return Path(party.storage) / "updates" / f"r{round:04d}-{_sha256(entry_id.encode())[:12]}"
+
+    def kept(entry: Any) -> bool:
+        record_file = update_path(entry.id).with_suffix(".json")
+        if not record_file.exists():
+            return False
+        record = LocalUpdateRecord.model_validate_json(record_file.read_text(encoding="utf-8"))
+        return record.base_sha256 == global_ref.sha256 and record.train.get("dp_sgd_entry") == (
+            entry.id
+        )
+
+    with party_ledger.training_lock(loaded.state_dir, party.name):
+        ledger, entry, hand_back = party_ledger.attempt(
+            ledger_file,
+            party=party.name,
+            delta=dp.delta,
+            max_epsilon=dp_sgd_cap(cfg, loaded),
+            base_id=base_id,
+            run_id=plan_run_id,
+            round=round,
+            event=event,
+            kept=kept,
+        )
+        path = update_path(entry.id).with_suffix(".safetensors")
+        if hand_back:  # a retry from the same adapter: the update already paid for, unchanged
+            record = LocalUpdateRecord.model_validate_json(
+                path.with_suffix(".json").read_text(encoding="utf-8")
+            )
             return _released(cfg, keys, record)
-    delta, metrics, run = train_local_dp(
-        model_path,
-        global_state,
-        rows,
-        training=cfg.training,
-        lora=cfg.lora,
-        seed=seed,
-        noise_multiplier=z,
-        max_grad_norm=dp.max_grad_norm,
-        sample_rate=sample_rate,
-        desc=f"{party.name} r{round} DP-SGD",
-    )
-    party_ledger.mark_spent(ledger_file, ledger, entry_id)
-    train = {
-        **metrics.as_dict(),
-        "dp_sgd_entry": entry_id,
-        "dp_sgd_epsilon": ledger.epsilon(),
-        "dp_sgd_delta": dp.delta,
-        "dp_sgd_noise_multiplier": z,
-        "dp_sgd_sample_rate": sample_rate,
-        "dp_sgd_max_grad_norm": dp.max_grad_norm,
-        "dp_sgd_empty_batches": run.empty_batches,
-    }
-    return _keep_update(cfg, party, keys, round, path, delta, global_ref, metrics.examples, train)
+        delta, metrics, run = train_local_dp(
+            model_path,
+            global_state,
+            rows,
+            training=cfg.training,
+            lora=cfg.lora,
+            seed=seed,
+            noise_multiplier=z,
+            max_grad_norm=dp.max_grad_norm,
+            sample_rate=sample_rate,
+            desc=f"{party.name} r{round} DP-SGD",
+        )
+        party_ledger.mark_spent(ledger_file, ledger, entry.id)
+        train = {
+            **metrics.as_dict(),
+            "dp_sgd_entry": entry.id,
+            "dp_sgd_epsilon": ledger.epsilon(),
+            "dp_sgd_delta": dp.delta,
+            "dp_sgd_noise_multiplier": z,
+            "dp_sgd_sample_rate": sample_rate,
+            "dp_sgd_max_grad_norm": dp.max_grad_norm,
+            "dp_sgd_empty_batches": run.empty_batches,
+        }
+        return _keep_update(
+            cfg, party, keys, round, path, delta, global_ref, metrics.examples, train
+        )
 
 
 def evaluate_round(
@@ -534,6 +610,6 @@ def _release_metrics(
     released[eval_split] = evaluators
     loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     record_file.write_text(json.dumps(released, sort_keys=True), encoding="utf-8")
-    key = metrics_key(model.round, party.name)
+    key = metrics_key(plan.run_id, model.round, party.name)
     exchange.put_bytes(key, blob)
     return key, blob

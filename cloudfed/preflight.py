@@ -2,7 +2,9 @@
 
 `python -m cloudfed.preflight configs/local.yaml` exits 0 when the federation can start, 2 with
 a message naming the file, the field and the fix when it cannot. `make run` calls it first so a
-typo costs seconds, not a pipeline run.
+typo costs seconds, not a pipeline run. The pipeline refuses the same configurations with the same
+messages, through the same functions: `check_config` in its body before any step, and
+`check_party_source` in each party's harmonise step, in the party's own cloud.
 """
 
 from __future__ import annotations
@@ -12,13 +14,77 @@ import sys
 from pathlib import Path
 
 from cloudfed.errors import CloudfedError, ConfigError
-from cloudfed.federation import FederationConfig, load_run_config
+from cloudfed.federation import FederationConfig, PartyConfig, load_run_config
 from cloudfed.party_policy import enforce
 
 
-def check(cfg: FederationConfig, root: Path) -> list[str]:
+def check_config(cfg: FederationConfig, source: str, root: Path | None = None) -> None:
+    """What needs no party's data: the base model loads, and the budget affords one round.
+
+    Both would otherwise surface only after the pipeline has started: an unloadable model in the
+    first step that loads it, a budget below one round as a run that ends without training.
+    """
+    from cloudfed.training.model import base_model_problem
+
+    problem = base_model_problem(cfg.base_model, root=root or Path.cwd())
+    if problem:
+        raise ConfigError(f"{source}: parameters.federation.base_model: {problem}.")
+    _check_budgets(cfg, source)
+
+
+def _check_budgets(cfg: FederationConfig, source: str) -> None:
+    """A budget smaller than one round's spend can never be met; say what a round costs.
+
+    Checked where the spend follows from the configuration alone: party-level DP with a fixed
+    noise multiplier (a target is met over the rounds, so one round costs less than the target,
+    which the schema keeps within the budget), and DP-SGD with a fixed noise multiplier and a
+    fixed sample_rate (without it the rate is batch_size / records, known only to the party,
+    which then refuses to train itself).
+    """
+    from cloudfed.privacy.accountant import GaussianEvent, epsilon
+
+    p = cfg.privacy
+    if p.enabled and p.noise_multiplier is not None and p.max_epsilon is not None:
+        spend = epsilon([GaussianEvent(p.noise_multiplier, 1.0, 1)], p.delta, p.accountant)
+        if spend > p.max_epsilon:
+            raise ConfigError(
+                f"{source}: parameters.federation.privacy.max_epsilon: {p.max_epsilon:g} is "
+                f"smaller than one round's spend: one round at privacy.noise_multiplier "
+                f"{p.noise_multiplier:g} costs epsilon {spend:.4g} (delta {p.delta:g}, "
+                f"{p.accountant} accountant), so no round could start. Fix: raise "
+                f"privacy.max_epsilon to at least {spend:.4g}, or raise privacy.noise_multiplier."
+            )
+    steps = cfg.training.local_steps
+    for party in cfg.active_parties:
+        dp = p.dp_sgd.get(party.name)
+        if dp is None or dp.noise_multiplier is None or dp.sample_rate is None:
+            continue
+        event = GaussianEvent(dp.noise_multiplier, dp.sample_rate, steps)
+        spend = epsilon([event], dp.delta, "rdp")
+        if spend > dp.max_epsilon:
+            field = f"privacy.dp_sgd.{party.name}"
+            raise ConfigError(
+                f"{source}: parameters.federation.{field}.max_epsilon: {dp.max_epsilon:g} is "
+                f"smaller than one round's spend: {steps} DP-SGD steps (training.local_steps) at "
+                f"noise_multiplier {dp.noise_multiplier:g} and sample_rate {dp.sample_rate:g} "
+                f"cost epsilon {spend:.4g} (delta {dp.delta:g}, rdp accountant), so "
+                f"{party.name} could train in no round. Fix: raise {field}.max_epsilon to at "
+                f"least {spend:.4g}, or raise its noise_multiplier, or lower its sample_rate or "
+                "training.local_steps."
+            )
+
+
+def check_party_source(
+    cfg: FederationConfig, party: PartyConfig, root: Path, *, private: bool = False
+) -> None:
+    """The configuration errors of one party's source: contracts, mapping, raw files, columns.
+
+    Each party runs this in its own cloud, where its files are. `private` (any DP): a problem
+    found by reading the first rows is reported without its details (column names, counts),
+    because the message reaches the coordinator; the party sees them by running preflight there.
+    """
     from cloudfed.data.contracts import suite_path
-    from cloudfed.data.mapping import check_source
+    from cloudfed.data.mapping import check_source_files, check_source_rows
 
     suite = suite_path(root / cfg.contracts_dir)
     if not suite.is_file():
@@ -26,9 +92,25 @@ def check(cfg: FederationConfig, root: Path) -> list[str]:
             f"contracts_dir: {suite} not found. Fix: point contracts_dir at the folder holding "
             "canonical/ (data_contracts in this repository)."
         )
+    mapping = check_source_files(party, root)
+    try:
+        check_source_rows(party, root, mapping)
+    except CloudfedError:
+        if not private:
+            raise
+        raise ConfigError(
+            f"party {party.name!r}: the first rows of its raw files ({party.raw.train}, "
+            f"{party.raw.eval}) do not fit its source mapping {party.mapping}; under DP the "
+            "details stay in the party's cloud. Fix: run `python -m cloudfed.preflight` on the "
+            "run configuration there and correct the mapping or the export."
+        ) from None
+
+
+def check(cfg: FederationConfig, root: Path, source: str = "the run configuration") -> list[str]:
+    check_config(cfg, source, root)
     lines = []
     for party in cfg.active_parties:
-        check_source(party, root)
+        check_party_source(cfg, party, root)
         lines.append(f"ok  {party.name}: {party.raw.train}, {party.raw.eval} via {party.mapping}")
     for party in cfg.active_parties:
         loaded = enforce(cfg, party.name)
@@ -77,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_run_config(args[0])
-        for line in check(cfg, Path.cwd()):
+        for line in check(cfg, Path.cwd(), source=args[0]):
             print(line)
     except CloudfedError as exc:
         print(f"cloudfed: {exc}", file=sys.stderr)

@@ -97,8 +97,11 @@ def open_upload(
     """Open and check one party's upload; raises ValueError/ProtectionError with the reason."""
     if ref.round != round:
         raise ValueError(f"update is for round {ref.round}, not {round}")
-    if ref.key != update_key(round, ref.party):
-        raise ValueError(f"unexpected exchange key {ref.key!r}")
+    if ref.key != update_key(run_id, round, ref.party):
+        raise ValueError(
+            f"unexpected exchange key {ref.key!r}: not this run's upload for round {round} "
+            "(another run's, or moved)"
+        )
     sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.sender_fingerprint)
     opened = open_sealed_with_metadata(
         exchange.get_bytes(ref.key),
@@ -170,7 +173,7 @@ def _sign_roster(
     round = setup.round
     context = stage_context(cfg, round, COORDINATOR, ROSTER, run_id=run_id, stage=stage)
     blob = sign_public(json.dumps(doc, sort_keys=True).encode(), context=context, sender=keys)
-    key = secagg_roster_key(round, stage)
+    key = secagg_roster_key(run_id, round, stage)
     exchange.put_bytes(key, blob)
     return SecAggRoster(
         round=round,
@@ -195,7 +198,7 @@ def keys_roster(
     members, digests, rejected = {}, {}, []
     for ref in sorted(adverts, key=lambda r: r.party):
         try:
-            blob = exchange.get_bytes(secagg_advert_key(round, ref.party))
+            blob = exchange.get_bytes(secagg_advert_key(plan.run_id, round, ref.party))
             sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.fingerprint)
             context = stage_context(cfg, round, ref.party, ADVERT, run_id=plan.run_id)
             protocol.Advertisement.model_validate_json(
@@ -253,7 +256,7 @@ def shares_roster(
             continue
         missing = []
         for holder in setup.holders(ref.party):
-            key = secagg_share_key(round, holder, ref.party)
+            key = secagg_share_key(plan.run_id, round, holder, ref.party)
             try:
                 header = read_public_header(exchange.get_bytes(key))
             except (FileNotFoundError, ProtectionError):
@@ -409,12 +412,12 @@ def ckks_sum(
     )
     context = stage_context(cfg, round, COORDINATOR, CKKS_SUM, run_id=plan.run_id, parties=parties)
     blob = seal(ckks.pack_blocks(total), context=context, sender=keys, recipient=key_party)
-    exchange.put_bytes(ckks_sum_key(round), blob)
+    exchange.put_bytes(ckks_sum_key(plan.run_id, round), blob)
     return StageRef(
         party=COORDINATOR,
         round=round,
         stage="ckks-sum",
-        key=ckks_sum_key(round),
+        key=ckks_sum_key(plan.run_id, round),
         sha256=sha256(blob),
         bytes=len(blob),
         fingerprint=keys.public_bundle().fingerprint,
@@ -435,7 +438,9 @@ def _open_reveals(
     rejected: list[Rejection] = []
     for ref in sorted(refs, key=lambda r: r.party):
         try:
-            if ref.party not in members or ref.key != secagg_reveal_key(round, ref.party):
+            if ref.party not in members or ref.key != secagg_reveal_key(
+                plan.run_id, round, ref.party
+            ):
                 raise ValueError("not a member of this round")
             sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=members[ref.party])
             opened = open_sealed_with_metadata(

@@ -53,6 +53,7 @@ from cloudfed.privacy.noise import add_integer_noise, noisy_on_grid
 from cloudfed.privacy.party_level import calibration, ckks_grid, clip_update
 from cloudfed.protection import SealContext, open_sealed_with_metadata, seal
 from cloudfed.protection import payload as container
+from cloudfed.protection.commitments import keyed_seed
 from cloudfed.protection.encoding import (
     encode_secagg,
     flat_with_weight,
@@ -164,7 +165,7 @@ def verified_advert(
     cfg: FederationConfig, exchange: Exchange, doc: dict[str, Any], round: int, name: str
 ) -> protocol.Advertisement:
     """A neighbour's advertisement, checked end to end with its own signature."""
-    blob = exchange.get_bytes(secagg_advert_key(round, name))
+    blob = exchange.get_bytes(secagg_advert_key(doc["setup"]["run_id"], round, name))
     if sha256(blob) != doc["adverts"][name]:
         raise ProtectionError(f"secagg advertisement of {name} differs from the roster's")
     context = stage_context(cfg, round, name, ADVERT, run_id=doc["setup"]["run_id"])
@@ -201,7 +202,7 @@ def advertise(
     blob = sign_public(
         secrets.advertisement().model_dump_json().encode(), context=context, sender=keys
     )
-    key = secagg_advert_key(local.round, party.name)
+    key = secagg_advert_key(plan.run_id, local.round, party.name)
     exchange.put_bytes(key, blob)
     return _stage_ref(party.name, local.round, "advertise", key, blob, keys, start)
 
@@ -227,7 +228,7 @@ def share_keys(
         raise ProtectionError(f"{party.name} is not in this round's secure-aggregation roster")
     secrets = _load_secrets(party, roster.round, plan.run_id)
     own = doc["adverts"][party.name]
-    if own != sha256(exchange.get_bytes(secagg_advert_key(roster.round, party.name))):
+    if own != sha256(exchange.get_bytes(secagg_advert_key(plan.run_id, roster.round, party.name))):
         raise ProtectionError("secagg roster rejected: it lists another advertisement of ours")
     total = 0
     for holder, share in protocol.make_shares(setup, party.name, secrets).items():
@@ -242,14 +243,14 @@ def share_keys(
             if holder != party.name
             else keys.public_bundle(),
         )
-        exchange.put_bytes(secagg_share_key(roster.round, holder, party.name), blob)
+        exchange.put_bytes(secagg_share_key(plan.run_id, roster.round, holder, party.name), blob)
         total += len(blob)
     marker = json.dumps({"holders": list(setup.holders(party.name)), "bytes": total}).encode()
     return _stage_ref(
         party.name,
         roster.round,
         "shares",
-        secagg_share_key(roster.round, party.name, party.name),
+        secagg_share_key(plan.run_id, roster.round, party.name, party.name),
         marker,
         keys,
         start,
@@ -311,7 +312,10 @@ def upload(
         )
         _write_owner_only(kept, blob)
         _write_owner_only(kept_view, view)
-    key = update_key(local.round, party.name)
+        _write_owner_only(
+            _secret_path(party, local.round, plan.run_id, "base"), local.base_sha256.encode()
+        )
+    key = update_key(plan.run_id, local.round, party.name)
     exchange.put_bytes(key, blob)
     return SealedUpdateRef(
         party=party.name,
@@ -374,7 +378,13 @@ def _sealed_update(
             v: verified_advert(cfg, exchange, doc, local.round, v) for v in setup.graph[party.name]
         }
         specs = secagg_specs(cfg, len(setup.parties))
-        words, clipped = encode_secagg(seg, update, weight, specs)
+        # Rounding coins fixed by the update itself (see keyed_seed): the same value always rounds
+        # the same way, and different values get independent coins.
+        seed = keyed_seed(
+            keys, "secagg-dither", f"{cfg.federation_id}:{local.round}:{record.sha256}"
+        )
+        rng = np.random.Generator(np.random.PCG64(seed))
+        words, clipped = encode_secagg(seg, update, weight, specs, rng)
         if distributed:  # this party's share of the noise, before masking; the weight stays exact
             words[:-1] = add_integer_noise(words[:-1], cal.party_std / specs[0].step)
         masked = protocol.masked_input(setup, party.name, secrets, words, adverts, shared)
@@ -442,7 +452,7 @@ def reveal_shares(
         )
         sender = keys.public_bundle() if owner == party.name else _peer(exchange, doc, owner)
         opened = open_sealed_with_metadata(
-            exchange.get_bytes(secagg_share_key(roster.round, party.name, owner)),
+            exchange.get_bytes(secagg_share_key(plan.run_id, roster.round, party.name, owner)),
             context=context,
             recipient=keys,
             sender=sender,
@@ -450,14 +460,48 @@ def reveal_shares(
         share = protocol.Share.model_validate_json(opened.payload)
         protocol.check_share(setup, share, owner=owner, holder=party.name)
         held[owner] = share
+    across = _reveal_across_runs(cfg, party, plan, roster.round, uploaded)
     reveals = protocol.reveal(setup, party.name, held, shared, uploaded)
+    if across is not None:
+        _write_owner_only(across, json.dumps(sorted(uploaded)).encode())
     _write_owner_only(answered, view)
     body = json.dumps({o: r.model_dump() for o, r in reveals.items()}).encode()
     context = stage_context(cfg, roster.round, party.name, REVEAL, run_id=plan.run_id)
     blob = seal(body, context=context, sender=keys, recipient=coordinator_bundle(exchange, plan))
-    key = secagg_reveal_key(roster.round, party.name)
+    key = secagg_reveal_key(plan.run_id, roster.round, party.name)
     exchange.put_bytes(key, blob)
     return _stage_ref(party.name, roster.round, "unmask", key, blob, keys, start)
+
+
+def _reveal_across_runs(
+    cfg: FederationConfig, party: PartyConfig, plan: FederationPlan, round: int, uploaded: list[str]
+) -> Path | None:
+    """Where this party records whom it unmasked a round for, across every run that retries it.
+
+    A round retried from the same global adapter sends the same updates again (seeded training,
+    or DP-SGD handing back the update it paid for). Two opened sums over different survivor sets
+    would then difference to the missing parties' updates exactly, so a party unmasks a round of
+    one base adapter for one survivor set only.
+    """
+    base_file = _secret_path(party, round, plan.run_id, "base")
+    if not base_file.exists():  # no update of ours in this round: nothing of ours repeats
+        return None
+    base = base_file.read_text(encoding="utf-8")
+    path = (
+        Path(party.storage)
+        / "secagg"
+        / "revealed"
+        / cfg.federation_id
+        / f"g{plan.generation:04d}-r{round:04d}-{base[:16]}.json"
+    )
+    if path.exists() and json.loads(path.read_text(encoding="utf-8")) != sorted(uploaded):
+        raise ProtectionError(
+            f"{party.name} already unmasked round {round} from this global adapter for "
+            f"survivors {json.loads(path.read_text(encoding='utf-8'))}, in an earlier run; "
+            f"unmasking it for {sorted(uploaded)} would let the two sums be differenced to an "
+            "update. It reveals nothing for this attempt"
+        )
+    return path
 
 
 def _ckks_secret_path(party: PartyConfig, run_id: str, round: int) -> Path:
@@ -484,11 +528,11 @@ def ckks_keygen(
     _write_owner_only(_ckks_secret_path(party, plan.run_id, round), secret)
     context = stage_context(cfg, round, party.name, CKKS_CONTEXT, run_id=plan.run_id)
     blob = sign_public(public, context=context, sender=keys)
-    exchange.put_bytes(ckks_public_key(round), blob)
+    exchange.put_bytes(ckks_public_key(plan.run_id, round), blob)
     return CkksKeyRef(
         party=party.name,
         round=round,
-        key=ckks_public_key(round),
+        key=ckks_public_key(plan.run_id, round),
         sha256=sha256(blob),
         fingerprint=keys.public_bundle().fingerprint,
         bytes=len(blob),
@@ -512,10 +556,10 @@ def ckks_decrypt_sum(
     exchange = federation_exchange(cfg)
     keys, loaded = consent(cfg, party, plan)
     coordinator = coordinator_bundle(exchange, plan)
-    incoming = exchange.get_bytes(ckks_sum_key(round))
+    incoming = exchange.get_bytes(ckks_sum_key(plan.run_id, round))
     answered = _ckks_secret_path(party, plan.run_id, round).with_suffix(".answered")
     answer = _ckks_secret_path(party, plan.run_id, round).with_suffix(".answer")
-    key = ckks_plain_sum_key(round)
+    key = ckks_plain_sum_key(plan.run_id, round)
     if answered.exists():
         if answered.read_bytes() != sha256(incoming).encode() or not answer.exists():
             raise ProtectionError(

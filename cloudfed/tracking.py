@@ -66,7 +66,12 @@ def run_name(cfg: FederationConfig, plan: FederationPlan) -> str:
     )
     privacy = "+dp-sgd" if cfg.privacy.dp_sgd else ""
     privacy += f"+{cfg.privacy.mode}" if cfg.privacy.enabled else ""
-    return f"{cfg.federation_id} · {protection}{privacy} · r{plan.start_round + 1}-{plan.rounds}"
+    rounds = (
+        f"r{plan.start_round + 1}-{plan.rounds}"
+        if plan.start_round < plan.rounds
+        else f"no round left (at r{plan.start_round})"
+    )
+    return f"{cfg.federation_id} · {protection}{privacy} · {rounds}"
 
 
 def name_run() -> None:
@@ -486,8 +491,9 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
         if not (math.isnan(first["eval_loss"]) or math.isnan(last["eval_loss"]))
         else "not released"
     )
+    start = "round 0, base model" if first["round"] == 0 else f"round {first['round']}, continued"
     console.print(
-        f"eval loss {_fmt(first['eval_loss'], '.4f')} (round 0, base model) -> "
+        f"eval loss {_fmt(first['eval_loss'], '.4f')} ({start}) -> "
         f"{_fmt(last['eval_loss'], '.4f')} (round {last['round']}): {change}. "
         f"Stopped: {stop_reason}."
     )
@@ -502,19 +508,43 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
 
 def publish_run_report(
     cfg: FederationConfig,
+    plan: FederationPlan,
     rows: Sequence[dict[str, Any]],
     final: GlobalAdapterRef,
     stop_reason: str,
 ) -> str:
-    """Round table, plot and final adapter to MLflow and the coordinator's storage."""
+    """Round table, plots and final adapter to MLflow and the federation's `last_run` folder.
+
+    A run that trained no round publishes nothing: `last_run` keeps the report of the run that
+    trained the current model, and the message says where that model is.
+    """
     import pandas as pd
 
     from cloudfed.exchange import federation_exchange
 
     rows = sorted(rows, key=lambda r: r["round"])
     text = summary_text(rows, stop_reason)
-    out = Path(cfg.coordinator_storage) / "last_run"
+    out = cfg.coordinator_dir / "last_run"
+    exchange = federation_exchange(cfg)
+    if final.round <= plan.start_round:
+        where = (
+            f"No round was trained in this run, so nothing new was published. The federation's "
+            f"model is still round {final.round}: {exchange.url(final.key)} (sha256 "
+            f"{final.sha256}); its report and adapter: {out}/"
+        )
+        mlflow.set_tags(
+            {"federation/stop_reason": stop_reason, "federation/final_round": str(final.round)}
+        )
+        text = f"{text}\n{where}\n"
+        print(text)
+        return text
+    adapter = exchange.get_bytes(final.key)
+    if hashlib.sha256(adapter).hexdigest() != final.sha256:
+        raise ProtectionError("final adapter rejected: hash mismatch")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():  # nothing of an earlier run may sit beside this one's report
+        if stale.is_file():
+            stale.unlink()
     table = pd.DataFrame(rows)
     table.to_csv(out / "round_table.csv", index=False)
     (out / "summary.txt").write_text(text, encoding="utf-8")
@@ -523,9 +553,6 @@ def publish_run_report(
     if (privacy_png := privacy_plot_png(rows)) is not None:
         (out / "privacy_per_round.png").write_bytes(privacy_png)
         names.append("privacy_per_round.png")
-    adapter = federation_exchange(cfg).get_bytes(final.key)
-    if hashlib.sha256(adapter).hexdigest() != final.sha256:
-        raise ProtectionError("final adapter rejected: hash mismatch")
     (out / "adapter.safetensors").write_bytes(adapter)
     for name in names:
         mlflow.log_artifact(str(out / name), artifact_path="report")

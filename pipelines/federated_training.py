@@ -19,8 +19,8 @@ from zenml.enums import ExecutionMode
 
 from cloudfed.artifacts import Rejection
 from cloudfed.errors import CloudfedError, ConfigError, DataError
-from cloudfed.federation import FederationConfig, parse_federation
-from cloudfed.party_policy import ConsentError
+from cloudfed.federation import FederationConfig, load_run_config, parse_federation
+from cloudfed.preflight import check_config
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
 from steps.evaluate import evaluate
@@ -127,26 +127,73 @@ def _evaluate_all(
 
 
 @pipeline(dynamic=True, enable_cache=False, execution_mode=ExecutionMode.CONTINUE_ON_FAILURE)
-def federated_training(federation: dict[str, Any]) -> None:
+def federated_training(federation: dict[str, Any] | None = None) -> None:
+    # Optional only so that a misspelt `parameters:` block reaches preflight's message here.
     with _user_errors():
+        if federation is None:
+            load_run_config(_config_source())  # raises: parameters.federation is missing
         cfg = parse_federation(federation, source=_config_source())
+        check_config(cfg, _config_source())  # what preflight refuses without a party's data
         tracker = _tracker()
 
         def coord(step: Any) -> Any:
             return step.with_options(experiment_tracker=tracker) if tracker else step
 
         # Step outputs travel by reference; plain values would be uploaded again for every step.
-        federation, plan, current = coord(prepare_federation)(federation, id="prepare")
-        parties = plan.load().parties
+        federation, plan, current = coord(prepare_federation)(
+            federation, _config_source(), id="prepare"
+        )
+        planned = plan.load()
+        try:
+            _run_rounds(cfg, coord, federation, plan, current, planned)
+        finally:  # a killed run leaves its lock; the next run takes it over (cloudfed.run_lock)
+            _release_lock(cfg, planned.run_id)
+
+
+def _release_lock(cfg: FederationConfig, run_id: str) -> None:
+    from cloudfed import run_lock
+    from cloudfed.exchange import federation_exchange
+
+    run_lock.release(federation_exchange(cfg), run_id)
+
+
+def _heartbeat(cfg: FederationConfig, run_id: str) -> None:
+    from cloudfed import run_lock
+    from cloudfed.exchange import federation_exchange
+
+    run_lock.heartbeat(federation_exchange(cfg), run_id)
+
+
+def _run_rounds(
+    cfg: FederationConfig, coord: Any, federation: Any, plan: Any, current: Any, planned: Any
+) -> None:
+    """Harmonise, then rounds start_round+1 .. rounds: `rounds` is the federation's total."""
+    with _user_errors():
+        if planned.start_round >= cfg.rounds:
+            from cloudfed.exchange import federation_exchange
+
+            ref = planned.initial_adapter
+            print(
+                f"cloudfed: federation {cfg.federation_id} has published all {cfg.rounds} rounds "
+                f"(at round {planned.start_round}); nothing to train and nothing new published. "
+                f"The last model: {federation_exchange(cfg).url(ref.key)} (sha256 {ref.sha256}); "
+                f"its report: {cfg.coordinator_dir / 'last_run'}. To train further raise rounds; "
+                "to start from the base model set start_over: true (make start-over).",
+                flush=True,
+            )
+            return
+        parties = planned.parties
         datasets, excluded = {}, []
-        for p in parties:
-            try:
-                datasets[p] = _party_step(harmonize, cfg, p)(
-                    federation, p, plan, id=f"harmonize_{p}"
-                )
-            except (DataError, ConsentError) as exc:  # fails its contract, or refuses the run
-                logger.warning("party %s excluded: %s", p, exc)
-                excluded.append(Rejection(party=p, reason=f"excluded: {exc}"))
+        for p in parties:  # every party harmonises before any trains, so a stop costs nothing
+            ref = _party_step(harmonize, cfg, p)(federation, p, plan, id=f"harmonize_{p}")
+            outcome = ref.load()
+            if outcome.status == "config-error":  # missing or unfit file: stop, as preflight
+                raise ConfigError(outcome.message)
+            if outcome.ok:
+                datasets[p] = ref
+            else:  # fails its contract, or refuses the run
+                logger.warning("party %s excluded: %s", p, outcome.message)
+                excluded.append(Rejection(party=p, reason=f"excluded: {outcome.message}"))
         if len(datasets) < cfg.min_parties:
             raise DataError(
                 f"{len(datasets)} of {len(parties)} parties passed their data contracts, fewer "
@@ -154,7 +201,8 @@ def federated_training(federation: dict[str, Any]) -> None:
                 + "\n".join(f"[{r.party}] {r.reason}" for r in excluded)
             )
         parties = list(datasets)
-        evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, 0)
+        start = planned.start_round
+        evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, start)
         rows = [
             coord(log_baseline)(
                 federation,
@@ -163,12 +211,13 @@ def federated_training(federation: dict[str, Any]) -> None:
                 evals,
                 list(datasets.values()),
                 excluded,
-                id="log_round_r0",
+                id=f"log_round_r{start}",
             )
         ]
         stop_reason = f"round limit ({cfg.rounds}) reached"
-        protection = plan.load().protection.get("tensors", {})
-        for r in range(1, cfg.rounds + 1):
+        protection = planned.protection.get("tensors", {})
+        for r in range(start + 1, cfg.rounds + 1):
+            _heartbeat(cfg, planned.run_id)  # stops here if another run took the lock over
             if cfg.privacy.enabled:  # charged before anyone trains; refused means stop cleanly
                 reservation = coord(privacy_reserve)(
                     federation, r, plan, parties, id=f"privacy_reserve_r{r}"
@@ -272,4 +321,4 @@ def federated_training(federation: dict[str, Any]) -> None:
                     id=f"log_round_r{r}",
                 )
             )
-        coord(publish_report)(federation, rows, current, stop_reason, id="publish_report")
+        coord(publish_report)(federation, plan, rows, current, stop_reason, id="publish_report")

@@ -34,6 +34,7 @@ def aggregate(
 ]:
     with timed_work(round=round) as meta:
         from cloudfed.federation import parse_federation
+        from cloudfed.federation_state import publish_round
         from cloudfed.secure_coordinator import aggregate_protected
 
         cfg = parse_federation(federation)
@@ -48,6 +49,7 @@ def aggregate(
             reveals=reveals,
             ckks_plain=ckks_plain,
         )
+        publish_round(cfg, plan, new_global, report.policy_sha256)
         meta.update(
             accepted=report.accepted,
             rejected=[r.model_dump() for r in report.rejected],

@@ -16,26 +16,35 @@ from steps.artifacts import Artifacts
 def harmonize(
     federation: dict[str, Any], party: str, plan: FederationPlan
 ) -> Annotated[DatasetRef, Artifacts.DATASET_REF]:
-    """Under DP only a redacted reference (no counts, keyed digests) and no counts as metadata."""
+    """Returns, not raises, what became of the party, so the pipeline can read it.
+
+    A remote step operator's failure reaches the pipeline without its exception type. Under DP a
+    redacted reference and no counts.
+    """
     with timed_work(party=party) as meta:
-        refuse_launcher_environment(party)
-        from cloudfed.data.harmonize import harmonize_party
+        from cloudfed.data.ref import unavailable
         from cloudfed.data.tokens import counter_for
         from cloudfed.federation import parse_federation
-        from cloudfed.party import consent, release_dataset
+        from cloudfed.party import prepare_dataset
+        from cloudfed.party_policy import ConsentError
 
         cfg = parse_federation(federation)
-        consent(cfg, cfg.party(party), plan)  # before reading a row: is this round acceptable?
-        ref = harmonize_party(
-            cfg.party(party),
-            root=Path.cwd(),
-            contracts_dir=Path(cfg.contracts_dir),
-            count_tokens=counter_for(cfg.base_model),
-            run_id=str(get_step_context().pipeline_run.id),
-            private=cfg.privacy.protects_records,
-        )
-        ref = release_dataset(cfg, cfg.party(party), ref)
-        meta.update(contract_sha256=ref.contract_sha256, data_docs=ref.docs_uri)
-        if not ref.redacted:
+        try:
+            refuse_launcher_environment(party)
+        except ConsentError as exc:
+            ref = unavailable(party, "refused", str(exc))
+        else:
+            ref = prepare_dataset(
+                cfg,
+                cfg.party(party),
+                plan,
+                root=Path.cwd(),
+                run_id=str(get_step_context().pipeline_run.id),
+                count_tokens=counter_for(cfg.base_model),
+            )
+        meta.update(status=ref.status)
+        if ref.ok:
+            meta.update(contract_sha256=ref.contract_sha256, data_docs=ref.docs_uri)
+        if ref.ok and not ref.redacted:
             meta.update(rows_accepted=ref.rows_accepted, rows_quarantined=ref.rows_quarantined)
     return ref

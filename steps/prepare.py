@@ -11,7 +11,7 @@ from steps.artifacts import Artifacts
 
 @step
 def prepare_federation(
-    federation: dict[str, Any],
+    federation: dict[str, Any], source: str = "the run configuration"
 ) -> tuple[
     Annotated[dict[str, Any], Artifacts.FEDERATION_CONFIG],
     Annotated[FederationPlan, Artifacts.FEDERATION_PLAN],
@@ -24,8 +24,13 @@ def prepare_federation(
         from cloudfed.tracking import log_plan
 
         cfg = parse_federation(federation)
-        plan = prepare(cfg)
+        plan = prepare(cfg, source=source)
         log_plan(cfg, plan)
-        meta.update(fingerprint=plan.fingerprint, parties=plan.parties)
+        meta.update(
+            fingerprint=plan.fingerprint,
+            parties=plan.parties,
+            start_round=plan.start_round,
+            generation=plan.generation,
+        )
         validated = cfg.model_dump(mode="json")
     return validated, plan, plan.initial_adapter  # literal tuple: three outputs

@@ -27,7 +27,7 @@ def log_baseline(
     datasets: list[DatasetRef],
     excluded: list[Rejection],
 ) -> Annotated[dict[str, Any], Artifacts.ROUND_ROW]:
-    """Round 0: base model, what each party's data passed, and who was excluded and why."""
+    """The run's starting model (round 0: the base model), data outcomes, who was excluded."""
     with timed_work():
         from cloudfed.coordinator import round_eval
         from cloudfed.federation import parse_federation
@@ -36,7 +36,7 @@ def log_baseline(
         cfg = parse_federation(federation)
         log_exclusions(excluded)
         ev = round_eval(cfg, plan, model, evals)
-        row = log_round_metrics(0, ev, None, [], [], datasets)
+        row = log_round_metrics(model.round, ev, None, [], [], datasets)
     return row
 
 
@@ -65,6 +65,7 @@ def log_round(
 @step
 def publish_report(
     federation: dict[str, Any],
+    plan: FederationPlan,
     rows: list[dict[str, Any]],
     final_adapter: GlobalAdapterRef,
     stop_reason: str,
@@ -73,6 +74,8 @@ def publish_report(
         from cloudfed.federation import parse_federation
         from cloudfed.tracking import name_run, publish_run_report
 
-        text = publish_run_report(parse_federation(federation), rows, final_adapter, stop_reason)
+        text = publish_run_report(
+            parse_federation(federation), plan, rows, final_adapter, stop_reason
+        )
         name_run()  # the last tracked step: ZenML no longer needs the run under its own name
     return text

@@ -17,6 +17,7 @@ from cloudfed.federation import FederationConfig, parse_federation
 from cloudfed.party import LocalUpdateRecord, load_global, party_keys
 from cloudfed.party_policy import provision
 from cloudfed.protection.commitments import keyed_digest
+from cloudfed.run_lock import release
 from cloudfed.training.adapter_io import state_to_bytes
 
 Hook = Callable[[str, "Federation"], None]
@@ -94,6 +95,7 @@ class Federation:
         self.cfg: FederationConfig = parse_federation(raw)
         provision(self.cfg, force=True)  # every party accepts exactly this config, keys pinned
         self.plan: FederationPlan = coordinator.prepare(self.cfg)
+        release(federation_exchange(self.cfg), self.plan.run_id)  # no pipeline ends this run
         self.exchange = federation_exchange(self.cfg)
         self.current: GlobalAdapterRef = self.plan.initial_adapter
         self.initial = load_global(self.exchange, self.current)

@@ -28,6 +28,7 @@ from cloudfed.exchange import (
 from cloudfed.federation import FederationConfig, parse_federation
 from cloudfed.party import load_global
 from cloudfed.party_policy import provision
+from cloudfed.run_lock import release
 from cloudfed.training.adapter_io import state_from_bytes
 from tests.protected_support import local_update
 
@@ -74,6 +75,7 @@ class Fed:
         self.cfg = make_cfg(tmp_path, model_cache, min_parties=min_parties)
         provision(self.cfg, force=True)
         self.plan: FederationPlan = coordinator.prepare(self.cfg)
+        release(federation_exchange(self.cfg), self.plan.run_id)  # no pipeline ends this run
         self.exchange = federation_exchange(self.cfg)
         self.initial = load_global(self.exchange, self.plan.initial_adapter)
         self.base = self.plan.initial_adapter.sha256  # what parties trained from
@@ -141,7 +143,7 @@ def reasons(report) -> dict[str, str]:
 def test_prepare_publishes_round_zero_adapter_and_keys(fed: Fed) -> None:
     plan = fed.plan
     ref = plan.initial_adapter
-    assert ref.round == 0 and ref.key == global_adapter_key(0)
+    assert ref.round == 0 and ref.key == global_adapter_key(fed.plan.run_id, 0)
     data = fed.exchange.get_bytes(ref.key)
     assert hashlib.sha256(data).hexdigest() == ref.sha256
     assert len(data) == ref.bytes
@@ -161,7 +163,7 @@ def test_prepare_publishes_round_zero_adapter_and_keys(fed: Fed) -> None:
 def test_aggregate_is_exact_weighted_mean(fed: Fed) -> None:
     sealed = fed.standard_round(1)
     new_ref, report = fed.aggregate(1, sealed, fed.plan.initial_adapter)
-    assert new_ref.round == 1 and new_ref.key == global_adapter_key(1)
+    assert new_ref.round == 1 and new_ref.key == global_adapter_key(fed.plan.run_id, 1)
     fed.expect_global(new_ref, 2.75)
     assert report.accepted == sorted(NAMES)
     assert report.rejected == []
@@ -207,8 +209,8 @@ def test_too_few_valid_updates_publishes_nothing(fed: Fed) -> None:
     assert NAMES[0] in message and NAMES[1] in message
     assert "No model was published" in message
     assert "min_parties=2" in message
-    assert not fed.exchange.exists(global_adapter_key(1))
-    assert fed.exchange.list("rounds/r0001/global") == []
+    assert not fed.exchange.exists(global_adapter_key(fed.plan.run_id, 1))
+    assert fed.exchange.list(f"runs/{fed.plan.run_id}/r0001/global") == []
 
 
 def test_missing_sealed_update_is_rejected(fed: Fed) -> None:
@@ -222,7 +224,7 @@ def test_missing_sealed_update_is_rejected(fed: Fed) -> None:
 
 def test_ref_pointing_elsewhere_on_the_exchange_is_rejected(fed: Fed) -> None:
     sealed = fed.standard_round(1)
-    moved = sealed[0].model_copy(update={"key": update_key(1, NAMES[1])})
+    moved = sealed[0].model_copy(update={"key": update_key(fed.plan.run_id, 1, NAMES[1])})
     _, report = fed.aggregate(1, [moved, sealed[1], sealed[2]], fed.plan.initial_adapter)
     assert reasons(report)[NAMES[0]].startswith("unexpected exchange key")
 
@@ -235,7 +237,7 @@ def test_replay_into_next_round_is_rejected(fed: Fed) -> None:
         fed.export(NAMES[1], 2, fed.const(2.0), 1),
     ]
     old = round1[2]
-    key2 = update_key(2, NAMES[2])
+    key2 = update_key(fed.plan.run_id, 2, NAMES[2])
     fed.exchange.put_bytes(key2, fed.exchange.get_bytes(old.key))
     replayed = old.model_copy(update={"round": 2, "key": key2})
     ref2, report = fed.aggregate(2, [*fresh, replayed], ref1)
@@ -304,7 +306,7 @@ def test_invalid_update_is_refused_by_its_party_and_round_goes_on(
     bad, reason = _bad_update(fed, kind)
     with pytest.raises(DataError, match=re.escape(reason)):
         fed.export(NAMES[0], 1, bad, 1)
-    assert not fed.exchange.exists(update_key(1, NAMES[0]))
+    assert not fed.exchange.exists(update_key(fed.plan.run_id, 1, NAMES[0]))
     sealed = [
         fed.export(NAMES[1], 1, fed.const(2.0), 1),
         fed.export(NAMES[2], 1, fed.const(4.0), 2),
@@ -339,6 +341,7 @@ def test_update_from_another_run_is_rejected(tmp_path: Path, model_cache: Path) 
     fed = Fed(tmp_path, model_cache)
     sealed = fed.standard_round(1)
     other_run = coordinator.prepare(fed.cfg)  # a re-run: same keys, same round-0 adapter
+    release(federation_exchange(fed.cfg), other_run.run_id)
     assert other_run.run_id != fed.plan.run_id
     assert other_run.initial_adapter.sha256 == fed.plan.initial_adapter.sha256
     with pytest.raises(AggregationError, match="another run"):

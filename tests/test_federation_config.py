@@ -42,7 +42,8 @@ def test_local_config_is_valid() -> None:
             "pharmacy-oci",
         ),
         (("min_parties",), 5, "parameters.federation", "min_parties"),
-        (("lora", "rnak"), 4, "parameters.federation.lora.rnak", "remove 'rnak'"),
+        (("lora", "rnak"), 4, "parameters.federation.lora.rnak", "did you mean 'rank'?"),
+        (("lora", "zzz"), 4, "parameters.federation.lora.zzz", "remove 'zzz'"),
     ],
 )
 def test_bad_values_name_file_field_and_fix(path, value, field, fix) -> None:
@@ -56,6 +57,32 @@ def test_bad_values_name_file_field_and_fix(path, value, field, fix) -> None:
     msg = str(err.value)
     assert msg.startswith("configs/x.yaml:")
     assert field in msg and fix in msg and "Fix:" in msg
+
+
+@pytest.mark.parametrize(
+    ("path", "meant"),
+    [
+        (("trainig",), "training"),
+        (("parties", 0, "stroage"), "storage"),
+        (("protection", "secagg", "trheshold"), "threshold"),
+        (("privacy", "dp_sgd", "bank-gcp", "sample_rat"), "sample_rate"),
+    ],
+)
+def test_typo_key_gets_the_closest_key_at_its_level(path, meant) -> None:
+    """The suggestion comes from the block the key sits in, through lists and dp_sgd names."""
+    raw = _local()
+    raw["privacy"] = {"dp_sgd": {"bank-gcp": {"noise_multiplier": 1.0}}}
+    target = raw
+    for key in path[:-1]:
+        target = target.setdefault(key, {}) if isinstance(key, str) else target[key]
+    target[path[-1]] = 1
+    with pytest.raises(ConfigError) as err:
+        parse_federation(raw, source="configs/x.yaml")
+    field = "parameters.federation" + "".join(
+        f"[{k}]" if isinstance(k, int) else f".{k}" for k in path
+    )
+    assert f"{field}: " in str(err.value)
+    assert f"Fix: did you mean '{meant}'? Rename '{path[-1]}' to '{meant}'." in str(err.value)
 
 
 def test_duplicate_party_names_refused() -> None:
@@ -97,3 +124,19 @@ def test_multicloud_example_names_a_step_operator_per_party() -> None:
         "azure": "azureml_insurer",
     }
     assert cfg.exchange.startswith("s3://")
+
+
+@pytest.mark.parametrize(
+    ("text", "fix"),
+    [
+        ("paramters:\n  federation: {}\n", "did you mean 'parameters'? Rename 'paramters'"),
+        ("parameters:\n  federaton: {}\n", "did you mean 'federation'? Rename 'federaton'"),
+        ("enable_cache: false\n", "add a 'parameters: federation:' block"),
+    ],
+)
+def test_misspelt_parameters_block_gets_the_closest_key(tmp_path: Path, text, fix) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert str(err.value).startswith(f"{path}: parameters.federation is missing. Fix: {fix}")

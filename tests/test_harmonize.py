@@ -261,7 +261,9 @@ def test_block_below_min_rows_names_expectation_and_docs(tmp_path: Path) -> None
         harmonise(root, "bank-gcp")
     msg = str(exc.value)
     assert "party 'bank-gcp'" in msg
-    assert "expect_column_values_to_be_between(train_rows) failed (observed 234.0)" in msg
+    # The bound and what was found, as the steward would write them.
+    assert "expect_column_values_to_be_between(train_rows) failed: train_rows >= 500, " in msg
+    assert "observed 234" in msg
     assert "dataset_profile.json" in msg and "Data Docs are at" in msg
     assert MARKER_PREFIX not in msg
     storage = root / ".cloudfed/clouds/bank-gcp/storage"
@@ -275,7 +277,8 @@ def test_warn_policy_keeps_the_run_going(tmp_path: Path) -> None:
     ref = harmonise(root, "insurer-azure")
     assert ref.rows_train == 234
     assert ref.warnings == [
-        "all: expect_column_values_to_be_between(duplicate_share) failed (observed 0.01)"
+        "all: expect_column_values_to_be_between(duplicate_share) failed: "
+        "duplicate_share <= 0.001, observed 0.01"
     ]
 
 
@@ -285,8 +288,12 @@ def test_blocking_row_expectation_unknown_domain(tmp_path: Path) -> None:
     with pytest.raises(
         DataError,
         match=r"expect_column_values_to_be_in_set\(domain\) failed on "
-        r"240 of 240 rows",
-    ):
+        r"240 of 240 rows \(domain in \[",
+    ) as exc:
+        harmonise(root, "hospital-aws")
+    assert "metadata.domain: 'retail' is not an allowed value" in str(exc.value)
+    edit_mapping(root, "hospital-aws", metadata={"domain": "helthcare", "task": "clinical_qa"})
+    with pytest.raises(DataError, match="did you mean 'healthcare'"):
         harmonise(root, "hospital-aws")
 
 
@@ -368,7 +375,7 @@ def test_header_only_file_blocks_with_min_rows(tmp_path: Path) -> None:
     root = make_root(tmp_path)
     path = root / ".cloudfed/clouds/hospital-aws/raw/train.csv"
     path.write_text(path.read_text().splitlines()[0] + "\n")
-    with pytest.raises(DataError, match=r"train_rows\) failed \(observed 0.0\)"):
+    with pytest.raises(DataError, match=r"train_rows\) failed: train_rows >= 50, observed 0\b"):
         harmonise(root, "hospital-aws")
     path.write_text("")
     with pytest.raises(DataError, match=r"train.csv: the file is empty \(0 bytes\)"):

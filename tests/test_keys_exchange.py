@@ -74,14 +74,21 @@ def test_bundle_json_round_trip_and_fingerprint_check(tmp_path: Path) -> None:
         PublicKeyBundle.model_validate(short)
 
 
+RUN = "0123abcd"
+
+
 def test_key_layout() -> None:
-    assert update_key(3, "org-a") == "rounds/r0003/updates/org-a.sealed"
-    assert global_adapter_key(12) == "rounds/r0012/global/adapter.safetensors"
+    assert update_key(RUN, 3, "org-a") == "runs/0123abcd/r0003/updates/org-a.sealed"
+    assert global_adapter_key(RUN, 12) == "runs/0123abcd/r0012/global/adapter.safetensors"
     assert public_key_key("coordinator", "coordinator") == "keys/coordinator/coordinator.json"
+    # A later run retrying a round writes under its own run id, never over the first attempt.
+    assert update_key("fedcba98", 3, "org-a") != update_key(RUN, 3, "org-a")
     with pytest.raises(ValueError):
-        update_key(-1, "org-a")
+        update_key(RUN, -1, "org-a")
     with pytest.raises(ValueError):
-        update_key(1, "../org-a")
+        update_key(RUN, 1, "../org-a")
+    with pytest.raises(ValueError):
+        update_key("../x", 1, "org-a")
     with pytest.raises(ValueError):
         public_key_key("admin", "x")
 
@@ -100,24 +107,33 @@ def test_invalid_keys(tmp_path: Path, key: str) -> None:
 @pytest.mark.parametrize("scheme", ["", "file://"])
 def test_put_get_list(tmp_path: Path, scheme: str) -> None:
     ex = Exchange(f"{scheme}{tmp_path / 'ex'}")
-    ex.put_bytes(update_key(1, "org-b"), b"bb")
-    ex.put_bytes(update_key(1, "org-a"), b"aa")
-    ex.put_bytes(global_adapter_key(0), b"g0")
-    assert ex.get_bytes(update_key(1, "org-a")) == b"aa"
-    assert ex.exists(update_key(1, "org-b"))
-    assert not ex.exists(update_key(2, "org-b"))
-    assert ex.list("rounds/r0001/updates") == [
-        "rounds/r0001/updates/org-a.sealed",
-        "rounds/r0001/updates/org-b.sealed",
+    ex.put_bytes(update_key(RUN, 1, "org-b"), b"bb")
+    ex.put_bytes(update_key(RUN, 1, "org-a"), b"aa")
+    ex.put_bytes(global_adapter_key(RUN, 0), b"g0")
+    assert ex.get_bytes(update_key(RUN, 1, "org-a")) == b"aa"
+    assert ex.exists(update_key(RUN, 1, "org-b"))
+    assert not ex.exists(update_key(RUN, 2, "org-b"))
+    assert ex.list(f"runs/{RUN}/r0001/updates") == [
+        f"runs/{RUN}/r0001/updates/org-a.sealed",
+        f"runs/{RUN}/r0001/updates/org-b.sealed",
     ]
     assert len(ex.list()) == 3
-    assert ex.list("rounds/r0009") == []
+    assert ex.list(f"runs/{RUN}/r0009") == []
     assert (
-        ex.url(global_adapter_key(0))
-        == f"file://{tmp_path / 'ex'}/rounds/r0000/global/adapter.safetensors"
+        ex.url(global_adapter_key(RUN, 0))
+        == f"file://{tmp_path / 'ex'}/runs/{RUN}/r0000/global/adapter.safetensors"
     )
     with pytest.raises(FileNotFoundError):
-        ex.get_bytes(update_key(5, "org-a"))
+        ex.get_bytes(update_key(RUN, 5, "org-a"))
+
+
+def test_exclusive_write_happens_once(tmp_path: Path) -> None:
+    ex = Exchange(str(tmp_path))
+    ex.put_bytes("history/r.signed", b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        ex.put_bytes("history/r.signed", b"second", exclusive=True)
+    assert ex.get_bytes("history/r.signed") == b"first"
+    assert sorted(p.name for p in (tmp_path / "history").iterdir()) == ["r.signed"]
 
 
 def test_overwrite_is_atomic_and_leaves_no_temp(tmp_path: Path) -> None:

@@ -639,3 +639,15 @@ def test_check_source_wrong_party_and_format(root: Path, tmp_path: Path) -> None
         DataError, match=r"format: 'csv' does not match .*train\.jsonl.*Fix: set `format: jsonl`"
     ):
         check_source(party, root)
+
+
+def test_binary_kind_tells_binary_from_damaged_text() -> None:
+    from cloudfed.data.loaders import binary_kind
+
+    assert binary_kind(b"q,a\nhello,world\n" * 50) is None
+    # One damaged record with a stray control byte is text: the rows suite quarantines it.
+    assert binary_kind(b"q,a\nhel\x00lo,world\n" + b"q,a\nhello,world\n" * 50) is None
+    assert binary_kind("q,a\nhé,x\n".encode("utf-16-le"))[1] == "set `encoding: utf-16-le`"
+    assert binary_kind(b"PAR1\x15\x04")[1] == "set `format: parquet` in the source mapping"
+    what, fix = binary_kind(bytes(range(256)) * 4)
+    assert what.startswith("a binary file") and "encoding" not in fix

@@ -545,7 +545,7 @@ def test_distributed_round_below_min_contributors_publishes_nothing(
     updates = {p: (state_update(fed, i, CLIP / 2), 50) for i, p in enumerate(NAMES)}
     with pytest.raises(AggregationError, match="privacy.min_contributors=3"):
         fed.round(1, updates, drop={C: "upload"})
-    assert not fed.exchange.exists(global_adapter_key(1))
+    assert not fed.exchange.exists(global_adapter_key(fed.plan.run_id, 1))
 
 
 def test_round_without_privacy_reports_no_privacy(tmp_path: Path, model_cache: Path) -> None:
@@ -565,14 +565,14 @@ def test_aggregation_without_reservation_is_refused(
     updates = {p: (state_update(fed, i, CLIP / 2), 50) for i, p in enumerate(NAMES)}
     with pytest.raises(AggregationError, match="no privacy-budget reservation"):
         fed.round(1, updates)
-    assert not fed.exchange.exists(global_adapter_key(1))
-    assert fed.exchange.exists(global_adapter_key(0))
+    assert not fed.exchange.exists(global_adapter_key(fed.plan.run_id, 1))
+    assert fed.exchange.exists(global_adapter_key(fed.plan.run_id, 0))
     # A reservation for another round does not count for this one. (Round 1 itself cannot be
     # retried: its parties uploaded once and refuse a second upload under new masks.)
     reserve(fed, 3)
     with pytest.raises(AggregationError, match="no privacy-budget reservation"):
         fed.round(2, updates)
-    assert not fed.exchange.exists(global_adapter_key(2))
+    assert not fed.exchange.exists(global_adapter_key(fed.plan.run_id, 2))
 
 
 @pytest.mark.parametrize(
@@ -645,4 +645,4 @@ def test_contributor_outside_the_reservation_publishes_nothing(
     updates = {p: (state_update(fed, i, CLIP / 2), 50) for i, p in enumerate(NAMES)}
     with pytest.raises(CloudfedError):
         fed.round(1, updates)
-    assert not fed.exchange.exists(global_adapter_key(1))
+    assert not fed.exchange.exists(global_adapter_key(fed.plan.run_id, 1))

@@ -79,7 +79,9 @@ def test_the_default_demo_learns_with_a_finite_epsilon_per_party(demo: dict[str,
         assert sorted(eps) == list(range(1, rounds + 1)), (name, eps)
         assert 0 < eps[1] < eps[rounds] <= target["target_epsilon"] + 1e-6, (name, eps)
     assert run.data.tags["federation/metrics_release"] == "secure-sum"
-    summary = (demo["work"] / "coordinator" / "last_run" / "summary.txt").read_text()
+    summary = (
+        demo["work"] / "coordinator" / "demo-federation" / "last_run" / "summary.txt"
+    ).read_text()
     assert "eps hospital-aws" in summary and "% lower" in summary
 
 

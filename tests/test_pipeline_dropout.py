@@ -33,7 +33,9 @@ def test_crashed_party_is_dropped_and_round_continues(tmp_path: Path) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "party insurer-azure dropped" in out
-    summary = (tmp_path / "coordinator" / "last_run" / "summary.txt").read_text()
+    summary = (
+        tmp_path / "coordinator" / "test-federation" / "last_run" / "summary.txt"
+    ).read_text()
     row = next(line for line in summary.splitlines() if line.strip().startswith("│     1"))
     cells = [c.strip() for c in row.strip("│ ").split("│")]
     assert cells[4:6] == ["2", "1"], row  # parties accepted, rejected

@@ -37,7 +37,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_run_completes_and_prints_summary(demo_run: dict) -> None:
     proc = demo_run["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    summary = (demo_run["work"] / "coordinator" / "last_run" / "summary.txt").read_text()
+    summary = (
+        demo_run["work"] / "coordinator" / "test-federation" / "last_run" / "summary.txt"
+    ).read_text()
     assert "held-out loss per round" in summary
     assert "round limit (2) reached" in summary
 

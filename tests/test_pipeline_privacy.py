@@ -39,6 +39,7 @@ from tests.e2e_support import (
 pytestmark = pytest.mark.e2e
 PARTIES = ["hospital-aws", "bank-gcp"]
 DP_PARTY = "hospital-aws"
+FED = "test-federation"
 DELTA = 1e-5  # the privacy block's default
 # Distributed mode charges a z a hair below the configured 1.0 (quantisation may lengthen a
 # clipped update); anything in (Z_FLOOR, 1.0] leaves MAX_EPSILON between 2 and 3 rounds.
@@ -72,7 +73,7 @@ def _fed(work: Path, clouds: Path, rounds: int, privacy: dict[str, Any]) -> dict
 
 def _ledger(coordinator: Path) -> Ledger:
     """The coordinator's plain copy (the exchange copy is signed and checked by the pipeline)."""
-    return Ledger.model_validate_json((coordinator / "privacy" / "ledger.json").read_bytes())
+    return Ledger.model_validate_json((coordinator / FED / "privacy" / "ledger.json").read_bytes())
 
 
 def _signed_ledger(work: Path) -> Ledger:
@@ -142,14 +143,15 @@ def budget(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     config = write_config(work / "run.yaml", fed)
     coordinator = work / "coordinator"
     first = _run(project, config)
-    first["summary"] = (coordinator / "last_run" / "summary.txt").read_text()
+    first["summary"] = (coordinator / FED / "last_run" / "summary.txt").read_text()
     first["ledger"] = _ledger(coordinator)
-    first["ledger_bytes"] = (coordinator / "privacy" / "ledger.json").read_bytes()
+    first["ledger_bytes"] = (coordinator / FED / "privacy" / "ledger.json").read_bytes()
     first["signed_ledger"] = _signed_ledger(work)
     dp_sgd_ledger = policy_dir(config) / f"{DP_PARTY}-state" / "dp_sgd_ledger.json"
     first["dp_sgd_ledger"] = dp_sgd_ledger.read_bytes() if dp_sgd_ledger.exists() else None
-    second = _run(project, config)
-    second["summary"] = (coordinator / "last_run" / "summary.txt").read_text()
+    second = _run(project, config)  # continues at round 3, which the budget refuses
+    second["summary"] = second["out"]  # it trained nothing, so last_run keeps the first run's
+    second["last_run"] = (coordinator / FED / "last_run" / "summary.txt").read_text()
     return {
         "work": work,
         "clouds": clouds,
@@ -222,25 +224,30 @@ def test_rerun_refuses_a_round_past_the_budget_and_ends_cleanly(budget: dict[str
     first, second, work = budget["first"], budget["second"], budget["work"]
     coordinator = work / "coordinator"
     spent = first["ledger"].epsilon()
-    assert _summary_rounds(second["summary"]) == [0], second["summary"]
+    # The re-run continues the federation at round 3 (from round 2's adapter), not at round 1.
+    assert "continuing federation test-federation at round 3" in second["out"]
+    assert _summary_rounds(second["summary"]) == [2], second["summary"]
     flat = _flat(second["summary"])
     expected = f"spent epsilon={spent:.4g} of max_epsilon={MAX_EPSILON:g}"
     assert "Stopped: privacy budget:" in flat and expected in flat, second["summary"]
-    assert "over 2 round(s) of this federation; round 1 would bring it to" in flat
-    assert "cloudfed: stopping before round 1: privacy budget" in second["out"]
+    assert "over 2 round(s) of this federation; round 3 would bring it to" in flat
+    assert "cloudfed: stopping before round 3: privacy budget" in second["out"]
     assert expected in second["out"]
-    # No party trained: only the refused reservation ran after round 0.
+    # It trained nothing, so it published nothing and says where the model is.
+    assert "No round was trained in this run, so nothing new was published" in flat
+    assert second["last_run"] == first["summary"]
+    # No party trained: only the refused reservation ran after the starting evaluation.
     started = _steps_started(second["out"])
-    assert "privacy_reserve_r1" in started and "publish_report" in started, started
+    assert "privacy_reserve_r3" in started and "publish_report" in started, started
     assert not [s for s in started if s.startswith("train_")], started
-    assert [s for s in started if s.endswith("_r1")] == ["privacy_reserve_r1"], started
+    assert [s for s in started if s.endswith("_r3")] == ["privacy_reserve_r3"], started
     for party in PARTIES:
         updates = sorted(
             p.name for p in (budget["clouds"] / party / "storage" / "updates").glob("*.safetensors")
         )
-        assert updates == ["r0001.safetensors", "r0002.safetensors"], updates
+        assert [u[:5] for u in updates] == ["r0001", "r0002"], updates
     # No double spend: both copies of the ledger are exactly what the first run left.
-    assert (coordinator / "privacy" / "ledger.json").read_bytes() == first["ledger_bytes"]
+    assert (coordinator / FED / "privacy" / "ledger.json").read_bytes() == first["ledger_bytes"]
     assert _ledger(coordinator) == first["ledger"]
     assert _signed_ledger(work) == first["ledger"]
     dp_sgd_ledger = policy_dir(budget["config"]) / f"{DP_PARTY}-state" / "dp_sgd_ledger.json"
@@ -251,10 +258,11 @@ def test_rerun_refuses_a_round_past_the_budget_and_ends_cleanly(budget: dict[str
     assert rid != first["mlflow_run"]
     assert _history(client, rid, "privacy/epsilon") == {}
     before = _history(client, rid, "privacy/epsilon_before_round")
-    assert list(before) == [1] and before[1] == pytest.approx(spent, rel=1e-6)
+    assert list(before) == [3] and before[3] == pytest.approx(spent, rel=1e-6)
     tags = client.get_run(rid).data.tags
     assert expected in tags["privacy/budget_stop"]
-    assert tags["federation/final_round"] == "0"
+    assert tags["federation/final_round"] == "2"
+    assert "federation/final_adapter_sha256" not in tags  # nothing new was published
 
 
 def test_dp_sgd_party_keeps_its_own_ledger_and_epsilon(budget: dict[str, Any]) -> None:
@@ -322,7 +330,7 @@ def killed(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     clouds = work / "clouds"
     generate_demo(clouds, seed=22, train_rows=60, eval_rows=10)
     coordinator = work / "coordinator"
-    local_ledger = coordinator / "privacy" / "ledger.json"
+    local_ledger = coordinator / FED / "privacy" / "ledger.json"
     config = write_config(work / "killed.yaml", _fed(work, clouds, 3, _privacy(50.0)))
     log = (work / "killed.log").open("w")
     proc = subprocess.Popen(
@@ -354,12 +362,15 @@ def killed(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     output = (work / "killed.log").read_text()
     assert still_running, f"the run ended before it could be killed:\n{output[-4000:]}"
     before_rerun = _ledger(coordinator)
+    history = work / "exchange" / FED / "history" / "g0001"
+    published = max(int(p.stem[1:]) for p in history.glob("r*.signed"))
     rerun_config = write_config(work / "rerun.yaml", _fed(work, clouds, 2, _privacy(50.0)))
     rerun = _run(project, rerun_config)
     return {
         "work": work,
         "killed_entries": before_rerun.entries,
         "killed_output": output,
+        "published": published,
         "ledger": _ledger(coordinator),
         "rerun": rerun,
     }
@@ -375,8 +386,12 @@ def test_killed_and_rerun_pipeline_shows_no_double_spend(killed: dict[str, Any])
     assert len(ids) == len(set(ids)), ids
     # Every entry of the killed run is kept, once and unchanged; the new run's are appended.
     assert ledger.entries[: len(gone)] == gone
+    # The new run continues after the last published round; a reserved but unpublished round is
+    # retried under the new run's id and charged again (its first attempt may have been seen).
     new = ledger.entries[len(gone) :]
-    assert [(e.round, e.status) for e in new] == [(1, "spent"), (2, "spent")]
+    first_new = killed["published"] + 1
+    assert first_new in (1, 2), killed["published"]
+    assert [(e.round, e.status) for e in new] == [(r, "spent") for r in range(first_new, 3)]
     assert {e.run_id for e in new}.isdisjoint({e.run_id for e in gone})
     assert len({e.run_id for e in new}) == 1
 
@@ -385,12 +400,14 @@ def test_killed_and_rerun_pipeline_shows_no_double_spend(killed: dict[str, Any])
     before = _history(client, rid, "privacy/epsilon_before_round")
     carried = _events_epsilon(gone)
     assert carried > 0.0
-    assert before[1] == pytest.approx(carried, rel=1e-6), (before, carried)
+    assert before[first_new] == pytest.approx(carried, rel=1e-6), (before, carried)
     eps = _history(client, rid, "privacy/epsilon")
-    assert sorted(eps) == [1, 2] and carried < eps[1] < eps[2], eps
+    assert sorted(eps) == list(range(first_new, 3)) and carried < eps[first_new], eps
     total = epsilon([e.event() for e in ledger.entries], DELTA, "rdp")
     assert eps[2] == pytest.approx(total, rel=1e-6)
-    assert eps[1] == pytest.approx(_events_epsilon(ledger.entries[: len(gone) + 1]), rel=1e-6)
+    assert eps[first_new] == pytest.approx(
+        _events_epsilon(ledger.entries[: len(gone) + 1]), rel=1e-6
+    )
     assert math.isclose(ledger.epsilon(), total, rel_tol=1e-9)
 
 
@@ -416,16 +433,18 @@ def dp_sgd_cap(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         doc = yaml.safe_load(path.read_text())
         doc["dp_sgd"]["max_epsilon"] = caps[p]
         path.write_text(yaml.safe_dump(doc))
-    second = _run(project, config)
-    second["summary"] = (work / "coordinator" / "last_run" / "summary.txt").read_text()
+    # Rounds is the federation's total: two more rounds, of which each party's cap allows one.
+    more = write_config(work / "more.yaml", _fed(work, clouds, 4, {"dp_sgd": dp_sgd}))
+    second = _run(project, more)
+    second["summary"] = (work / "coordinator" / FED / "last_run" / "summary.txt").read_text()
     return {"work": work, "config": config, "first": first, "second": second, "caps": caps}
 
 
 def test_repeated_runs_stop_at_the_dp_sgd_cap(dp_sgd_cap: dict[str, Any]) -> None:
     second, caps = dp_sgd_cap["second"], dp_sgd_cap["caps"]
-    assert _summary_rounds(second["summary"]) == [0, 1], second["summary"]
+    assert _summary_rounds(second["summary"]) == [2, 3], second["summary"]
     flat = _flat(second["summary"])
-    assert "Stopped: round 2: only 0 of 2 parties trained, fewer than min_parties=2" in flat
+    assert "Stopped: round 4: only 0 of 2 parties trained, fewer than min_parties=2" in flat
     for p in PARTIES:
         assert f"{p}: dropped at train: {p}: record-level DP-SGD budget" in flat, flat
         assert f"of {caps[p]:g} (the stricter of privacy.dp_sgd.{p}.max_epsilon" in flat
@@ -433,6 +452,6 @@ def test_repeated_runs_stop_at_the_dp_sgd_cap(dp_sgd_cap: dict[str, Any]) -> Non
             (policy_dir(dp_sgd_cap["config"]) / f"{p}-state" / "dp_sgd_ledger.json").read_bytes()
         )
         assert len(ledger.entries) == 3 and ledger.epsilon() <= caps[p]
-    assert "cloudfed: stopping: round 2" in second["out"]
+    assert "cloudfed: stopping: round 4" in second["out"]
     started = _steps_started(second["out"])
-    assert not [s for s in started if s.startswith("advertise_") and s.endswith("_r2")]
+    assert not [s for s in started if s.startswith("advertise_") and s.endswith("_r4")]

@@ -32,7 +32,12 @@ from cloudfed import party as party_mod
 from cloudfed import secure_party
 from cloudfed.coordinator import coordinator_keys, round_eval
 from cloudfed.data.ref import DatasetRef, ValidationSummary
-from cloudfed.errors import AggregationError, ConfigError, DataError, ProtectionError
+from cloudfed.errors import (
+    AggregationError,
+    ConfigError,
+    DataError,
+    ProtectionError,
+)
 from cloudfed.exchange import ckks_sum_key, secagg_reveal_key
 from cloudfed.federation import parse_federation
 from cloudfed.party_policy import ConsentError, dp_sgd_cap, enforce, load_policy, policy_path
@@ -469,7 +474,7 @@ def test_parties_refuse_to_reveal_a_sum_below_their_own_minimum(
     with pytest.raises(AggregationError):
         fed.round(1, updates_of(fed), drop={C: "upload"})
     for p in (A, B):  # no share was revealed: the coordinator cannot unmask the 2-party sum
-        assert not fed.exchange.exists(secagg_reveal_key(1, p))
+        assert not fed.exchange.exists(secagg_reveal_key(fed.plan.run_id, 1, p))
 
 
 def test_central_dp_with_ckks_is_refused() -> None:
@@ -507,7 +512,7 @@ def test_key_party_decrypts_once_and_never_too_few(tmp_path: Path, model_cache: 
             sender=keys,
             recipient=party_mod.party_keys(cfg.party(A), fed.exchange).public_bundle(),
         )
-        fed.exchange.put_bytes(ckks_sum_key(1), blob)
+        fed.exchange.put_bytes(ckks_sum_key(fed.plan.run_id, 1), blob)
 
     coordinator_asks([A, B])  # one ciphertext, declared as two: below the party's minimum 3
     with pytest.raises(ConsentError, match="fewer than 3 contributions"):
@@ -698,18 +703,66 @@ def test_one_record_level_ledger_per_party_across_federations(tmp_path: Path) ->
     path = party_ledger.ledger_path(tmp_path / "state")
     event = GaussianEvent(1.0, 0.05, 30)
     for fed_id in ("fed-a", "fed-b"):
-        party_ledger.reserve(
-            path,
-            party=A,
-            delta=DELTA,
-            max_epsilon=100.0,
-            entry_id=f"{fed_id}/run/r0001",
-            round=1,
-            event=event,
-        )
+        _attempt(path, f"{fed_id}/run/r0001", event)
     ledger = party_ledger.load(path, party=A, delta=DELTA)
     assert [e.id for e in ledger.entries] == ["fed-a/run/r0001", "fed-b/run/r0001"]
     assert ledger.epsilon() == pytest.approx(epsilon([event, event], DELTA, "rdp"), rel=1e-9)
+
+
+def _attempt(path: Path, base_id: str, event: GaussianEvent, kept: bool = False):
+    return party_ledger.attempt(
+        path,
+        party=A,
+        delta=DELTA,
+        max_epsilon=100.0,
+        base_id=base_id,
+        run_id="run",
+        round=1,
+        event=event,
+        kept=lambda entry: kept,
+    )
+
+
+def test_a_retried_dp_sgd_round_is_charged_unless_it_released_nothing_or_resends(
+    tmp_path: Path,
+) -> None:
+    """Adversary: the launcher, who kills runs and continues them with other settings.
+
+    A retry from the same global adapter reuses the earlier charge only when the earlier attempt
+    released nothing (killed while training) or its update, already paid for, is handed back;
+    a costlier retry (more steps) or one whose paid-for update is gone is charged anew.
+    """
+    path = party_ledger.ledger_path(tmp_path / "state")
+    cheap, costly = GaussianEvent(1.0, 0.05, 1), GaussianEvent(1.0, 0.05, 20)
+    ledger, first, hand_back = _attempt(path, "f/run/r0001", cheap)
+    assert (first.id, hand_back) == ("f/run/r0001", False)
+    # Killed during training: reserved, nothing released; the retry trains under that charge.
+    _, again, hand_back = _attempt(path, "f/run/r0001", cheap)
+    assert (again.id, hand_back) == (first.id, False)
+    # The launcher retries with 20 steps: not the event that was charged, a new entry.
+    _, dearer, _ = _attempt(path, "f/run/r0001", costly)
+    assert dearer.id == "f/run/r0001/a2" and dearer.steps == 20
+    party_ledger.mark_spent(path, party_ledger.load(path, party=A, delta=DELTA), dearer.id)
+    # Spent, its update still kept: handed back, nothing charged.
+    _, same, hand_back = _attempt(path, "f/run/r0001", costly, kept=True)
+    assert (same.id, hand_back) == (dearer.id, True)
+    # Spent, its update gone (overwritten, deleted): a retrain is a new release, charged.
+    _, fresh, hand_back = _attempt(path, "f/run/r0001", costly, kept=False)
+    assert (fresh.id, hand_back) == ("f/run/r0001/a3", False)
+    ledger = party_ledger.load(path, party=A, delta=DELTA)
+    assert ledger.epsilon() == pytest.approx(
+        epsilon([cheap, costly, costly], DELTA, "rdp"), rel=1e-9
+    )
+
+
+def test_two_dp_sgd_trainings_of_one_party_cannot_run_at_once(tmp_path: Path) -> None:
+    """Adversary: a launcher running two runs at once to share one reservation."""
+    with party_ledger.training_lock(tmp_path, A):
+        with pytest.raises(ConsentError, match="another DP-SGD training of this party"):
+            with party_ledger.training_lock(tmp_path, A):
+                pass
+    with party_ledger.training_lock(tmp_path, A):  # released when the first ended
+        pass
 
 
 def test_the_dp_sgd_ledger_lives_with_the_party_not_in_configured_storage(
@@ -828,3 +881,24 @@ def test_a_round_of_only_empty_poisson_batches_keeps_its_record_loadable(tmp_pat
     )
     again = party_mod.LocalUpdateRecord.model_validate_json(record.model_dump_json())
     assert math.isnan(float(again.train["loss_mean"])) and again.train["dp_sgd_epsilon"] == 0.5
+
+
+def test_a_retried_round_is_unmasked_for_one_survivor_set_only(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """Adversary: the coordinator, retrying a round from the same global adapter (a new run
+    after a kill) without one party, to difference the two sums to that party's update."""
+    raw = federation_dict(tmp_path, model_cache, NAMES)
+    first = Federation(raw)
+    updates = updates_of(first)
+    first.round(1, updates)  # every party unmasked round 1 for {A, B, C}
+    second = Federation(raw)  # the next run: no round published, same round-0 adapter
+    assert second.current.sha256 == first.plan.initial_adapter.sha256
+    with pytest.raises(AggregationError, match="share.* came back"):  # A and B refused
+        second.round(1, {p: updates[p] for p in (A, B)})
+    revealed = list(Path(second.cfg.party(A).storage).rglob("revealed/test-fed/*.json"))
+    assert [json.loads(p.read_text()) for p in revealed] == [sorted(NAMES)]
+    assert not second.exchange.list(f"runs/{second.plan.run_id}/r0001/global")
+    third = Federation(raw)  # the same survivor set again: the same sum, so it may be opened
+    third.round(1, updates)
+    assert third.exchange.list(f"runs/{third.plan.run_id}/r0001/global")

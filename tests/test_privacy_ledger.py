@@ -52,7 +52,7 @@ class Site:
 
     @property
     def local(self) -> Path:
-        return self.storage / "privacy" / "ledger.json"
+        return self.storage / FED / "privacy" / "ledger.json"
 
     @property
     def remote(self) -> Path:
@@ -386,16 +386,23 @@ def _dp_sgd(**kw) -> DpSgdSettings:
 
 
 def _party_reserve(path: Path, entry_id: str, round: int, event: GaussianEvent, **kw):
+    """(ledger, already charged): a retry of a reserved round reuses its entry."""
     settings = kw.pop("settings", _dp_sgd())
-    return party_ledger.reserve(
+    existed = path.exists() and any(
+        e.id == entry_id for e in party_ledger.load(path, party="alpha-aws", delta=DELTA).entries
+    )
+    ledger, entry, _ = party_ledger.attempt(
         path,
         party="alpha-aws",
         delta=settings.delta,
         max_epsilon=settings.max_epsilon,
-        entry_id=entry_id,
+        base_id=entry_id,
+        run_id=entry_id.split("/")[0],
         round=round,
         event=event,
+        kept=lambda entry: False,
     )
+    return ledger, existed and entry.id == entry_id
 
 
 def test_party_ledger_charges_a_retried_round_once(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def flip(fed: Federation, key: str, pos: int) -> None:
 
 
 def published(fed: Federation, round: int) -> bool:
-    return fed.exchange.exists(global_adapter_key(round))
+    return fed.exchange.exists(global_adapter_key(fed.plan.run_id, round))
 
 
 def reason_of(report: AggregateReport, party: str) -> str | None:
@@ -166,7 +166,7 @@ def test_weighted_mean_under_secagg(tmp_path: Path, model_cache: Path) -> None:
     assert report.rejected == []
     assert report.secagg["uploaded"] == 3 and report.secagg["revealed"] == 3
     assert {s.party for s in sealed} == set(NAMES)
-    assert ref.key == global_adapter_key(1) and published(fed, 1)
+    assert ref.key == global_adapter_key(fed.plan.run_id, 1) and published(fed, 1)
 
 
 # --- 2. dropouts through the stages --------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_flipped_byte_in_upload_rejects_that_party(
     tmp_path: Path, model_cache: Path, rosters: dict, pos
 ) -> None:
     fed = make_fed(tmp_path, model_cache)
-    key = update_key(1, C)
+    key = update_key(fed.plan.run_id, 1, C)
 
     def tamper(f: Federation) -> None:
         at = len(f.exchange.get_bytes(key)) // 2 if pos == "middle" else pos
@@ -249,7 +249,7 @@ def test_truncated_upload_rejects_that_party(
     tmp_path: Path, model_cache: Path, rosters: dict, keep
 ) -> None:
     fed = make_fed(tmp_path, model_cache)
-    key = update_key(1, B)
+    key = update_key(fed.plan.run_id, 1, B)
 
     def truncate(f: Federation) -> None:
         blob = f.exchange.get_bytes(key)
@@ -264,7 +264,7 @@ def test_truncated_upload_rejects_that_party(
 
 def test_upload_tampered_after_inputs_roster_aborts(tmp_path: Path, model_cache: Path) -> None:
     fed = make_fed(tmp_path, model_cache)
-    hook = on("unmask", lambda f: flip(f, update_key(1, A), -1))
+    hook = on("unmask", lambda f: flip(f, update_key(f.plan.run_id, 1, A), -1))
     with pytest.raises(AggregationError, match="uploads changed after the coordinator fixed"):
         fed.round(1, const_updates(fed), hook=hook)
     assert not published(fed, 1)
@@ -273,10 +273,10 @@ def test_upload_tampered_after_inputs_roster_aborts(tmp_path: Path, model_cache:
 def test_replayed_upload_from_previous_round_is_rejected(tmp_path: Path, model_cache: Path) -> None:
     fed = make_fed(tmp_path, model_cache)
     ref1, _, _ = fed.round(1, const_updates(fed))
-    old = fed.exchange.get_bytes(update_key(1, B))
+    old = fed.exchange.get_bytes(update_key(fed.plan.run_id, 1, B))
     base = load_global(fed.exchange, ref1)
 
-    hook = on("upload", lambda f: f.exchange.put_bytes(update_key(2, B), old))
+    hook = on("upload", lambda f: f.exchange.put_bytes(update_key(f.plan.run_id, 2, B), old))
     ref2, report, _ = fed.round(2, const_updates(fed), hook=hook)
     assert reason_of(report, B) == "sealed update rejected: context mismatch"
     assert report.accepted == [A, C]
@@ -287,13 +287,16 @@ def test_replayed_upload_from_previous_run_is_rejected(tmp_path: Path, model_cac
     """Same federation, keys, round and base adapter; only the run differs."""
     raw = federation_dict(tmp_path, model_cache, NAMES)
     first = Federation(raw)
-    first.round(1, const_updates(first))
-    old = first.exchange.get_bytes(update_key(1, B))
+    # The first run is killed before anyone unmasks: had they, they would unmask this round only
+    # for the same survivors again (test_privacy_claims: one survivor set per retried round).
+    with pytest.raises(AggregationError):
+        first.round(1, const_updates(first), drop={p: "unmask" for p in NAMES})
+    old = first.exchange.get_bytes(update_key(first.plan.run_id, 1, B))
 
     second = Federation(raw)
     assert second.plan.run_id != first.plan.run_id
     assert second.current.sha256 == first.plan.initial_adapter.sha256
-    hook = on("upload", lambda f: f.exchange.put_bytes(update_key(1, B), old))
+    hook = on("upload", lambda f: f.exchange.put_bytes(update_key(f.plan.run_id, 1, B), old))
     ref, report, _ = second.round(1, const_updates(second), hook=hook)
     assert reason_of(report, B) == "update belongs to another run of this federation (replay)"
     assert report.accepted == [A, C]
@@ -304,7 +307,9 @@ def test_upload_copied_to_another_partys_key_is_rejected(tmp_path: Path, model_c
     fed = make_fed(tmp_path, model_cache)
 
     def copy(f: Federation) -> None:
-        f.exchange.put_bytes(update_key(1, B), f.exchange.get_bytes(update_key(1, A)))
+        f.exchange.put_bytes(
+            update_key(f.plan.run_id, 1, B), f.exchange.get_bytes(update_key(f.plan.run_id, 1, A))
+        )
 
     ref, report, _ = fed.round(1, const_updates(fed), hook=on("upload", copy))
     assert reason_of(report, B) == "sealed update rejected: signature invalid"
@@ -317,9 +322,12 @@ def test_swapped_uploads_reject_both_and_abort(tmp_path: Path, model_cache: Path
     fed = make_fed(tmp_path, model_cache)
 
     def swap(f: Federation) -> None:
-        a, b = f.exchange.get_bytes(update_key(1, A)), f.exchange.get_bytes(update_key(1, B))
-        f.exchange.put_bytes(update_key(1, A), b)
-        f.exchange.put_bytes(update_key(1, B), a)
+        a, b = (
+            f.exchange.get_bytes(update_key(f.plan.run_id, 1, A)),
+            f.exchange.get_bytes(update_key(f.plan.run_id, 1, B)),
+        )
+        f.exchange.put_bytes(update_key(f.plan.run_id, 1, A), b)
+        f.exchange.put_bytes(update_key(f.plan.run_id, 1, B), a)
 
     with pytest.raises(AggregationError, match=r"1 masked input\(s\) from \['gamma-azure'\]"):
         fed.round(1, const_updates(fed), hook=on("upload", swap))
@@ -331,13 +339,13 @@ def test_tampered_advertisement_excludes_party_at_keys_roster(
     tmp_path: Path, model_cache: Path, rosters: dict, how: str
 ) -> None:
     fed = make_fed(tmp_path, model_cache)
-    key = secagg_advert_key(1, C)
+    key = secagg_advert_key(fed.plan.run_id, 1, C)
 
     def tamper(f: Federation) -> None:
         if how == "flip":
             flip(f, key, len(f.exchange.get_bytes(key)) // 2)
         else:
-            f.exchange.put_bytes(key, f.exchange.get_bytes(secagg_advert_key(1, A)))
+            f.exchange.put_bytes(key, f.exchange.get_bytes(secagg_advert_key(f.plan.run_id, 1, A)))
 
     ref, report, _ = fed.round(1, const_updates(fed), hook=on("advertise", tamper))
     keys = rosters["keys"]
@@ -355,9 +363,9 @@ def test_party_excluded_at_early_roster_is_named_in_report(
 ) -> None:
     fed = make_fed(tmp_path, model_cache)
     if roster == "keys":
-        hook = on("advertise", lambda f: flip(f, secagg_advert_key(1, C), -1))
+        hook = on("advertise", lambda f: flip(f, secagg_advert_key(f.plan.run_id, 1, C), -1))
     else:
-        key = secagg_share_key(1, A, C)
+        key = secagg_share_key(fed.plan.run_id, 1, A, C)
         hook = on("share_keys", lambda f: f.exchange.put_bytes(key, b"junk"))
     _, report, _ = fed.round(1, const_updates(fed), hook=hook)
     assert report.accepted == [A, B]
@@ -380,7 +388,7 @@ def test_advertisement_tampered_after_keys_roster_aborts(
             raise
 
     monkeypatch.setattr(secure_party, "upload", recording)
-    hook = on("share_keys", lambda f: flip(f, secagg_advert_key(1, A), -1))
+    hook = on("share_keys", lambda f: flip(f, secagg_advert_key(f.plan.run_id, 1, A), -1))
     with pytest.raises(AggregationError, match=r"1 masked input\(s\) from \['alpha-aws'\]"):
         fed.round(1, const_updates(fed), hook=hook)
     assert sorted(errors) == [B, C]
@@ -393,7 +401,7 @@ def test_tampered_share_fails_its_holder_and_round_completes(
 ) -> None:
     """Holder B cannot open A's share: B refuses to reveal; A and C's reveals reach t=2."""
     fed = make_fed(tmp_path, model_cache)
-    hook = on("share_keys", lambda f: flip(f, secagg_share_key(1, B, A), -SIG - 1))
+    hook = on("share_keys", lambda f: flip(f, secagg_share_key(f.plan.run_id, 1, B, A), -SIG - 1))
     ref, report, _ = fed.round(1, const_updates(fed), hook=hook)
     assert rosters["shares"].shared == sorted(NAMES)  # the header still reads as a share
     reason = reason_of(report, B)
@@ -407,7 +415,7 @@ def test_unreadable_share_excludes_its_owner_at_shares_roster(
     tmp_path: Path, model_cache: Path, rosters: dict
 ) -> None:
     fed = make_fed(tmp_path, model_cache)
-    key = secagg_share_key(1, B, A)
+    key = secagg_share_key(fed.plan.run_id, 1, B, A)
     hook = on("share_keys", lambda f: f.exchange.put_bytes(key, f.exchange.get_bytes(key)[:10]))
     ref, report, _ = fed.round(1, const_updates(fed), hook=hook)
     assert rosters["shares"].shared == [B, C]
@@ -422,8 +430,8 @@ def test_tampered_shares_at_two_holders_abort(tmp_path: Path, model_cache: Path)
     fed = make_fed(tmp_path, model_cache)
 
     def tamper(f: Federation) -> None:
-        flip(f, secagg_share_key(1, B, A), -SIG - 1)
-        flip(f, secagg_share_key(1, C, A), -SIG - 1)
+        flip(f, secagg_share_key(fed.plan.run_id, 1, B, A), -SIG - 1)
+        flip(f, secagg_share_key(fed.plan.run_id, 1, C, A), -SIG - 1)
 
     with pytest.raises(AggregationError, match=r"only 1 share\(s\)"):
         fed.round(1, const_updates(fed), hook=on("share_keys", tamper))
@@ -432,7 +440,7 @@ def test_tampered_shares_at_two_holders_abort(tmp_path: Path, model_cache: Path)
 
 def test_tampered_reveal_is_rejected_and_sum_still_right(tmp_path: Path, model_cache: Path) -> None:
     fed = make_fed(tmp_path, model_cache)
-    hook = on("unmask", lambda f: flip(f, secagg_reveal_key(1, C), -SIG - 1))
+    hook = on("unmask", lambda f: flip(f, secagg_reveal_key(f.plan.run_id, 1, C), -SIG - 1))
     ref, report, _ = fed.round(1, const_updates(fed), hook=hook)
     reason = reason_of(report, C)
     assert reason == "unmask response rejected: sealed secagg-reveal rejected: signature invalid"
@@ -445,8 +453,8 @@ def test_two_tampered_reveals_abort(tmp_path: Path, model_cache: Path) -> None:
     fed = make_fed(tmp_path, model_cache)
 
     def tamper(f: Federation) -> None:
-        flip(f, secagg_reveal_key(1, A), -1)
-        flip(f, secagg_reveal_key(1, C), -1)
+        flip(f, secagg_reveal_key(fed.plan.run_id, 1, A), -1)
+        flip(f, secagg_reveal_key(fed.plan.run_id, 1, C), -1)
 
     with pytest.raises(AggregationError, match=r"only 1 share\(s\)"):
         fed.round(1, const_updates(fed), hook=on("unmask", tamper))
@@ -569,7 +577,7 @@ def test_plaintext_for_unlisted_tensor_fails_at_prepare(
 ) -> None:
     with pytest.raises(ConfigError, match=r"protection\.public_tensors"):
         make_fed(tmp_path, model_cache, protection=protection)
-    assert not (tmp_path / "exchange" / "test-fed" / global_adapter_key(0)).exists()
+    assert not (tmp_path / "exchange" / "test-fed" / "runs").exists()
 
 
 def test_rule_matching_nothing_fails_at_prepare(tmp_path: Path, model_cache: Path) -> None:
@@ -599,7 +607,7 @@ def test_ckks_secret_context_stays_with_key_party(tmp_path: Path, model_cache: P
     cfg = fed.cfg
     assert cfg.ckks_key_party == A
     ref = secure_party.ckks_keygen(cfg, cfg.party(A), fed.plan, 1)
-    assert ref.key == ckks_public_key(1)
+    assert ref.key == ckks_public_key(fed.plan.run_id, 1)
     key_party = Path(cfg.party(A).storage)
     secrets = files_named(key_party, SECRET)
     assert len(secrets) == 1 and secrets[0].parent == key_party / "ckks" / fed.plan.run_id
@@ -633,7 +641,7 @@ def test_ckks_only_rounds(tmp_path: Path, model_cache: Path) -> None:
     assert files_named(tmp_path / "exchange", SECRET) == []
     # Fresh keys every round, each secret context deleted once it decrypted its one sum.
     assert files_named(Path(fed.cfg.party(A).storage), SECRET) == []
-    public = [fed.exchange.get_bytes(ckks_public_key(r)) for r in (1, 2)]
+    public = [fed.exchange.get_bytes(ckks_public_key(fed.plan.run_id, r)) for r in (1, 2)]
     assert public[0] != public[1]
 
 
@@ -655,7 +663,7 @@ def test_secagg_bounds_abort_at_keys_roster(
     with pytest.raises(AggregationError, match=r"protection\.secagg settings do not fit 3") as e:
         fed.round(1, const_updates(fed))
     assert e.match(message)
-    exchange = tmp_path / "exchange" / "test-fed" / "rounds" / "r0001" / "secagg"
+    exchange = tmp_path / "exchange" / "test-fed" / "runs" / fed.plan.run_id / "r0001" / "secagg"
     assert sorted(p.name for p in (exchange / "advertise").iterdir()) == [
         f"{p}.signed" for p in NAMES
     ]

@@ -106,6 +106,8 @@ def test_run_names_say_federation_protection_privacy_and_rounds() -> None:
     cfg = local_config()
     assert run_name(cfg, plan_for(cfg)) == "demo-federation · secagg+dp-sgd · r1-4"
     assert run_name(cfg, plan_for(cfg, start_round=2)) == "demo-federation · secagg+dp-sgd · r3-4"
+    done = "demo-federation · secagg+dp-sgd · no round left (at r4)"
+    assert run_name(cfg, plan_for(cfg, start_round=4)) == done
     hybrid = plan_for(cfg, mode="hybrid(secagg=4,plaintext=2)", tensors={"secagg": 4, "ckks": 2})
     assert run_name(cfg, hybrid) == "demo-federation · hybrid(secagg,ckks)+dp-sgd · r1-4"
     plain = local_config(dp_sgd={}, mode="distributed", target_epsilon=8.0, max_epsilon=8.0)

@@ -23,8 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -56,7 +55,7 @@ DATASET_RESULT_FORMAT: dict[str, Any] = {
     "exclude_unexpected_values": True,
     "partial_unexpected_count": 0,
 }
-_DOCS_KEYS = (
+DOCS_KEYS = (  # what a Data Docs page may show of a result: counts, no rows
     "element_count",
     "unexpected_count",
     "unexpected_percent",
@@ -124,6 +123,71 @@ def _label(exp_type: str, kwargs: dict[str, Any]) -> str:
     return f"{exp_type}({column})" if column else exp_type
 
 
+def label_of(result: Any) -> str:
+    """The label of the expectation a GX result is about (see `Expectation.label`)."""
+    config = result.expectation_config
+    return _label(str(config.type), dict(config.kwargs or {}))
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    # Regexes hold control characters: escape them rather than print them to a terminal.
+    printable = isinstance(value, str) and value.isprintable()
+    text = value if printable else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe_bound(exp_type: str, kwargs: dict[str, Any]) -> str:
+    """The expectation's bound as a steward would write it: ``train_rows >= 50``.
+
+    Messages pair it with the observed value, so "failed" says what was wanted and what was
+    found without opening the suite file. Expectations without a simple bound fall back to
+    their type.
+    """
+    column = kwargs.get("column", "")
+    lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+    if exp_type in (
+        "expect_column_values_to_be_between",
+        "expect_column_value_lengths_to_be_between",
+        "expect_column_mean_to_be_between",
+        "expect_column_max_to_be_between",
+        "expect_column_min_to_be_between",
+        "expect_table_row_count_to_be_between",
+    ):
+        subject = {
+            "expect_column_value_lengths_to_be_between": f"length of {column}",
+            "expect_column_mean_to_be_between": f"mean of {column}",
+            "expect_column_max_to_be_between": f"max of {column}",
+            "expect_column_min_to_be_between": f"min of {column}",
+            "expect_table_row_count_to_be_between": "row count",
+        }.get(exp_type, column)
+        if lo is not None and hi is not None:
+            return f"{lo} <= {subject} <= {hi}"
+        if lo is not None:
+            return f"{subject} >= {lo}"
+        if hi is not None:
+            return f"{subject} <= {hi}"
+        return subject
+    if exp_type == "expect_column_values_to_be_in_set":
+        return f"{column} in {_short(kwargs.get('value_set'))}"
+    if exp_type == "expect_column_values_to_not_be_null":
+        return f"{column} not null"
+    if exp_type == "expect_column_values_to_be_unique":
+        return f"{column} unique"
+    if exp_type == "expect_column_values_to_be_of_type":
+        return f"{column} of type {kwargs.get('type_')}"
+    if exp_type in (
+        "expect_column_values_to_match_regex",
+        "expect_column_values_to_not_match_regex",
+    ):
+        verb = "does not match" if "_not_" in exp_type else "matches"
+        return f"{column} {verb} {_short(kwargs.get('regex'))}"
+    if exp_type == "expect_column_values_to_not_match_regex_list":
+        return f"{column} matches none of {len(kwargs.get('regex_list') or [])} patterns"
+    if exp_type == "expect_table_columns_to_match_set":
+        return f"columns = {_short(kwargs.get('column_set'))}"
+    return _label(exp_type, kwargs)
+
+
 @dataclass(frozen=True)
 class Expectation:
     """One expectation as the steward wrote it, with where it came from and its policy."""
@@ -138,6 +202,11 @@ class Expectation:
     def label(self) -> str:
         """Type and column: stable across chunks, readable in messages and MLflow."""
         return _label(self.type, self.kwargs)
+
+    @property
+    def bound(self) -> str:
+        """What the expectation asks for, in a steward's words (`describe_bound`)."""
+        return describe_bound(self.type, self.kwargs)
 
 
 def _expectations(
@@ -276,7 +345,7 @@ def add_result(tallies: dict[str, Tally], result: Any) -> dict[str, list[int]]:
     """Fold one chunk's GX result into the tallies; returns failing rows per row expectation."""
     by_row: dict[str, list[int]] = {}
     for r in result.results:
-        label = _label(str(r.expectation_config.type), dict(r.expectation_config.kwargs or {}))
+        label = label_of(r)
         tally = tallies[label]
         res = r.result or {}
         tally.success = tally.success and bool(r.success)
@@ -291,99 +360,6 @@ def add_result(tallies: dict[str, Tally], result: Any) -> dict[str, list[int]]:
             room = MAX_FAILING_ROWS_KEPT - len(tally.failing_rows)
             tally.failing_rows.extend(rows[: max(room, 0)])
     return by_row
-
-
-def docs_result(template: Any, tallies: dict[str, Tally], suite_name: str) -> Any:
-    """A GX result for the whole split, built from one chunk's result and the summed tallies.
-
-    Data Docs then show each expectation's verdict and counts over all chunks; row numbers and
-    values are dropped so the page is safe to keep beside the data.
-    """
-    from great_expectations.core.expectation_validation_result import (
-        ExpectationSuiteValidationResult,
-    )
-
-    results = []
-    for r in template.results:
-        label = _label(str(r.expectation_config.type), dict(r.expectation_config.kwargs or {}))
-        t = tallies[label]
-        res = {k: v for k, v in (r.result or {}).items() if k in _DOCS_KEYS}
-        if "element_count" in res:
-            n = max(t.evaluated, 1)
-            res.update(
-                element_count=t.evaluated,
-                unexpected_count=t.unexpected,
-                unexpected_percent=100.0 * t.unexpected / max(t.evaluated - t.missing, 1),
-                unexpected_percent_total=100.0 * t.unexpected / n,
-                unexpected_percent_nonmissing=100.0
-                * t.unexpected
-                / max(t.evaluated - t.missing, 1),
-                missing_count=t.missing,
-                missing_percent=100.0 * t.missing / n,
-                partial_unexpected_list=[],
-            )
-        r.result = res
-        r.success = t.success
-        results.append(r)
-    ok = sum(r.success for r in results)
-    return ExpectationSuiteValidationResult(
-        success=ok == len(results),
-        results=results,
-        suite_name=suite_name,
-        statistics={
-            "evaluated_expectations": len(results),
-            "successful_expectations": ok,
-            "unsuccessful_expectations": len(results) - ok,
-            "success_percent": 100.0 * ok / max(len(results), 1),
-        },
-        meta=template.meta,
-    )
-
-
-def build_data_docs(results: Iterable[tuple[str, Any]], site_dir: Path) -> list[Path]:
-    """Render GX Data Docs for these (batch label, result) pairs; the validation pages.
-
-    A throwaway ephemeral context holds only these results, so the site shows this run and
-    nothing else.
-    """
-    import great_expectations as gx
-    from great_expectations.data_context.types.resource_identifiers import (
-        ExpectationSuiteIdentifier,
-        ValidationResultIdentifier,
-    )
-
-    site_dir = Path(os.path.abspath(site_dir))
-    site_dir.mkdir(parents=True, exist_ok=True)
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.add_data_docs_site(
-        "party",
-        {
-            "class_name": "SiteBuilder",
-            "store_backend": {
-                "class_name": "TupleFilesystemStoreBackend",
-                "base_directory": str(site_dir),
-            },
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        },
-    )
-    keys = []
-    for label, res in results:
-        key = ValidationResultIdentifier(
-            expectation_suite_identifier=ExpectationSuiteIdentifier(name=res.suite_name),
-            run_id=res.meta["run_id"],
-            batch_identifier=label,
-        )
-        ctx.validation_results_store.set(key, res)
-        keys.append(key)
-    ctx.build_data_docs(site_names=["party"], resource_identifiers=keys)
-    return [
-        Path(
-            ctx.get_docs_sites_urls(resource_identifier=k, site_name="party")[0][
-                "site_url"
-            ].removeprefix("file://")
-        )
-        for k in keys
-    ]
 
 
 @dataclass(frozen=True)
@@ -446,13 +422,7 @@ def validate_frame(df: pd.DataFrame, suite_file: str | Path) -> ValidationSummar
     exps = _expectations(items, str(path), "block", allow_quarantine=True)
     suite = Suite(name, exps, str(path), DATASET_RESULT_FORMAT)
     result = suite.run(df)
-    failed = sorted(
-        {
-            _label(str(r.expectation_config.type), dict(r.expectation_config.kwargs or {}))
-            for r in result.results
-            if not r.success
-        }
-    )
+    failed = sorted({label_of(r) for r in result.results if not r.success})
     stats = result.statistics
     return ValidationSummary(
         suite=name,

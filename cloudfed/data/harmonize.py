@@ -31,14 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cloudfed.data.contracts import (
-    Contract,
-    Tally,
-    add_result,
-    build_data_docs,
-    docs_result,
-    load_contract,
-)
+from cloudfed.data.contracts import Contract, Tally, add_result, load_contract
 from cloudfed.data.dedup import DedupIndex
 from cloudfed.data.loaders import DEFAULT_CHUNK_ROWS, RawChunk, iter_raw
 from cloudfed.data.mapping import (
@@ -47,6 +40,7 @@ from cloudfed.data.mapping import (
     apply_mapping,
     check_format,
     load_party_mapping,
+    metadata_problems,
 )
 from cloudfed.data.ref import (
     LENGTH_BINS,
@@ -311,6 +305,19 @@ def dataset_profile_frame(results: dict[str, SplitResult]) -> pd.DataFrame:
     )
 
 
+def failure_message(t: Tally, split: str, *, rows: bool) -> str:
+    """One failed expectation as a steward reads it: what was wanted and what was found.
+
+    ``train: expect_column_values_to_be_between(train_rows) failed: train_rows >= 50,
+    observed 8``; a rows-suite expectation gives its failing and evaluated rows instead.
+    """
+    head = f"{split}: {t.expectation.label} failed"
+    if rows and t.evaluated:
+        return f"{head} on {t.unexpected} of {t.evaluated} rows ({t.expectation.bound})"
+    observed = "" if t.observed is None else f", observed {t.observed}"
+    return f"{head}: {t.expectation.bound}{observed}"
+
+
 @dataclass
 class Verdict:
     """What the contract policy decided, with the Data Docs pages that show why."""
@@ -332,7 +339,8 @@ def judge(contract: Contract, results: dict[str, SplitResult], docs_dir: Path | 
         column = t.expectation.kwargs.get("column")
         if t.observed is None and column in profile.columns:
             value = profile[column].iloc[0]
-            t.observed = None if pd.isna(value) else float(f"{value:.4g}")
+            rounded = None if pd.isna(value) else float(f"{value:.4g}")
+            t.observed = int(rounded) if rounded is not None and rounded.is_integer() else rounded
     outcomes: list[ExpectationOutcome] = []
     blocking: list[str] = []
     warnings: list[str] = []
@@ -343,19 +351,25 @@ def judge(contract: Contract, results: dict[str, SplitResult], docs_dir: Path | 
             outcomes.append(t.outcome(suite, split))
             if t.success or t.expectation.on_failure == "quarantine":
                 continue
-            what = (
-                f"{split}: {t.expectation.label} failed on {t.unexpected} of {t.evaluated} rows"
-                if suite == contract.rows.name and t.evaluated
-                else f"{split}: {t.expectation.label} failed"
-                + (f" (observed {t.observed})" if t.observed is not None else "")
+            (blocking if t.expectation.on_failure == "block" else warnings).append(
+                failure_message(t, split, rows=suite == contract.rows.name)
             )
-            (blocking if t.expectation.on_failure == "block" else warnings).append(what)
     docs: list[Path] = []
     if docs_dir is not None:
+        from cloudfed.data.docs import build_data_docs, docs_result  # GX's renderers: heavy
+
         docs = build_data_docs(
             [
                 *(
-                    (split, docs_result(r.template, r.tallies, contract.rows.name))
+                    (
+                        split,
+                        docs_result(
+                            r.template,
+                            r.tallies,
+                            contract.rows.name,
+                            quarantined_rows=r.reasons["contract"],
+                        ),
+                    )
                     for split, r in results.items()
                 ),
                 ("dataset", docs_result(ds_result, ds_tallies, contract.dataset.name)),
@@ -446,16 +460,20 @@ def harmonize_party(
     docs_dir = storage / "data_docs" / run_id
     verdict = judge(contract, results, docs_dir)
     docs_page = verdict.docs[0] if verdict.docs else docs_dir
+    # A misspelled label in the mapping is configuration, not data: safe to name under DP too.
+    hints = "".join(f"\n{p}" for p in metadata_problems(mapping, contract.rows.expectations))
     if verdict.blocking and private:
         raise DataError(
             f"party {party.name!r}: its harmonised data fails a blocking expectation of its "
             "contract; under DP the details stay with the party (its Data Docs and quarantine)."
+            + hints
         )
     if verdict.blocking:
         raise DataError(
             f"party {party.name!r}: the harmonised data fails the contract "
             f"({', '.join(contract.files)}):\n  - "
             + "\n  - ".join(verdict.blocking)
+            + hints
             + f"\nFix: correct the raw export or {mapping.source_path}, or change the "
             "expectation's bounds or meta.on_failure in the suite. Rows set aside are in "
             f"{storage / 'quarantine'}; the Data Docs are at {docs_page}."

@@ -155,11 +155,59 @@ class _Decoder:
             )
 
 
-def _check_start(path: Path, *, encoding: str, gzip: bool) -> None:
+# Signatures of binary files a steward may pick by mistake, with what to do instead.
+_MAGIC: tuple[tuple[bytes, str, str], ...] = (
+    (b"\x1f\x8b", "a gzip-compressed file", "set `gzip: true` in the source mapping"),
+    (
+        b"PK\x03\x04",
+        "a zip archive (an .xlsx workbook is one)",
+        "export the data as CSV or JSON Lines text (or unzip it first)",
+    ),
+    (b"PAR1", "a Parquet file", "set `format: parquet` in the source mapping"),
+    (b"%PDF", "a PDF document", "export the records as CSV or JSON Lines"),
+    (b"SQLite format 3\x00", "an SQLite database", "export the table as CSV or JSON Lines"),
+    (
+        b"\xd0\xcf\x11\xe0",
+        "an old Office document (.xls)",
+        "export the sheet as CSV (UTF-8) text",
+    ),
+)
+_TEXT_CONTROLS = frozenset(b"\t\n\r\f\x1b")
+
+
+def binary_kind(head: bytes) -> tuple[str, str] | None:
+    """What a text export's first bytes say it really is, and the fix; None for text.
+
+    A binary file decoded as text fails on most records, and the generic advice for that (try
+    another encoding such as latin-1) would send the steward the wrong way.
+    """
+    for magic, what, fix in _MAGIC:
+        if head.startswith(magic):
+            return what, fix
+    if not head:
+        return None
+    sample = head[: len(head) - len(head) % 2]
+    if sample and sample[1::2].count(0) > 0.9 * len(sample) / 2:
+        return "UTF-16 (little-endian) text without a byte-order mark", "set `encoding: utf-16-le`"
+    if sample and sample[0::2].count(0) > 0.9 * len(sample) / 2:
+        return "UTF-16 (big-endian) text without a byte-order mark", "set `encoding: utf-16-be`"
+    # One damaged record may hold a stray control byte (the rows suite quarantines it); a
+    # binary file is full of them (about 10% of uniformly spread bytes).
+    controls = sum(b < 0x20 and b not in _TEXT_CONTROLS for b in head)
+    if controls > 0.05 * len(head):
+        return (
+            "a binary file (it holds NUL or control bytes that text exports do not)",
+            "point the party at the CSV / JSON Lines export, or set `format`/`gzip` to what "
+            "the file is",
+        )
+    return None
+
+
+def _check_start(path: Path, *, encoding: str, gzip: bool, fmt: str = "csv") -> None:
     opener: Any = gzip_mod.open if gzip else open
     try:
         with opener(path, "rb") as fh:
-            head = fh.read(4)
+            head = fh.read(8192)
     except (gzip_mod.BadGzipFile, EOFError, OSError) as exc:
         raise DataError(
             f"{path}: not a valid gzip file ({exc}). "
@@ -176,6 +224,14 @@ def _check_start(path: Path, *, encoding: str, gzip: bool) -> None:
                 f"{path}: line 1: the file starts with a {name} byte-order mark but the "
                 f"mapping says encoding {encoding!r}. Fix: set `encoding: {name}`."
             )
+    wide = declared.startswith(("utf-16", "utf-32")) or any(head.startswith(b) for b in _BOMS)
+    kind = None if fmt == "parquet" or wide else binary_kind(head)
+    if kind is not None:
+        raise DataError(
+            f"{path}: this is {kind[0]}, not {fmt} text"
+            + (" (after gzip decompression)" if gzip else "")
+            + f". Fix: {kind[1]}."
+        )
 
 
 def _iter_csv(path: Path, *, encoding: str, gzip: bool, chunk_rows: int) -> Iterator[RawChunk]:
@@ -379,7 +435,7 @@ def iter_raw(
             f"{path}: gzip: true is not supported for parquet. "
             "Fix: remove gzip from the mapping; parquet compresses internally."
         )
-    _check_start(path, encoding=encoding, gzip=gzip)
+    _check_start(path, encoding=encoding, gzip=gzip, fmt=fmt)
     try:
         if fmt == "csv":
             yield from _iter_csv(path, encoding=encoding, gzip=gzip, chunk_rows=chunk_rows)

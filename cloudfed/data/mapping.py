@@ -15,7 +15,9 @@ whenever any value is present. ``{{`` and ``}}`` are literal braces.
 
 from __future__ import annotations
 
+import difflib
 import string
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from cloudfed.data.contracts import Expectation
 from cloudfed.data.loaders import load_raw, missing_file_fix
 from cloudfed.errors import DataError
 from cloudfed.federation import PartyConfig
@@ -416,16 +419,26 @@ def load_party_mapping(party: PartyConfig, root: Path) -> SourceMapping:
     """Load a party's mapping and check it was written for that party."""
     mapping = load_mapping(root / party.mapping)
     if mapping.party != party.name:
+        typo = difflib.get_close_matches(party.name, [mapping.party], n=1, cutoff=0.75)
+        meant = (
+            f"if the party is {mapping.party!r}, correct parties[{party.name}].name; otherwise "
+            if typo
+            else ""
+        )
         raise DataError(
             f"{mapping.source_path}: party: {mapping.party!r} but the run configuration uses this "
-            f"file for party {party.name!r}. Fix: point parties[{party.name}].mapping at the "
-            "party's own mapping file or correct `party`."
+            f"file for party {party.name!r}. Fix: {meant}point parties[{party.name}].mapping at "
+            "the party's own mapping file or correct `party`."
         )
     return mapping
 
 
-def check_source(party: PartyConfig, root: Path) -> None:
-    """Preflight a party's raw exports against its mapping, reading only the first rows."""
+def check_source_files(party: PartyConfig, root: Path) -> SourceMapping:
+    """What can be checked of a party's source without reading a record.
+
+    The mapping is valid and the party's own, and each raw file exists in the format the mapping
+    names. Nothing in its messages depends on the data, so they may reach the coordinator under DP.
+    """
     mapping = load_party_mapping(party, root)
     for split in ("train", "eval"):
         raw_path = root / getattr(party.raw, split)
@@ -435,6 +448,13 @@ def check_source(party: PartyConfig, root: Path) -> None:
                 f"Fix: {missing_file_fix(raw_path)}."
             )
         check_format(raw_path, mapping)
+    return mapping
+
+
+def check_source_rows(party: PartyConfig, root: Path, mapping: SourceMapping) -> None:
+    """Read the first rows of each raw file and check that the mapping finds what it reads."""
+    for split in ("train", "eval"):
+        raw_path = root / getattr(party.raw, split)
         head = load_raw(
             raw_path,
             mapping.format,
@@ -443,3 +463,44 @@ def check_source(party: PartyConfig, root: Path) -> None:
             nrows=PREFLIGHT_ROWS,
         )
         check_columns(head, mapping, raw_path)
+
+
+def metadata_problems(mapping: SourceMapping, expectations: Sequence[Expectation]) -> list[str]:
+    """The mapping's constant labels that the rows suite's allowed sets refuse, with a fix.
+
+    A misspelled ``domain`` would otherwise fail every row; naming the closest allowed value
+    here turns "240 of 240 rows failed" into a one-word fix.
+    """
+    values = {"domain": mapping.metadata.domain, "task": mapping.metadata.task}
+    lines = _metadata_lines(mapping)
+    problems = []
+    for exp in expectations:
+        column = exp.kwargs.get("column")
+        allowed = exp.kwargs.get("value_set")
+        if exp.type != "expect_column_values_to_be_in_set" or column not in values:
+            continue
+        if not isinstance(allowed, list) or values[column] in allowed:
+            continue
+        allowed = [str(a) for a in allowed]
+        close = difflib.get_close_matches(values[column], allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        at = f"line {lines[column]}: " if column in lines else ""
+        problems.append(
+            f"{mapping.source_path}: {at}metadata.{column}: {values[column]!r} is not an allowed "
+            f"value; {hint}Fix: use one of {allowed} (the rows suite's allowed set, in "
+            f"{exp.origin}), or add the value there."
+        )
+    return problems
+
+
+def _metadata_lines(mapping: SourceMapping) -> dict[str, int]:
+    try:
+        text = Path(mapping.source_path).read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    return {k[1]: v for k, v in yaml_lines(text).items() if len(k) == 2 and k[0] == "metadata"}
+
+
+def check_source(party: PartyConfig, root: Path) -> None:
+    """Preflight a party's raw exports against its mapping, reading only the first rows."""
+    check_source_rows(party, root, check_source_files(party, root))

@@ -7,11 +7,17 @@ own storage, hashes, counts, coarse histograms and the names of expectations, no
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 # Upper bounds (tokens) of the released length histograms; coarse on purpose: a histogram with
 # one-token bins over few rows could single out a record.
 LENGTH_BINS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
+# What became of a party's harmonisation. config-error: a file the run configuration names is
+# missing or does not fit the party (the run stops); data-failed: the rows fail their contract or
+# cannot be read (the party is excluded); refused: the party declines this run under its policy.
+HarmonizeStatus = Literal["ok", "config-error", "data-failed", "refused"]
 
 
 class ValidationSummary(BaseModel):
@@ -107,6 +113,36 @@ class DatasetRef(BaseModel):
     # Under DP the party releases a redacted copy: counts, profile and expectation outcomes stay
     # in its storage, and the two sha256 fields are its keyed digests (see protection.commitments).
     redacted: bool = False
+    # The outcome travels in the artifact, not as an exception type: a step that failed on a
+    # remote step operator reaches the pipeline without its type, yet a configuration error must
+    # stop the run where a contract failure only excludes the party.
+    status: HarmonizeStatus = "ok"
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def unavailable(party: str, status: HarmonizeStatus, message: str) -> DatasetRef:
+    """A reference to no data that says why: empty paths and digests, no counts."""
+    return DatasetRef(
+        party=party,
+        train_uri="",
+        eval_uri="",
+        train_sha256="",
+        eval_sha256="",
+        rows_read=0,
+        rows_accepted=0,
+        rows_quarantined=0,
+        rows_train=0,
+        rows_eval=0,
+        quarantine_uri="",
+        contract_sha256="",
+        validation=ValidationSummary(suite="", success=False, evaluated=0, successful=0),
+        status=status,
+        message=message,
+    )
 
 
 def redact(ref: DatasetRef, train_digest: str, eval_digest: str) -> DatasetRef:

@@ -110,7 +110,7 @@ class LedgerStore:
 
     def __init__(self, exchange, keys, *, federation_id: str, coordinator_storage: str) -> None:
         self.exchange, self.keys, self.federation_id = exchange, keys, federation_id
-        self.local = Path(coordinator_storage) / "privacy" / LEDGER_FILE
+        self.local = Path(coordinator_storage) / federation_id / "privacy" / LEDGER_FILE
         self._base: Ledger | None = None  # the version last loaded or saved, as persisted
 
     def _context(self, version: int | None = None):

@@ -2,16 +2,18 @@
 
 The folder comes from the party's policy, not from the run configuration, so a launcher cannot
 reset the budget by pointing `parties[].storage` elsewhere; and one ledger counts every run and
-every federation on the party's data (entries are keyed `<federation>/<run_id>/r<round>`, and
-epsilon composes all of them). An entry is written
-before training starts; a retried training step for the same run and round finds it and charges
-nothing more: either the earlier attempt crashed before its update left the party (nothing was
-released), or its update is still on disk and is handed back instead of training again.
+every federation on the party's data (entries are keyed `<federation>/<run that published the
+adapter trained from>/r<round>[/a<attempt>]`, and epsilon composes all of them). An entry is
+written before training starts; see `attempt` for when a retry is charged again (always, unless
+it hands back the update already paid for, or the earlier attempt released nothing).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cloudfed.errors import DataError
@@ -42,20 +44,48 @@ def save(path: Path, ledger: Ledger) -> None:
     os.replace(tmp, path)
 
 
-def reserve(
+def _same_event(entry: LedgerEntry, event: GaussianEvent) -> bool:
+    return (entry.noise_multiplier, entry.sample_rate, entry.steps) == (
+        event.noise_multiplier,
+        event.sample_rate,
+        event.steps,
+    )
+
+
+def attempt(
     path: Path,
     *,
     party: str,
     delta: float,
     max_epsilon: float,
-    entry_id: str,
+    base_id: str,
+    run_id: str,
     round: int,
     event: GaussianEvent,
-) -> tuple[Ledger, bool]:
-    """Charge one round's DP-SGD before training; (ledger, already_charged)."""
+    kept: Callable[[LedgerEntry], bool],
+) -> tuple[Ledger, LedgerEntry, bool]:
+    """The entry a training runs under, charged before it starts; (ledger, entry, hand_back).
+
+    `base_id` names a round trained from one global adapter. Its attempts are, in order:
+    - an earlier attempt with the same event whose update is still kept (`kept(entry)`): that
+      update is handed back, not retrained. Re-sending the release already paid for is
+      post-processing.
+    - an earlier attempt with the same event still `reserved`: it was killed before its update
+      existed, so nothing was released; training runs once more under that charge.
+    - otherwise a new entry (`<base_id>`, then `<base_id>/a2`, ...), charged now: a spent attempt
+      whose update is gone, or a changed event (steps, sample rate, noise), is never re-trained
+      under the old charge.
+    Callers hold `training_lock` from here until the update is kept, so two trainings can never
+    share one reservation.
+    """
     ledger = load(path, party=party, delta=delta)
-    if ledger.entry(entry_id) is not None:
-        return ledger, True
+    tries = [e for e in ledger.entries if e.id == base_id or e.id.startswith(f"{base_id}/a")]
+    for entry in reversed(tries):
+        if _same_event(entry, event) and entry.status == "spent" and kept(entry):
+            return ledger, entry, True
+    for entry in reversed(tries):
+        if _same_event(entry, event) and entry.status == "reserved":
+            return ledger, entry, False
     after = ledger.epsilon(extra=[event])
     if after > max_epsilon:
         raise DataError(
@@ -65,22 +95,42 @@ def reserve(
             f"to {after:.4g}, so this party does not train. Fix: raise the cap only if the data "
             "owner agrees"
         )
-    ledger.entries.append(
-        LedgerEntry(
-            id=entry_id,
-            run_id=entry_id.split("/")[-2],
-            round=round,
-            mode="dp-sgd",
-            noise_multiplier=event.noise_multiplier,
-            sample_rate=event.sample_rate,
-            steps=event.steps,
-            parties=[party],
-            epsilon_after=after,
-            at=_now(),
-        )
+    entry = LedgerEntry(
+        id=base_id if not tries else f"{base_id}/a{len(tries) + 1}",
+        run_id=run_id,
+        round=round,
+        mode="dp-sgd",
+        noise_multiplier=event.noise_multiplier,
+        sample_rate=event.sample_rate,
+        steps=event.steps,
+        parties=[party],
+        epsilon_after=after,
+        at=_now(),
     )
+    ledger.entries.append(entry)
     save(path, ledger)
-    return ledger, False
+    return ledger, entry, False
+
+
+@contextmanager
+def training_lock(state_dir: str | Path, party: str) -> Iterator[None]:
+    """One DP-SGD training of this party at a time (the OS drops the lock if the process dies)."""
+    path = Path(state_dir) / "dp_sgd.lock"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            from cloudfed.party_policy import ConsentError
+
+            raise ConsentError(
+                f"{party} refuses to train: another DP-SGD training of this party is running "
+                f"({path} is locked). Two runs at once would share one budget reservation"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def mark_spent(path: Path, ledger: Ledger, entry_id: str) -> None:

@@ -38,3 +38,14 @@ def matches(keys: KeyPairs, data: bytes, purpose: str, digest: str) -> bool:
     """Whether `data` hashes to `digest` under this party's key."""
     actual = keyed_digest(keys, hashlib.sha256(data).hexdigest(), purpose)
     return hmac.compare_digest(actual, digest)
+
+
+def keyed_seed(keys: KeyPairs, purpose: str, context: str) -> int:
+    """A 128-bit seed only this party can derive, fixed by `context`.
+
+    For coins that need no secrecy from the party itself but must be the same on a retry: a round
+    retried from the same global adapter rounds its update exactly as the first attempt did, so
+    two attempts never give two independent roundings of one value (whose average is finer).
+    """
+    mac = hmac.new(_key(keys), f"seed:{purpose}:{context}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(mac[:16], "big")

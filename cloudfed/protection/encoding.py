@@ -42,10 +42,11 @@ def encode_secagg(
     update: Mapping[str, np.ndarray],
     weight: float,
     specs: tuple[QuantSpec, QuantSpec],
+    rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, int]:
     """Words for the masked vector (values, then the weight) and the number of clipped values."""
-    values, clipped = quantize(segment.flatten(update, weight), specs[0])
-    w_word, _ = quantize(np.array([weight]), specs[1])
+    values, clipped = quantize(segment.flatten(update, weight), specs[0], rng)
+    w_word, _ = quantize(np.array([weight]), specs[1], rng)
     return np.concatenate([values, w_word]).astype(WORD, copy=False), clipped
 
 

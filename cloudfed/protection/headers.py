@@ -63,6 +63,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "ckks-plain-sum": frozenset({"run_id", "parties"}),
     "metrics": frozenset({"run_id", "model_sha256", "evaluators"}),
     "privacy-ledger": frozenset({"version"}),
+    "round-record": frozenset(),
 }
 
 

@@ -114,6 +114,65 @@ def resolve_base_model(base_model: str, *, cache_dir: Path, seed: int = 0) -> st
     return base_model
 
 
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def hub_offline() -> bool:
+    """Read at call time: `huggingface_hub.constants` freezes the variable at import."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def base_model_problem(base_model: str, *, root: Path) -> str | None:
+    """Why `from_pretrained` would fail on `base_model`, found without loading or downloading it.
+
+    A run that cannot load its model fails in the first step that needs it, after the launcher
+    has waited for the pipeline to start; this says so before anything runs. None: loadable (a
+    hub id is taken on trust when downloads are allowed, since checking it needs the network).
+    """
+    if base_model == BUILTIN_TINY_LLAMA:
+        return None
+    if base_model.startswith("builtin:"):
+        return (
+            f"{base_model!r} is not a built-in model. Fix: use {BUILTIN_TINY_LLAMA!r}, a Hugging "
+            "Face hub id or a local model folder"
+        )
+    folder = Path(base_model).expanduser()
+    folder = folder if folder.is_absolute() else root / folder
+    if folder.is_dir():
+        if (folder / "config.json").is_file():
+            return None
+        return (
+            f"{folder} is a folder without config.json, so it is not a saved model. Fix: point "
+            "base_model at the folder `save_pretrained` wrote (config.json, weights, tokenizer)"
+        )
+    if base_model.startswith(("/", ".", "~")) or folder.exists():
+        return (
+            f"local model folder {folder} not found. Fix: correct the path, or use a Hugging "
+            f"Face hub id or {BUILTIN_TINY_LLAMA!r}"
+        )
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(base_model)
+    except HFValidationError:
+        return (
+            f"{base_model!r} is neither an existing local folder nor a valid Hugging Face hub id "
+            f"(owner/name). Fix: correct it, or use {BUILTIN_TINY_LLAMA!r}"
+        )
+    if not hub_offline() or isinstance(try_to_load_from_cache(base_model, "config.json"), str):
+        return None
+    return (
+        f"hub model {base_model!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and "
+        "HF_HUB_OFFLINE=1 is set (the Makefile sets it, so a run never downloads), so it cannot "
+        f"be loaded. Fix: download it once with `HF_HUB_OFFLINE=0 .venv/bin/hf download "
+        f"{base_model}` (set HF_TOKEN first for a gated model), or point base_model at a local "
+        f"model folder, or use {BUILTIN_TINY_LLAMA!r}"
+    )
+
+
 def _quiet_transformers() -> None:
     """Keep step logs readable: no per-load progress bars or peft/transformers deprecation noise."""
     import warnings
