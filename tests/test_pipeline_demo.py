@@ -35,7 +35,15 @@ RELEASED_METRICS = {
 }
 RELEASED_PARAMS = {"contract_sha256", "canonical_sha256"}
 RELEASED_TAGS = {"data_docs"}
-RELEASED_STEP_METADATA = {"party", "round", "work_seconds", "contract_sha256", "data_docs"}
+# `status` (ok, data-failed, refused, config-error) is participation, released with its reason.
+RELEASED_STEP_METADATA = {
+    "party",
+    "round",
+    "work_seconds",
+    "contract_sha256",
+    "data_docs",
+    "status",
+}
 # The charts MLflow shows first (under DP-SGD, epsilon is the largest party's).
 HEADLINE = ("eval_loss", "eval_perplexity", "epsilon", "bytes_sent")
 WITHHELD = re.compile(r"rows_|eval_loss|train_loss|tokens|examples|quarantined|pii|clipped")
