@@ -228,6 +228,7 @@ def log_harmonisation(datasets: Sequence[DatasetRef]) -> dict[str, float]:
             metrics[party_key(d.party, f"pii/{kind.lower()}")] = n
         metrics[party_key(d.party, "contract_warnings")] = len(d.warnings)
     report = harmonisation_report(datasets)
+    report["data_docs"] = {d.party: docs_link(d.docs_uri) for d in datasets}  # as the tags
     mlflow.log_dict(report, "harmonisation/report.json")
     mlflow.log_text(report_markdown(report), "harmonisation/report.md")
     mlflow.log_table(

@@ -237,6 +237,8 @@ def test_a_round_logs_one_scheme_with_the_headline_group_first(
     # Named by what ran once the last tracked step has run; the experiment opens as training.
     assert run.info.run_name == "demo-federation · secagg+dp-sgd · r1-4"
     assert store.get_experiment(experiment).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    report = mlflow.artifacts.load_dict(f"runs:/{run_id}/harmonisation/report.json")
+    assert report["data_docs"][parties[0]] == docs  # the report links as the tags do
     artifacts = [a.path for a in store.list_artifacts(run_id)]
     files = [f.path for d in artifacts for f in store.list_artifacts(run_id, d)]
     keys = [*metrics, *params, *tags, *files]
