@@ -2,6 +2,12 @@
 
 These functions log to whatever MLflow run is active (ZenML's experiment tracker opens one per
 pipeline run for every tracked step) and take only aggregates, metrics and references.
+
+One naming scheme for params, metrics and tags (the README lists every key): a key is a path with
+`/` between levels. MLflow's UI groups charts by what comes before the last `/` and shows the
+groups in alphabetical order, with keys that have no `/` last, so the headline values are under
+`federation/` and every other group sorts after it: `party/<name>/...` for what one party
+released, `privacy/...`, `protection/...` and `round/...` for the coordinator's values per round.
 """
 
 from __future__ import annotations
@@ -9,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -28,32 +36,98 @@ from cloudfed.data.ref import DatasetRef
 from cloudfed.errors import ProtectionError
 from cloudfed.federation import FederationConfig
 
+# MLflow's experiment tag for the kind of work an experiment holds; the UI of MLflow versions
+# that read it opens a "custom model development" experiment on its runs and charts, not traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# The run's name waits here until the report is published (see `name_run`).
+RUN_NAME_TAG = "federation/run_name"
+
+
+def party_key(party: str, name: str) -> str:
+    """Everything one party released sits under one prefix (checked against the release rules)."""
+    return f"party/{party}/{name}"
+
+
+def set_experiment_kind(client: Any, experiment_id: str) -> None:
+    """Mark the experiment as model training once; a kind someone chose in the UI is kept."""
+    tags = client.get_experiment(experiment_id).tags
+    if EXPERIMENT_KIND_TAG not in tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+
+def run_name(cfg: FederationConfig, plan: FederationPlan) -> str:
+    """So that runs tell apart: `demo-federation · secagg+dp-sgd · r1-4` (what and which rounds)."""
+    tensors = plan.protection.get("tensors") or {}
+    protection = (
+        f"hybrid({','.join(tensors)})"
+        if len(tensors) > 1
+        else str(plan.protection.get("mode") or cfg.protection.mode)
+    )
+    privacy = "+dp-sgd" if cfg.privacy.dp_sgd else ""
+    privacy += f"+{cfg.privacy.mode}" if cfg.privacy.enabled else ""
+    rounds = (
+        f"r{plan.start_round + 1}-{plan.rounds}"
+        if plan.start_round < plan.rounds
+        else f"no round left (at r{plan.start_round})"
+    )
+    return f"{cfg.federation_id} · {protection}{privacy} · {rounds}"
+
+
+def name_run() -> None:
+    """Give the active run the name `log_plan` chose.
+
+    ZenML finds a pipeline run's MLflow run by the run's name and renames it to its own on every
+    tracked step, so the name can only change in the last tracked step (publishing the report).
+    """
+    run = mlflow.active_run()
+    name = mlflow.get_run(run.info.run_id).data.tags.get(RUN_NAME_TAG) if run else None
+    if name:
+        mlflow.set_tag("mlflow.runName", name)
+
+
+def docs_link(uri: str) -> str:
+    """A Data Docs link a reviewer can open: the storage's own URL, else an absolute file URI.
+
+    A relative path is relative to the working directory the party ran in, which is the
+    coordinator's too in the local demo; in a cloud a party's storage is an absolute path or a URL.
+    """
+    if not uri or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri):
+        return uri
+    return Path(uri).resolve().as_uri()
+
 
 def log_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
+    """Params are named by their path in the run config (`training/batch_size`)."""
+    active = mlflow.active_run()
+    if active is not None:
+        set_experiment_kind(mlflow.MlflowClient(), active.info.experiment_id)
+    mlflow.set_tag(RUN_NAME_TAG, run_name(cfg, plan))
     mlflow.log_params(
         {
             "federation_id": cfg.federation_id,
             "base_model": cfg.base_model,
-            "rounds": cfg.rounds,
+            "rounds": plan.rounds,
+            "start_round": plan.start_round,
             "min_parties": cfg.min_parties,
             "parties": ",".join(plan.parties),
             "seed": cfg.seed,
-            "local_steps": cfg.training.local_steps,
-            "batch_size": cfg.training.batch_size,
-            "learning_rate": cfg.training.learning_rate,
-            "max_seq_len": cfg.training.max_seq_len,
-            "lora_rank": cfg.lora.rank,
-            "lora_alpha": cfg.lora.alpha,
-            "lora_target_modules": ",".join(cfg.lora.target_modules),
+            "training/local_steps": cfg.training.local_steps,
+            "training/batch_size": cfg.training.batch_size,
+            "training/learning_rate": cfg.training.learning_rate,
+            "training/max_seq_len": cfg.training.max_seq_len,
+            "lora/rank": cfg.lora.rank,
+            "lora/alpha": cfg.lora.alpha,
+            "lora/target_modules": ",".join(cfg.lora.target_modules),
             "config_fingerprint": plan.fingerprint,
             "adapter_parameters": plan.adapter_parameters,
             "aggregation": "fedavg(uniform: any DP)"
             if cfg.privacy.protects_records
             else "fedavg(min(examples, weight_cap))",
-            "protection": plan.protection.get("mode", ""),
-            "policy_sha256": plan.protection.get("policy_sha256", ""),
-            "weight_cap": cfg.protection.weight_cap,
-            "secagg_clip": cfg.protection.secagg.clip,
+            "protection/mode": plan.protection.get("mode", ""),
+            "protection/policy_sha256": plan.protection.get("policy_sha256", ""),
+            "protection/weight_cap": cfg.protection.weight_cap,
+            "protection/secagg/clip": cfg.protection.secagg.clip,
         }
     )
     mlflow.log_dict(
@@ -68,19 +142,24 @@ def log_privacy_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
     from cloudfed.privacy.party_level import calibration
 
     p = cfg.privacy
-    params: dict[str, Any] = {"privacy_mode": p.mode, "dp_sgd_parties": ",".join(sorted(p.dp_sgd))}
+    params: dict[str, Any] = {
+        "privacy/mode": p.mode,
+        "privacy/dp_sgd_parties": ",".join(sorted(p.dp_sgd)),
+    }
     if p.enabled:
         cal = calibration(cfg)
         params.update(
-            privacy_clip=p.clip,
-            privacy_noise_multiplier=cal.noise_multiplier,
-            privacy_noise_multiplier_charged=charged_for(cfg, plan),
-            privacy_target_epsilon=p.target_epsilon,
-            privacy_max_epsilon=p.max_epsilon,
-            privacy_delta=p.delta,
-            privacy_accountant=p.accountant,
-            privacy_min_contributors=cfg.min_contributors,
-            privacy_colluding=p.colluding,
+            {
+                "privacy/clip": p.clip,
+                "privacy/noise_multiplier": cal.noise_multiplier,
+                "privacy/noise_multiplier_charged": charged_for(cfg, plan),
+                "privacy/target_epsilon": p.target_epsilon,
+                "privacy/max_epsilon": p.max_epsilon,
+                "privacy/delta": p.delta,
+                "privacy/accountant": p.accountant,
+                "privacy/min_contributors": cfg.min_contributors,
+                "privacy/colluding": p.colluding,
+            }
         )
     mlflow.log_params(params)
     mlflow.log_dict(p.model_dump(mode="json"), "privacy/settings.json")
@@ -98,7 +177,7 @@ def log_ledger(ledger: Any, reservation: Any, round: int) -> None:
         step=round,
     )
     if not reservation.granted:
-        mlflow.set_tag("privacy.budget_stop", reservation.message)
+        mlflow.set_tag("privacy/budget_stop", reservation.message)
 
 
 def overall_loss(evals: Sequence[PartyEval]) -> float:
@@ -109,10 +188,10 @@ def overall_loss(evals: Sequence[PartyEval]) -> float:
 
 def log_exclusions(excluded: Sequence[Rejection]) -> None:
     """Parties left out of the whole run because their data failed its contract."""
-    mlflow.log_metric("parties_excluded", len(excluded), step=0)
+    mlflow.log_metric("round/parties_excluded", len(excluded), step=0)
     if excluded:
         mlflow.log_dict([r.model_dump() for r in excluded], "rejections/round_0000.json")
-        mlflow.set_tag("excluded_parties", ",".join(r.party for r in excluded))
+        mlflow.set_tag("federation/excluded_parties", ",".join(r.party for r in excluded))
 
 
 def log_harmonisation(datasets: Sequence[DatasetRef]) -> dict[str, float]:
@@ -124,11 +203,11 @@ def log_harmonisation(datasets: Sequence[DatasetRef]) -> dict[str, float]:
     from cloudfed.data.report import harmonisation_report, report_markdown
 
     metrics: dict[str, float] = {}
+    for d in datasets:
+        mlflow.log_param(party_key(d.party, "contract_sha256"), d.contract_sha256)
+        mlflow.log_param(party_key(d.party, "canonical_sha256"), d.canonical_sha256)
+        mlflow.set_tag(party_key(d.party, "data_docs"), docs_link(d.docs_uri))
     if any(d.redacted for d in datasets):  # under DP: contract versions and links only
-        for d in datasets:
-            mlflow.log_param(f"{d.party}/contract_sha256", d.contract_sha256)
-            mlflow.log_param(f"{d.party}/canonical_sha256", d.canonical_sha256)
-            mlflow.set_tag(f"data_docs.{d.party}", d.docs_uri)
         mlflow.log_dict(
             {
                 "redacted": "under DP a party releases no counts, profiles or expectation "
@@ -139,19 +218,17 @@ def log_harmonisation(datasets: Sequence[DatasetRef]) -> dict[str, float]:
         )
         return metrics
     for d in datasets:
-        metrics[f"{d.party}/rows_read"] = d.rows_read
-        metrics[f"{d.party}/rows_accepted"] = d.rows_accepted
-        metrics[f"{d.party}/rows_quarantined"] = d.rows_quarantined
-        metrics[f"{d.party}/rows_repaired"] = d.rows_repaired
+        metrics[party_key(d.party, "rows_read")] = d.rows_read
+        metrics[party_key(d.party, "rows_accepted")] = d.rows_accepted
+        metrics[party_key(d.party, "rows_quarantined")] = d.rows_quarantined
+        metrics[party_key(d.party, "rows_repaired")] = d.rows_repaired
         for reason, n in d.quarantine_reasons.items():
-            metrics[f"{d.party}/quarantined/{reason}"] = n
+            metrics[party_key(d.party, f"quarantined/{reason.lower()}")] = n
         for kind, n in d.pii_replaced.items():
-            metrics[f"{d.party}/pii/{kind}"] = n
-        metrics[f"{d.party}/contract_warnings"] = len(d.warnings)
-        mlflow.log_param(f"{d.party}/contract_sha256", d.contract_sha256)
-        mlflow.log_param(f"{d.party}/canonical_sha256", d.canonical_sha256)
-        mlflow.set_tag(f"data_docs.{d.party}", d.docs_uri)
+            metrics[party_key(d.party, f"pii/{kind.lower()}")] = n
+        metrics[party_key(d.party, "contract_warnings")] = len(d.warnings)
     report = harmonisation_report(datasets)
+    report["data_docs"] = {d.party: docs_link(d.docs_uri) for d in datasets}  # as the tags
     mlflow.log_dict(report, "harmonisation/report.json")
     mlflow.log_text(report_markdown(report), "harmonisation/report.md")
     mlflow.log_table(
@@ -173,50 +250,52 @@ def log_round_metrics(
     loss = ev.loss
     metrics: dict[str, float] = {}
     if not math.isnan(loss):
-        metrics.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50)))
-    metrics["eval_parties"] = len(ev.evaluators)
+        metrics.update(
+            {"federation/eval_loss": loss, "federation/eval_perplexity": math.exp(min(loss, 50))}
+        )
+    metrics["round/parties_evaluated"] = len(ev.evaluators)
     for e in ev.per_party:  # without DP only
-        metrics[f"{e.party}/eval_loss"] = e.loss
-        metrics[f"{e.party}/eval_perplexity"] = e.perplexity
-        metrics[f"{e.party}/seconds_evaluate"] = e.seconds
+        metrics[party_key(e.party, "eval_loss")] = e.loss
+        metrics[party_key(e.party, "eval_perplexity")] = e.perplexity
+        metrics[party_key(e.party, "seconds_evaluate")] = e.seconds
     train_losses = []
     for u in local_updates:
         for key in ("dp_sgd_epsilon", "dp_sgd_noise_multiplier", "dp_sgd_sample_rate"):
             if key in u.train:
-                metrics[f"{u.party}/{key}"] = float(u.train[key])
+                metrics[party_key(u.party, key)] = float(u.train[key])
         if "loss_mean" in u.train:  # without DP only
             train_losses.append(float(u.train["loss_mean"]))
-            metrics[f"{u.party}/train_loss"] = float(u.train["loss_mean"])
-            metrics[f"{u.party}/train_tokens"] = float(u.train["tokens"])
-            metrics[f"{u.party}/tokens_per_s"] = float(u.train["tokens_per_s"])
-            metrics[f"{u.party}/seconds_train"] = float(u.train["seconds"])
+            metrics[party_key(u.party, "train_loss")] = float(u.train["loss_mean"])
+            metrics[party_key(u.party, "train_tokens")] = float(u.train["tokens"])
+            metrics[party_key(u.party, "tokens_per_s")] = float(u.train["tokens_per_s"])
+            metrics[party_key(u.party, "seconds_train")] = float(u.train["seconds"])
     # Under DP no training loss is released (not even summed): DP-SGD's epsilon does not cover it.
     train_loss = sum(train_losses) / len(train_losses) if train_losses else float("nan")
     if ev.note:
-        mlflow.set_tag(f"metrics_withheld.round_{round:04d}", ev.note)
+        mlflow.set_tag(f"federation/metrics_withheld/round_{round:04d}", ev.note)
     for s in sealed:
-        metrics[f"{s.party}/bytes_sent"] = s.bytes_sent
-        metrics[f"{s.party}/seconds_protect"] = s.seal_seconds
+        metrics[party_key(s.party, "bytes_sent")] = s.bytes_sent
+        metrics[party_key(s.party, "seconds_protect")] = s.seal_seconds
         if s.plaintext_bytes:
-            metrics[f"{s.party}/bytes_over_fp32"] = s.bytes_sent / s.plaintext_bytes
+            metrics[party_key(s.party, "bytes_over_fp32")] = s.bytes_sent / s.plaintext_bytes
     if sealed:
-        metrics["bytes_sent_total"] = sum(s.bytes_sent for s in sealed)
+        metrics["federation/bytes_sent"] = sum(s.bytes_sent for s in sealed)
     if report is not None:
         metrics.update(
             {
-                "parties_accepted": len(report.accepted),
-                "parties_rejected": len(report.rejected),
-                "bytes_received": report.bytes_received,
-                "seconds_aggregate": report.seconds,
-                "update_norm": report.update_norm,
+                "round/parties_accepted": len(report.accepted),
+                "round/parties_rejected": len(report.rejected),
+                "round/bytes_received": report.bytes_received,
+                "round/seconds_aggregate": report.seconds,
+                "round/update_norm": report.update_norm,
+                "round/weight_sum": report.weight_sum,
+                "round/clipped_values": report.clipped_values,
             }
         )
         for party, w in report.weights.items():
-            metrics[f"{party}/weight"] = w
-        metrics["weight_sum"] = report.weight_sum
-        metrics["clipped_values"] = report.clipped_values
-        metrics.update({f"secagg/{k}": v for k, v in report.secagg.items()})
-        metrics.update({f"ckks/{k}": v for k, v in report.ckks.items()})
+            metrics[party_key(party, "weight")] = w
+        metrics.update({f"protection/secagg/{k}": v for k, v in report.secagg.items()})
+        metrics.update({f"protection/ckks/{k}": v for k, v in report.ckks.items()})
         metrics.update(privacy_metrics(report.privacy))
         # Per round, so a reviewer sees which protection every aggregate was computed under.
         mlflow.log_dict(
@@ -231,15 +310,17 @@ def log_round_metrics(
             },
             f"protection/round_{round:04d}.json",
         )
-        mlflow.set_tag("protection.mode", report.protection_mode)
-        mlflow.set_tag("protection.policy_sha256", report.policy_sha256)
+        mlflow.set_tag("protection/mode", report.protection_mode)
+        mlflow.set_tag("protection/policy_sha256", report.policy_sha256)
         if report.rejected:
             mlflow.log_dict(
                 [r.model_dump() for r in report.rejected], f"rejections/round_{round:04d}.json"
             )
+    if (headline := headline_epsilon(metrics)) is not None:
+        metrics["federation/epsilon"] = headline
     if datasets:
         metrics.update(log_harmonisation(datasets))
-    mlflow.set_tag("metrics_release", ev.released)
+    mlflow.set_tag("federation/metrics_release", ev.released)
     mlflow.log_metrics(metrics, step=round)
     dp_eps = [
         float(u.train["dp_sgd_epsilon"]) for u in local_updates if "dp_sgd_epsilon" in u.train
@@ -281,8 +362,20 @@ def privacy_metrics(privacy: dict[str, Any]) -> dict[str, float]:
             "clip",
         )
     }
-    out.update({f"{p}/epsilon": float(e) for p, e in privacy["party_epsilon"].items()})
+    out.update({party_key(p, "epsilon"): float(e) for p, e in privacy["party_epsilon"].items()})
     return out
+
+
+def headline_epsilon(metrics: dict[str, float]) -> float | None:
+    """The federation's epsilon so far: party-level when that is on, else the largest DP-SGD one.
+
+    A function of values already released (`privacy/epsilon`, `party/<name>/dp_sgd_epsilon`),
+    so charting it releases nothing new.
+    """
+    if "privacy/epsilon" in metrics:
+        return metrics["privacy/epsilon"]
+    record_level = [v for k, v in metrics.items() if k.endswith("/dp_sgd_epsilon")]
+    return max(record_level) if record_level else None
 
 
 def loss_plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
@@ -440,7 +533,9 @@ def publish_run_report(
             f"model is still round {final.round}: {exchange.url(final.key)} (sha256 "
             f"{final.sha256}); its report and adapter: {out}/"
         )
-        mlflow.set_tags({"stop_reason": stop_reason, "final_round": str(final.round)})
+        mlflow.set_tags(
+            {"federation/stop_reason": stop_reason, "federation/final_round": str(final.round)}
+        )
         text = f"{text}\n{where}\n"
         print(text)
         return text
@@ -466,12 +561,10 @@ def publish_run_report(
     mlflow.log_table(table, artifact_file="report/round_table.json")
     mlflow.set_tags(
         {
-            "stop_reason": stop_reason,
-            "final_round": str(final.round),
-            "final_adapter_sha256": final.sha256,
+            "federation/stop_reason": stop_reason,
+            "federation/final_round": str(final.round),
+            "federation/final_adapter_sha256": final.sha256,
         }
     )
-    if not math.isnan(rows[-1]["eval_loss"]):
-        mlflow.log_metric("final_eval_loss", rows[-1]["eval_loss"])
     print(text)
     return text

@@ -72,9 +72,10 @@ def publish_report(
 ) -> Annotated[str, Artifacts.RUN_SUMMARY]:
     with timed_work():
         from cloudfed.federation import parse_federation
-        from cloudfed.tracking import publish_run_report
+        from cloudfed.tracking import name_run, publish_run_report
 
         text = publish_run_report(
             parse_federation(federation), plan, rows, final_adapter, stop_reason
         )
+        name_run()  # the last tracked step: ZenML no longer needs the run under its own name
     return text

@@ -322,7 +322,9 @@ def test_tiny_audit_reports_both_arms_and_logs_to_mlflow(
             assert f"exposure/{arm}/repeats_{r}_mean" in metrics
     assert metrics["exposure/max_possible"] == pytest.approx(math.log2(31))
     assert metrics["epsilon/dp_eps8"] == pytest.approx(dp["epsilon_spent"])
-    assert run.data.params["canaries.references"] == "30"
+    assert run.data.params["canaries/references"] == "30"
+    assert run.info.run_name == "canary audit · no_dp vs dp_eps8"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "audit")}
     assert logged == {"audit/report.json", "audit/report.md", "audit/exposure.png"}
 

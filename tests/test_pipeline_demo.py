@@ -1,7 +1,7 @@
 """The default demo (`configs/local.yaml`, moved into a temp folder) through `zenml pipeline run`.
 
-One run, read by every test here, made through `benchmarks/demo_run.py` so that the benchmark is
-exercised too: it learns (held-out loss at least 10% below the base model)
+One run (tests/shared_demo.py, shared with tests/test_mlflow_ui.py), read by every test here: it
+learns (held-out loss at least 10% below the base model)
 while every party reports a finite record-level epsilon, and what it released matches the README's
 list: clear headers on the exchange hold routing only, and MLflow and ZenML's step metadata hold
 no per-party training value that is not on the released list. It runs as `make run` runs it
@@ -10,29 +10,19 @@ no per-party training value that is not on the released list. It runs as `make r
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from cloudfed.data.demo import MARKER_PREFIX, generate_demo
+from cloudfed.data.demo import MARKER_PREFIX
 from cloudfed.protection.headers import ALLOWED
 from tests.attacks import headers_on_exchange
-from tests.e2e_support import (
-    BIN,
-    REPO_ROOT,
-    make_project,
-    mlflow_last_run,
-    party_env,
-    scan_for,
-    write_config,
-)
+from tests.e2e_support import scan_for
+from tests.mlflow_keys import chart_sections, unlisted
+from tests.shared_demo import demo_mlflow_run, demo_run
 
 pytestmark = pytest.mark.e2e
 # What the README lists as released per party under DP (metrics, params, tags, step metadata).
@@ -45,16 +35,19 @@ RELEASED_METRICS = {
     "weight",  # uniform under DP
 }
 RELEASED_PARAMS = {"contract_sha256", "canonical_sha256"}
-RELEASED_STEP_METADATA = {"party", "round", "work_seconds", "contract_sha256", "data_docs"}
-WITHHELD = re.compile(r"rows_|eval_loss|train_loss|tokens|examples|quarantined|pii|clipped")
-# What the Makefile exports for `make run` (its quiet default included).
-MAKE_RUN_ENV = {
-    "CLOUDFED_LOG": "quiet",
-    "ZENML_ANALYTICS_OPT_IN": "false",
-    "ZENML_ENABLE_RICH_TRACEBACK": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
+RELEASED_TAGS = {"data_docs"}
+# `status` (ok, data-failed, refused, config-error) is participation, released with its reason.
+RELEASED_STEP_METADATA = {
+    "party",
+    "round",
+    "work_seconds",
+    "contract_sha256",
+    "data_docs",
+    "status",
 }
+# The charts MLflow shows first (under DP-SGD, epsilon is the largest party's).
+HEADLINE = ("eval_loss", "eval_perplexity", "epsilon", "bytes_sent")
+WITHHELD = re.compile(r"rows_|eval_loss|train_loss|tokens|examples|quarantined|pii|clipped")
 # A first `make run` prints 28 lines around the pipeline (install 5, zenml init 1, stack 1, demo
 # data 7, policies 4, preflight 8, the command and the results line; 48 in all from a fresh clone);
 # the pipeline's own share must leave the whole under 80.
@@ -71,46 +64,7 @@ NOISE = (
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    work = tmp_path_factory.mktemp("demo")
-    clouds = work / "clouds"
-    generate_demo(clouds)  # what `make demo-data` writes
-    doc = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text(encoding="utf-8"))
-    fed = copy.deepcopy(doc["parameters"]["federation"])
-    fed.update(
-        model_cache=str(work / "models"),
-        exchange=str(work / "exchange"),
-        coordinator_storage=str(work / "coordinator"),
-        contracts_dir=str(REPO_ROOT / "data_contracts"),
-    )
-    for party in fed["parties"]:
-        name = party["name"]
-        party["raw"] = {
-            k: str(clouds / Path(v).relative_to(".cloudfed/clouds"))
-            for k, v in party["raw"].items()
-        }
-        party["mapping"] = str(REPO_ROOT / party["mapping"])
-        party["storage"] = str(clouds / name / "storage")
-    project = make_project(work / "project")
-    config = write_config(work / "run.yaml", fed)
-    console = work / "console.txt"
-    proc = subprocess.run(
-        [str(BIN / "python"), str(REPO_ROOT / "benchmarks" / "demo_run.py")]
-        + ["--config", str(config), "--project", str(project), "--console", str(console)],
-        cwd=project,
-        env={**party_env(project, config), **MAKE_RUN_ENV},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    bench = json.loads(proc.stdout) if proc.returncode == 0 else {}
-    return {
-        "work": work,
-        "clouds": clouds,
-        "proc": proc,
-        "fed": fed,
-        "bench": bench,
-        "console": console.read_text(encoding="utf-8") if console.exists() else "",
-    }
+    return demo_run(tmp_path_factory)
 
 
 def test_a_default_run_prints_a_page_not_the_step_log(demo: dict[str, Any]) -> None:
@@ -147,8 +101,9 @@ def test_the_demo_benchmark_reports_every_step_kind(demo: dict[str, Any]) -> Non
 def test_the_default_demo_learns_with_a_finite_epsilon_per_party(demo: dict[str, Any]) -> None:
     proc = demo["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    client, run = mlflow_last_run()
-    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
+    client, run = demo_mlflow_run(demo)
+    history = client.get_metric_history(run.info.run_id, "federation/eval_loss")
+    losses = {m.step: m.value for m in history}
     rounds = demo["fed"]["rounds"]
     assert sorted(losses) == list(range(rounds + 1))
     assert losses[rounds] <= 0.9 * losses[0], losses  # at least 10% lower than the base model
@@ -156,11 +111,11 @@ def test_the_default_demo_learns_with_a_finite_epsilon_per_party(demo: dict[str,
         name, target = party["name"], demo["fed"]["privacy"]["dp_sgd"][party["name"]]
         eps = {
             m.step: m.value
-            for m in client.get_metric_history(run.info.run_id, f"{name}/dp_sgd_epsilon")
+            for m in client.get_metric_history(run.info.run_id, f"party/{name}/dp_sgd_epsilon")
         }
         assert sorted(eps) == list(range(1, rounds + 1)), (name, eps)
         assert 0 < eps[1] < eps[rounds] <= target["target_epsilon"] + 1e-6, (name, eps)
-    assert run.data.tags["metrics_release"] == "secure-sum"
+    assert run.data.tags["federation/metrics_release"] == "secure-sum"
     summary = (
         demo["work"] / "coordinator" / "demo-federation" / "last_run" / "summary.txt"
     ).read_text()
@@ -181,24 +136,27 @@ def test_mlflow_and_step_metadata_hold_only_released_per_party_values(demo: dict
 
     assert demo["proc"].returncode == 0
     names = {p["name"] for p in demo["fed"]["parties"]}
-    client, run = mlflow_last_run()
+    client, run = demo_mlflow_run(demo)
 
     def per_party(keys) -> dict[str, set[str]]:
+        """What each party released; a key naming a party anywhere else fails here."""
         out: dict[str, set[str]] = {}
         for key in keys:
-            head, _, rest = key.partition("/")
-            if head in names:
-                out.setdefault(head, set()).add(rest)
+            parts = key.split("/")
+            if names.intersection(parts):
+                assert parts[0] == "party" and parts[1] in names, key
+                out.setdefault(parts[1], set()).add("/".join(parts[2:]))
         return out
 
     for party, keys in per_party(run.data.metrics).items():
         assert keys <= RELEASED_METRICS, (party, keys - RELEASED_METRICS)
     for party, keys in per_party(run.data.params).items():
         assert keys <= RELEASED_PARAMS, (party, keys - RELEASED_PARAMS)
-    tag_parties = {k.split(".", 1)[1] for k in run.data.tags if k.startswith("data_docs.")}
-    assert tag_parties == names
-    assert not [k for k in run.data.metrics if WITHHELD.search(k) and "/" in k], run.data.metrics
-    zen_run = Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
+    tags = per_party(k for k in run.data.tags if not k.startswith("mlflow."))
+    assert set(tags) == names and all(keys == RELEASED_TAGS for keys in tags.values()), tags
+    leaked = [k for k in run.data.metrics if WITHHELD.search(k) and k.startswith("party/")]
+    assert not leaked, leaked
+    zen_run = Client().get_pipeline_run(demo["zenml_run_id"])
     party_steps = [s for name, s in zen_run.steps.items() if any(n in name for n in names)]
     assert len(party_steps) > 10
     for step in party_steps:
@@ -231,3 +189,29 @@ def test_no_raw_record_or_plaintext_update_reaches_the_coordinator_side(
     markers = [MARKER_PREFIX.encode()]
     assert scan_for([clouds], updates[:1]) and scan_for([clouds], markers)  # controls
     assert not scan_for(roots, markers + updates)
+
+
+def test_mlflow_names_the_run_lists_every_key_and_puts_the_headline_first(
+    demo: dict[str, Any],
+) -> None:
+    client, run = demo_mlflow_run(demo)
+    rounds = demo["fed"]["rounds"]
+    assert run.info.run_name == f"demo-federation · secagg+dp-sgd · r1-{rounds}"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert chart_sections(list(run.data.metrics))[0] == "federation"
+    headline = {k for k in run.data.metrics if k.startswith("federation/")}
+    assert headline == {f"federation/{k}" for k in HEADLINE}
+    history = client.get_metric_history(run.info.run_id, "federation/epsilon")
+    epsilon = {m.step: m.value for m in history}
+    parties = [p["name"] for p in demo["fed"]["parties"]]
+    largest = max(run.data.metrics[f"party/{p}/dp_sgd_epsilon"] for p in parties)
+    assert sorted(epsilon) == list(range(1, rounds + 1)) and epsilon[rounds] == largest
+    files, folders = [], [a.path for a in client.list_artifacts(run.info.run_id)]
+    while folders:
+        for a in client.list_artifacts(run.info.run_id, folders.pop()):
+            (folders if a.is_dir else files).append(a.path)
+    assert "report/summary.txt" in files and "final_adapter/adapter.safetensors" in files
+    tags = [k for k in run.data.tags if not k.startswith("mlflow.")]
+    keys = [*run.data.metrics, *run.data.params, *tags, *files]
+    assert not unlisted(keys), unlisted(keys)

@@ -41,7 +41,7 @@ def test_crashed_party_is_dropped_and_round_continues(tmp_path: Path) -> None:
     assert cells[4:6] == ["2", "1"], row  # parties accepted, rejected
 
     client, run = mlflow_last_run()
-    rejected = client.get_metric_history(run.info.run_id, "parties_rejected")
+    rejected = client.get_metric_history(run.info.run_id, "round/parties_rejected")
     assert [m.value for m in rejected] == [1.0]
     assert client.list_artifacts(run.info.run_id, "rejections")
 
@@ -64,12 +64,12 @@ def test_party_failing_its_contract_is_excluded_and_the_run_goes_on(tmp_path: Pa
     assert "expect_column_values_to_be_in_set(domain) failed on 60 of 60 rows" in out
 
     client, run = mlflow_last_run()
-    assert run.data.tags["excluded_parties"] == "bank-gcp"
-    assert run.data.metrics["parties_excluded"] == 1
+    assert run.data.tags["federation/excluded_parties"] == "bank-gcp"
+    assert run.data.metrics["round/parties_excluded"] == 1
     assert "rejections/round_0000.json" in {
         a.path for a in client.list_artifacts(run.info.run_id, "rejections")
     }
-    accepted = client.get_metric_history(run.info.run_id, "parties_accepted")
+    accepted = client.get_metric_history(run.info.run_id, "round/parties_accepted")
     assert [m.value for m in accepted] == [2.0]
 
 
@@ -88,7 +88,9 @@ def test_party_leaving_after_sharing_keys_is_unmasked_around(tmp_path: Path) -> 
 
     client, run = mlflow_last_run()
     metrics = run.data.metrics
-    assert metrics["secagg/shared"] == 3 and metrics["secagg/uploaded"] == 2
-    assert metrics["secagg/revealed"] == 2 and metrics["parties_accepted"] == 2
-    eval_loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
+    assert metrics["protection/secagg/shared"] == 3 and metrics["protection/secagg/uploaded"] == 2
+    assert metrics["protection/secagg/revealed"] == 2 and metrics["round/parties_accepted"] == 2
+    eval_loss = {
+        m.step: m.value for m in client.get_metric_history(run.info.run_id, "federation/eval_loss")
+    }
     assert eval_loss[1] < eval_loss[0], eval_loss  # the unmasked aggregate is a usable model

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,12 +47,14 @@ def test_run_completes_and_prints_summary(demo_run: dict) -> None:
 def test_mlflow_has_per_round_and_per_party_metrics(demo_run: dict) -> None:
     assert demo_run["proc"].returncode == 0
     client, run = mlflow_last_run()
-    history = client.get_metric_history(run.info.run_id, "eval_loss")
+    history = client.get_metric_history(run.info.run_id, "federation/eval_loss")
     assert sorted(m.step for m in history) == [0, 1, 2]
     for party in PARTIES:
-        steps = {m.step for m in client.get_metric_history(run.info.run_id, f"{party}/eval_loss")}
+        steps = {
+            m.step for m in client.get_metric_history(run.info.run_id, f"party/{party}/eval_loss")
+        }
         assert steps == {0, 1, 2}
-        sent = client.get_metric_history(run.info.run_id, f"{party}/bytes_sent")
+        sent = client.get_metric_history(run.info.run_id, f"party/{party}/bytes_sent")
         assert sorted(m.step for m in sent) == [1, 2] and all(m.value > 0 for m in sent)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/round_table.csv", "report/loss_per_round.png"} <= artifacts
@@ -70,14 +74,16 @@ def test_mlflow_shows_contract_versions_report_and_data_docs(demo_run: dict) -> 
     assert {p["party"] for p in report["parties"]} == set(PARTIES)
     assert report["totals"]["quarantined"] == 12  # 6 planted faults per party
     for party in PARTIES:
-        assert len(params[f"{party}/contract_sha256"]) == 64
-        assert report["contracts"][party] == params[f"{party}/contract_sha256"]
-        docs = demo_run["work"] / tags[f"data_docs.{party}"]
+        assert len(params[f"party/{party}/contract_sha256"]) == 64
+        assert report["contracts"][party] == params[f"party/{party}/contract_sha256"]
+        link = tags[f"party/{party}/data_docs"]
+        assert link.startswith("file:///"), link  # absolute: opens from anywhere
+        docs = Path(urllib.request.url2pathname(urllib.parse.urlparse(link).path))
         assert docs.is_file() and docs.suffix == ".html", docs
-        assert f"/{party}/" in tags[f"data_docs.{party}"]
+        assert docs.is_relative_to((demo_run["clouds"] / party / "storage").resolve()), docs
         metrics = run.data.metrics
-        assert metrics[f"{party}/quarantined/near_duplicate"] == 1
-        assert metrics[f"{party}/pii/IBAN"] == 1
+        assert metrics[f"party/{party}/quarantined/near_duplicate"] == 1
+        assert metrics[f"party/{party}/pii/iban"] == 1
 
 
 def test_mlflow_shows_protection_per_round(demo_run: dict) -> None:
@@ -86,27 +92,31 @@ def test_mlflow_shows_protection_per_round(demo_run: dict) -> None:
     assert demo_run["proc"].returncode == 0
     client, run = mlflow_last_run()
     params, tags, rid = run.data.params, run.data.tags, run.info.run_id
-    assert params["protection"] == "secagg"
-    assert len(params["policy_sha256"]) == 64
-    assert tags["protection.policy_sha256"] == params["policy_sha256"]
+    assert params["protection/mode"] == "secagg"
+    assert len(params["protection/policy_sha256"]) == 64
+    assert tags["protection/policy_sha256"] == params["protection/policy_sha256"]
     for r in (1, 2):
         path = client.download_artifacts(
             rid, f"protection/round_{r:04d}.json", str(demo_run["work"])
         )
         doc = json.loads(Path(path).read_text())
-        assert doc["mode"] == "secagg" and doc["policy_sha256"] == params["policy_sha256"]
+        assert (
+            doc["mode"] == "secagg" and doc["policy_sha256"] == params["protection/policy_sha256"]
+        )
         assert doc["secagg"]["uploaded"] == len(PARTIES) == doc["secagg"]["revealed"]
-    survivors = client.get_metric_history(rid, "secagg/uploaded")
+    survivors = client.get_metric_history(rid, "protection/secagg/uploaded")
     assert [m.value for m in sorted(survivors, key=lambda m: m.step)] == [2.0, 2.0]
     for party in PARTIES:
-        ratio = client.get_metric_history(rid, f"{party}/bytes_over_fp32")
+        ratio = client.get_metric_history(rid, f"party/{party}/bytes_over_fp32")
         assert ratio and all(1.0 <= m.value <= 1.05 for m in ratio), [m.value for m in ratio]
 
 
 def test_final_adapter_beats_base_model(demo_run: dict) -> None:
     assert demo_run["proc"].returncode == 0
     client, run = mlflow_last_run()
-    by_step = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
+    by_step = {
+        m.step: m.value for m in client.get_metric_history(run.info.run_id, "federation/eval_loss")
+    }
     assert by_step[2] < by_step[0], by_step
 
 

@@ -192,7 +192,7 @@ def test_budget_stops_the_pipeline_after_the_rounds_that_fit(budget: dict[str, A
     for k, r in ((1, 1), (2, 2)):
         assert eps[r] == pytest.approx(spent[k - 1], rel=1e-6)
     for party in PARTIES:
-        party_eps = _history(client, rid, f"{party}/epsilon")
+        party_eps = _history(client, rid, f"party/{party}/epsilon")
         assert sorted(party_eps) == [1, 2], (party, party_eps)
         assert party_eps[2] == pytest.approx(spent[1], rel=1e-6)
     before = _history(client, rid, "privacy/epsilon_before_round")
@@ -210,9 +210,9 @@ def test_budget_stops_the_pipeline_after_the_rounds_that_fit(budget: dict[str, A
     versus = _history(client, rid, "privacy/effective_noise_multiplier_vs_coordinator")
     assert versus == pytest.approx({1: math.sqrt(2), 2: math.sqrt(2)})
     run = client.get_run(rid)
-    stop = run.data.tags["privacy.budget_stop"]
+    stop = run.data.tags["privacy/budget_stop"]
     assert f"spent epsilon={spent[1]:.4g}" in stop and "round 3" in stop, stop
-    assert "privacy budget" in run.data.tags["stop_reason"]
+    assert "privacy budget" in run.data.tags["federation/stop_reason"]
     local = client.download_artifacts(rid, "privacy/ledger.json", str(work))
     logged = Ledger.model_validate(json.loads(Path(local).read_text()))
     assert logged == ledger
@@ -260,9 +260,9 @@ def test_rerun_refuses_a_round_past_the_budget_and_ends_cleanly(budget: dict[str
     before = _history(client, rid, "privacy/epsilon_before_round")
     assert list(before) == [3] and before[3] == pytest.approx(spent, rel=1e-6)
     tags = client.get_run(rid).data.tags
-    assert expected in tags["privacy.budget_stop"]
-    assert tags["final_round"] == "2"
-    assert "final_adapter_sha256" not in tags  # nothing new was published
+    assert expected in tags["privacy/budget_stop"]
+    assert tags["federation/final_round"] == "2"
+    assert "federation/final_adapter_sha256" not in tags  # nothing new was published
 
 
 def test_dp_sgd_party_keeps_its_own_ledger_and_epsilon(budget: dict[str, Any]) -> None:
@@ -285,18 +285,18 @@ def test_dp_sgd_party_keeps_its_own_ledger_and_epsilon(budget: dict[str, Any]) -
 
     client, _ = mlflow_last_run()
     rid = first["mlflow_run"]
-    eps = _history(client, rid, f"{DP_PARTY}/dp_sgd_epsilon")
+    eps = _history(client, rid, f"party/{DP_PARTY}/dp_sgd_epsilon")
     assert sorted(eps) == [1, 2] and 0.0 < eps[1] < eps[2], eps
     for k in (1, 2):
         expected = epsilon([e.event() for e in ledger.entries[:k]], ledger.delta, "rdp")
         assert eps[k] == pytest.approx(expected, rel=1e-6)
     # The noise multiplier and sample rate follow from the party's record count: kept local.
-    assert _history(client, rid, f"{DP_PARTY}/dp_sgd_noise_multiplier") == {}
-    assert _history(client, rid, f"{DP_PARTY}/dp_sgd_sample_rate") == {}
+    assert _history(client, rid, f"party/{DP_PARTY}/dp_sgd_noise_multiplier") == {}
+    assert _history(client, rid, f"party/{DP_PARTY}/dp_sgd_sample_rate") == {}
     for other in PARTIES:
         if other != DP_PARTY:
-            assert _history(client, rid, f"{other}/dp_sgd_epsilon") == {}
-    assert client.get_run(rid).data.params["dp_sgd_parties"] == DP_PARTY
+            assert _history(client, rid, f"party/{other}/dp_sgd_epsilon") == {}
+    assert client.get_run(rid).data.params["privacy/dp_sgd_parties"] == DP_PARTY
 
 
 def _update_needles(clouds: Path) -> list[bytes]:

@@ -18,7 +18,7 @@ from cloudfed.audit.config import AuditConfig
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
     else:
         out[prefix] = str(value)[:500]
 
@@ -47,14 +47,20 @@ def metrics(report: dict[str, Any]) -> dict[str, float]:
 
 
 def _experiment_id(client: Any, name: str, artifacts: Path) -> str:
+    from cloudfed.tracking import set_experiment_kind
+
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return str(found.experiment_id)
-    return str(client.create_experiment(name, artifact_location=artifacts.resolve().as_uri()))
+    experiment = (
+        str(found.experiment_id)
+        if found is not None
+        else str(client.create_experiment(name, artifact_location=artifacts.resolve().as_uri()))
+    )
+    set_experiment_kind(client, experiment)  # opens on its runs and charts, not on traces
+    return experiment
 
 
 def log_audit(cfg: AuditConfig, report: dict[str, Any], files: Mapping[str, Path]) -> str:
-    """One MLflow run with the config as params, exposure metrics and the report files."""
+    """One run per audit, named by the arms it compares so that runs tell apart in the UI."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -63,7 +69,9 @@ def log_audit(cfg: AuditConfig, report: dict[str, Any], files: Mapping[str, Path
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     artifacts = cfg.mlflow.db_path.parent / "mlartifacts"
     experiment = _experiment_id(client, cfg.mlflow.experiment, artifacts)
-    run = client.create_run(experiment, tags={"cloudfed.audit": "canaries"})
+    arms = " vs ".join(arm["name"] for arm in report["arms"])
+    name = f"canary audit · {arms}"
+    run = client.create_run(experiment, run_name=name, tags={"audit": "canaries"})
     run_id = run.info.run_id
     try:
         params: dict[str, str] = {}
