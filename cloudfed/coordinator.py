@@ -80,6 +80,14 @@ def prepare(cfg: FederationConfig, *, source: str = "the run configuration") -> 
         lineage = Lineage.of(cfg, layout.policy_sha256)
         history = history_of(cfg, exchange, keys)
         last = None if cfg.start_over else history.latest()
+        if last is not None and last.round == 0 and last.lineage != lineage:
+            # Nothing was trained in that generation (its first run stopped before round 1, e.g.
+            # on a config error): a fixed config starts afresh instead of being refused.
+            _say(
+                f"cloudfed: federation {cfg.federation_id} has no trained round in generation "
+                f"{last.generation}, and this config defines another model: starting anew"
+            )
+            last = None
         if last is None:
             start = publish_global(exchange, 0, state, run_id)
             generation = history.next_generation()

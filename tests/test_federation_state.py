@@ -351,3 +351,17 @@ def test_a_live_local_holder_is_never_taken_over_and_a_displaced_run_stops(tmp_p
     ex.delete(run_lock.LOCK_KEY)  # removed by hand (make unlock) while the run goes on
     with pytest.raises(run_lock.LockLost, match="no longer holds"):
         run_lock.heartbeat(ex, "a" * 32)
+
+
+def test_a_generation_with_no_trained_round_does_not_bind_a_fixed_config(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """A first run that stopped before round 1 (say, on a typo) must not pin its settings."""
+    cfg = _cfg(tmp_path, model_cache)
+    assert _prepare(cfg).generation == 1  # round 0 only
+    fixed = _cfg(tmp_path, model_cache, lora={"rank": 8, "alpha": 4, "target_modules": ["q_proj"]})
+    plan = _prepare(fixed)
+    assert (plan.generation, plan.start_round) == (2, 0)
+    _publish(fixed, plan, 1)
+    with pytest.raises(ConfigError, match="trained with lora.rank"):  # now it is bound
+        coordinator.prepare(cfg)
