@@ -59,9 +59,14 @@ def console_handler() -> Iterator[logging.StreamHandler]:
     root.addHandler(handler)
     root.addHandler(stored)
     filters = warnings.filters[:]
+    # pytest's own capture handlers are stream handlers on the root logger too: configure()
+    # filters them, and later tests' caplog would lose INFO records unless they are restored.
+    handler_filters = {h: h.filters[:] for h in root.handlers}
     try:
         yield handler
     finally:
+        for h, kept in handler_filters.items():
+            h.filters[:] = kept
         root.removeHandler(handler)
         root.removeHandler(stored)
         warnings.filters[:] = filters
