@@ -328,11 +328,11 @@ def log_round_metrics(
     return {
         "round": round,
         "eval_loss": loss,
-        "eval_perplexity": metrics.get("eval_perplexity", float("nan")),
+        "eval_perplexity": metrics.get("federation/eval_perplexity", float("nan")),
         "train_loss": train_loss,
         "parties": len(report.accepted) if report else len(ev.evaluators),
         "rejected": len(report.rejected) if report else 0,
-        "bytes_sent": int(metrics.get("bytes_sent_total", 0)),
+        "bytes_sent": int(metrics.get("federation/bytes_sent", 0)),
         "epsilon": report.privacy.get("epsilon", float("nan")) if report else float("nan"),
         "dp_sgd_epsilon_max": max(dp_eps) if dp_eps else float("nan"),
         **{f"{e.party}/eval_loss": e.loss for e in ev.per_party},

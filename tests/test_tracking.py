@@ -6,6 +6,7 @@ shows first, and all be listed in the README; the pipeline e2e tests check a rea
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -207,7 +208,7 @@ def test_a_round_logs_one_scheme_with_the_headline_group_first(
             privacy=privacy,
         )
         ev1 = RoundEval(released="secure-sum", loss=4.5, evaluators=tuple(parties), note="late")
-        log_round_metrics(1, ev1, report, updates, sealed)
+        row = log_round_metrics(1, ev1, report, updates, sealed)
         run_id = mlflow.active_run().info.run_id
         name_run()
     run = store.get_run(run_id)
@@ -220,6 +221,9 @@ def test_a_round_logs_one_scheme_with_the_headline_group_first(
     assert {k.split("/", 1)[1] for k in metrics if k.startswith("federation/")} == HEADLINE
     assert metrics["federation/epsilon"] == 1.0  # party-level when on, else the largest DP-SGD
     assert metrics["federation/bytes_sent"] == 300
+    # The round table's row (the summary printed at the end) reads the same values.
+    assert row["bytes_sent"] == 300
+    assert row["eval_perplexity"] == pytest.approx(math.exp(4.5))
     # One scheme: `/` between levels, lower case, per-party values under `party/<name>/`.
     for key in [*metrics, *params, *tags]:
         assert re.fullmatch(r"[a-z0-9_]+(/[a-z0-9_.-]+)+|[a-z_]+", key), key
