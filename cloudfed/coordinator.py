@@ -111,16 +111,13 @@ def prepare(cfg: FederationConfig, *, source: str = "the run configuration") -> 
             check_continues(last, lineage, federation_id=cfg.federation_id, source=source)
             _check_continuation(cfg, exchange, keys, last)
             start, generation = last.global_adapter, last.generation
-            todo = (
-                f"this run trains rounds {last.round + 1}-{cfg.rounds}"
-                if last.round < cfg.rounds
-                else f"all {cfg.rounds} are done, nothing to train"
-            )
-            _say(
-                f"cloudfed: continuing federation {cfg.federation_id} at round {last.round + 1} "
-                f"from global adapter sha256 {start.sha256[:12]}… (round {last.round}, published "
-                f"by run {last.run_id[:8]}); rounds is the federation's total: {todo}"
-            )
+            if last.round < cfg.rounds:
+                _say(
+                    f"cloudfed: continuing federation {cfg.federation_id} at round "
+                    f"{last.round + 1} from global adapter sha256 {start.sha256[:12]}… (round "
+                    f"{last.round}, published by run {last.run_id[:8]}); rounds is the "
+                    f"federation's total: this run trains rounds {last.round + 1}-{cfg.rounds}"
+                )
     except BaseException:
         run_lock.release(exchange, run_id)
         raise
