@@ -280,7 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="seconds: d=5000, k=2, one repeat (tests)")
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.sizes, args.neighbours, args.repeats = [5000], [2], 1
     if args.mod_bits > 32 or args.mod_bits <= args.bits:
         ap.error("flwr needs bits < mod-bits <= 32 (RandomState seeds / its workflow checks)")
 

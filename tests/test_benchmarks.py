@@ -21,9 +21,10 @@ from tests.e2e_support import REPO_ROOT, make_project, zenml_env
 FLOWER = REPO_ROOT / ".venv-flwr" / "bin" / "python"
 
 
-def _bench(name: str, *args: str, python: Path | str = sys.executable, **kw: Any) -> dict:
+def _bench(script: str, *args: str, python: Path | str = sys.executable, **kw: Any) -> dict:
+    """Run `script` (a path under the repository, e.g. benchmarks/harmonize.py); its JSON."""
     proc = subprocess.run(
-        [str(python), str(REPO_ROOT / "benchmarks" / f"{name}.py"), *args],
+        [str(python), str(REPO_ROOT / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -41,7 +42,7 @@ def _flower_or_skip() -> None:
 
 
 def test_train_device_tiny() -> None:
-    result = _bench("train_device", "--tiny")
+    result = _bench("benchmarks/train_device.py", "--tiny")
     assert result["device"] in {"cpu", "cuda"}
     for mode in ("plain", "dp_sgd"):
         run = result[mode]
@@ -51,7 +52,7 @@ def test_train_device_tiny() -> None:
 
 
 def test_harmonize_tiny() -> None:
-    result = _bench("harmonize", "--tiny")
+    result = _bench("benchmarks/harmonize.py", "--tiny")
     assert set(result["runs"]) == {"csv@300", "csv@600"}
     for run in result["runs"].values():
         assert run["rows"] == run["accepted"] + run["quarantined"] > 0
@@ -60,7 +61,7 @@ def test_harmonize_tiny() -> None:
 
 
 def test_protection_tiny_without_flower() -> None:
-    result = _bench("protection", "--tiny", "--no-flower")
+    result = _bench("benchmarks/protection.py", "--tiny", "--no-flower")
     (row,) = result["secagg"]
     assert row["d"] == 20_000 and row["mask_over_raw_aes"] > 0
     (entry,) = row["rounds"]
@@ -72,11 +73,9 @@ def test_protection_tiny_without_flower() -> None:
 
 def test_flower_peer_tiny_beside_ours() -> None:
     _flower_or_skip()
-    peer = _bench(
-        "flower_peer", "--sizes", "5000", "--neighbours", "2", "--repeats", "1", python=FLOWER
-    )
+    peer = _bench("benchmarks/flower_peer.py", "--tiny", python=FLOWER)
     assert peer["tool"] == "flower_peer" and peer["sizes"][0]["d"] == 5000
-    result = _bench("protection", "--tiny")  # the same, through our side-by-side
+    result = _bench("benchmarks/protection.py", "--tiny")  # the same, through our side-by-side
     assert isinstance(result["flower"], dict)
     assert result["secagg"][0]["mask_speedup_vs_flower"] > 0
 
@@ -88,7 +87,7 @@ def test_privacy_utility_tiny(tmp_path: Path) -> None:
     generate_demo(tmp_path / "clouds")
     project = make_project(tmp_path / "project")
     result = _bench(
-        "privacy_utility",
+        "benchmarks/privacy_utility.py",
         "--tiny",
         "--project",
         str(project),
