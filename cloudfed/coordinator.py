@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from cloudfed.protection import KeyPairs, load_or_create_keys
 from cloudfed.protection.policy import route
 from cloudfed.training.adapter_io import sha256_bytes, state_to_bytes
 from cloudfed.training.model import resolve_base_model
+
+if TYPE_CHECKING:  # federation_state imports this module
+    from cloudfed.federation_state import RoundRecord
 
 logger = logging.getLogger(__name__)
 COORDINATOR = "coordinator"
@@ -154,12 +158,11 @@ def ledger_head(cfg: FederationConfig, exchange: Exchange, keys: KeyPairs) -> di
 
 
 def _check_continuation(
-    cfg: FederationConfig, exchange: Exchange, keys: KeyPairs, last: object
+    cfg: FederationConfig, exchange: Exchange, keys: KeyPairs, last: RoundRecord
 ) -> None:
     """The adapter a record names is there, unchanged, and the budget was not rolled back."""
-    from cloudfed.federation_state import RoundRecord, check_ledger
+    from cloudfed.federation_state import check_ledger
 
-    assert isinstance(last, RoundRecord)
     ref = last.global_adapter
     try:
         data = exchange.get_bytes(ref.key)

@@ -328,11 +328,6 @@ def describe(record: RoundRecord, exchange: Exchange) -> str:
     )
 
 
-def adapter_summary(record: RoundRecord) -> dict[str, Any]:
-    """What a run that trains nothing reports about the model it would have continued."""
-    return json.loads(record.model_dump_json(include={"round", "generation", "global_adapter"}))
-
-
 def publish_round(
     cfg: FederationConfig, plan: Any, new_ref: GlobalAdapterRef, policy_sha256: str
 ) -> str:

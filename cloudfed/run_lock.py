@@ -11,7 +11,6 @@ is another process that reused the pid); elsewhere, its heartbeat is older than
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import socket
@@ -157,8 +156,3 @@ def release(exchange: Exchange, run_id: str) -> None:
     holder = read_lock(exchange)
     if holder is not None and holder.run_id == run_id:
         exchange.delete(LOCK_KEY)
-
-
-def describe(exchange: Exchange) -> str:
-    holder = read_lock(exchange)
-    return "unlocked" if holder is None else json.dumps(holder.model_dump(), indent=1)

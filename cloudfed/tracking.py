@@ -344,24 +344,25 @@ def log_round_metrics(
     }
 
 
+# What a round's privacy report holds and MLflow shows per round as `privacy/<key>`.
+PRIVACY_ROUND_KEYS = (
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "effective_noise_multiplier",
+    "effective_noise_multiplier_vs_coordinator",
+    "colluding",
+    "contributors",
+    "noise_std",
+    "clip",
+)
+
+
 def privacy_metrics(privacy: dict[str, Any]) -> dict[str, float]:
     """Epsilon (federation and per party), delta, noise, clip and fraction clipped of a round."""
     if not privacy:
         return {}
-    out = {
-        f"privacy/{k}": float(privacy[k])
-        for k in (
-            "epsilon",
-            "delta",
-            "noise_multiplier",
-            "effective_noise_multiplier",
-            "effective_noise_multiplier_vs_coordinator",
-            "colluding",
-            "contributors",
-            "noise_std",
-            "clip",
-        )
-    }
+    out = {f"privacy/{k}": float(privacy[k]) for k in PRIVACY_ROUND_KEYS}
     out.update({party_key(p, "epsilon"): float(e) for p, e in privacy["party_epsilon"].items()})
     return out
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +135,40 @@ def run_pipeline(
         text=True,
         timeout=timeout,
     )
+
+
+def run_until_killed(
+    project: Path, config: Path, when: Callable[[], bool], log: Path, timeout: float = 600
+) -> tuple[bool, str]:
+    """Start a run; SIGKILL its whole process group once `when()` holds.
+
+    Returns whether it was killed while still running, and its log. A crash as it would happen:
+    no handler runs, locks and reservations stay where the run left them.
+    """
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            pipeline_command(config),
+            cwd=project,
+            env=party_env(project, config),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        killed = False
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                if when():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed = True
+                    break
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None and not killed:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    return killed, log.read_text()
 
 
 def scan_for(roots: list[Path], needles: list[bytes]) -> dict[str, list[str]]:

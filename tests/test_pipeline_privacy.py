@@ -12,9 +12,6 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +25,9 @@ from tests.e2e_support import (
     federation,
     make_project,
     mlflow_last_run,
-    party_env,
-    pipeline_command,
     policy_dir,
     run_pipeline,
+    run_until_killed,
     scan_for,
     write_config,
 )
@@ -332,34 +328,19 @@ def killed(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     coordinator = work / "coordinator"
     local_ledger = coordinator / FED / "privacy" / "ledger.json"
     config = write_config(work / "killed.yaml", _fed(work, clouds, 3, _privacy(50.0)))
-    log = (work / "killed.log").open("w")
-    proc = subprocess.Popen(
-        pipeline_command(config),
-        cwd=project,
-        env=party_env(project, config),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+
+    def charged_round_1() -> bool:
+        if not local_ledger.exists():
+            return False
+        try:
+            entries = _ledger(coordinator).entries
+        except ValueError:  # replaced between exists() and read: read again
+            return False
+        return any(e.round == 2 or (e.round == 1 and e.status == "spent") for e in entries)
+
+    still_running, output = run_until_killed(
+        project, config, charged_round_1, work / "killed.log", timeout=300
     )
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if local_ledger.exists():
-                try:
-                    entries = _ledger(coordinator).entries
-                except ValueError:  # replaced between exists() and read: read again
-                    entries = []
-                if any(e.round == 2 or (e.round == 1 and e.status == "spent") for e in entries):
-                    break
-            time.sleep(0.05)
-        still_running = proc.poll() is None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
-    output = (work / "killed.log").read_text()
     assert still_running, f"the run ended before it could be killed:\n{output[-4000:]}"
     before_rerun = _ledger(coordinator)
     history = work / "exchange" / FED / "history" / "g0001"

@@ -14,10 +14,7 @@ lock, and a run whose LoRA rank changed.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +24,8 @@ from cloudfed.data.demo import generate_demo
 from tests.e2e_support import (
     federation,
     make_project,
-    party_env,
-    pipeline_command,
     run_pipeline,
+    run_until_killed,
     write_config,
 )
 
@@ -54,36 +50,6 @@ def _history(work: Path) -> list[int]:
     """Rounds with a published record in generation 1."""
     folder = work / "exchange" / FED / "history" / "g0001"
     return sorted(int(p.stem[1:]) for p in folder.glob("r*.signed"))
-
-
-def _run_until(
-    project: Path, config: Path, when: Callable[[], bool], log: Path, timeout: float = 600
-) -> tuple[bool, str]:
-    """Start a run, SIGKILL its process group once `when()` holds; (killed while running, log)."""
-    with log.open("w") as fh:
-        proc = subprocess.Popen(
-            pipeline_command(config),
-            cwd=project,
-            env=party_env(project, config),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        killed = False
-        try:
-            while time.monotonic() < deadline and proc.poll() is None:
-                if when():
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    killed = True
-                    break
-                time.sleep(0.02)
-        finally:
-            if proc.poll() is None and not killed:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-    return killed, log.read_text()
 
 
 def _adapter(work: Path) -> bytes:
@@ -120,7 +86,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     kills = []
     for i, (point, when) in enumerate(points.items()):
         before = _history(work)
-        killed, out = _run_until(project, config, when, work / f"killed-{i}.log")
+        killed, out = run_until_killed(project, config, when, work / f"killed-{i}.log")
         kills.append(
             {
                 "point": point,

@@ -31,6 +31,7 @@ from cloudfed.federation import FederationConfig, parse_federation
 from cloudfed.tracking import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING_KIND,
+    PRIVACY_ROUND_KEYS,
     docs_link,
     log_exclusions,
     log_ledger,
@@ -179,20 +180,9 @@ def test_a_round_logs_one_scheme_with_the_headline_group_first(
             )
             for p in parties
         ]
-        privacy = {
-            k: 1.0
-            for k in (
-                "epsilon",
-                "delta",
-                "noise_multiplier",
-                "effective_noise_multiplier",
-                "effective_noise_multiplier_vs_coordinator",
-                "colluding",
-                "contributors",
-                "noise_std",
-                "clip",
-            )
-        } | {"party_epsilon": {p: 1.0 for p in parties}}
+        privacy = {k: 1.0 for k in PRIVACY_ROUND_KEYS} | {
+            "party_epsilon": {p: 1.0 for p in parties}
+        }
         report = AggregateReport(
             round=1,
             accepted=parties[:2],
