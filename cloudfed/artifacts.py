@@ -134,6 +134,9 @@ class AggregateReport(_Ref):
     ckks: dict[str, float] = Field(default_factory=dict)
     # Party-level DP of the round: noise, clip, fraction clipped, epsilon after it (per party too).
     privacy: dict[str, Any] = Field(default_factory=dict)
+    # The strategy's server state after the round (stored signed beside the adapter) and the
+    # strategy's diagnostics; becomes the round record's AggregationState.
+    aggregation: dict[str, Any] = Field(default_factory=dict)
 
 
 class PartyEval(_Ref):

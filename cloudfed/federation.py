@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cloudfed.aggregation.settings import AggregationSettings
 from cloudfed.errors import ConfigError
 from cloudfed.privacy.settings import PrivacySettings
 
@@ -142,6 +143,7 @@ class FederationConfig(_Strict):
     lora: LoraSettings = LoraSettings()
     protection: ProtectionSettings = ProtectionSettings()
     privacy: PrivacySettings = PrivacySettings()
+    aggregation: AggregationSettings = AggregationSettings()
     # Simulation only: make a party fail at a stage of every round (to rehearse dropout recovery).
     simulate_dropouts: dict[str, DropoutStage] = Field(default_factory=dict)
     parties: list[PartyConfig] = Field(min_length=1)

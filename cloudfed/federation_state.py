@@ -73,7 +73,7 @@ class Lineage(BaseModel):
             lora_target_modules=sorted(cfg.lora.target_modules),
             parties=sorted(p.name for p in cfg.active_parties),
             protection=policy_sha256,
-            aggregation=AggregationState().strategy,
+            aggregation=cfg.aggregation.strategy,
         )
 
 
@@ -329,7 +329,11 @@ def describe(record: RoundRecord, exchange: Exchange) -> str:
 
 
 def publish_round(
-    cfg: FederationConfig, plan: Any, new_ref: GlobalAdapterRef, policy_sha256: str
+    cfg: FederationConfig,
+    plan: Any,
+    new_ref: GlobalAdapterRef,
+    policy_sha256: str,
+    aggregation: dict[str, Any] | None = None,
 ) -> str:
     """The round's commit point, after its adapter and ledger entry: later runs continue after it.
 
@@ -348,6 +352,13 @@ def publish_round(
             round=new_ref.round,
             run_id=plan.run_id,
             global_adapter=new_ref,
+            aggregation=AggregationState(
+                version=int(aggregation.get("version", 1)),
+                strategy=str(aggregation.get("strategy", cfg.aggregation.strategy)),
+                state=dict(aggregation.get("state", {})),
+            )
+            if aggregation
+            else AggregationState(strategy=cfg.aggregation.strategy),
             lineage=Lineage.of(cfg, policy_sha256),
             **ledger_head(cfg, exchange, keys),
         )

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from cloudfed import server_state
 from cloudfed.aggregation.fedavg import shapes_of
+from cloudfed.aggregation.strategy import norm
 from cloudfed.artifacts import (
     AggregateReport,
     CkksKeyRef,
@@ -50,7 +52,7 @@ from cloudfed.privacy.noise import add_integer_noise, central_noise
 from cloudfed.privacy.party_level import calibration
 from cloudfed.protection import open_sealed_with_metadata, seal
 from cloudfed.protection import payload as container
-from cloudfed.protection.encoding import decode_secagg, secagg_specs, split_weight
+from cloudfed.protection.encoding import decode_secagg, secagg_specs, split_weights
 from cloudfed.protection.envelope import open_public, read_public_header, sign_public
 from cloudfed.protection.keys import KeyPairs
 from cloudfed.protection.policy import Layout
@@ -68,9 +70,9 @@ from cloudfed.secure_party import (
     read_roster,
     sha256,
     stage_context,
+    strategy_of,
     verified_advert,
 )
-from cloudfed.training.lora import add
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +127,13 @@ def open_upload(
         raise ValueError("update metadata is not a mapping")
     if set(sections) != set(layout.modes):
         raise ValueError(f"update carries sections {sorted(sections)}, not {list(layout.modes)}")
+    slots = strategy_of(cfg, layout).n_slots
     if (seg := layout.segment("secagg")) is not None and len(sections["secagg"]) != 4 * (
-        seg.size + 1
+        seg.size + slots
     ):
         raise ValueError("masked vector has the wrong length")
     if (seg := layout.segment("plaintext")) is not None:
-        expected = seg.size + (1 if len(layout.segments) == 1 else 0)
+        expected = seg.size + (slots if len(layout.segments) == 1 else 0)
         if len(sections["plaintext"]) != 4 * expected:
             raise ValueError("plaintext section has the wrong length")
         values = np.frombuffer(sections["plaintext"], dtype="<f4")
@@ -521,8 +524,10 @@ def aggregate_protected(
             + ". No model was published for this round. Fix: check the rejected parties' logs, "
             "or lower min_parties."
         )
+    strategy = strategy_of(cfg, layout)
+    slots = strategy.n_slots
     sums: dict[str, np.ndarray] = {}
-    weight_sum: float | None = None
+    weight_sums: np.ndarray | None = None
     if (seg := layout.segment("secagg")) is not None:
         responses, bad = _open_reveals(cfg, exchange, keys, reveals, round, plan, doc["members"])
         rejected += bad
@@ -535,8 +540,10 @@ def aggregate_protected(
         words = protocol.unmask(setup, adverts, doc["shared"], inputs, responses)
         specs = secagg_specs(cfg, len(setup.parties))
         if cfg.privacy.mode == "central":  # noise on the integer sum, before it is decoded
-            words[:-1] = add_integer_noise(words[:-1], calibration(cfg).sum_std / specs[0].step)
-        tensors, weight_sum = decode_secagg(seg, words, specs, len(parties))
+            words[: seg.size] = add_integer_noise(
+                words[: seg.size], calibration(cfg).sum_std / specs[0].step
+            )
+        tensors, weight_sums = decode_secagg(seg, words, specs, len(parties), slots)
         sums.update(tensors)
         secagg_stats = {
             "advertised": len(setup.parties),
@@ -553,31 +560,43 @@ def aggregate_protected(
     public_weights: dict[str, float] = {}
     if (seg := layout.segment("ckks")) is not None:
         vector = _open_ckks_plain(cfg, exchange, keys, ckks_plain, round, plan, parties)
-        tensors, w = split_weight(seg, vector)
+        tensors, w = split_weights(seg, vector, slots)
         sums.update(tensors)
-        weight_sum = w if weight_sum is None else weight_sum
-        slots = cfg.protection.ckks.poly_modulus_degree // 2
-        ckks_stats = {"blocks": float(-(-(seg.size + 1) // slots)), "values": float(seg.size + 1)}
+        weight_sums = w if weight_sums is None else weight_sums
+        values = float(seg.size + slots)
+        n_slots = cfg.protection.ckks.poly_modulus_degree // 2
+        ckks_stats = {"blocks": float(-(-int(values) // n_slots)), "values": values}
     if (seg := layout.segment("plaintext")) is not None:
-        total = np.zeros(seg.size + (1 if len(layout.segments) == 1 else 0))
+        alone = len(layout.segments) == 1  # nothing protected carries the weights
+        total = np.zeros(seg.size + (slots if alone else 0))
         for p in parties:
             values = np.frombuffer(uploads[p].sections["plaintext"], dtype="<f4")
             total += values
-            if len(layout.segments) == 1:  # weights travelled in the clear: report them
-                public_weights[p] = float(values[-1])
-        if len(layout.segments) == 1:
-            weight_sum = float(total[-1])
-            total = total[:-1]
+            if alone:  # weights travelled in the clear: report them
+                public_weights[p] = float(values[seg.size])
+        if alone:
+            weight_sums = total[seg.size :].copy()
+            total = total[: seg.size]
         sums.update(seg.unflatten(total))
-    if weight_sum is None or not weight_sum > 0:
-        raise AggregationError(f"round {round}: the aggregated weight is {weight_sum}, not > 0")
+    if weight_sums is None or not np.all(np.isfinite(weight_sums)) or not np.any(weight_sums > 0):
+        raise AggregationError(f"round {round}: the aggregated weights are {weight_sums}, not > 0")
+    weight_sum = float(weight_sums[0])
     rejected = list({r.party: r for r in reversed(rejected)}.values())[::-1]  # first reason wins
     if cfg.privacy.mode == "central" and (seg := layout.segment("plaintext")) is not None:
         # The coordinator is trusted with the sum, not the release: the public tensors' real sum
         # goes onto the noise grid (secagg words were noised as integers above).
         sums.update(_add_central_noise(cfg, {n: sums[n] for n, _ in seg.tensors}))
-    delta = {name: (sums[name] / weight_sum).astype(np.float32) for name in sorted(sums)}
-    new_ref = publish_global(exchange, round, add(global_state, delta), plan.run_id)
+    state = server_state.load(exchange, keys, cfg.federation_id, current)
+    if state is None:
+        state = strategy.init(global_state)
+    state, new_global, diagnostics = strategy.apply(state, global_state, sums, weight_sums)
+    new_ref = publish_global(exchange, round, new_global, plan.run_id)
+    aggregation = {
+        "strategy": state.strategy,
+        "version": state.version,
+        "state": server_state.store(exchange, keys, cfg.federation_id, new_ref, state),
+        "diagnostics": diagnostics,
+    }
     privacy: dict[str, Any] = {}
     if cfg.privacy.enabled:
         privacy = _commit_privacy(
@@ -594,9 +613,7 @@ def aggregate_protected(
             }.values()
         ),
         seconds=time.perf_counter() - start,
-        update_norm=float(
-            np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
-        ),
+        update_norm=norm({n: new_global[n] - global_state[n] for n in new_global}),
         protection_mode=layout.label,
         policy_sha256=layout.policy_sha256,
         weight_sum=weight_sum,
@@ -604,6 +621,7 @@ def aggregate_protected(
         secagg=secagg_stats,
         ckks=ckks_stats,
         privacy=privacy,
+        aggregation=aggregation,
     )
 
 

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from cloudfed.aggregation.composed import Strategy, strategy_for
 from cloudfed.aggregation.fedavg import check_update
+from cloudfed.aggregation.strategy import PartyStats, RoundInfo
 from cloudfed.artifacts import (
     CkksKeyRef,
     FederationPlan,
@@ -54,12 +56,7 @@ from cloudfed.privacy.party_level import calibration, ckks_grid, clip_update
 from cloudfed.protection import SealContext, open_sealed_with_metadata, seal
 from cloudfed.protection import payload as container
 from cloudfed.protection.commitments import keyed_seed
-from cloudfed.protection.encoding import (
-    encode_secagg,
-    flat_with_weight,
-    party_weight,
-    secagg_specs,
-)
+from cloudfed.protection.encoding import encode_secagg, flat_with_weights, secagg_specs
 from cloudfed.protection.envelope import open_public, sign_public
 from cloudfed.protection.keys import KeyPairs, PublicKeyBundle
 from cloudfed.protection.policy import Layout, route
@@ -80,6 +77,11 @@ def layout_for(cfg: FederationConfig, exchange: Exchange, plan: FederationPlan) 
     """Everyone derives the routing from the config and the round-0 adapter's shapes."""
     state = load_global(exchange, plan.initial_adapter)
     return route(cfg.protection, {k: tuple(v.shape) for k, v in state.items()})
+
+
+def strategy_of(cfg: FederationConfig, layout: Layout) -> Strategy:
+    """The round's strategy over the layout's tensors; both roles build the same one."""
+    return strategy_for(cfg, {n: s for seg in layout.segments for n, s in seg.tensors})
 
 
 def coordinator_bundle(exchange: Exchange, plan: FederationPlan) -> PublicKeyBundle:
@@ -360,10 +362,16 @@ def _sealed_update(
         meta.update(dp_mode=cal.mode, dp_clip=cal.clip)
         if cal.mode == "distributed":
             meta["dp_party_std"] = cal.party_std
-    # Under any DP, weights are uniform: an example count would make a party's influence on the
-    # sum data-dependent, and a co-contributor in a two-party round would read its peer's count
-    # off the weight sum.
-    weight = 1.0 if private else party_weight(record.examples, cfg.protection.weight_cap)
+    # Under any DP, weights use public inputs only: an example count would make a party's
+    # influence on the sum data-dependent, and a co-contributor in a two-party round would read
+    # its peer's count off the weight sum (see cloudfed.aggregation.weights).
+    strategy = strategy_of(cfg, layout)
+    loss = record.train.get("loss_mean")
+    stats = PartyStats(
+        examples=record.examples, loss=float(loss) if isinstance(loss, int | float) else None
+    )
+    contribution = strategy.contribution(update, stats, RoundInfo(local.round, private=private))
+    weighted, weights = contribution.tensors, contribution.weights
     distributed = cfg.privacy.mode == "distributed"
     sections: dict[str, bytes] = {}
     clipped = 0
@@ -384,9 +392,9 @@ def _sealed_update(
             keys, "secagg-dither", f"{cfg.federation_id}:{local.round}:{record.sha256}"
         )
         rng = np.random.Generator(np.random.PCG64(seed))
-        words, clipped = encode_secagg(seg, update, weight, specs, rng)
-        if distributed:  # this party's share of the noise, before masking; the weight stays exact
-            words[:-1] = add_integer_noise(words[:-1], cal.party_std / specs[0].step)
+        words, clipped = encode_secagg(seg, weighted, weights, specs, rng)
+        if distributed:  # this party's share of the noise, before masking; weights stay exact
+            words[: seg.size] = add_integer_noise(words[: seg.size], cal.party_std / specs[0].step)
         masked = protocol.masked_input(setup, party.name, secrets, words, adverts, shared)
         sections["secagg"] = masked.tobytes()
     if (seg := layout.segment("ckks")) is not None:
@@ -396,15 +404,15 @@ def _sealed_update(
             raise ProtectionError("CKKS keys are for another round")
         check_pin(loaded, "party", ckks_keys[0].party, ckks_keys[0].fingerprint)
         public = ckks_public_context(cfg, exchange, plan, ckks_keys[0])
-        vector = flat_with_weight(seg, update, weight)
+        vector = flat_with_weights(seg, weighted, weights)
         if distributed:  # onto the shared grid first, then integer noise: exact multiples only
-            vector[:-1] = noisy_on_grid(vector[:-1], cal.party_std, ckks_grid(cfg))
+            vector[: seg.size] = noisy_on_grid(vector[: seg.size], cal.party_std, ckks_grid(cfg))
         blocks = ckks.encrypt_vector(public, vector, workers=cfg.protection.ckks.workers)
         sections["ckks"] = ckks.pack_blocks(blocks)
     if (seg := layout.segment("plaintext")) is not None:
-        values = seg.flatten(update, weight)
-        if len(layout.segments) == 1:  # nothing protected carries the weight: it travels too
-            values = np.concatenate([values, [weight]])
+        values = seg.flatten(weighted)
+        if len(layout.segments) == 1:  # nothing protected carries the weights: they travel too
+            values = flat_with_weights(seg, weighted, weights)
         sections["plaintext"] = values.astype("<f4").tobytes()
     if not private:
         meta["clipped"] = clipped

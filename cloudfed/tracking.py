@@ -97,6 +97,13 @@ def docs_link(uri: str) -> str:
     return Path(uri).resolve().as_uri()
 
 
+def aggregation_label(cfg: FederationConfig) -> str:
+    """From the `aggregation:` block, as both roles build the strategy from it."""
+    from cloudfed.aggregation.composed import strategy_for
+
+    return strategy_for(cfg, {}).label(cfg.privacy.protects_records)
+
+
 def log_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
     """Params are named by their path in the run config (`training/batch_size`)."""
     active = mlflow.active_run()
@@ -121,9 +128,9 @@ def log_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
             "lora/target_modules": ",".join(cfg.lora.target_modules),
             "config_fingerprint": plan.fingerprint,
             "adapter_parameters": plan.adapter_parameters,
-            "aggregation": "fedavg(uniform: any DP)"
-            if cfg.privacy.protects_records
-            else "fedavg(min(examples, weight_cap))",
+            "aggregation": aggregation_label(cfg),
+            "aggregation/strategy": cfg.aggregation.strategy,
+            "aggregation/weighting": cfg.aggregation.weighting.preset,
             "protection/mode": plan.protection.get("mode", ""),
             "protection/policy_sha256": plan.protection.get("policy_sha256", ""),
             "protection/weight_cap": cfg.protection.weight_cap,

@@ -49,7 +49,7 @@ def aggregate(
             reveals=reveals,
             ckks_plain=ckks_plain,
         )
-        publish_round(cfg, plan, new_global, report.policy_sha256)
+        publish_round(cfg, plan, new_global, report.policy_sha256, report.aggregation)
         meta.update(
             accepted=report.accepted,
             rejected=[r.model_dump() for r in report.rejected],

@@ -7,9 +7,12 @@ them against exact numbers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
+from cloudfed.aggregation.strategy import ServerState, register_optimiser
 from cloudfed.errors import AggregationError
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -82,3 +85,33 @@ def check_update(
         if max_abs is not None and peak > max_abs:
             return f"magnitude {peak:.3g} exceeds {max_abs:.3g} in {name}"
     return None
+
+
+class FedAvg:
+    """The server takes the weighted mean delta as it is (server learning rate 1)."""
+
+    name = "fedavg"
+
+    def init(self, global_adapter: Mapping[str, np.ndarray]) -> ServerState:
+        return ServerState(strategy=self.name)
+
+    def step(
+        self,
+        state: ServerState,
+        global_adapter: Mapping[str, np.ndarray],
+        mean_delta: Mapping[str, np.ndarray],
+    ) -> tuple[ServerState, dict[str, np.ndarray], dict[str, float]]:
+        new = {
+            name: (np.asarray(global_adapter[name], np.float32) + mean_delta[name]).astype(
+                np.float32
+            )
+            for name in global_adapter
+        }
+        return replace(state, step=state.step + 1), new, {}
+
+
+@register_optimiser("fedavg")
+def _fedavg(params: Mapping[str, Any]) -> FedAvg:
+    if params:
+        raise AggregationError(f"fedavg takes no aggregation.params (got {sorted(params)})")
+    return FedAvg()

@@ -1,13 +1,13 @@
-"""Turn a party's update into the vectors each protection mode aggregates, and back.
+"""Turn a party's contribution into the vectors each protection mode aggregates, and back.
 
-Weighted aggregation under protection: a party scales its update by its weight
-w = min(examples, weight_cap) / weight_cap <= 1 and appends w itself, so the protected sum carries
+A contribution (see cloudfed.aggregation.strategy) is the party's already-weighted tensors and its
+weight per slot; the weights travel appended to the protected vector, so the protected sum carries
 both sum_k w_k x_k and sum_k w_k and the coordinator learns only the weighted mean, never w_k.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -16,14 +16,8 @@ from cloudfed.protection.policy import Segment
 from cloudfed.protection.secagg.quantize import WORD, QuantSpec, dequantize_sum, quantize
 
 
-def party_weight(examples: int, weight_cap: int) -> float:
-    if examples <= 0:
-        raise ValueError(f"example count {examples} must be positive")
-    return min(examples, weight_cap) / weight_cap
-
-
 def secagg_specs(cfg: FederationConfig, parties: int) -> tuple[QuantSpec, QuantSpec]:
-    """Specs for the values and for the weight slot, sized for this round's party count.
+    """Specs for the values and for the weight slots, sized for this round's party count.
 
     Under party-level DP the values' range is the L2 clip (no value of a clipped update lies
     outside it) and distributed noise takes bits from the top so that it cannot wrap.
@@ -39,36 +33,44 @@ def secagg_specs(cfg: FederationConfig, parties: int) -> tuple[QuantSpec, QuantS
 
 def encode_secagg(
     segment: Segment,
-    update: Mapping[str, np.ndarray],
-    weight: float,
+    tensors: Mapping[str, np.ndarray],
+    weights: Sequence[float],
     specs: tuple[QuantSpec, QuantSpec],
     rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Words for the masked vector (values, then the weight) and the number of clipped values."""
-    values, clipped = quantize(segment.flatten(update, weight), specs[0], rng)
-    w_word, _ = quantize(np.array([weight]), specs[1], rng)
-    return np.concatenate([values, w_word]).astype(WORD, copy=False), clipped
+    """Words for the masked vector (values, then the weight slots) and the clipped count."""
+    values, clipped = quantize(segment.flatten(tensors), specs[0], rng)
+    w_words, _ = quantize(np.asarray(weights, dtype=np.float64), specs[1], rng)
+    return np.concatenate([values, w_words]).astype(WORD, copy=False), clipped
 
 
 def decode_secagg(
-    segment: Segment, words: np.ndarray, specs: tuple[QuantSpec, QuantSpec], summed: int
-) -> tuple[dict[str, np.ndarray], float]:
-    """Sum of w_k x_k per tensor and sum of w_k, from the unmasked words of `summed` parties."""
-    if words.shape[0] != segment.size + 1:
-        raise ValueError(f"secagg sum has {words.shape[0]} words, not {segment.size + 1}")
-    values = dequantize_sum(words[:-1], specs[0], summed)
-    weight = float(dequantize_sum(words[-1:], specs[1], summed)[0])
-    return segment.unflatten(values), weight
+    segment: Segment,
+    words: np.ndarray,
+    specs: tuple[QuantSpec, QuantSpec],
+    summed: int,
+    slots: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Sum of w_k x_k per tensor and sum of w_k per slot, from `summed` parties' unmasked words."""
+    if words.shape[0] != segment.size + slots:
+        raise ValueError(f"secagg sum has {words.shape[0]} words, not {segment.size + slots}")
+    values = dequantize_sum(words[: segment.size], specs[0], summed)
+    weights = dequantize_sum(words[segment.size :], specs[1], summed).astype(np.float64)
+    return segment.unflatten(values), weights
 
 
-def flat_with_weight(
-    segment: Segment, update: Mapping[str, np.ndarray], weight: float
+def flat_with_weights(
+    segment: Segment, tensors: Mapping[str, np.ndarray], weights: Sequence[float]
 ) -> np.ndarray:
-    """For CKKS: w x flattened with w appended, as float64."""
-    return np.concatenate([segment.flatten(update, weight), [weight]])
+    """For CKKS and plaintext: the weighted values flattened, the weight slots appended."""
+    return np.concatenate([segment.flatten(tensors), np.asarray(weights, dtype=np.float64)])
 
 
-def split_weight(segment: Segment, vector: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
-    if vector.shape[0] != segment.size + 1:
-        raise ValueError(f"{segment.mode} sum has {vector.shape[0]} values, not {segment.size + 1}")
-    return segment.unflatten(vector[:-1]), float(vector[-1])
+def split_weights(
+    segment: Segment, vector: np.ndarray, slots: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    if vector.shape[0] != segment.size + slots:
+        raise ValueError(
+            f"{segment.mode} sum has {vector.shape[0]} values, not {segment.size + slots}"
+        )
+    return segment.unflatten(vector[: segment.size]), np.asarray(vector[segment.size :], np.float64)

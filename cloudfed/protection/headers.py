@@ -45,6 +45,7 @@ _FIELDS: dict[str, Callable[[Any], bool]] = {
     "base_sha256": _is(_HEX64),  # the published global adapter an update was trained from
     "policy_sha256": _is(_HEX64),  # the protection policy (layout) an update was made under
     "model_sha256": _is(_HEX64),  # the published global adapter a metrics release is about
+    "adapter_sha256": _is(_HEX64),  # the global adapter a server state belongs to
     "stage": _is(_STAGE),  # which roster of a secure-aggregation round
     "holder": _is(_NAME),  # whose inbox a share is in
     "parties": _names,  # who is in a CKKS sum (the key party refuses too few)
@@ -64,6 +65,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "metrics": frozenset({"run_id", "model_sha256", "evaluators"}),
     "privacy-ledger": frozenset({"version"}),
     "round-record": frozenset(),
+    "server-state": frozenset({"adapter_sha256"}),
 }
 
 
