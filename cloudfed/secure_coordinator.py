@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from cloudfed import server_state
-from cloudfed.aggregation.fedavg import shapes_of
-from cloudfed.aggregation.strategy import norm
+from cloudfed.aggregation.guard import MAX_ABS_UPDATE, shapes_of
+from cloudfed.aggregation.strategy import mean_from_sums, norm
 from cloudfed.artifacts import (
     AggregateReport,
     CkksKeyRef,
@@ -61,7 +61,6 @@ from cloudfed.secure_party import (
     ADVERT,
     CKKS_PLAIN,
     CKKS_SUM,
-    MAX_ABS_UPDATE,
     REVEAL,
     ROSTER,
     SHARE,
@@ -141,6 +140,13 @@ def open_upload(
             raise ValueError("non-finite values in the public tensors")
         if values.size and float(np.max(np.abs(values))) > MAX_ABS_UPDATE:
             raise ValueError(f"magnitude above {MAX_ABS_UPDATE:.3g} in the public tensors")
+        bound = cfg.aggregation.max_update_norm
+        length = _public_norm(strategy_of(cfg, layout), seg, values, alone=expected > seg.size)
+        if bound is not None and length > bound * (1 + 1e-5):
+            raise ValueError(
+                f"the public tensors' norm {length:.4g} exceeds aggregation.max_update_norm "
+                f"{bound:.4g}; the party skipped its own clipping"
+            )
     if cfg.privacy.enabled:  # the party must have clipped and noised as this round requires
         if meta.get("dp_mode") != cfg.privacy.mode or meta.get("dp_clip") != cfg.privacy.clip:
             raise ValueError(
@@ -161,6 +167,17 @@ def open_upload(
         int(clipped) if isinstance(clipped, int) else 0,
         len(opened.payload),
     )
+
+
+def _public_norm(strategy: Any, seg: Any, values: np.ndarray, *, alone: bool) -> float:
+    """The norm of the party's own update, where its weights travelled too (x = w x / w).
+
+    Elsewhere only w x is visible, whose norm bounds the update's from below (weights <= 1).
+    """
+    weighted = seg.unflatten(values[: seg.size].astype(np.float64))
+    if alone and np.all(values[seg.size :] > 0):
+        weighted = mean_from_sums(weighted, values[seg.size :].astype(np.float64), strategy.slots)
+    return norm(weighted)
 
 
 def _sign_roster(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cloudfed.aggregation.composed import Strategy, strategy_for
-from cloudfed.aggregation.fedavg import check_update
+from cloudfed.aggregation.guard import MAX_ABS_UPDATE, check_update, clip_to_norm
 from cloudfed.aggregation.strategy import PartyStats, RoundInfo
 from cloudfed.artifacts import (
     CkksKeyRef,
@@ -63,8 +63,6 @@ from cloudfed.protection.policy import Layout, route
 from cloudfed.protection.secagg import protocol
 from cloudfed.training.adapter_io import state_from_bytes
 
-# A LoRA delta this large after a few local steps is a bug or an attack, not training.
-MAX_ABS_UPDATE = 1e3
 ADVERT, ROSTER, SHARE, REVEAL = "secagg-advert", "secagg-roster", "secagg-share", "secagg-reveal"
 CKKS_CONTEXT, CKKS_SUM, CKKS_PLAIN = "ckks-context", "ckks-sum", "ckks-plain-sum"
 
@@ -356,6 +354,7 @@ def _sealed_update(
     # Inside the encryption: what the coordinator checks. Under any DP nothing data-dependent.
     meta: dict[str, Any] = {}
     private = cfg.privacy.protects_records
+    update, norm_clipped = clip_to_norm(update, cfg.aggregation.max_update_norm)
     if cfg.privacy.enabled:  # party-level DP: clip first, equal weights (see privacy.party_level)
         update, _, _ = clip_update(update, cfg.privacy.clip)
         cal = calibration(cfg)
@@ -416,6 +415,7 @@ def _sealed_update(
         sections["plaintext"] = values.astype("<f4").tobytes()
     if not private:
         meta["clipped"] = clipped
+        meta["norm_clipped"] = norm_clipped
     sections["meta"] = json.dumps(meta, sort_keys=True).encode()
     payload = container.pack(sections)
     context = stage_context(
