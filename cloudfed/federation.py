@@ -50,6 +50,8 @@ class PartyConfig(_Strict):
     mapping: str
     storage: str
     step_operator: str | None = None
+    # Public link speed in Mbit/s; read by the bandwidth-aware weighting presets only.
+    bandwidth_mbps: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
 
 class LoraSettings(_Strict):
@@ -188,6 +190,13 @@ class FederationConfig(_Strict):
         if key_party is not None and key_party not in names:
             raise ValueError(f"protection.ckks.key_party {key_party!r} is not one of {names}")
         self._check_privacy(names)
+        return self
+
+    @model_validator(mode="after")
+    def _check_weighting(self) -> FederationConfig:
+        from cloudfed.aggregation.weights import check_federation
+
+        check_federation(self)
         return self
 
     def _check_privacy(self, names: list[str]) -> None:

@@ -365,7 +365,9 @@ def _sealed_update(
     strategy = strategy_of(cfg, layout)
     loss = record.train.get("loss_mean")
     stats = PartyStats(
-        examples=record.examples, loss=float(loss) if isinstance(loss, int | float) else None
+        examples=record.examples,
+        loss=float(loss) if isinstance(loss, int | float) else None,
+        bandwidth_mbps=party.bandwidth_mbps,
     )
     contribution = strategy.contribution(update, stats, RoundInfo(local.round, private=private))
     noise = secure_sum.NO_NOISE
