@@ -20,6 +20,7 @@ import numpy as np
 
 from cloudfed.aggregation.composed import Strategy, strategy_for
 from cloudfed.aggregation.fedavg import check_update
+from cloudfed.aggregation.fedbuff import update_staleness
 from cloudfed.aggregation.strategy import PartyStats, RoundInfo
 from cloudfed.artifacts import (
     CkksKeyRef,
@@ -368,7 +369,9 @@ def _sealed_update(
     strategy = strategy_of(cfg, layout)
     loss = record.train.get("loss_mean")
     stats = PartyStats(
-        examples=record.examples, loss=float(loss) if isinstance(loss, int | float) else None
+        examples=record.examples,
+        loss=float(loss) if isinstance(loss, int | float) else None,
+        staleness=update_staleness(cfg, local.round, record.base_round),
     )
     contribution = strategy.contribution(update, stats, RoundInfo(local.round, private=private))
     weighted, weights = contribution.tensors, contribution.weights

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cloudfed.aggregation.fedbuff import BufferSettings
 from cloudfed.aggregation.weights import WeightingSettings
 
 
@@ -17,6 +18,8 @@ class AggregationSettings(BaseModel):
     strategy: str = "fedavg"
     params: dict[str, Any] = Field(default_factory=dict)
     weighting: WeightingSettings = WeightingSettings()
+    # Buffered asynchronous rounds (FedBuff); null: synchronous rounds (see aggregation.fedbuff).
+    buffer: BufferSettings | None = None
 
     @model_validator(mode="after")
     def _known(self) -> AggregationSettings:
