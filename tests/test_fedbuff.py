@@ -28,7 +28,7 @@ from cloudfed.aggregation.fedbuff import (
 from cloudfed.aggregation.staleness import StalenessSettings, discount
 from cloudfed.aggregation.strategy import PartyStats, RoundInfo, mean_from_sums
 from cloudfed.errors import AggregationError, ConfigError
-from cloudfed.federation import parse_federation
+from cloudfed.federation import load_run_config, parse_federation
 from cloudfed.party import load_global
 from tests.protected_support import Federation, federation_dict
 
@@ -272,3 +272,21 @@ def test_a_curious_co_contributor_learns_only_the_public_discount_under_dp(
     learned = report.weight_sum - 1.0  # a's own weight: uniform under DP, fresh update
     assert learned == pytest.approx(3**-0.5, abs=1e-6)  # s(2) = (1 + 2)^-0.5, public
     assert not math.isclose(learned, examples[1] / 1000)
+
+
+def test_the_async_demo_config_and_its_mlflow_keys() -> None:
+    from tests.e2e_support import REPO_ROOT
+    from tests.mlflow_keys import unlisted
+
+    cfg = load_run_config(REPO_ROOT / "configs" / "async.yaml")
+    assert cfg.protection.default == "secagg" and cfg.aggregation.buffer is not None
+    assert cfg.aggregation.buffer.size == 2 and cfg.party("insurer-azure").compute_scale == 5.0
+    plan = schedule_for(cfg)
+    # 30 steps x 32 x 128 tokens at 1000 tokens/s: 122.88 virtual seconds a round, 614.4 for the
+    # slow party, whose first update joins round 6, five versions stale.
+    assert [e.seconds for e in plan.events] == pytest.approx([122.88] * 6)
+    assert [(a.party, a.base, a.staleness) for a in plan.event(6).arrivals] == [
+        ("insurer-azure", 0, 5),
+        ("bank-gcp", 5, 0),
+    ]
+    assert not unlisted([f"round/{k}" for k in clock(plan.event(6))])
