@@ -25,7 +25,7 @@ from cloudfed.aggregation.fedbuff import (
     schedule_for,
     synchronous,
 )
-from cloudfed.aggregation.staleness import StalenessSettings, discount
+from cloudfed.aggregation.staleness import StalenessSettings
 from cloudfed.aggregation.strategy import PartyStats, RoundInfo, mean_from_sums
 from cloudfed.errors import AggregationError, ConfigError
 from cloudfed.federation import load_run_config, parse_federation
@@ -150,12 +150,12 @@ def test_a_buffer_larger_than_the_parties_or_below_min_parties_is_refused(
 )
 def test_staleness_functions(function: str, a: float, b: float, taus, expected) -> None:
     settings = StalenessSettings(function=function, a=a, b=b)
-    assert [discount(settings, t) for t in taus] == pytest.approx(list(expected), abs=1e-15)
+    assert [settings.discount(t) for t in taus] == pytest.approx(list(expected), abs=1e-15)
 
 
 def test_a_negative_staleness_is_an_error() -> None:
-    with pytest.raises(AggregationError, match="staleness -1 is negative"):
-        discount(StalenessSettings(), -1)
+    with pytest.raises(AggregationError, match="staleness -1 must be a whole number"):
+        StalenessSettings().discount(-1)
 
 
 def test_weighted_mean_with_staleness_discounts(tmp_path: Path, model_cache: Path) -> None:

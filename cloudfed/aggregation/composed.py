@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cloudfed.aggregation.settings import AggregationSettings
-from cloudfed.aggregation.staleness import discount
 from cloudfed.aggregation.strategy import (
     Contribution,
     PartyStats,
@@ -51,7 +50,7 @@ class Strategy:
         """The party's weighted update and its weight per slot (it alone knows them)."""
         w = party_weight(self.settings.weighting, stats, info, weight_cap=self.weight_cap)
         if self.settings.buffer is not None:  # public round numbers: allowed under any DP
-            w *= discount(self.settings.buffer.staleness, stats.staleness)
+            w *= self.settings.buffer.staleness.discount(stats.staleness)
         if not (0.0 < w <= 1.0) or not np.isfinite(w):
             raise AggregationError(f"weight {w!r} is outside (0, 1]")
         weights = (w,) * self.n_slots
