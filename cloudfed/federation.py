@@ -52,6 +52,9 @@ class PartyConfig(_Strict):
     step_operator: str | None = None
     # Public link speed in Mbit/s; read by the bandwidth-aware weighting presets only.
     bandwidth_mbps: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    # Public: how many times slower than a reference party this party trains (virtual clock of
+    # buffered rounds, cloudfed.aggregation.fedbuff); never measured, so never data-dependent.
+    compute_scale: float = Field(1.0, gt=0.0, le=10_000.0)
 
 
 class LoraSettings(_Strict):
@@ -190,6 +193,7 @@ class FederationConfig(_Strict):
         if key_party is not None and key_party not in names:
             raise ValueError(f"protection.ckks.key_party {key_party!r} is not one of {names}")
         self._check_privacy(names)
+        self._check_buffer()
         return self
 
     @model_validator(mode="after")
@@ -198,6 +202,18 @@ class FederationConfig(_Strict):
 
         check_federation(self)
         return self
+
+    def _check_buffer(self) -> None:
+        buffer = self.aggregation.buffer
+        if buffer is not None and not self.min_contributors <= buffer.size <= len(
+            self.active_parties
+        ):
+            raise ValueError(
+                f"aggregation.buffer.size={buffer.size} must lie between "
+                f"{'privacy.min_contributors' if self.privacy.min_contributors else 'min_parties'}"
+                f"={self.min_contributors} (each buffer is one secure-aggregation round) and the "
+                f"{len(self.active_parties)} participating parties"
+            )
 
     def _check_privacy(self, names: list[str]) -> None:
         privacy = self.privacy
@@ -284,6 +300,9 @@ _FIXES: dict[str, str] = {
     "max_epsilon": "use a positive, finite budget such as 8.0",
     "delta": "use a delta strictly between 0 and 1, well below 1/records (e.g. 1e-5)",
     "noise_multiplier": "use a positive noise multiplier such as 1.0",
+    "size": "use a buffer size between min_parties and the number of parties",
+    "compute_scale": "use a positive slowdown factor such as 1.0 (reference) or 5.0",
+    "max_staleness": "use a whole number of versions, at least 0 (e.g. 4)",
     "min_contributors": "use a count between min_parties and the number of parties",
     "colluding": "use at least 1 and fewer than min_contributors (default 1)",
     "privacy": "see the privacy block of configs/local.yaml",

@@ -202,6 +202,8 @@ class LocalUpdateRecord(BaseModel):
     base_sha256: str
     examples: int
     train: dict[str, float | int | str]
+    # The global version trained from: a buffered round's staleness is (round - 1) - base_round.
+    base_round: int | None = None
 
 
 def _record_path(uri: str) -> Path:
@@ -335,6 +337,7 @@ def _keep_update(
         base_sha256=global_ref.sha256,
         examples=examples,
         train=train,
+        base_round=global_ref.round,
     )
     _record_path(str(path)).write_text(record.model_dump_json(), encoding="utf-8")
     return _released(cfg, keys, record)

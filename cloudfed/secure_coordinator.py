@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from cloudfed import server_state
+from cloudfed import buffer_window, server_state
 from cloudfed.aggregation.guard import MAX_ABS_UPDATE, shapes_of
 from cloudfed.aggregation.strategy import mean_from_sums, norm
 from cloudfed.artifacts import (
@@ -92,8 +92,12 @@ def open_upload(
     run_id: str,
     base_sha256: str,
     layout: Layout,
+    bases: Mapping[str, int] | None = None,
 ) -> Upload:
-    """Open and check one party's upload; raises ValueError/ProtectionError with the reason."""
+    """Open and check one party's upload; raises ValueError/ProtectionError with the reason.
+
+    `bases` (buffered rounds): every adapter version the round accepts updates from.
+    """
     if ref.round != round:
         raise ValueError(f"update is for round {ref.round}, not {round}")
     if ref.key != update_key(run_id, round, ref.party):
@@ -111,7 +115,11 @@ def open_upload(
     meta = opened.metadata
     if meta.get("run_id") != run_id:
         raise ValueError("update belongs to another run of this federation (replay)")
-    if meta.get("base_sha256") != base_sha256:
+    if bases is not None:
+        why = buffer_window.base_refusal(cfg, meta.get("base_sha256"), bases, round)
+        if why is not None:
+            raise ValueError(why)
+    elif meta.get("base_sha256") != base_sha256:
         raise ValueError("update was trained from another global adapter (stale or replayed)")
     if meta.get("policy_sha256") != layout.policy_sha256:
         raise ValueError("update was protected under another protection policy")
@@ -358,6 +366,11 @@ def verified_uploads(
 ) -> tuple[dict[str, Upload], list[Rejection]]:
     out: dict[str, Upload] = {}
     rejected: list[Rejection] = []
+    bases = (
+        buffer_window.published_versions(cfg, exchange, keys, plan, current)
+        if cfg.aggregation.buffer is not None
+        else None
+    )
     for ref in sorted(sealed, key=lambda r: r.party):
         if only is not None and ref.party not in only:
             continue
@@ -374,6 +387,7 @@ def verified_uploads(
                 run_id=plan.run_id,
                 base_sha256=current.sha256,
                 layout=layout,
+                bases=bases,
             )
         except (ProtectionError, ValueError, FileNotFoundError) as exc:
             reason = "sealed update missing" if isinstance(exc, FileNotFoundError) else str(exc)

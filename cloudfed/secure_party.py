@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cloudfed.aggregation.composed import Strategy, strategy_for
+from cloudfed.aggregation.fedbuff import update_staleness
 from cloudfed.aggregation.guard import MAX_ABS_UPDATE, check_update, clip_to_norm
 from cloudfed.aggregation.strategy import PartyStats, RoundInfo
 from cloudfed.artifacts import (
@@ -368,6 +369,7 @@ def _sealed_update(
         examples=record.examples,
         loss=float(loss) if isinstance(loss, int | float) else None,
         bandwidth_mbps=party.bandwidth_mbps,
+        staleness=update_staleness(cfg, local.round, record.base_round),
     )
     contribution = strategy.contribution(update, stats, RoundInfo(local.round, private=private))
     noise = secure_sum.NO_NOISE

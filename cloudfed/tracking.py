@@ -576,3 +576,10 @@ def publish_run_report(
     )
     print(text)
     return text
+
+
+def log_virtual_clock(round: int, clock: dict[str, float]) -> dict[str, float]:
+    """A buffered round's simulated time and staleness as `round/<name>` (virtual, not measured)."""
+    metrics = {f"round/{k}": float(v) for k, v in clock.items()}
+    mlflow.log_metrics(metrics, step=round)
+    return metrics

@@ -50,15 +50,19 @@ def log_round(
     report: AggregateReport,
     local_updates: list[LocalUpdateRef],
     sealed: list[SealedUpdateRef],
+    clock: dict[str, float] | None = None,
 ) -> Annotated[dict[str, Any], Artifacts.ROUND_ROW]:
+    """`clock`: a buffered round's virtual-clock values (cloudfed.aggregation.fedbuff.clock)."""
     with timed_work():
         from cloudfed.coordinator import round_eval
         from cloudfed.federation import parse_federation
-        from cloudfed.tracking import log_round_metrics
+        from cloudfed.tracking import log_round_metrics, log_virtual_clock
 
         cfg = parse_federation(federation)
         ev = round_eval(cfg, plan, model, evals)
         row = log_round_metrics(round, ev, report, local_updates, sealed)
+        if clock:
+            row.update(log_virtual_clock(round, clock))
     return row
 
 

@@ -60,6 +60,7 @@ def local_update(
     state: dict[str, np.ndarray],
     examples: int,
     loss: float = 1.0,
+    base_round: int | None = None,
 ) -> LocalUpdateRef:
     """What train_round leaves: the update and its record in party storage, a keyed ref."""
     payload = state_to_bytes(state)
@@ -76,6 +77,7 @@ def local_update(
         base_sha256=base_sha256,
         examples=examples,
         train={"loss_mean": loss},
+        base_round=base_round,
     )
     path.with_suffix(".json").write_text(record.model_dump_json())
     keys = party_keys(cfg.party(name), federation_exchange(cfg))
@@ -102,20 +104,31 @@ class Federation:
         self.initial = load_global(self.exchange, self.current)
         self.stage_log: list[str] = []
         self.losses: dict[str, float] = {}  # each party's training loss_mean (default 1.0)
+        self.versions: dict[int, GlobalAdapterRef] = {self.current.round: self.current}
 
     def const(self, value: float) -> dict[str, np.ndarray]:
         return {k: np.full(v.shape, value, dtype=np.float32) for k, v in self.initial.items()}
 
-    def local(self, name: str, round: int, state: dict[str, np.ndarray], examples: int):
+    def local(
+        self,
+        name: str,
+        round: int,
+        state: dict[str, np.ndarray],
+        examples: int,
+        base: GlobalAdapterRef | None = None,
+    ):
+        """`base`: the adapter trained from (buffered rounds); the current one by default."""
+        base = base or self.current
         return local_update(
             self.cfg,
             self.plan.run_id,
-            self.current.sha256,
+            base.sha256,
             name,
             round,
             state,
             examples,
             self.losses.get(name, 1.0),
+            base.round,
         )
 
     def round(
@@ -125,8 +138,12 @@ class Federation:
         *,
         drop: dict[str, str] | None = None,
         hook: Hook | None = None,
+        bases: dict[str, int] | None = None,
     ):
-        """Run one round; `drop` maps party -> stage at which it silently stops."""
+        """Run one round; `drop` maps party -> stage at which it silently stops.
+
+        `bases` (buffered rounds): party -> the published version its update was trained from.
+        """
         cfg, plan, drop = self.cfg, self.plan, drop or {}
         dropped: list[Rejection] = []
         hook = hook or (lambda stage, fed: None)
@@ -144,7 +161,11 @@ class Federation:
                 dropped.append(Rejection(party=p, reason=f"dropped at {stage}: {exc}"))
                 return None
 
-        local = {p: self.local(p, round, s, n) for p, (s, n) in updates.items()}
+        bases = bases or {}
+        local = {
+            p: self.local(p, round, s, n, self.versions[bases[p]] if p in bases else None)
+            for p, (s, n) in updates.items()
+        }
         self.last_local = local
         modes = plan.protection["tensors"]
         rosters, reveals, ckks_plain, ckks_keys = [], [], [], []
@@ -238,8 +259,21 @@ class Federation:
             reveals=reveals,
             ckks_plain=ckks_plain,
         )
-        self.current = new_ref
+        if cfg.aggregation.buffer is not None:  # later rounds accept updates from this version
+            self._publish(new_ref, report)
+        self.current = self.versions[round] = new_ref
         return new_ref, report, sealed
+
+    def _publish(self, new_ref: GlobalAdapterRef, report: Any) -> None:
+        """The aggregate step's round record, under the run lock as in a pipeline."""
+        from cloudfed import run_lock
+        from cloudfed.federation_state import publish_round
+
+        run_lock.acquire(self.exchange, self.plan.run_id, federation_id="f", timeout_minutes=60)
+        try:
+            publish_round(self.cfg, self.plan, new_ref, report.policy_sha256, report.aggregation)
+        finally:
+            release(self.exchange, self.plan.run_id)
 
     def global_state(self) -> dict[str, np.ndarray]:
         return load_global(self.exchange, self.current)

@@ -27,7 +27,7 @@ from cloudfed.aggregation.strategy import (
     scale,
     single_slot,
 )
-from cloudfed.aggregation.weights import label, party_weight
+from cloudfed.aggregation.weights import formula, label, party_weight
 from cloudfed.errors import AggregationError
 
 if TYPE_CHECKING:
@@ -49,6 +49,11 @@ class Strategy:
     def contribution(self, update: Tensors, stats: PartyStats, info: RoundInfo) -> Contribution:
         """The party's weighted update and its weight per slot (it alone knows them)."""
         w = party_weight(self.settings.weighting, stats, info, weight_cap=self.weight_cap)
+        _, discounted = formula(self.settings.weighting, info.private)
+        if self.settings.buffer is not None and not discounted:
+            # Buffered rounds discount stale updates once: by the weighting's own s(tau) when the
+            # preset has one (staleness, custom), else by the buffer's. Public round numbers only.
+            w *= self.settings.buffer.staleness.discount(stats.staleness)
         if not (0.0 < w <= 1.0) or not np.isfinite(w):
             raise AggregationError(f"weight {w!r} is outside (0, 1]")
         weights = (w,) * self.n_slots

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cloudfed.aggregation.fedbuff import BufferSettings
 from cloudfed.aggregation.weights import WeightingSettings
 
 
@@ -21,6 +22,8 @@ class AggregationSettings(BaseModel):
     # The party scales a longer update down before protection, since under secure aggregation
     # nobody else can see it; the coordinator checks it where it can (plaintext tensors).
     max_update_norm: float | None = Field(None, gt=0)
+    # Buffered asynchronous rounds (FedBuff); null: synchronous rounds (see aggregation.fedbuff).
+    buffer: BufferSettings | None = None
 
     @model_validator(mode="after")
     def _known(self) -> AggregationSettings:

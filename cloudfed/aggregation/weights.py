@@ -93,7 +93,9 @@ class WeightingSettings(BaseModel):
                 f"{where}.exponents is read only by preset custom (preset is {self.preset}); "
                 "remove exponents or set preset: custom"
             )
-        if self.preset != "paper" and "alpha" in self.model_fields_set:
+        # A changed alpha under another preset is a mistake; the default is what a dumped and
+        # re-read config carries, so it passes.
+        if self.preset != "paper" and self.alpha != 1.0:
             raise ValueError(
                 f"{where}.alpha is read only by preset paper (preset is {self.preset}); "
                 "remove alpha, or use preset custom with exponents.bandwidth"
