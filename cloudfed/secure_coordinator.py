@@ -20,6 +20,7 @@ import numpy as np
 
 from cloudfed import server_state
 from cloudfed.aggregation.fedavg import shapes_of
+from cloudfed.aggregation.ranks import band_shortfall
 from cloudfed.aggregation.strategy import norm
 from cloudfed.artifacts import (
     AggregateReport,
@@ -524,6 +525,8 @@ def aggregate_protected(
             + ". No model was published for this round. Fix: check the rejected parties' logs, "
             "or lower min_parties."
         )
+    if (thin := band_shortfall(cfg, parties, needed)) is not None:
+        raise AggregationError(f"round {round}: {thin}. No model was published for this round")
     strategy = strategy_of(cfg, layout)
     slots = strategy.n_slots
     sums: dict[str, np.ndarray] = {}

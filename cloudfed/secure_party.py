@@ -20,6 +20,7 @@ import numpy as np
 
 from cloudfed.aggregation.composed import Strategy, strategy_for
 from cloudfed.aggregation.fedavg import check_update
+from cloudfed.aggregation.ranks import band_shortfall
 from cloudfed.aggregation.strategy import PartyStats, RoundInfo
 from cloudfed.artifacts import (
     CkksKeyRef,
@@ -368,7 +369,9 @@ def _sealed_update(
     strategy = strategy_of(cfg, layout)
     loss = record.train.get("loss_mean")
     stats = PartyStats(
-        examples=record.examples, loss=float(loss) if isinstance(loss, int | float) else None
+        examples=record.examples,
+        loss=float(loss) if isinstance(loss, int | float) else None,
+        rank=party.lora_rank or cfg.lora.rank,
     )
     contribution = strategy.contribution(update, stats, RoundInfo(local.round, private=private))
     weighted, weights = contribution.tensors, contribution.weights
@@ -444,6 +447,8 @@ def reveal_shares(
     # also per SecAgg+ component: the roster's min_survivors is the coordinator's word only.
     setup = _own_view(cfg, loaded, setup)
     shared, uploaded = doc["shared"], doc["uploaded"]
+    if (thin := band_shortfall(cfg, uploaded, setup.min_survivors)) is not None:
+        raise ConsentError(f"{party.name} reveals no shares for round {roster.round}: {thin}")
     answered = _secret_path(party, roster.round, plan.run_id, "revealed")
     view = json.dumps({"shared": shared, "uploaded": uploaded}).encode()
     if answered.exists() and answered.read_bytes() != view:
@@ -593,6 +598,8 @@ def ckks_decrypt_sum(
     for name in summed:
         if name not in loaded.policy.pins.parties:
             raise ConsentError(f"{party.name} refuses a CKKS sum that names unpinned {name!r}")
+    if (thin := band_shortfall(cfg, summed, need)) is not None:
+        raise ConsentError(f"{party.name} refuses to decrypt a CKKS sum: {thin}")
     secret_path = _ckks_secret_path(party, plan.run_id, round)
     if not secret_path.exists():
         raise ProtectionError(f"{party.name} holds no CKKS secret key for round {round}")
