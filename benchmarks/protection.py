@@ -39,10 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cloudfed.protection import SealContext, open_sealed, seal  # noqa: E402
+from cloudfed.protection.hazmat import masks  # noqa: E402
+from cloudfed.protection.hazmat.quantize import QuantSpec, dequantize_sum, quantize  # noqa: E402
 from cloudfed.protection.keys import load_or_create_keys  # noqa: E402
-from cloudfed.protection.secagg import masks, protocol  # noqa: E402
+from cloudfed.protection.secagg import protocol  # noqa: E402
 from cloudfed.protection.secagg.graph import default_neighbours  # noqa: E402
-from cloudfed.protection.secagg.quantize import QuantSpec, dequantize_sum, quantize  # noqa: E402
 
 CLIP = 0.5
 COMPLETE_UP_TO = 10

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cloudfed.aggregation.fedavg import shapes_of
+from cloudfed.aggregation.guard import shapes_of
 from cloudfed.artifacts import EvalRelease, FederationPlan, GlobalAdapterRef, PartyEval
 from cloudfed.errors import ProtectionError
 from cloudfed.exchange import (
@@ -37,8 +37,6 @@ if TYPE_CHECKING:  # federation_state imports this module
 
 logger = logging.getLogger(__name__)
 COORDINATOR = "coordinator"
-# A LoRA delta this large after a few local steps is a bug or an attack, not training.
-MAX_ABS_UPDATE = 1e3
 
 
 def coordinator_keys(cfg: FederationConfig, exchange: Exchange) -> KeyPairs:

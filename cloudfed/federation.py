@@ -52,6 +52,8 @@ class PartyConfig(_Strict):
     step_operator: str | None = None
     # A party with less compute trains a lower LoRA rank (1..lora.rank); null: lora.rank.
     lora_rank: int | None = Field(None, ge=1)
+    # Public link speed in Mbit/s; read by the bandwidth-aware weighting presets only.
+    bandwidth_mbps: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
 
 class LoraSettings(_Strict):
@@ -213,6 +215,13 @@ class FederationConfig(_Strict):
                 f"{self.min_contributors} parties at or above every rank in use (e.g. lower a "
                 "lone higher-rank party to the next rank below)"
             )
+
+    @model_validator(mode="after")
+    def _check_weighting(self) -> FederationConfig:
+        from cloudfed.aggregation.weights import check_federation
+
+        check_federation(self)
+        return self
 
     def _check_privacy(self, names: list[str]) -> None:
         privacy = self.privacy

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from cloudfed import server_state
-from cloudfed.aggregation.fedavg import shapes_of
+from cloudfed.aggregation.guard import MAX_ABS_UPDATE, shapes_of
 from cloudfed.aggregation.ranks import band_shortfall
-from cloudfed.aggregation.strategy import norm
+from cloudfed.aggregation.strategy import mean_from_sums, norm
 from cloudfed.artifacts import (
     AggregateReport,
     CkksKeyRef,
@@ -49,11 +49,9 @@ from cloudfed.federation import FederationConfig
 from cloudfed.party import load_global
 from cloudfed.privacy.budget import commit_round, entry_id, load_ledger
 from cloudfed.privacy.ledger import LedgerEntry
-from cloudfed.privacy.noise import add_integer_noise, central_noise
 from cloudfed.privacy.party_level import calibration
-from cloudfed.protection import open_sealed_with_metadata, seal
+from cloudfed.protection import open_sealed_with_metadata, seal, secure_sum
 from cloudfed.protection import payload as container
-from cloudfed.protection.encoding import decode_secagg, secagg_specs, split_weights
 from cloudfed.protection.envelope import open_public, read_public_header, sign_public
 from cloudfed.protection.keys import KeyPairs
 from cloudfed.protection.policy import Layout
@@ -62,7 +60,6 @@ from cloudfed.secure_party import (
     ADVERT,
     CKKS_PLAIN,
     CKKS_SUM,
-    MAX_ABS_UPDATE,
     REVEAL,
     ROSTER,
     SHARE,
@@ -142,6 +139,13 @@ def open_upload(
             raise ValueError("non-finite values in the public tensors")
         if values.size and float(np.max(np.abs(values))) > MAX_ABS_UPDATE:
             raise ValueError(f"magnitude above {MAX_ABS_UPDATE:.3g} in the public tensors")
+        bound = cfg.aggregation.max_update_norm
+        length = _public_norm(strategy_of(cfg, layout), seg, values, alone=expected > seg.size)
+        if bound is not None and length > bound * (1 + 1e-5):
+            raise ValueError(
+                f"the public tensors' norm {length:.4g} exceeds aggregation.max_update_norm "
+                f"{bound:.4g}; the party skipped its own clipping"
+            )
     if cfg.privacy.enabled:  # the party must have clipped and noised as this round requires
         if meta.get("dp_mode") != cfg.privacy.mode or meta.get("dp_clip") != cfg.privacy.clip:
             raise ValueError(
@@ -162,6 +166,17 @@ def open_upload(
         int(clipped) if isinstance(clipped, int) else 0,
         len(opened.payload),
     )
+
+
+def _public_norm(strategy: Any, seg: Any, values: np.ndarray, *, alone: bool) -> float:
+    """The norm of the party's own update, where its weights travelled too (x = w x / w).
+
+    Elsewhere only w x is visible, whose norm bounds the update's from below (weights <= 1).
+    """
+    weighted = seg.unflatten(values[: seg.size].astype(np.float64))
+    if alone and np.all(values[seg.size :] > 0):
+        weighted = mean_from_sums(weighted, values[seg.size :].astype(np.float64), strategy.slots)
+    return norm(weighted)
 
 
 def _sign_roster(
@@ -529,8 +544,10 @@ def aggregate_protected(
         raise AggregationError(f"round {round}: {thin}. No model was published for this round")
     strategy = strategy_of(cfg, layout)
     slots = strategy.n_slots
-    sums: dict[str, np.ndarray] = {}
-    weight_sums: np.ndarray | None = None
+    noise = secure_sum.NO_NOISE
+    if cfg.privacy.mode == "central":  # trusted with the sum, not the release: noise first
+        noise = secure_sum.Noise(sum_std=calibration(cfg).sum_std)
+    words, specs = None, None
     if (seg := layout.segment("secagg")) is not None:
         responses, bad = _open_reveals(cfg, exchange, keys, reveals, round, plan, doc["members"])
         rejected += bad
@@ -541,13 +558,7 @@ def aggregate_protected(
         adverts = {p: verified_advert(cfg, exchange, doc, round, p) for p in doc["shared"]}
         inputs = {p: np.frombuffer(uploads[p].sections["secagg"], dtype="<u4") for p in parties}
         words = protocol.unmask(setup, adverts, doc["shared"], inputs, responses)
-        specs = secagg_specs(cfg, len(setup.parties))
-        if cfg.privacy.mode == "central":  # noise on the integer sum, before it is decoded
-            words[: seg.size] = add_integer_noise(
-                words[: seg.size], calibration(cfg).sum_std / specs[0].step
-            )
-        tensors, weight_sums = decode_secagg(seg, words, specs, len(parties), slots)
-        sums.update(tensors)
+        specs = secure_sum.secagg_specs(cfg, len(setup.parties))
         secagg_stats = {
             "advertised": len(setup.parties),
             "shared": len(doc["shared"]),
@@ -560,35 +571,32 @@ def aggregate_protected(
             "seconds_unmask": time.perf_counter() - unmask_start,
         }
     ckks_stats: dict[str, float] = {}
-    public_weights: dict[str, float] = {}
+    vector = None
     if (seg := layout.segment("ckks")) is not None:
         vector = _open_ckks_plain(cfg, exchange, keys, ckks_plain, round, plan, parties)
-        tensors, w = split_weights(seg, vector, slots)
-        sums.update(tensors)
-        weight_sums = w if weight_sums is None else weight_sums
         values = float(seg.size + slots)
-        n_slots = cfg.protection.ckks.poly_modulus_degree // 2
-        ckks_stats = {"blocks": float(-(-int(values) // n_slots)), "values": values}
-    if (seg := layout.segment("plaintext")) is not None:
-        alone = len(layout.segments) == 1  # nothing protected carries the weights
-        total = np.zeros(seg.size + (slots if alone else 0))
-        for p in parties:
-            values = np.frombuffer(uploads[p].sections["plaintext"], dtype="<f4")
-            total += values
-            if alone:  # weights travelled in the clear: report them
-                public_weights[p] = float(values[seg.size])
-        if alone:
-            weight_sums = total[seg.size :].copy()
-            total = total[: seg.size]
-        sums.update(seg.unflatten(total))
-    if weight_sums is None or not np.all(np.isfinite(weight_sums)) or not np.any(weight_sums > 0):
+        per_block = cfg.protection.ckks.poly_modulus_degree // 2
+        ckks_stats = {"blocks": float(-(-int(values) // per_block)), "values": values}
+    try:
+        opened = secure_sum.decode(
+            layout,
+            slots,
+            secagg_words=words,
+            specs=specs,
+            summed=len(parties),
+            ckks_vector=vector,
+            plaintext={p: uploads[p].sections["plaintext"] for p in parties}
+            if layout.segment("plaintext") is not None
+            else None,
+            noise=noise,
+        )
+    except ValueError as exc:
+        raise AggregationError(f"round {round}: {exc}") from None
+    sums, weight_sums, public_weights = opened.sums, opened.weight_sums, opened.public_weights
+    if not np.all(np.isfinite(weight_sums)) or not np.any(weight_sums > 0):
         raise AggregationError(f"round {round}: the aggregated weights are {weight_sums}, not > 0")
     weight_sum = float(weight_sums[0])
     rejected = list({r.party: r for r in reversed(rejected)}.values())[::-1]  # first reason wins
-    if cfg.privacy.mode == "central" and (seg := layout.segment("plaintext")) is not None:
-        # The coordinator is trusted with the sum, not the release: the public tensors' real sum
-        # goes onto the noise grid (secagg words were noised as integers above).
-        sums.update(_add_central_noise(cfg, {n: sums[n] for n, _ in seg.tensors}))
     state = server_state.load(exchange, keys, cfg.federation_id, current)
     if state is None:
         state = strategy.init(global_state)
@@ -639,20 +647,6 @@ def _reservation(
             "Fix: run rounds through the pipeline, which reserves each round before it starts"
         )
     return entry
-
-
-def _add_central_noise(cfg: FederationConfig, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every real sum rounded onto the noise grid, then noised there (see privacy.noise)."""
-    std = calibration(cfg).sum_std
-    names = sorted(sums)
-    sizes = [sums[n].size for n in names]
-    flat = np.concatenate([np.asarray(sums[n], np.float64).ravel() for n in names])
-    noisy, _ = central_noise(flat, std)
-    out, at = {}, 0
-    for name, size in zip(names, sizes, strict=True):
-        out[name] = noisy[at : at + size].reshape(sums[name].shape)
-        at += size
-    return out
 
 
 def _commit_privacy(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cloudfed.aggregation.composed import Strategy, strategy_for
-from cloudfed.aggregation.fedavg import check_update
+from cloudfed.aggregation.guard import MAX_ABS_UPDATE, check_update, clip_to_norm
 from cloudfed.aggregation.ranks import band_shortfall
 from cloudfed.aggregation.strategy import PartyStats, RoundInfo
 from cloudfed.artifacts import (
@@ -52,20 +52,16 @@ from cloudfed.party import (
     simulated_dropout,
 )
 from cloudfed.party_policy import ConsentError, LoadedPolicy, check_pin, required_survivors
-from cloudfed.privacy.noise import add_integer_noise, noisy_on_grid
 from cloudfed.privacy.party_level import calibration, ckks_grid, clip_update
-from cloudfed.protection import SealContext, open_sealed_with_metadata, seal
+from cloudfed.protection import SealContext, open_sealed_with_metadata, seal, secure_sum
 from cloudfed.protection import payload as container
 from cloudfed.protection.commitments import keyed_seed
-from cloudfed.protection.encoding import encode_secagg, flat_with_weights, secagg_specs
 from cloudfed.protection.envelope import open_public, sign_public
 from cloudfed.protection.keys import KeyPairs, PublicKeyBundle
 from cloudfed.protection.policy import Layout, route
 from cloudfed.protection.secagg import protocol
 from cloudfed.training.adapter_io import state_from_bytes
 
-# A LoRA delta this large after a few local steps is a bug or an attack, not training.
-MAX_ABS_UPDATE = 1e3
 ADVERT, ROSTER, SHARE, REVEAL = "secagg-advert", "secagg-roster", "secagg-share", "secagg-reveal"
 CKKS_CONTEXT, CKKS_SUM, CKKS_PLAIN = "ckks-context", "ckks-sum", "ckks-plain-sum"
 
@@ -357,6 +353,7 @@ def _sealed_update(
     # Inside the encryption: what the coordinator checks. Under any DP nothing data-dependent.
     meta: dict[str, Any] = {}
     private = cfg.privacy.protects_records
+    update, norm_clipped = clip_to_norm(update, cfg.aggregation.max_update_norm)
     if cfg.privacy.enabled:  # party-level DP: clip first, equal weights (see privacy.party_level)
         update, _, _ = clip_update(update, cfg.privacy.clip)
         cal = calibration(cfg)
@@ -372,53 +369,64 @@ def _sealed_update(
         examples=record.examples,
         loss=float(loss) if isinstance(loss, int | float) else None,
         rank=party.lora_rank or cfg.lora.rank,
+        bandwidth_mbps=party.bandwidth_mbps,
     )
     contribution = strategy.contribution(update, stats, RoundInfo(local.round, private=private))
-    weighted, weights = contribution.tensors, contribution.weights
-    distributed = cfg.privacy.mode == "distributed"
-    sections: dict[str, bytes] = {}
-    clipped = 0
-    if (seg := layout.segment("secagg")) is not None:
+    noise = secure_sum.NO_NOISE
+    if cfg.privacy.mode == "distributed":  # this party's share of the noise
+        noise = secure_sum.Noise(party_std=cal.party_std, grid=ckks_grid(cfg))
+    mask: secure_sum.Masker | None = None
+    encrypt: secure_sum.Encryptor | None = None
+    specs, rng = None, None
+    if layout.segment("secagg") is not None:
         if len(rosters) != 1:
             raise ProtectionError("secure aggregation needs the coordinator's shares roster")
         doc, setup = read_roster(cfg, exchange, plan, rosters[0], "shares")
         check_members(loaded, doc)
         secrets = _load_secrets(party, local.round, plan.run_id)
-        shared = doc["shared"]
         adverts = {
             v: verified_advert(cfg, exchange, doc, local.round, v) for v in setup.graph[party.name]
         }
-        specs = secagg_specs(cfg, len(setup.parties))
+        specs = secure_sum.secagg_specs(cfg, len(setup.parties))
         # Rounding coins fixed by the update itself (see keyed_seed): the same value always rounds
         # the same way, and different values get independent coins.
         seed = keyed_seed(
             keys, "secagg-dither", f"{cfg.federation_id}:{local.round}:{record.sha256}"
         )
         rng = np.random.Generator(np.random.PCG64(seed))
-        words, clipped = encode_secagg(seg, weighted, weights, specs, rng)
-        if distributed:  # this party's share of the noise, before masking; weights stay exact
-            words[: seg.size] = add_integer_noise(words[: seg.size], cal.party_std / specs[0].step)
-        masked = protocol.masked_input(setup, party.name, secrets, words, adverts, shared)
-        sections["secagg"] = masked.tobytes()
-    if (seg := layout.segment("ckks")) is not None:
+
+        def masked(words: np.ndarray) -> np.ndarray:
+            return protocol.masked_input(setup, party.name, secrets, words, adverts, doc["shared"])
+
+        mask = masked
+
+    if layout.segment("ckks") is not None:
         if len(ckks_keys) != 1:
             raise ProtectionError("CKKS needs the key party's public context")
         if ckks_keys[0].round != local.round:
             raise ProtectionError("CKKS keys are for another round")
         check_pin(loaded, "party", ckks_keys[0].party, ckks_keys[0].fingerprint)
         public = ckks_public_context(cfg, exchange, plan, ckks_keys[0])
-        vector = flat_with_weights(seg, weighted, weights)
-        if distributed:  # onto the shared grid first, then integer noise: exact multiples only
-            vector[: seg.size] = noisy_on_grid(vector[: seg.size], cal.party_std, ckks_grid(cfg))
-        blocks = ckks.encrypt_vector(public, vector, workers=cfg.protection.ckks.workers)
-        sections["ckks"] = ckks.pack_blocks(blocks)
-    if (seg := layout.segment("plaintext")) is not None:
-        values = seg.flatten(weighted)
-        if len(layout.segments) == 1:  # nothing protected carries the weights: they travel too
-            values = flat_with_weights(seg, weighted, weights)
-        sections["plaintext"] = values.astype("<f4").tobytes()
+
+        def encrypted(vector: np.ndarray) -> bytes:
+            blocks = ckks.encrypt_vector(public, vector, workers=cfg.protection.ckks.workers)
+            return ckks.pack_blocks(blocks)
+
+        encrypt = encrypted
+
+    sections, clipped = secure_sum.encode(
+        layout,
+        contribution.tensors,
+        contribution.weights,
+        specs=specs,
+        rng=rng,
+        mask=mask,
+        encrypt=encrypt,
+        noise=noise,
+    )
     if not private:
         meta["clipped"] = clipped
+        meta["norm_clipped"] = norm_clipped
     sections["meta"] = json.dumps(meta, sort_keys=True).encode()
     payload = container.pack(sections)
     context = stage_context(

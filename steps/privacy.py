@@ -16,7 +16,10 @@ def privacy_reserve(
     with timed_work(round=round) as meta:
         from cloudfed.federation import parse_federation
         from cloudfed.privacy.budget import reserve_for_round
+        from cloudfed.tracking import log_ledger
 
-        reservation = reserve_for_round(parse_federation(federation), plan, round, parties)
+        granted, ledger = reserve_for_round(parse_federation(federation), plan, round, parties)
+        log_ledger(ledger, granted, round)  # MLflow after the ledger commit: budget never logs
+        reservation = granted.model_dump()
         meta.update(reservation)
     return reservation

@@ -59,6 +59,7 @@ def local_update(
     round: int,
     state: dict[str, np.ndarray],
     examples: int,
+    loss: float = 1.0,
 ) -> LocalUpdateRef:
     """What train_round leaves: the update and its record in party storage, a keyed ref."""
     payload = state_to_bytes(state)
@@ -74,7 +75,7 @@ def local_update(
         sha256=sha,
         base_sha256=base_sha256,
         examples=examples,
-        train={"loss_mean": 1.0},
+        train={"loss_mean": loss},
     )
     path.with_suffix(".json").write_text(record.model_dump_json())
     keys = party_keys(cfg.party(name), federation_exchange(cfg))
@@ -84,7 +85,7 @@ def local_update(
         uri=str(path),
         sha256=keyed_digest(keys, sha, "local update"),
         base_sha256=base_sha256,
-        train={"loss_mean": 1.0},
+        train={"loss_mean": loss},
     )
 
 
@@ -100,13 +101,21 @@ class Federation:
         self.current: GlobalAdapterRef = self.plan.initial_adapter
         self.initial = load_global(self.exchange, self.current)
         self.stage_log: list[str] = []
+        self.losses: dict[str, float] = {}  # each party's training loss_mean (default 1.0)
 
     def const(self, value: float) -> dict[str, np.ndarray]:
         return {k: np.full(v.shape, value, dtype=np.float32) for k, v in self.initial.items()}
 
     def local(self, name: str, round: int, state: dict[str, np.ndarray], examples: int):
         return local_update(
-            self.cfg, self.plan.run_id, self.current.sha256, name, round, state, examples
+            self.cfg,
+            self.plan.run_id,
+            self.current.sha256,
+            name,
+            round,
+            state,
+            examples,
+            self.losses.get(name, 1.0),
         )
 
     def round(

@@ -284,9 +284,9 @@ def test_duplicate_update_is_rejected_and_counted_once(fed: Fed) -> None:
 def _bad_update(fed: Fed, kind: str) -> tuple[dict[str, np.ndarray], str]:
     names = sorted(fed.initial)
     bad = fed.const(1.0)
-    if kind == "nan":
+    if kind in ("nan", "inf"):
         bad[names[0]] = bad[names[0]].copy()
-        bad[names[0]].flat[0] = np.nan
+        bad[names[0]].flat[0] = np.nan if kind == "nan" else -np.inf
         return bad, f"non-finite values in {names[0]}"
     if kind == "shape":
         bad[names[1]] = np.ones((3, 3), dtype=np.float32)
@@ -297,7 +297,7 @@ def _bad_update(fed: Fed, kind: str) -> tuple[dict[str, np.ndarray], str]:
     return bad, f"missing tensor(s): {names[-1]}"
 
 
-@pytest.mark.parametrize("kind", ["nan", "shape", "magnitude", "missing"])
+@pytest.mark.parametrize("kind", ["nan", "inf", "shape", "magnitude", "missing"])
 def test_invalid_update_is_refused_by_its_party_and_round_goes_on(
     tmp_path: Path, model_cache: Path, kind: str
 ) -> None:
@@ -318,7 +318,7 @@ def test_invalid_update_is_refused_by_its_party_and_round_goes_on(
     fed.expect_global(new_ref, 10.0 / 3.0)
 
 
-@pytest.mark.parametrize("kind", ["nan", "magnitude"])
+@pytest.mark.parametrize("kind", ["nan", "inf", "magnitude"])
 def test_forged_public_values_are_rejected_by_the_coordinator(
     tmp_path: Path, model_cache: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -335,6 +335,46 @@ def test_forged_public_values_are_rejected_by_the_coordinator(
     assert report.accepted == sorted(NAMES[1:])
     assert "in the public tensors" in reasons(report)[NAMES[0]]
     fed.expect_global(new_ref, 10.0 / 3.0)
+
+
+def _with_norm_bound(fed: Fed, bound: float) -> None:
+    fed.cfg = fed.cfg.model_copy(
+        update={"aggregation": fed.cfg.aggregation.model_copy(update={"max_update_norm": bound})}
+    )
+
+
+def test_a_party_clips_its_own_update_to_the_norm_bound(tmp_path: Path, model_cache: Path) -> None:
+    """Under masks nobody else could: a long update enters scaled to the bound, not as it is."""
+    fed = Fed(tmp_path, model_cache)
+    size = sum(v.size for v in fed.initial.values())
+    bound = 0.5 * np.sqrt(size)  # the norm of a constant-0.5 update
+    _with_norm_bound(fed, float(bound))
+    sealed = [
+        fed.export(NAMES[0], 1, fed.const(8.0), 1),  # norm 16x the bound: scaled to 0.5
+        fed.export(NAMES[1], 1, fed.const(0.25), 1),  # inside the bound: as it is
+    ]
+    new_ref, report = fed.aggregate(1, sealed, fed.plan.initial_adapter)
+    assert report.accepted == sorted(NAMES[:2])
+    fed.expect_global(new_ref, (0.5 + 0.25) / 2)
+
+
+def test_an_unclipped_public_update_is_rejected_by_the_coordinator(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A party that skips its clipping is caught where values are visible; the round goes on."""
+    fed = Fed(tmp_path, model_cache)
+    size = sum(v.size for v in fed.initial.values())
+    _with_norm_bound(fed, float(np.sqrt(size)))  # the norm of a constant-1 update
+    monkeypatch.setattr(secure_party, "clip_to_norm", lambda update, bound: (update, False))
+    sealed = [
+        fed.export(NAMES[0], 1, fed.const(3.0), 1),
+        fed.export(NAMES[1], 1, fed.const(1.0), 1),
+        fed.export(NAMES[2], 1, fed.const(0.5), 1),
+    ]
+    new_ref, report = fed.aggregate(1, sealed, fed.plan.initial_adapter)
+    assert report.accepted == sorted(NAMES[1:])
+    assert "exceeds aggregation.max_update_norm" in reasons(report)[NAMES[0]]
+    fed.expect_global(new_ref, 0.75)
 
 
 def test_update_from_another_run_is_rejected(tmp_path: Path, model_cache: Path) -> None:

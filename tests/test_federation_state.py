@@ -289,7 +289,7 @@ def test_a_retried_round_rounds_its_update_with_the_same_coins(tmp_path: Path) -
     import numpy as np
 
     from cloudfed.protection.commitments import keyed_seed
-    from cloudfed.protection.secagg.quantize import QuantSpec, quantize
+    from cloudfed.protection.hazmat.quantize import QuantSpec, quantize
 
     keys = load_or_create_keys("party", "alpha-aws", tmp_path / "a")
     other = load_or_create_keys("party", "beta-gcp", tmp_path / "b")

@@ -45,7 +45,7 @@ from cloudfed.privacy.party_level import (
     dp_value_spec,
     l2_norm,
 )
-from cloudfed.protection.secagg.quantize import (
+from cloudfed.protection.hazmat.quantize import (
     MODULUS_BITS,
     QuantSpec,
     dequantize_sum,

@@ -29,6 +29,7 @@ from cloudfed.exchange import (
     update_key,
 )
 from cloudfed.party import load_global
+from cloudfed.protection import secure_sum
 from tests.protected_support import Federation, federation_dict
 
 A, B, C = NAMES = ("alpha-aws", "beta-gcp", "gamma-azure")
@@ -703,7 +704,7 @@ def test_coordinator_side_holds_no_update_and_no_quantised_words(
     fed = make_fed(tmp_path, model_cache)
     words: dict[str, np.ndarray] = {}
     uploading: list[str] = []
-    upload, encode = secure_party.upload, secure_party.encode_secagg
+    upload, encode = secure_party.upload, secure_sum.encode_secagg
 
     def upload_spy(cfg, party, *args, **kwargs):
         uploading.append(party.name)
@@ -723,7 +724,7 @@ def test_coordinator_side_holds_no_update_and_no_quantised_words(
         return upload
 
     monkeypatch.setattr(secure_party, "upload", upload_spy)
-    monkeypatch.setattr(secure_party, "encode_secagg", encode_spy)
+    monkeypatch.setattr(secure_sum, "encode_secagg", encode_spy)
     monkeypatch.setattr(secure_coordinator, "open_upload", open_spy)
     updates = random_updates(fed, salt=7)
     ref, report, _ = fed.round(1, updates)

@@ -19,8 +19,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from cloudfed.errors import AggregationError, ProtectionError
+from cloudfed.protection.hazmat import masks, shamir
+from cloudfed.protection.hazmat.quantize import (
+    WORD,
+    QuantSpec,
+    dequantize_sum,
+    headroom_bits,
+    quantize,
+)
 from cloudfed.protection.secagg import graph as graphs
-from cloudfed.protection.secagg import masks, shamir
 from cloudfed.protection.secagg.protocol import (
     Advertisement,
     PartySecrets,
@@ -36,13 +43,6 @@ from cloudfed.protection.secagg.protocol import (
     reveal,
     setup_for,
     unmask,
-)
-from cloudfed.protection.secagg.quantize import (
-    WORD,
-    QuantSpec,
-    dequantize_sum,
-    headroom_bits,
-    quantize,
 )
 
 CLIP = 0.5

@@ -1,8 +1,4 @@
-"""Federated averaging as pure functions over named tensors (Flower's `aggregate()` style).
-
-No I/O and no state: strategies, DP wrappers and secure aggregation call these, and tests check
-them against exact numbers.
-"""
+"""Federated averaging: the server takes the weighted mean delta as it is."""
 
 from __future__ import annotations
 
@@ -12,36 +8,25 @@ from typing import Any
 
 import numpy as np
 
-from cloudfed.aggregation.strategy import ServerState, register_optimiser
+from cloudfed.aggregation.guard import shapes_of, structure_difference
+from cloudfed.aggregation.strategy import (
+    ServerState,
+    mean_from_sums,
+    register_optimiser,
+    scale,
+    single_slot,
+)
 from cloudfed.errors import AggregationError
-
-Shapes = Mapping[str, tuple[int, ...]]
-
-
-def shapes_of(update: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """Take the structure a round expects from the global adapter."""
-    return {name: tuple(np.shape(t)) for name, t in update.items()}
-
-
-def structure_difference(update: Mapping[str, np.ndarray], reference: Shapes) -> str | None:
-    """First structural difference as a reason, so logs say which tensor is wrong."""
-    missing = sorted(set(reference) - set(update))
-    if missing:
-        return f"missing tensor(s): {', '.join(missing[:3])}"
-    extra = sorted(set(update) - set(reference))
-    if extra:
-        return f"unexpected tensor(s): {', '.join(extra[:3])}"
-    for name in sorted(reference):
-        shape = tuple(np.shape(update[name]))
-        if shape != tuple(reference[name]):
-            return f"shape mismatch for {name}: {shape} != {tuple(reference[name])}"
-    return None
 
 
 def weighted_mean(
     updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
 ) -> dict[str, np.ndarray]:
-    """Sum_k w_k x_k / sum_k w_k, accumulated in float64 so many small weights do not drift."""
+    """Sum_k w_k x_k / sum_k w_k by the seam's own arithmetic, without any protection.
+
+    The reference the protected paths are tested against: `scale` on the party side, a float64
+    sum, `mean_from_sums` on the coordinator side, exactly as a one-slot strategy does.
+    """
     if not updates:
         raise AggregationError("no updates to aggregate")
     if len(weights) != len(updates):
@@ -49,42 +34,19 @@ def weighted_mean(
     w = np.asarray(weights, dtype=np.float64)
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise AggregationError("weights must be finite and non-negative")
-    total = float(w.sum())
-    if total <= 0.0:
+    if float(w.sum()) <= 0.0:
         raise AggregationError("total weight must be positive")
     reference = shapes_of(updates[0])
     for k, update in enumerate(updates[1:], start=1):
         reason = structure_difference(update, reference)
         if reason is not None:
             raise AggregationError(f"update {k} does not match update 0: {reason}")
-    out: dict[str, np.ndarray] = {}
-    for name in reference:
-        acc = np.zeros(reference[name], dtype=np.float64)
-        for wk, update in zip(w, updates, strict=True):
-            acc += wk * np.asarray(update[name], dtype=np.float64)
-        out[name] = (acc / total).astype(np.float32)
-    return out
-
-
-def check_update(
-    update: Mapping[str, np.ndarray], reference: Shapes, *, max_abs: float | None = None
-) -> str | None:
-    """Why a decrypted update must not enter the aggregate, or None when it may."""
-    reason = structure_difference(update, reference)
-    if reason is not None:
-        return reason
-    for name in sorted(reference):
-        arr = np.asarray(update[name])
-        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-            return f"non-numeric dtype {arr.dtype} for {name}"
-        if arr.size == 0:
-            continue
-        if not np.all(np.isfinite(arr)):
-            return f"non-finite values in {name}"
-        peak = float(np.max(np.abs(arr)))
-        if max_abs is not None and peak > max_abs:
-            return f"magnitude {peak:.3g} exceeds {max_abs:.3g} in {name}"
-    return None
+    slots = single_slot(reference)
+    sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in reference.items()}
+    for wk, update in zip(w, updates, strict=True):
+        for name, value in scale(update, slots, (float(wk),)).items():
+            sums[name] += value
+    return mean_from_sums(sums, (float(w.sum()),), slots)
 
 
 class FedAvg:

@@ -17,6 +17,10 @@ class AggregationSettings(BaseModel):
     strategy: str = "fedavg"
     params: dict[str, Any] = Field(default_factory=dict)
     weighting: WeightingSettings = WeightingSettings()
+    # L2 bound on one party's update (null: none beyond secure aggregation's per-value clip).
+    # The party scales a longer update down before protection, since under secure aggregation
+    # nobody else can see it; the coordinator checks it where it can (plaintext tensors).
+    max_update_norm: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _known(self) -> AggregationSettings:

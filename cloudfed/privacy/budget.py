@@ -86,16 +86,14 @@ def commit_round(
 
 def reserve_for_round(
     cfg: FederationConfig, plan: FederationPlan, round: int, parties: Sequence[str]
-) -> dict[str, object]:
-    """The pipeline's gate: reserve, log the ledger to MLflow, say why if refused."""
+) -> tuple[Reservation, Ledger]:
+    """The pipeline's gate: reserve, say why if refused; the ledger after it, for MLflow."""
     from cloudfed.coordinator import coordinator_keys
     from cloudfed.exchange import federation_exchange
-    from cloudfed.tracking import log_ledger
 
     exchange = federation_exchange(cfg)
     keys = coordinator_keys(cfg, exchange)
     reservation = reserve_round(cfg, exchange, keys, plan, round, parties)
-    log_ledger(load_ledger(cfg, exchange, keys), reservation, round)
     if not reservation.granted:
         logger.warning("cloudfed: %s", reservation.message)
-    return reservation.model_dump()
+    return reservation, load_ledger(cfg, exchange, keys)

@@ -18,7 +18,7 @@ import numpy as np
 from cloudfed.federation import FederationConfig
 from cloudfed.privacy.accountant import noise_for_target
 from cloudfed.privacy.noise import Calibration
-from cloudfed.protection.secagg.quantize import QuantSpec, noise_bits
+from cloudfed.protection.hazmat.quantize import QuantSpec, noise_bits
 
 
 def round_noise_multiplier(cfg: FederationConfig) -> float:

@@ -37,9 +37,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cloudfed.errors import AggregationError, ProtectionError
+from cloudfed.protection.hazmat import masks, shamir
+from cloudfed.protection.hazmat.quantize import WORD
 from cloudfed.protection.secagg import graph as graphs
-from cloudfed.protection.secagg import masks, shamir
-from cloudfed.protection.secagg.quantize import WORD
 
 _COMMIT = b"cloudfed/secagg/v1/seed-commitment"
 

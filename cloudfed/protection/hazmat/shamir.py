@@ -1,5 +1,10 @@
 """t-of-m Shamir sharing of 32-byte secrets over pycryptodome's GF(2^128) implementation.
 
+.. danger::
+   Hazardous materials: do not use directly; use ``cloudfed.protection`` (the secure-aggregation
+   protocol). Fewer than t shares reveal nothing only if each share goes to its own holder
+   sealed, and a holder answers for one survivor set per round; only the protocol enforces that.
+
 pycryptodome shares 16-byte secrets (as Flower's SecAgg+ also uses it); a 32-byte seed or X25519
 key is shared as two independent halves with the same holder indices, and a share is the two
 16-byte halves side by side.

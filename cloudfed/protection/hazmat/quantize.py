@@ -1,5 +1,10 @@
 """Stochastic quantisation of real updates into words whose sum over n parties cannot wrap.
 
+.. danger::
+   Hazardous materials: do not use directly; use ``cloudfed.protection.secure_sum``. The sum only
+   decodes correctly when every party used the same spec, sized for the round's party count, and
+   the stochastic-rounding coins must not repeat across different values (see keyed_seed).
+
 Masks live in Z_{2^32}; the unmasked sum is only meaningful when the true integer sum stayed below
 2^32. Each party therefore clips to [-clip, clip] and maps onto `levels = 2**bits - 1` steps with
 `bits = 32 - ceil(log2(n))`, so n words of at most `levels` sum to at most n * levels < 2^32.

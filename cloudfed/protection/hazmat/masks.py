@@ -1,5 +1,10 @@
 """Mask expansion: a 32-byte seed becomes a uniform stream of 32-bit words via AES-256 in CTR.
 
+.. danger::
+   Hazardous materials: do not use directly; use ``cloudfed.protection`` (the secure-sum recipe
+   and the secure-aggregation protocol). A seed must expand exactly one mask, and masks only
+   cancel when every pair agrees on the seed and the sign; only the protocol guarantees that.
+
 The keystream of AES in counter mode under a fresh key is a standard PRG. We drive it through
 OpenSSL's GCM encryptor (via `cryptography`): GCM encrypts with exactly that counter keystream
 (blocks nonce||2, nonce||3, ...), and OpenSSL's stitched AES-GCM kernel produces it about 1.8x
@@ -21,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cloudfed.protection.secagg.quantize import WORD
+from cloudfed.protection.hazmat.quantize import WORD
 
 SEED_SIZE = 32
 CHUNK_WORDS = 1 << 20
