@@ -50,6 +50,8 @@ class PartyConfig(_Strict):
     mapping: str
     storage: str
     step_operator: str | None = None
+    # A party with less compute trains a lower LoRA rank (1..lora.rank); null: lora.rank.
+    lora_rank: int | None = Field(None, ge=1)
     # Public link speed in Mbit/s; read by the bandwidth-aware weighting presets only.
     bandwidth_mbps: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     # Public: how many times slower than a reference party this party trains (virtual clock of
@@ -194,7 +196,29 @@ class FederationConfig(_Strict):
             raise ValueError(f"protection.ckks.key_party {key_party!r} is not one of {names}")
         self._check_privacy(names)
         self._check_buffer()
+        self._check_ranks()
         return self
+
+    def _check_ranks(self) -> None:
+        from cloudfed.aggregation.ranks import federation_edges, thin_bands
+
+        for i, p in enumerate(self.parties):
+            if p.lora_rank is not None and p.lora_rank > self.lora.rank:
+                raise ValueError(
+                    f"parties[{i}].lora_rank={p.lora_rank} ({p.name}) exceeds lora.rank="
+                    f"{self.lora.rank}, the global adapter's rank: set parties[{i}].lora_rank to "
+                    f"at most {self.lora.rank} (or null for {self.lora.rank}), or raise lora.rank"
+                )
+        ranks = [p.lora_rank or self.lora.rank for p in self.active_parties]
+        thin = thin_bands(federation_edges(self), ranks, self.min_contributors)
+        if thin:
+            raise ValueError(
+                f"parties[].lora_rank: LoRA rank band(s) {'; '.join(thin)} would be summed over "
+                f"fewer than {self.min_contributors} parties (min_parties/min_contributors), so "
+                "that band of the aggregate would be one party's update: have at least "
+                f"{self.min_contributors} parties at or above every rank in use (e.g. lower a "
+                "lone higher-rank party to the next rank below)"
+            )
 
     @model_validator(mode="after")
     def _check_weighting(self) -> FederationConfig:
@@ -290,6 +314,7 @@ _FIXES: dict[str, str] = {
     "parties": "give each party a unique lowercase name with raw, mapping and storage",
     "name": "use lowercase letters, digits and '-' (e.g. hospital-aws)",
     "rank": "use a LoRA rank between 1 and 1024",
+    "lora_rank": "use a party LoRA rank between 1 and lora.rank, or null for lora.rank",
     "local_steps": "set local_steps to at least 1",
     "batch_size": "set batch_size to at least 1",
     "mode": "use one of secagg, ckks or plaintext",

@@ -264,6 +264,7 @@ def train_round(
         lora=cfg.lora,
         seed=seed,
         desc=f"{party.name} r{round}",
+        rank=party.lora_rank,
     )
     return _keep_update(
         cfg, party, keys, round, path, delta, global_ref, metrics.examples, metrics.as_dict()
@@ -452,6 +453,7 @@ def _train_dp_sgd(
             max_grad_norm=dp.max_grad_norm,
             sample_rate=sample_rate,
             desc=f"{party.name} r{round} DP-SGD",
+            rank=party.lora_rank,
         )
         party_ledger.mark_spent(ledger_file, ledger, entry.id)
         train = {

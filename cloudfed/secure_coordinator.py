@@ -20,6 +20,7 @@ import numpy as np
 
 from cloudfed import buffer_window, server_state
 from cloudfed.aggregation.guard import MAX_ABS_UPDATE, shapes_of
+from cloudfed.aggregation.ranks import band_shortfall
 from cloudfed.aggregation.strategy import mean_from_sums, norm
 from cloudfed.artifacts import (
     AggregateReport,
@@ -553,6 +554,8 @@ def aggregate_protected(
             + ". No model was published for this round. Fix: check the rejected parties' logs, "
             "or lower min_parties."
         )
+    if (thin := band_shortfall(cfg, parties, needed)) is not None:
+        raise AggregationError(f"round {round}: {thin}. No model was published for this round")
     strategy = strategy_of(cfg, layout)
     slots = strategy.n_slots
     noise = secure_sum.NO_NOISE

@@ -21,6 +21,7 @@ import numpy as np
 from cloudfed.aggregation.composed import Strategy, strategy_for
 from cloudfed.aggregation.fedbuff import update_staleness
 from cloudfed.aggregation.guard import MAX_ABS_UPDATE, check_update, clip_to_norm
+from cloudfed.aggregation.ranks import band_shortfall
 from cloudfed.aggregation.strategy import PartyStats, RoundInfo
 from cloudfed.artifacts import (
     CkksKeyRef,
@@ -368,6 +369,7 @@ def _sealed_update(
     stats = PartyStats(
         examples=record.examples,
         loss=float(loss) if isinstance(loss, int | float) else None,
+        rank=party.lora_rank or cfg.lora.rank,
         bandwidth_mbps=party.bandwidth_mbps,
         staleness=update_staleness(cfg, local.round, record.base_round),
     )
@@ -455,6 +457,8 @@ def reveal_shares(
     # also per SecAgg+ component: the roster's min_survivors is the coordinator's word only.
     setup = _own_view(cfg, loaded, setup)
     shared, uploaded = doc["shared"], doc["uploaded"]
+    if (thin := band_shortfall(cfg, uploaded, setup.min_survivors)) is not None:
+        raise ConsentError(f"{party.name} reveals no shares for round {roster.round}: {thin}")
     answered = _secret_path(party, roster.round, plan.run_id, "revealed")
     view = json.dumps({"shared": shared, "uploaded": uploaded}).encode()
     if answered.exists() and answered.read_bytes() != view:
@@ -604,6 +608,8 @@ def ckks_decrypt_sum(
     for name in summed:
         if name not in loaded.policy.pins.parties:
             raise ConsentError(f"{party.name} refuses a CKKS sum that names unpinned {name!r}")
+    if (thin := band_shortfall(cfg, summed, need)) is not None:
+        raise ConsentError(f"{party.name} refuses to decrypt a CKKS sum: {thin}")
     secret_path = _ckks_secret_path(party, plan.run_id, round)
     if not secret_path.exists():
         raise ProtectionError(f"{party.name} holds no CKKS secret key for round {round}")

@@ -56,10 +56,17 @@ def ckks_decrypt(
     with timed_work(party=party, round=round):
         refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_party import ckks_decrypt_sum, federation_exchange, layout_for
+        from cloudfed.secure_party import (
+            ckks_decrypt_sum,
+            federation_exchange,
+            layout_for,
+            strategy_of,
+        )
 
         cfg = parse_federation(federation)
-        segment = layout_for(cfg, federation_exchange(cfg), plan).segment("ckks")
+        layout = layout_for(cfg, federation_exchange(cfg), plan)
+        segment = layout.segment("ckks")
         assert segment is not None and summed.round == round
-        result = ckks_decrypt_sum(cfg, cfg.party(party), round, plan, segment.size + 1)
+        length = segment.size + strategy_of(cfg, layout).n_slots  # values, then weight slots
+        result = ckks_decrypt_sum(cfg, cfg.party(party), round, plan, length)
     return result

@@ -242,12 +242,11 @@ class Federation:
             secure_coordinator.ckks_sum(
                 cfg, round, sealed, rosters, self.current, plan, ckks_keys[0]
             )
-            seg = secure_party.layout_for(cfg, self.exchange, plan).segment("ckks")
-            ckks_plain = [
-                secure_party.ckks_decrypt_sum(
-                    cfg, cfg.party(cfg.ckks_key_party), round, plan, seg.size + 1
-                )
-            ]
+            layout = secure_party.layout_for(cfg, self.exchange, plan)
+            seg = layout.segment("ckks")
+            length = seg.size + secure_party.strategy_of(cfg, layout).n_slots
+            key_party = cfg.party(cfg.ckks_key_party)
+            ckks_plain = [secure_party.ckks_decrypt_sum(cfg, key_party, round, plan, length)]
         new_ref, report = secure_coordinator.aggregate_protected(
             cfg,
             round,

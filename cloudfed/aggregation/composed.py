@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cloudfed.aggregation.ranks import band_weights, federation_edges, slot_map
 from cloudfed.aggregation.settings import AggregationSettings
 from cloudfed.aggregation.strategy import (
     Contribution,
@@ -25,7 +26,6 @@ from cloudfed.aggregation.strategy import (
     mean_from_sums,
     norm,
     scale,
-    single_slot,
 )
 from cloudfed.aggregation.weights import formula, label, party_weight
 from cloudfed.errors import AggregationError
@@ -41,6 +41,7 @@ class Strategy:
     optimiser: ServerOptimiser
     slots: SlotMap
     n_slots: int
+    edges: tuple[int, ...] = ()  # LoRA rank bands (see ranks); () for one slot
 
     @property
     def name(self) -> str:
@@ -56,7 +57,10 @@ class Strategy:
             w *= self.settings.buffer.staleness.discount(stats.staleness)
         if not (0.0 < w <= 1.0) or not np.isfinite(w):
             raise AggregationError(f"weight {w!r} is outside (0, 1]")
-        weights = (w,) * self.n_slots
+        if self.edges:  # one slot per rank band: weight only the bands this party trained
+            weights = band_weights(self.edges, stats.rank or self.edges[-1], w)
+        else:
+            weights = (w,) * self.n_slots
         return Contribution(tensors=scale(update, self.slots, weights), weights=weights)
 
     def init(self, global_adapter: Tensors) -> ServerState:
@@ -84,10 +88,12 @@ class Strategy:
 
 def strategy_for(cfg: FederationConfig, shapes: Mapping[str, tuple[int, ...]]) -> Strategy:
     settings = cfg.aggregation
+    edges = federation_edges(cfg)
     return Strategy(
         settings=settings,
         weight_cap=cfg.protection.weight_cap,
         optimiser=make_optimiser(settings.strategy, settings.params),
-        slots=single_slot(shapes),
-        n_slots=1,
+        slots=slot_map(shapes, edges),
+        n_slots=len(edges) - 1,
+        edges=edges,
     )

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cloudfed import console
+from cloudfed.aggregation.ranks import pad
 from cloudfed.errors import ConfigError
 from cloudfed.federation import LoraSettings, TrainingSettings
 from cloudfed.privacy.accountant import GaussianEvent
@@ -86,20 +87,29 @@ def train_local_dp(
     max_grad_norm: float,
     sample_rate: float | None = None,
     desc: str = "train (DP-SGD)",
+    rank: int | None = None,
 ):
-    """`local_steps` DP-SGD steps; the adapter delta, metrics and the spend for the ledger."""
+    """`local_steps` DP-SGD steps; the adapter delta, metrics and the spend for the ledger.
+
+    A party `rank` below lora.rank trains (and clips per-sample gradients of) only its first r
+    components; the padded zeros add nothing to any norm, so the record-level guarantee is the
+    same and a party-level clip of the padded delta clips exactly what was trained.
+    """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    from cloudfed.training.local import TrainMetrics, _peft_model
+    from cloudfed.training.local import TrainMetrics, _peft_model, low_rank_start
     from cloudfed.training.model import pick_device
 
     if rows.empty:
         raise ValueError("no training rows")
     device = pick_device()
     torch.manual_seed(seed)  # LoRA's initial A and dropout; not the privacy noise
-    model, tokenizer = _peft_model(model_path, lora, global_state, seed=seed, device=device)
+    start_state = low_rank_start(global_state, lora, rank)
+    model, tokenizer = _peft_model(
+        model_path, lora, start_state, seed=seed, device=device, rank=rank
+    )
     check_supported(model, model_path)
     examples = encode_pairs(
         tokenizer,
@@ -152,7 +162,7 @@ def train_local_dp(
         tokens += int(batch["attention_mask"].sum())
     seconds = time.perf_counter() - start
     gsm._close()  # removes Opacus's hooks so the peft state is read from a plain model
-    delta = subtract(adapter_state(model), global_state)
+    delta = pad(subtract(adapter_state(model), start_state), lora.rank)
     metrics = TrainMetrics(
         loss_first=losses[0] if losses else float("nan"),
         loss_last=losses[-1] if losses else float("nan"),

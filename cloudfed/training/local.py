@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cloudfed import console
+from cloudfed.aggregation.ranks import pad, truncate
 from cloudfed.federation import LoraSettings, TrainingSettings
 from cloudfed.training.batches import encode_pairs, sampled_batches, sequential_batches
 from cloudfed.training.lora import adapter_state, load_adapter_state, subtract, wrap_with_lora
@@ -55,12 +56,24 @@ def _peft_model(
     *,
     seed: int,
     device: Device,
+    rank: int | None = None,
 ):
     model, tokenizer = load_model_and_tokenizer(model_path, device)
-    peft_model = wrap_with_lora(model, lora, seed=seed)
+    peft_model = wrap_with_lora(model, lora, seed=seed, rank=rank)
     if global_state is not None:
         load_adapter_state(peft_model, global_state)
     return peft_model.to(device.name), tokenizer
+
+
+def low_rank_start(
+    global_state: Mapping[str, np.ndarray], lora: LoraSettings, rank: int | None
+) -> Mapping[str, np.ndarray]:
+    """Where a rank-r party starts: the global adapter's first r components (all of it at R)."""
+    if rank is None or rank == lora.rank:
+        return global_state
+    if not 1 <= rank <= lora.rank:
+        raise ValueError(f"party LoRA rank {rank} is outside [1, lora.rank={lora.rank}]")
+    return truncate(global_state, rank)
 
 
 def initial_adapter(model_path: str, lora: LoraSettings, *, seed: int) -> dict[str, np.ndarray]:
@@ -78,13 +91,21 @@ def train_local(
     lora: LoraSettings,
     seed: int,
     desc: str = "train",
+    rank: int | None = None,
 ) -> tuple[dict[str, np.ndarray], TrainMetrics]:
-    """Run `local_steps` optimiser steps; return the adapter delta and training metrics."""
+    """Run `local_steps` optimiser steps; return the adapter delta and training metrics.
+
+    With `rank` r below lora.rank R the party trains only the global adapter's first r
+    components (see cloudfed.aggregation.ranks); its delta comes back padded to R with zeros.
+    """
     if rows.empty:
         raise ValueError("no training rows")
     device = pick_device()
     torch.manual_seed(seed)
-    model, tokenizer = _peft_model(model_path, lora, global_state, seed=seed, device=device)
+    start_state = low_rank_start(global_state, lora, rank)
+    model, tokenizer = _peft_model(
+        model_path, lora, start_state, seed=seed, device=device, rank=rank
+    )
     examples = encode_pairs(
         tokenizer,
         rows["instruction"].tolist(),
@@ -118,7 +139,7 @@ def train_local(
         losses.append(float(loss.detach()))
         tokens += int(batch["attention_mask"].sum())
     seconds = time.perf_counter() - start
-    delta = subtract(adapter_state(model), global_state)
+    delta = pad(subtract(adapter_state(model), start_state), lora.rank)
     metrics = TrainMetrics(
         loss_first=losses[0],
         loss_last=losses[-1],

@@ -14,13 +14,21 @@ import torch
 from cloudfed.federation import LoraSettings
 
 
-def wrap_with_lora(model: torch.nn.Module, settings: LoraSettings, *, seed: int):
-    """Attach LoRA adapters; the seed makes A's initialisation identical across parties."""
+def wrap_with_lora(
+    model: torch.nn.Module, settings: LoraSettings, *, seed: int, rank: int | None = None
+):
+    """Attach LoRA adapters; the seed makes A's initialisation identical across parties.
+
+    `rank` below `settings.rank` (a party with less compute) keeps peft's scale alpha / r at the
+    federation's alpha / R, so its first r components act exactly as they do in the global model.
+    """
     from peft import LoraConfig, get_peft_model
 
+    r = rank or settings.rank
     config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
+        r=r,
+        # peft scales by lora_alpha / r; a float alpha is what keeps that ratio for r < R.
+        lora_alpha=settings.alpha if r == settings.rank else settings.alpha * r / settings.rank,
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
         bias="none",
