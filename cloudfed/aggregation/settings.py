@@ -17,6 +17,8 @@ class AggregationSettings(BaseModel):
     strategy: str = "fedavg"
     params: dict[str, Any] = Field(default_factory=dict)
     weighting: WeightingSettings = WeightingSettings()
+    # FedProx (Li et al. 2020): mu/2 ||w - w_global||^2 in every party's local objective; 0 is off.
+    proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _known(self) -> AggregationSettings:
