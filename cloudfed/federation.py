@@ -310,6 +310,8 @@ _FIXES: dict[str, str] = {
     "rounds": "set rounds to a whole number of at least 1",
     "min_parties": "use at least 2 (one party's aggregate is its own update) and at most the "
     "number of participating parties",
+    "aggregation": "see README.md's 'Server optimisers and FedProx' for the strategies and "
+    "their params",
     "participants": "list only names that appear under parties[].name",
     "parties": "give each party a unique lowercase name with raw, mapping and storage",
     "name": "use lowercase letters, digits and '-' (e.g. hospital-aws)",

@@ -263,6 +263,7 @@ def train_round(
         training=cfg.training,
         lora=cfg.lora,
         seed=seed,
+        proximal_mu=cfg.aggregation.proximal_mu,
         desc=f"{party.name} r{round}",
         rank=party.lora_rank,
     )
@@ -452,6 +453,7 @@ def _train_dp_sgd(
             noise_multiplier=z,
             max_grad_norm=dp.max_grad_norm,
             sample_rate=sample_rate,
+            proximal_mu=cfg.aggregation.proximal_mu,
             desc=f"{party.name} r{round} DP-SGD",
             rank=party.lora_rank,
         )

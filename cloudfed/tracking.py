@@ -131,6 +131,7 @@ def log_plan(cfg: FederationConfig, plan: FederationPlan) -> None:
             "aggregation": aggregation_label(cfg),
             "aggregation/strategy": cfg.aggregation.strategy,
             "aggregation/weighting": cfg.aggregation.weighting.preset,
+            "aggregation/proximal_mu": cfg.aggregation.proximal_mu,
             "protection/mode": plan.protection.get("mode", ""),
             "protection/policy_sha256": plan.protection.get("policy_sha256", ""),
             "protection/weight_cap": cfg.protection.weight_cap,
@@ -301,6 +302,9 @@ def log_round_metrics(
         )
         for party, w in report.weights.items():
             metrics[party_key(party, "weight")] = w
+        # The server optimiser's diagnostics: functions of the released aggregate only.
+        diagnostics = report.aggregation.get("diagnostics", {})
+        metrics.update({f"round/server/{k}": float(v) for k, v in diagnostics.items()})
         metrics.update({f"protection/secagg/{k}": v for k, v in report.secagg.items()})
         metrics.update({f"protection/ckks/{k}": v for k, v in report.ckks.items()})
         metrics.update(privacy_metrics(report.privacy))

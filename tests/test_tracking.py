@@ -196,6 +196,10 @@ def test_a_round_logs_one_scheme_with_the_headline_group_first(
             secagg={"uploaded": 2.0, "threshold": 2.0},
             ckks={"seconds_decrypt": 0.1},
             privacy=privacy,
+            aggregation={
+                "strategy": "fedadam",
+                "diagnostics": {"mean_delta_norm": 0.2, "update_norm": 0.3, "eta": 0.05},
+            },
         )
         ev1 = RoundEval(released="secure-sum", loss=4.5, evaluators=tuple(parties), note="late")
         row = log_round_metrics(1, ev1, report, updates, sealed)
@@ -211,6 +215,7 @@ def test_a_round_logs_one_scheme_with_the_headline_group_first(
     assert {k.split("/", 1)[1] for k in metrics if k.startswith("federation/")} == HEADLINE
     assert metrics["federation/epsilon"] == 1.0  # party-level when on, else the largest DP-SGD
     assert metrics["federation/bytes_sent"] == 300
+    assert metrics["round/server/update_norm"] == 0.3 and metrics["round/server/eta"] == 0.05
     # The round table's row (the summary printed at the end) reads the same values.
     assert row["bytes_sent"] == 300
     assert row["eval_perplexity"] == pytest.approx(math.exp(4.5))

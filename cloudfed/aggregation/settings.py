@@ -24,6 +24,8 @@ class AggregationSettings(BaseModel):
     max_update_norm: float | None = Field(None, gt=0)
     # Buffered asynchronous rounds (FedBuff); null: synchronous rounds (see aggregation.fedbuff).
     buffer: BufferSettings | None = None
+    # FedProx (Li et al. 2020): mu/2 ||w - w_global||^2 in every party's local objective; 0 is off.
+    proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _known(self) -> AggregationSettings:

@@ -27,6 +27,7 @@ from cloudfed.federation import LoraSettings, TrainingSettings
 from cloudfed.privacy.accountant import GaussianEvent
 from cloudfed.training.batches import IGNORE_INDEX, collate, encode_pairs
 from cloudfed.training.lora import adapter_state, subtract
+from cloudfed.training.proximal import anchors, dp_step
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def train_local_dp(
     noise_multiplier: float,
     max_grad_norm: float,
     sample_rate: float | None = None,
+    proximal_mu: float = 0.0,
     desc: str = "train (DP-SGD)",
     rank: int | None = None,
 ):
@@ -94,6 +96,7 @@ def train_local_dp(
     A party `rank` below lora.rank trains (and clips per-sample gradients of) only its first r
     components; the padded zeros add nothing to any norm, so the record-level guarantee is the
     same and a party-level clip of the padded delta clips exactly what was trained.
+    FedProx's gradient (`proximal_mu` > 0) joins after Opacus' noise: `proximal.dp_step`.
     """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -121,6 +124,7 @@ def train_local_dp(
     sample_rate = sample_rate or min(1.0, training.batch_size / records)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     params = [p for p in gsm.parameters() if p.requires_grad]
+    anchor = anchors(params)
     optimizer = DPOptimizer(
         torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay),
         noise_multiplier=noise_multiplier,
@@ -150,14 +154,14 @@ def train_local_dp(
             empty += 1
             for p in params:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            optimizer.step()
+            dp_step(optimizer, params, anchor, proximal_mu)
             continue
         batch = collate([examples[i] for i in chosen], tokenizer.pad_token_id)
         batch = {k: v.to(device.name) for k, v in batch.items()}
         logits = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = per_sample_mean_loss(logits, batch["labels"])
         loss.backward()
-        optimizer.step()
+        dp_step(optimizer, params, anchor, proximal_mu)
         losses.append(float(loss.detach()))
         tokens += int(batch["attention_mask"].sum())
     seconds = time.perf_counter() - start

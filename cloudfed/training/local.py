@@ -22,6 +22,7 @@ from cloudfed.federation import LoraSettings, TrainingSettings
 from cloudfed.training.batches import encode_pairs, sampled_batches, sequential_batches
 from cloudfed.training.lora import adapter_state, load_adapter_state, subtract, wrap_with_lora
 from cloudfed.training.model import Device, load_model_and_tokenizer, pick_device
+from cloudfed.training.proximal import add_proximal_gradient, anchors
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def train_local(
     training: TrainingSettings,
     lora: LoraSettings,
     seed: int,
+    proximal_mu: float = 0.0,
     desc: str = "train",
     rank: int | None = None,
 ) -> tuple[dict[str, np.ndarray], TrainMetrics]:
@@ -97,6 +99,7 @@ def train_local(
 
     With `rank` r below lora.rank R the party trains only the global adapter's first r
     components (see cloudfed.aggregation.ranks); its delta comes back padded to R with zeros.
+    `proximal_mu` > 0 adds FedProx's mu/2 ||w - w_global||^2 to the objective (`proximal`).
     """
     if rows.empty:
         raise ValueError("no training rows")
@@ -113,6 +116,7 @@ def train_local(
         max_len=training.max_seq_len,
     )
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = anchors(params) if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(
         params, lr=training.learning_rate, weight_decay=training.weight_decay
     )
@@ -134,6 +138,8 @@ def train_local(
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if proximal_mu > 0:  # the objective's gradient, clipped as a whole below
+            add_proximal_gradient(params, anchor, proximal_mu)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses.append(float(loss.detach()))
