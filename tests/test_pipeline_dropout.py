@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from safetensors.numpy import load_file
 
+from cloudfed.coordinator import coordinator_keys
 from cloudfed.data.demo import generate_demo
+from cloudfed.exchange import federation_exchange
+from cloudfed.federation import parse_federation
+from cloudfed.federation_state import history_of
 from tests.e2e_support import (
     federation,
     make_project,
@@ -80,6 +85,24 @@ def test_party_leaving_after_sharing_keys_is_unmasked_around(tmp_path: Path) -> 
     fed = federation(tmp_path, clouds, PARTIES, rounds=1)
     fed["training"]["local_steps"] = 5
     fed["simulate_dropouts"] = {"bank-gcp": "upload"}
+    # The strategies run through the same pipeline: a server optimiser with state, the paper's
+    # weighting, FedProx, a norm bound, and a party at half the LoRA rank (its band keeps two
+    # trainers when it drops).
+    fed["aggregation"] = {
+        "strategy": "fedavgm",
+        "params": {"server_momentum": 0.9},
+        "weighting": {
+            "preset": "paper",
+            "reference_loss": 20.0,
+            "reference_examples": 10,
+            "reference_bandwidth_mbps": 100.0,
+        },
+        "proximal_mu": 0.01,
+        "max_update_norm": 50.0,
+    }
+    for p, mbps in zip(fed["parties"], (100.0, 50.0, 20.0), strict=True):
+        p["bandwidth_mbps"] = mbps
+    fed["parties"][1]["lora_rank"] = 2
     project = make_project(tmp_path / "project")
     proc = run_pipeline(project, write_config(tmp_path / "run.yaml", fed))
     out = proc.stdout + proc.stderr
@@ -94,3 +117,25 @@ def test_party_leaving_after_sharing_keys_is_unmasked_around(tmp_path: Path) -> 
         m.step: m.value for m in client.get_metric_history(run.info.run_id, "federation/eval_loss")
     }
     assert eval_loss[1] < eval_loss[0], eval_loss  # the unmasked aggregate is a usable model
+
+    params = run.data.params
+    assert (
+        params["aggregation/strategy"] == "fedavgm" and params["aggregation/weighting"] == "paper"
+    )
+    assert params["aggregation/proximal_mu"] == "0.01"
+    assert "round/server/momentum_norm" in metrics
+    # The bank trained at rank 2: its update is zero beyond its band, padded to the global's 4.
+    bank = load_file(str(clouds / "bank-gcp" / "storage" / "updates" / "r0001.safetensors"))
+    lora_a = [v for k, v in bank.items() if "lora_A" in k]
+    assert lora_a and all(v.shape[0] == 4 and not v[2:].any() and v[:2].any() for v in lora_a)
+    # The optimiser's state is signed beside the round's adapter and named by the round record.
+    exchange = tmp_path / "exchange"
+    states = list(exchange.rglob("server_state.signed"))
+    assert len(states) == 1 and states[0].parent.name == "global"
+    cfg = parse_federation(fed)
+    keys = coordinator_keys(cfg, federation_exchange(cfg))
+    record = history_of(cfg, federation_exchange(cfg), keys).latest()
+    assert record is not None and record.round == 1
+    assert record.aggregation.strategy == "fedavgm" and record.lineage.aggregation == "fedavgm"
+    assert record.aggregation.state["key"].endswith("/global/server_state.signed")
+    assert record.aggregation.state["step"] == 1
