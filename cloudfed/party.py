@@ -293,10 +293,12 @@ def _check_party_level_budget(
         head_file=loaded.state_dir / "ledger_head.json",
     )
     entry = ledger.entry(f"{plan.run_id}/r{round:04d}")
-    if entry is None:
+    if entry is None or loaded.policy.party not in entry.parties:
         raise ConsentError(
             f"{loaded.policy.party} refuses round {round}: the privacy ledger holds no reservation "
-            "for it, so its spend would go unaccounted"
+            f"of it for {loaded.policy.party}"
+            + (f" (only for {sorted(entry.parties)})" if entry is not None else "")
+            + ", so its spend would go unaccounted"
         )
     floor = loaded.policy.privacy.min_noise_multiplier
     if floor is not None and entry.noise_multiplier < floor * (1 - CHARGED_SLACK):

@@ -32,6 +32,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cloudfed.aggregation.weights import weight_floor
 from cloudfed.errors import CloudfedError, ConfigError
 from cloudfed.federation import PARTY_NAME_PATTERN, FederationConfig, load_run_config
 from cloudfed.privacy.settings import DEFAULT_DP_SGD_MAX_EPSILON, PrivacyMode
@@ -95,6 +96,10 @@ class PartyPolicy(_Strict):
     ckks_key_parties: list[str] = Field(default_factory=list)
     privacy: PartyLevelFloor = PartyLevelFloor()
     dp_sgd: DpSgdFloor | None = None
+    # The most one contributor's aggregation weight may exceed another's (every weight lies in
+    # [1/ratio, 1]): a launcher must not shrink every peer until the aggregate is one party's
+    # update. The config's weighting.min_weight (default 1/weight_cap) must be >= 1/ratio.
+    max_weight_ratio: float = Field(1000.0, ge=1.0)
     pins: Pins
     # Party-side state; relative paths are relative to the policy file's folder.
     state_dir: str | None = None
@@ -162,6 +167,14 @@ def violations(cfg: FederationConfig, loaded: LoadedPolicy) -> list[str]:
         weaker("federation_id", cfg.federation_id, "federation_id", pol.federation_id)
     if cfg.min_parties < pol.min_parties:
         weaker("min_parties", cfg.min_parties, "min_parties", pol.min_parties)
+    floor = weight_floor(cfg.aggregation.weighting, cfg.protection.weight_cap)
+    if floor * pol.max_weight_ratio < 1.0 - 1e-12:
+        weaker(
+            "aggregation.weighting.min_weight (or 1/protection.weight_cap)",
+            floor,
+            "max_weight_ratio",
+            pol.max_weight_ratio,
+        )
     for mode in sorted(_config_modes(cfg)):
         if _PROTECTION_ORDER[mode] < _PROTECTION_ORDER[pol.min_protection]:
             weaker("protection (a tensor's mode)", mode, "min_protection", pol.min_protection)
@@ -315,6 +328,9 @@ def policy_for(cfg: FederationConfig, party: str, fingerprints: dict[str, str]) 
         ckks_key_parties=[cfg.ckks_key_party] if "ckks" in modes else [],
         privacy=floor,
         dp_sgd=None if dp is None else _dp_sgd_floor(cfg, dp),
+        max_weight_ratio=max(
+            1.0, _up(1.0 / weight_floor(cfg.aggregation.weighting, cfg.protection.weight_cap))
+        ),
         pins=Pins(
             coordinator=fingerprints["coordinator"],
             parties={p.name: fingerprints[p.name] for p in cfg.active_parties},

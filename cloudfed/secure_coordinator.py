@@ -150,9 +150,9 @@ def open_upload(
         bound = cfg.aggregation.max_update_norm
         length = _public_norm(strategy_of(cfg, layout), seg, values, alone=expected > seg.size)
         if bound is not None and length > bound * (1 + 1e-5):
-            raise ValueError(
-                f"the public tensors' norm {length:.4g} exceeds aggregation.max_update_norm "
-                f"{bound:.4g}; the party skipped its own clipping"
+            raise ValueError(  # the party's norm itself stays out of the logged reason
+                f"the public tensors' norm exceeds aggregation.max_update_norm {bound:.4g}; the "
+                "party skipped its own clipping"
             )
     if cfg.privacy.enabled:  # the party must have clipped and noised as this round requires
         if meta.get("dp_mode") != cfg.privacy.mode or meta.get("dp_clip") != cfg.privacy.clip:
@@ -613,6 +613,13 @@ def aggregate_protected(
     rejected = list({r.party: r for r in reversed(rejected)}.values())[::-1]  # first reason wins
     state = server_state.load(exchange, keys, cfg.federation_id, current)
     if state is None:
+        if current.round > 0 and strategy.name != "fedavg":
+            # Deleting the state would silently reset the optimiser's moments.
+            raise AggregationError(
+                f"round {round}: the {strategy.name} server state beside the round-"
+                f"{current.round} adapter is missing ({server_state.state_key(current)}); no "
+                "model is published. Fix: restore it, or start_over: true to begin afresh"
+            )
         state = strategy.init(global_state)
     state, new_global, diagnostics = strategy.apply(state, global_state, sums, weight_sums)
     new_ref = publish_global(exchange, round, new_global, plan.run_id)

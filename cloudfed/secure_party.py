@@ -354,7 +354,7 @@ def _sealed_update(
     # Inside the encryption: what the coordinator checks. Under any DP nothing data-dependent.
     meta: dict[str, Any] = {}
     private = cfg.privacy.protects_records
-    update, norm_clipped = clip_to_norm(update, cfg.aggregation.max_update_norm)
+    update, _ = clip_to_norm(update, cfg.aggregation.max_update_norm)
     if cfg.privacy.enabled:  # party-level DP: clip first, equal weights (see privacy.party_level)
         update, _, _ = clip_update(update, cfg.privacy.clip)
         cal = calibration(cfg)
@@ -428,7 +428,6 @@ def _sealed_update(
     )
     if not private:
         meta["clipped"] = clipped
-        meta["norm_clipped"] = norm_clipped
     sections["meta"] = json.dumps(meta, sort_keys=True).encode()
     payload = container.pack(sections)
     context = stage_context(

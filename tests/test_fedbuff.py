@@ -193,6 +193,19 @@ def test_a_stale_update_is_discounted_once_when_the_weighting_has_its_own_discou
     assert stale.weights == (pytest.approx(1 / 2),)  # the buffer's (1+3)^-0.5
 
 
+def test_no_staleness_discount_takes_a_weight_below_the_public_floor(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """A launcher's steep discount (a = 60: 2^-60 at tau 1) would make the fresh party's update
+    the whole aggregate; the weight stops at min_weight, which each party's policy bounds."""
+    fed = raw(tmp_path, model_cache, {"size": 2, "max_staleness": 4})
+    fed["aggregation"]["buffer"]["staleness"] = {"function": "polynomial", "a": 60.0}
+    strategy = strategy_for(parse_federation(fed), {"w": (2,)})
+    info = RoundInfo(5, private=False)
+    stale = strategy.contribution({"w": np.ones(2)}, PartyStats(examples=1000, staleness=1), info)
+    assert stale.weights == (pytest.approx(1 / 1000),)  # 1 / protection.weight_cap
+
+
 # --- protected buffered rounds -------------------------------------------------------------------
 
 

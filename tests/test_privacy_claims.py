@@ -576,6 +576,8 @@ def _weaker(fed: Federation, **changes: Any):
         ({"protection.default": "ckks"}, "'ckks' is weaker", "min_protection='secagg'"),
         ({"privacy.dp_sgd": {}}, f"privacy.dp_sgd.{A}=None", "dp_sgd.required=True"),
         ({"federation_id": "other-fed"}, "federation_id='other-fed'", "federation_id='test-fed'"),
+        # Every peer shrunk until one party's update is the whole aggregate (weights 1 vs 1e-12).
+        ({"aggregation.weighting.min_weight": 1e-12}, "min_weight", "max_weight_ratio=1000"),
     ],
 )
 def test_a_weaker_run_config_is_refused_naming_the_field_and_policy(
@@ -676,6 +678,20 @@ def test_the_privacy_ledger_cannot_roll_back_or_fork(tmp_path: Path, model_cache
     head.unlink()
     with pytest.raises(ConsentError, match="holds no reservation"):
         party_mod._check_party_level_budget(fed.cfg, loaded, fed.exchange, fed.plan, 2)
+
+
+def test_a_party_trains_only_for_a_round_reserved_for_it(tmp_path: Path, model_cache: Path) -> None:
+    """A launcher that also starts training for a party outside the round's reservation (a
+    buffered round reserves its arrivals only) finds the party refusing: its cap check would not
+    count a round the ledger charges to others."""
+    fed = make_fed(tmp_path, model_cache, privacy=dp("distributed", 1.0))
+    loaded = load_policy(A)
+    reserve_round(
+        fed.cfg, fed.exchange, coordinator_keys(fed.cfg, fed.exchange), fed.plan, 1, [B, C]
+    )
+    with pytest.raises(ConsentError, match=rf"no reservation of it for {A} \(only for"):
+        party_mod._check_party_level_budget(fed.cfg, loaded, fed.exchange, fed.plan, 1)
+    party_mod._check_party_level_budget(fed.cfg, load_policy(B), fed.exchange, fed.plan, 1)
 
 
 # --- 6. hard stops -----------------------------------------------------------------------------

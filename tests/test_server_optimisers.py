@@ -334,3 +334,15 @@ def test_forged_replayed_or_foreign_server_state_is_refused(
     with pytest.raises(ProtectionError, match="not signed by this coordinator"):
         fed.round(3, updates_for(fed, 3))
     assert not fed.exchange.exists(global_adapter_key(fed.plan.run_id, 3))
+
+
+def test_a_deleted_server_state_stops_the_round(tmp_path: Path, model_cache: Path) -> None:
+    """An exchange writer who deletes the state would silently reset the moments (FedAdam's
+    next step is then +-eta in every coordinate): the round stops unpublished instead."""
+    fed = Federation(raw(tmp_path, model_cache, aggregation=ADAM))
+    fed.round(1, updates_for(fed, 1))
+    r2, _, _ = fed.round(2, updates_for(fed, 2))
+    fed.exchange.delete(server_state.state_key(r2))
+    with pytest.raises(AggregationError, match="state beside the round-2 adapter is missing"):
+        fed.round(3, updates_for(fed, 3))
+    assert not fed.exchange.exists(global_adapter_key(fed.plan.run_id, 3))

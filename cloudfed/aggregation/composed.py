@@ -27,7 +27,7 @@ from cloudfed.aggregation.strategy import (
     norm,
     scale,
 )
-from cloudfed.aggregation.weights import formula, label, party_weight
+from cloudfed.aggregation.weights import formula, label, party_weight, weight_floor
 from cloudfed.errors import AggregationError
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ class Strategy:
             # Buffered rounds discount stale updates once: by the weighting's own s(tau) when the
             # preset has one (staleness, custom), else by the buffer's. Public round numbers only.
             w *= self.settings.buffer.staleness.discount(stats.staleness)
+        # No discount takes a weight below the public floor (see weights.weight_floor).
+        w = max(w, weight_floor(self.settings.weighting, self.weight_cap))
         if not (0.0 < w <= 1.0) or not np.isfinite(w):
             raise AggregationError(f"weight {w!r} is outside (0, 1]")
         if self.edges:  # one slot per rank band: weight only the bands this party trained

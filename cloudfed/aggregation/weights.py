@@ -184,6 +184,16 @@ def _min_weight(settings: WeightingSettings, weight_cap: int) -> float:
     return settings.min_weight if settings.min_weight is not None else 1.0 / weight_cap
 
 
+def weight_floor(settings: WeightingSettings, weight_cap: int) -> float:
+    """The least weight any contributor can have, after every discount: public, from the config.
+
+    Every weight lies in [floor, 1], so no contributor outweighs another by more than 1/floor;
+    a party's policy bounds that ratio (max_weight_ratio), or a launcher could shrink every peer
+    until the aggregate is one party's update.
+    """
+    return _min_weight(settings, weight_cap)
+
+
 def _loss(stats: PartyStats, reference: float) -> float:
     """L_k, or L0 when no usable loss exists (NaN from empty DP-SGD batches, missing, <= 0)."""
     loss = stats.loss
