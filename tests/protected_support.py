@@ -1,4 +1,4 @@
-"""Run protected rounds in-process, stage by stage, exactly as the pipeline wires the steps."""
+"""Run protected rounds in-process, stage by stage, in the order `cloudfed.simulation` defines."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from cloudfed import coordinator, secure_coordinator, secure_party
-from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, LocalUpdateRef, Rejection
-from cloudfed.errors import CloudfedError
+from cloudfed import coordinator
+from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, LocalUpdateRef
 from cloudfed.exchange import federation_exchange
 from cloudfed.federation import FederationConfig, parse_federation
 from cloudfed.party import LocalUpdateRecord, load_global, party_keys
 from cloudfed.party_policy import provision
 from cloudfed.protection.commitments import keyed_digest
 from cloudfed.run_lock import release
+from cloudfed.simulation import RoundState, protection_stages, run_stages
 from cloudfed.training.adapter_io import state_to_bytes
 
 Hook = Callable[[str, "Federation"], None]
@@ -99,7 +99,6 @@ class Federation:
         self.exchange = federation_exchange(self.cfg)
         self.current: GlobalAdapterRef = self.plan.initial_adapter
         self.initial = load_global(self.exchange, self.current)
-        self.stage_log: list[str] = []
 
     def const(self, value: float) -> dict[str, np.ndarray]:
         return {k: np.full(v.shape, value, dtype=np.float32) for k, v in self.initial.items()}
@@ -117,120 +116,29 @@ class Federation:
         drop: dict[str, str] | None = None,
         hook: Hook | None = None,
     ):
-        """Run one round; `drop` maps party -> stage at which it silently stops."""
-        cfg, plan, drop = self.cfg, self.plan, drop or {}
-        dropped: list[Rejection] = []
-        hook = hook or (lambda stage, fed: None)
+        """Run one round's protection stages (`cloudfed.simulation`'s order) on given updates.
 
-        def alive(p: str, stage: str) -> bool:
-            return drop.get(p) != stage
-
-        def attempt(p: str, stage: str, fn: Callable[[], Any]) -> Any:
-            if not alive(p, stage):
-                dropped.append(Rejection(party=p, reason=f"dropped at {stage}"))
-                return None
-            try:
-                return fn()
-            except CloudfedError as exc:
-                dropped.append(Rejection(party=p, reason=f"dropped at {stage}: {exc}"))
-                return None
-
+        `drop` maps party -> stage at which it silently stops; `hook(stage, fed)` runs after
+        every stage, so a test can tamper with the exchange between two of them.
+        """
         local = {p: self.local(p, round, s, n) for p, (s, n) in updates.items()}
         self.last_local = local
-        modes = plan.protection["tensors"]
-        rosters, reveals, ckks_plain, ckks_keys = [], [], [], []
-        uploaders = list(local)
-        if "ckks" in modes:
-            kp = cfg.ckks_key_party
-            ckks_keys = [secure_party.ckks_keygen(cfg, cfg.party(kp), plan, round)]
-        if "secagg" in modes:
-            adverts = [
-                a
-                for p in local
-                if (
-                    a := attempt(
-                        p,
-                        "advertise",
-                        lambda p=p: secure_party.advertise(cfg, cfg.party(p), local[p], plan),
-                    )
-                )
-                is not None
-            ]
-            hook("advertise", self)
-            roster = secure_coordinator.keys_roster(cfg, round, adverts, plan)
-            shares = [
-                s
-                for p in roster.parties
-                if (
-                    s := attempt(
-                        p,
-                        "share_keys",
-                        lambda p=p: secure_party.share_keys(cfg, cfg.party(p), roster, plan),
-                    )
-                )
-                is not None
-            ]
-            hook("share_keys", self)
-            roster = secure_coordinator.shares_roster(cfg, round, shares, roster, plan)
-            uploaders = roster.shared
-            rosters = [roster]
-            self.last_upload_rosters = rosters
-        sealed = [
-            s
-            for p in uploaders
-            if (
-                s := attempt(
-                    p,
-                    "upload",
-                    lambda p=p: secure_party.upload(
-                        cfg, cfg.party(p), local[p], plan, rosters, ckks_keys
-                    ),
-                )
-            )
-            is not None
-        ]
-        hook("upload", self)
-        if "secagg" in modes:
-            roster = secure_coordinator.inputs_roster(
-                cfg, round, sealed, rosters[0], self.current, plan
-            )
-            rosters = [roster]
-            reveals = [
-                v
-                for p in roster.uploaded
-                if (
-                    v := attempt(
-                        p,
-                        "unmask",
-                        lambda p=p: secure_party.reveal_shares(cfg, cfg.party(p), roster, plan),
-                    )
-                )
-                is not None
-            ]
-            hook("unmask", self)
-        if "ckks" in modes:
-            secure_coordinator.ckks_sum(
-                cfg, round, sealed, rosters, self.current, plan, ckks_keys[0]
-            )
-            seg = secure_party.layout_for(cfg, self.exchange, plan).segment("ckks")
-            ckks_plain = [
-                secure_party.ckks_decrypt_sum(
-                    cfg, cfg.party(cfg.ckks_key_party), round, plan, seg.size + 1
-                )
-            ]
-        new_ref, report = secure_coordinator.aggregate_protected(
-            cfg,
+        state = RoundState(
+            self.cfg,
+            self.plan,
+            self.exchange,
             round,
-            sealed,
             self.current,
-            plan,
-            dropped=dropped,
-            rosters=rosters,
-            reveals=reveals,
-            ckks_plain=ckks_plain,
+            list(local),
+            drop=drop or {},
+            local=local,
         )
-        self.current = new_ref
-        return new_ref, report, sealed
+        after = (lambda stage: hook(stage.value, self)) if hook else None
+        run_stages(state, protection_stages(self.plan.protection["tensors"]), after=after)
+        self.last_upload_rosters = state.upload_rosters
+        assert state.new_ref is not None and state.report is not None
+        self.current = state.new_ref
+        return state.new_ref, state.report, state.sealed
 
     def global_state(self) -> dict[str, np.ndarray]:
         return load_global(self.exchange, self.current)
