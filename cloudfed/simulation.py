@@ -23,6 +23,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from cloudfed import coordinator, party, secure_coordinator, secure_party
 from cloudfed.artifacts import (
     AggregateReport,
@@ -345,9 +347,10 @@ def training_record(ref: LocalUpdateRef) -> party.LocalUpdateRecord:
     return party.LocalUpdateRecord.model_validate_json(path.read_text(encoding="utf-8"))
 
 
-@dataclass(frozen=True)
-class RoundResult:
+class RoundResult(BaseModel):
     """What the comparison needs of one round (numbers only)."""
+
+    model_config = ConfigDict(frozen=True)
 
     round: int
     eval_loss: float
