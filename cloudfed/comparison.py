@@ -114,13 +114,48 @@ class ComparisonSpec(_Strict):
         raise ConfigError(f"comparison: no arm named {name!r}")
 
 
+def parse_spec(raw: Any, *, source: str = "the run configuration") -> ComparisonSpec:
+    """Validate `parameters.comparison`, every arm's federation config included, up front.
+
+    A misspelt override would otherwise fail only when its arm's turn comes, minutes in.
+    """
+    from pydantic import ValidationError
+
+    from cloudfed.federation import format_validation_error
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: parameters.comparison is missing (see configs/compare.yaml)")
+    try:
+        spec = ComparisonSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            format_validation_error(exc, source=source, prefix="parameters.comparison")
+        ) from None
+    active, _ = spec.active_arms()
+    for arm in active:
+        fed = _federation(spec, "check", Path("."), **arm.overrides)
+        parse_federation(fed, source=source, prefix=f"arms[{arm.name}].overrides")
+    return spec
+
+
 def load_spec(path: str | Path) -> ComparisonSpec:
     """Read `parameters.comparison` of a run configuration."""
-    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    raw = (doc.get("parameters") or {}).get("comparison")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: parameters.comparison is missing (see configs/compare.yaml)")
-    return ComparisonSpec.model_validate(raw)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: run configuration not found. Fix: pass an existing file.")
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return parse_spec((doc.get("parameters") or {}).get("comparison"), source=str(path))
+
+
+def data_to_json(data: Mapping[str, Mapping[str, DatasetRef]]) -> dict[str, Any]:
+    """The harmonised references as plain JSON (a step output: paths, digests, counts only)."""
+    return {s: {p: r.model_dump(mode="json") for p, r in refs.items()} for s, refs in data.items()}
+
+
+def data_from_json(doc: Mapping[str, Any]) -> dict[str, dict[str, DatasetRef]]:
+    return {
+        s: {p: DatasetRef.model_validate(r) for p, r in refs.items()} for s, refs in doc.items()
+    }
 
 
 def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
