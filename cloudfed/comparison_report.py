@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cloudfed.comparison import ComparisonSpec, RunResult
 from cloudfed.errors import ConfigError
+from cloudfed.tracking import figure_png
 
 
 class TableRow(BaseModel):
@@ -111,97 +112,81 @@ def loss_curves(results: Sequence[RunResult]) -> dict[tuple[str, str], list[tupl
     return {k: [(rnd, float(np.mean(v))) for rnd, v in sorted(d.items())] for k, d in by.items()}
 
 
+def _ratio(
+    name: str, row: TableRow | None, reference: TableRow | None, at_most: float
+) -> TargetResult:
+    """`row`'s eval loss over `reference`'s, against an upper bound; n/a if either is missing."""
+    if row is None or reference is None:
+        return TargetResult(
+            name=name, value=None, target=f"<= {at_most}", met=None, detail="arm or split not run"
+        )
+    v = row.eval_loss_mean / reference.eval_loss_mean
+    met = v <= at_most
+    return TargetResult(name=name, value=v, target=f"<= {at_most}", met=met, detail=row.arm)
+
+
+def _improvement(name: str, row: TableRow | None, local: TableRow | None, at_least: float):
+    """How much lower each party's eval loss is than when it trains alone; the worst party."""
+    if row is None or local is None:
+        return TargetResult(
+            name=name, value=None, target=f">= {at_least:.0%}", met=None,
+            detail="arm or split not run",
+        )  # fmt: skip
+    gains = {
+        p: 1 - row.party_loss[p] / local.party_loss[p]
+        for p in local.party_loss
+        if p in row.party_loss
+    }
+    worst = min(gains.values()) if gains else float("nan")
+    return TargetResult(
+        name=name,
+        value=worst,
+        target=f">= {at_least:.0%}",
+        met=bool(gains) and worst >= at_least,
+        detail=f"{row.arm}: " + ", ".join(f"{p} {g:+.1%}" for p, g in sorted(gains.items())),
+    )
+
+
 def targets(spec: ComparisonSpec, rows: Sequence[TableRow]) -> list[TargetResult]:
     """The issue's claims as ratios; a target whose arms did not run says so."""
     at = {(r.arm, r.split): r for r in rows}
     t = spec.targets
-    federated = [r for r in rows if r.kind == "federated"]
-    cloudfed = [r for r in federated if r.arm.startswith(spec.cloudfed_prefix)]
-    out = []
+    cloudfed = [r for r in rows if r.kind == "federated" and r.arm.startswith(spec.cloudfed_prefix)]
 
-    def best(candidates: list[TableRow], split: str) -> TableRow | None:
-        on = [r for r in candidates if r.split == split and math.isfinite(r.eval_loss_mean)]
+    def best(split: str) -> TableRow | None:
+        on = [r for r in cloudfed if r.split == split and math.isfinite(r.eval_loss_mean)]
         return min(on, key=lambda r: r.eval_loss_mean) if on else None
 
-    central = next((r for r in rows if r.kind == "centralised" and r.split == "iid"), None)
-    for name, row in (
-        ("IID: fedavg-plaintext / centralised eval loss", at.get((spec.plaintext_arm, "iid"))),
-        ("IID: best cloudfed arm / centralised eval loss", best(cloudfed, "iid")),
-    ):
-        if row is None or central is None:
-            out.append(
-                TargetResult(
-                    name=name,
-                    value=None,
-                    target=f"<= {t.iid_vs_centralised}",
-                    met=None,
-                    detail="arm or split not run",
-                )
-            )
-            continue
-        v = row.eval_loss_mean / central.eval_loss_mean
-        out.append(
-            TargetResult(
-                name=name,
-                value=v,
-                target=f"<= {t.iid_vs_centralised}",
-                met=v <= t.iid_vs_centralised,
-                detail=row.arm,
-            )
-        )
-    plain, top = at.get((spec.plaintext_arm, "non-iid")), best(cloudfed, "non-iid")
-    name = "non-IID: best cloudfed arm under protection / fedavg-plaintext eval loss"
-    if plain is None or top is None:
-        out.append(
-            TargetResult(
-                name=name,
-                value=None,
-                target=f"<= {t.protected_vs_plaintext}",
-                met=None,
-                detail="arm or split not run",
-            )
-        )
-    else:
-        v = top.eval_loss_mean / plain.eval_loss_mean
-        out.append(
-            TargetResult(
-                name=name,
-                value=v,
-                target=f"<= {t.protected_vs_plaintext}",
-                met=v <= t.protected_vs_plaintext,
-                detail=top.arm,
-            )
-        )
-    local = next((r for r in rows if r.kind == "local-only" and r.split == "non-iid"), None)
-    name = "non-IID: federated (best cloudfed arm) vs local-only, eval loss lower by, worst party"
-    if local is None or top is None:
-        out.append(
-            TargetResult(
-                name=name,
-                value=None,
-                target=f">= {t.local_improvement:.0%}",
-                met=None,
-                detail="arm or split not run",
-            )
-        )
-    else:
-        gains = {
-            p: 1 - top.party_loss[p] / local.party_loss[p]
-            for p in local.party_loss
-            if p in top.party_loss
-        }
-        worst = min(gains.values()) if gains else float("nan")
-        out.append(
-            TargetResult(
-                name=name,
-                value=worst,
-                target=f">= {t.local_improvement:.0%}",
-                met=bool(gains) and worst >= t.local_improvement,
-                detail=f"{top.arm}: "
-                + ", ".join(f"{p} {g:+.1%}" for p, g in sorted(gains.items())),
-            )
-        )
-    return out
+    def kind(k: str, split: str) -> TableRow | None:
+        return next((r for r in rows if r.kind == k and r.split == split), None)
+
+    central = kind("centralised", "iid")
+    return [
+        _ratio(
+            f"IID: {spec.plaintext_arm} / centralised eval loss",
+            at.get((spec.plaintext_arm, "iid")),
+            central,
+            t.iid_vs_centralised,
+        ),
+        _ratio(
+            "IID: best cloudfed arm / centralised eval loss",
+            best("iid"),
+            central,
+            t.iid_vs_centralised,
+        ),  # fmt: skip
+        _ratio(
+            f"non-IID: best cloudfed arm under protection / {spec.plaintext_arm} eval loss",
+            best("non-iid"),
+            at.get((spec.plaintext_arm, "non-iid")),
+            t.protected_vs_plaintext,
+        ),
+        _improvement(
+            "non-IID: best cloudfed arm vs local-only, eval loss lower by (worst party)",
+            best("non-iid"),
+            kind("local-only", "non-iid"),
+            t.local_improvement,
+        ),
+    ]
 
 
 # --- writers -----------------------------------------------------------------------------------
@@ -297,21 +282,19 @@ def loss_chart_png(spec: ComparisonSpec, results: Sequence[RunResult]) -> bytes:
 
     curves = loss_curves(results)
     fig, axes = plt.subplots(1, len(spec.splits), figsize=(6 * len(spec.splits), 4), squeeze=False)
+    rounds = sorted({rr.round for r in results for rr in r.rounds})
     for ax, split in zip(axes[0], spec.splits, strict=True):
         for arm in spec.arms:
             points = curves.get((arm.name, split))
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm.name)
-        ax.set_title(f"{split} split")
+        ax.set_title(f"{split} split (mean over seeds)")
+        ax.set_xticks(rounds)
         ax.set_xlabel("round")
         ax.set_ylabel("held-out loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_report(
