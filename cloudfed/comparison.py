@@ -450,9 +450,17 @@ def run_arm(
             run_dir = root / spec.work_dir / "runs" / arm.name / split / f"s{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)  # a federation would continue otherwise
             if arm.kind == "federated":
-                out.append(_run_federated(spec, arm, split, seed, data[split], run_dir))
+                result = _run_federated(spec, arm, split, seed, data[split], run_dir)
             else:
-                out.append(_run_baseline(spec, arm, split, seed, data[split]))
+                result = _run_baseline(spec, arm, split, seed, data[split])
+            out.append(result)
+            # Always shown: a full comparison takes long enough that its progress must be seen.
+            print(
+                f"cloudfed: comparison {arm.name} {split} seed {seed}: eval loss "
+                f"{result.final.eval_loss:.4f} after round {result.final.round} "
+                f"({result.wall_seconds:.0f} s)",
+                flush=True,
+            )
     return out
 
 
