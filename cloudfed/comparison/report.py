@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from cloudfed.comparison import ComparisonSpec, RunResult
+from cloudfed.comparison.runs import RunResult
+from cloudfed.comparison.spec import ComparisonSpec
 from cloudfed.errors import ConfigError
 from cloudfed.tracking import figure_png
 
