@@ -230,3 +230,13 @@ def test_comparison_pipeline_through_zenml(tmp_path: Path, session_dir: Path) ->
     exp = client.get_experiment_by_name(raw["experiment"])
     assert exp is not None
     assert len(client.search_runs([exp.experiment_id])) == len(active)
+
+
+def test_comparison_and_simulation_never_import_zenml() -> None:
+    import sys
+
+    code = (
+        "import sys, cloudfed.simulation, cloudfed.comparison.report, cloudfed.comparison.runs; "
+        "sys.exit('zenml' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
