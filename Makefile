@@ -21,7 +21,7 @@ QUIET := $(filter quiet,$(LOG_MODE))
 PIP_Q := $(if $(QUIET),-qq,--quiet)
 QUIETLY = $(if $(QUIET),out=$$($(1) 2>&1) || { echo "$$out"; exit 1; },$(1))
 
-.PHONY: run test setup browser stack demo-data policies preflight lint ui bench bench-env clean status start-over unlock
+.PHONY: run test setup browser stack demo-data policies preflight lint ui bench bench-env clean status start-over unlock compare
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ preflight: setup
 run: stack demo-data policies preflight
 	CLOUDFED_LOG=$(LOG_MODE) $(BIN)/zenml pipeline run pipelines.federated_training.federated_training -c $(CONFIG)
 	@echo "Results: MLflow (run 'make ui', then open http://127.0.0.1:5000), report files in .cloudfed/coordinator/<federation id>/last_run/"
+
+# The paper's comparison table (README): every arm its own in-process federation, 3 seeds.
+COMPARE_CONFIG ?= configs/compare.yaml
+compare: stack demo-data
+	CLOUDFED_LOG=$(LOG_MODE) $(BIN)/zenml pipeline run pipelines.comparison.comparison -c $(COMPARE_CONFIG)
+	@echo "Table, CSV and chart in .cloudfed/comparison/; MLflow experiment cloudfed-comparison ('make ui')"
 
 # Debian's chromium renders the GX Data Docs in the browser test; installed when missing.
 browser:

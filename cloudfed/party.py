@@ -220,6 +220,11 @@ def load_local_update(
     return record, read_verified(Path(record.uri), local.sha256, "local update", keys)
 
 
+def training_seed(seed: int, party: str, round: int) -> int:
+    """One party's torch seed for one round: distinct per party and round, fixed by the config."""
+    return seed * 1_000_003 + round * 7919 + int(_sha256(party.encode())[:6], 16)
+
+
 def train_round(
     cfg: FederationConfig,
     party: PartyConfig,
@@ -238,7 +243,7 @@ def train_round(
     global_state = load_global(exchange, global_ref)
     rows = _rows(data, "train", keys)
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
-    seed = cfg.seed * 1_000_003 + round * 7919 + int(_sha256(party.name.encode())[:6], 16)
+    seed = training_seed(cfg.seed, party.name, round)
     path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
     if party.name in cfg.privacy.dp_sgd:
         rounds_this_run = cfg.rounds - (plan.start_round if plan is not None else 0)

@@ -390,6 +390,17 @@ def headline_epsilon(metrics: dict[str, float]) -> float | None:
     return max(record_level) if record_level else None
 
 
+def figure_png(fig: Any) -> bytes:
+    """A finished matplotlib figure as PNG bytes, closed: every chart of the project alike."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def loss_plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
     import matplotlib
 
@@ -412,11 +423,7 @@ def loss_plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
     ax.set_xticks(rounds)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def privacy_plot_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
@@ -452,11 +459,7 @@ def privacy_plot_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     right.set_xlabel("epsilon")
     right.set_ylabel("held-out loss")
     right.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -9,9 +9,6 @@ stack's experiment tracker, so one MLflow run holds every round of a pipeline ru
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from zenml import pipeline
@@ -23,6 +20,7 @@ from cloudfed.artifacts import Rejection
 from cloudfed.errors import CloudfedError, ConfigError, DataError
 from cloudfed.federation import FederationConfig, load_run_config, parse_federation
 from cloudfed.preflight import check_config
+from pipelines._common import config_source, tracker_name, user_errors
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
 from steps.evaluate import evaluate
@@ -43,34 +41,6 @@ from steps.train import train_local
 
 logger = logging.getLogger("cloudfed")
 console.configure()  # `make run`: progress lines and warnings only (CLOUDFED_LOG=quiet)
-
-
-def _config_source() -> str:
-    """The -c file as the user typed it, so messages can name it."""
-    argv = sys.argv
-    for i, arg in enumerate(argv):
-        if arg in ("-c", "--config") and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return "the run configuration"
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """A fixable problem ends the run with its message and exit code 2, not a traceback."""
-    try:
-        yield
-    except CloudfedError as exc:
-        print(f"\ncloudfed: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
-
-def _tracker() -> str | None:
-    from zenml.client import Client
-
-    tracker = Client().active_stack.experiment_tracker
-    return tracker.name if tracker else None
 
 
 def _party_step(step: Any, cfg: FederationConfig, party: str) -> Any:
@@ -132,12 +102,12 @@ def _evaluate_all(
 @pipeline(dynamic=True, enable_cache=False, execution_mode=ExecutionMode.CONTINUE_ON_FAILURE)
 def federated_training(federation: dict[str, Any] | None = None) -> None:
     # Optional only so that a misspelt `parameters:` block reaches preflight's message here.
-    with _user_errors():
+    with user_errors():
         if federation is None:
-            load_run_config(_config_source())  # raises: parameters.federation is missing
-        cfg = parse_federation(federation, source=_config_source())
-        check_config(cfg, _config_source())  # what preflight refuses without a party's data
-        tracker = _tracker()
+            load_run_config(config_source())  # raises: parameters.federation is missing
+        cfg = parse_federation(federation, source=config_source())
+        check_config(cfg, config_source())  # what preflight refuses without a party's data
+        tracker = tracker_name()
         progress = console.Progress(cfg.rounds, len(cfg.active_parties))
 
         def coord(step: Any) -> Any:
@@ -145,7 +115,7 @@ def federated_training(federation: dict[str, Any] | None = None) -> None:
 
         # Step outputs travel by reference; plain values would be uploaded again for every step.
         federation, plan, current = coord(prepare_federation)(
-            federation, _config_source(), id="prepare"
+            federation, config_source(), id="prepare"
         )
         planned = plan.load()
         try:
@@ -204,7 +174,7 @@ def _run_rounds(
     progress: console.Progress,
 ) -> None:
     """Harmonise, then rounds start_round+1 .. rounds: `rounds` is the federation's total."""
-    with _user_errors():
+    with user_errors():
         if planned.start_round >= cfg.rounds:
             from cloudfed.exchange import federation_exchange
 

@@ -14,3 +14,6 @@ class Artifacts(StrEnum):
     PARTY_EVAL = "party_eval"
     ROUND_ROW = "round_row"
     RUN_SUMMARY = "run_summary"
+    COMPARISON_DATA = "comparison_data"
+    ARM_RESULTS = "arm_results"
+    COMPARISON_TABLE = "comparison_table"

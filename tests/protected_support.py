@@ -1,4 +1,4 @@
-"""Run protected rounds in-process, stage by stage, exactly as the pipeline wires the steps."""
+"""Run protected rounds in-process, stage by stage, in the order `cloudfed.simulation` defines."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from cloudfed import coordinator, secure_coordinator, secure_party
-from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, LocalUpdateRef, Rejection
-from cloudfed.errors import CloudfedError
+from cloudfed import coordinator
+from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, LocalUpdateRef
 from cloudfed.exchange import federation_exchange
 from cloudfed.federation import FederationConfig, parse_federation
 from cloudfed.party import LocalUpdateRecord, load_global, party_keys
 from cloudfed.party_policy import provision
 from cloudfed.protection.commitments import keyed_digest
 from cloudfed.run_lock import release
+from cloudfed.simulation import RoundState, protection_stages, run_stages
 from cloudfed.training.adapter_io import state_to_bytes
 
 Hook = Callable[[str, "Federation"], None]
@@ -102,7 +102,6 @@ class Federation:
         self.exchange = federation_exchange(self.cfg)
         self.current: GlobalAdapterRef = self.plan.initial_adapter
         self.initial = load_global(self.exchange, self.current)
-        self.stage_log: list[str] = []
         self.losses: dict[str, float] = {}  # each party's training loss_mean (default 1.0)
         self.versions: dict[int, GlobalAdapterRef] = {self.current.round: self.current}
 
@@ -140,128 +139,37 @@ class Federation:
         hook: Hook | None = None,
         bases: dict[str, int] | None = None,
     ):
-        """Run one round; `drop` maps party -> stage at which it silently stops.
+        """Run one round's protection stages (`cloudfed.simulation`'s order) on given updates.
 
-        `bases` (buffered rounds): party -> the published version its update was trained from.
+        `drop` maps party -> stage at which it silently stops; `hook(stage, fed)` runs after
+        every stage, so a test can tamper with the exchange between two of them. `bases`
+        (buffered rounds): party -> the published version its update was trained from.
         """
-        cfg, plan, drop = self.cfg, self.plan, drop or {}
-        dropped: list[Rejection] = []
-        hook = hook or (lambda stage, fed: None)
-
-        def alive(p: str, stage: str) -> bool:
-            return drop.get(p) != stage
-
-        def attempt(p: str, stage: str, fn: Callable[[], Any]) -> Any:
-            if not alive(p, stage):
-                dropped.append(Rejection(party=p, reason=f"dropped at {stage}"))
-                return None
-            try:
-                return fn()
-            except CloudfedError as exc:
-                dropped.append(Rejection(party=p, reason=f"dropped at {stage}: {exc}"))
-                return None
-
         bases = bases or {}
         local = {
             p: self.local(p, round, s, n, self.versions[bases[p]] if p in bases else None)
             for p, (s, n) in updates.items()
         }
         self.last_local = local
-        modes = plan.protection["tensors"]
-        rosters, reveals, ckks_plain, ckks_keys = [], [], [], []
-        uploaders = list(local)
-        if "ckks" in modes:
-            kp = cfg.ckks_key_party
-            ckks_keys = [secure_party.ckks_keygen(cfg, cfg.party(kp), plan, round)]
-        if "secagg" in modes:
-            adverts = [
-                a
-                for p in local
-                if (
-                    a := attempt(
-                        p,
-                        "advertise",
-                        lambda p=p: secure_party.advertise(cfg, cfg.party(p), local[p], plan),
-                    )
-                )
-                is not None
-            ]
-            hook("advertise", self)
-            roster = secure_coordinator.keys_roster(cfg, round, adverts, plan)
-            shares = [
-                s
-                for p in roster.parties
-                if (
-                    s := attempt(
-                        p,
-                        "share_keys",
-                        lambda p=p: secure_party.share_keys(cfg, cfg.party(p), roster, plan),
-                    )
-                )
-                is not None
-            ]
-            hook("share_keys", self)
-            roster = secure_coordinator.shares_roster(cfg, round, shares, roster, plan)
-            uploaders = roster.shared
-            rosters = [roster]
-            self.last_upload_rosters = rosters
-        sealed = [
-            s
-            for p in uploaders
-            if (
-                s := attempt(
-                    p,
-                    "upload",
-                    lambda p=p: secure_party.upload(
-                        cfg, cfg.party(p), local[p], plan, rosters, ckks_keys
-                    ),
-                )
-            )
-            is not None
-        ]
-        hook("upload", self)
-        if "secagg" in modes:
-            roster = secure_coordinator.inputs_roster(
-                cfg, round, sealed, rosters[0], self.current, plan
-            )
-            rosters = [roster]
-            reveals = [
-                v
-                for p in roster.uploaded
-                if (
-                    v := attempt(
-                        p,
-                        "unmask",
-                        lambda p=p: secure_party.reveal_shares(cfg, cfg.party(p), roster, plan),
-                    )
-                )
-                is not None
-            ]
-            hook("unmask", self)
-        if "ckks" in modes:
-            secure_coordinator.ckks_sum(
-                cfg, round, sealed, rosters, self.current, plan, ckks_keys[0]
-            )
-            layout = secure_party.layout_for(cfg, self.exchange, plan)
-            seg = layout.segment("ckks")
-            length = seg.size + secure_party.strategy_of(cfg, layout).n_slots
-            key_party = cfg.party(cfg.ckks_key_party)
-            ckks_plain = [secure_party.ckks_decrypt_sum(cfg, key_party, round, plan, length)]
-        new_ref, report = secure_coordinator.aggregate_protected(
-            cfg,
+        state = RoundState(
+            self.cfg,
+            self.plan,
+            self.exchange,
             round,
-            sealed,
             self.current,
-            plan,
-            dropped=dropped,
-            rosters=rosters,
-            reveals=reveals,
-            ckks_plain=ckks_plain,
+            list(local),
+            drop=drop or {},
+            local=local,
         )
-        if cfg.aggregation.buffer is not None:  # later rounds accept updates from this version
+        after = (lambda stage: hook(stage.value, self)) if hook else None
+        run_stages(state, protection_stages(self.plan.protection["tensors"]), after=after)
+        self.last_upload_rosters = state.upload_rosters
+        assert state.new_ref is not None and state.report is not None
+        new_ref, report = state.new_ref, state.report
+        if self.cfg.aggregation.buffer is not None:  # later rounds accept updates from it
             self._publish(new_ref, report)
         self.current = self.versions[round] = new_ref
-        return new_ref, report, sealed
+        return new_ref, report, state.sealed
 
     def _publish(self, new_ref: GlobalAdapterRef, report: Any) -> None:
         """The aggregate step's round record, under the run lock as in a pipeline."""

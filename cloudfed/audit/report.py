@@ -67,6 +67,8 @@ def plot_png(report: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cloudfed.tracking import figure_png
+
     fig, ax = plt.subplots(figsize=(6, 3.8))
     repeats = report["repeats"]
     for arm in report["arms"]:
@@ -86,11 +88,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
     ax.set_ylim(0, math.ceil(report["max_exposure_bits"]) + 0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def summary_text(report: dict[str, Any]) -> str:
