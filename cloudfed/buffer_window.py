@@ -10,12 +10,43 @@ earlier runs published.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 
-from cloudfed.artifacts import FederationPlan, GlobalAdapterRef
+from cloudfed.aggregation.fedbuff import Schedule, schedule_for
+from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, Rejection
 from cloudfed.exchange import Exchange
 from cloudfed.federation import FederationConfig
 from cloudfed.protection.keys import KeyPairs
+
+logger = logging.getLogger(__name__)
+
+
+def round_schedule(cfg: FederationConfig, start: int, parties: Sequence[str]) -> Schedule | None:
+    """Buffered rounds' virtual clock over the parties that passed harmonisation; None if sync."""
+    if cfg.aggregation.buffer is None:
+        return None
+    return schedule_for(cfg, start_round=start, parties=parties)
+
+
+def senders(
+    schedule: Schedule | None, r: int, parties: Sequence[str], dropped: list[Rejection]
+) -> dict[str, int]:
+    """Who sends an update in round r, by the global version it trains from.
+
+    Synchronous: everyone, from r-1. Buffered: the event's arrivals; each trains at its event,
+    from the version its virtual start saw (deterministic, so as if it had trained then), and
+    updates staler than max_staleness are not trained at all (nothing spent on what would be
+    refused): they are appended to `dropped`. The pipeline and `cloudfed.simulation` both call it.
+    """
+    if schedule is None:
+        return {p: r - 1 for p in parties}
+    event = schedule.event(r)
+    for a in event.dropped:
+        why = f"update from global version {a.base} would be {a.staleness} versions stale"
+        logger.warning("round %d: %s dropped: %s (buffer.max_staleness)", r, a.party, why)
+        dropped.append(Rejection(party=a.party, reason=f"{why}, above max_staleness; not sent"))
+    return {a.party: a.base for a in event.arrivals}
 
 
 def published_versions(

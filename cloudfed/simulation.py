@@ -98,8 +98,10 @@ class RoundState:
     exchange: Exchange
     round: int
     current: GlobalAdapterRef
-    parties: list[str]
+    parties: list[str]  # everyone who evaluates; the trainers unless `bases` names them
     datasets: Mapping[str, DatasetRef] = field(default_factory=dict)
+    # Buffered rounds: the event's arrivals -> the published adapter each trains from.
+    bases: Mapping[str, GlobalAdapterRef] = field(default_factory=dict)
     drop: Mapping[str, str] = field(default_factory=dict)
     local: dict[str, LocalUpdateRef] = field(default_factory=dict)
     dropped: list[Rejection] = field(default_factory=list)
@@ -116,6 +118,10 @@ class RoundState:
     report: AggregateReport | None = None
     evals: list[EvalRelease] = field(default_factory=list)
     stopped: str = ""  # why the round ended before publishing, if it did
+
+    @property
+    def trainers(self) -> list[str]:
+        return list(self.bases) if self.bases else self.parties
 
     @property
     def rosters(self) -> list[SecAggRoster]:
@@ -141,26 +147,26 @@ def _reserve(s: RoundState) -> None:
     from cloudfed.privacy.budget import reserve_round
 
     keys = coordinator.coordinator_keys(s.cfg, s.exchange)
-    reservation = reserve_round(s.cfg, s.exchange, keys, s.plan, s.round, s.parties)
+    reservation = reserve_round(s.cfg, s.exchange, keys, s.plan, s.round, s.trainers)
     if not reservation.granted:
         s.stopped = reservation.message
 
 
 def _train(s: RoundState) -> None:
     cfg = s.cfg
-    for p in s.parties:
+    for p in s.trainers:
         ref = s.attempt(
             p,
             Stage.TRAIN,
             lambda p=p: party.train_round(
-                cfg, cfg.party(p), s.round, s.datasets[p], s.current, s.plan
+                cfg, cfg.party(p), s.round, s.datasets[p], s.bases.get(p, s.current), s.plan
             ),
         )
         if ref is not None:
             s.local[p] = ref
     if len(s.local) < cfg.min_parties:
         s.stopped = (
-            f"round {s.round}: only {len(s.local)} of {len(s.parties)} parties trained, fewer "
+            f"round {s.round}: only {len(s.local)} of {len(s.trainers)} parties trained, fewer "
             f"than min_parties={cfg.min_parties} ("
             + "; ".join(f"{d.party}: {d.reason}" for d in s.dropped)
             + ")"
@@ -364,6 +370,11 @@ class RoundResult(BaseModel):
     seconds: float
     accepted: tuple[str, ...] = ()
     stopped: str = ""
+    # Simulated, not measured: the virtual clock (cloudfed.aggregation.fedbuff) at the end of the
+    # round, buffered events and synchronous rounds alike (a synchronous round waits for the
+    # slowest party). None for the baselines, which are no federation.
+    virtual_seconds: float | None = None
+    staleness: dict[str, int] = {}  # per accepted party: versions between its base and the round
 
 
 def _epsilon(cfg: FederationConfig, s: RoundState) -> float | None:
@@ -377,11 +388,14 @@ def _epsilon(cfg: FederationConfig, s: RoundState) -> float | None:
     return max(spent) if spent else None
 
 
-def summarise(cfg: FederationConfig, s: RoundState, seconds: float) -> RoundResult:
+def summarise(
+    cfg: FederationConfig, s: RoundState, seconds: float, virtual_seconds: float | None = None
+) -> RoundResult:
     """A round's numbers: the coordinator's view of the loss, each party's own view besides."""
     model = s.new_ref or s.current
     overall = coordinator.round_eval(cfg, s.plan, model, s.evals).loss
     records = {p: training_record(ref) for p, ref in s.local.items()}
+    accepted = tuple(s.report.accepted) if s.report else ()
     return RoundResult(
         round=s.round,
         eval_loss=float(overall),
@@ -391,8 +405,14 @@ def summarise(cfg: FederationConfig, s: RoundState, seconds: float) -> RoundResu
         bytes_sent=sum(r.bytes_sent for r in s.sealed) + sum(m.bytes for m in s.messages),
         epsilon=_epsilon(cfg, s),
         seconds=seconds,
-        accepted=tuple(s.report.accepted) if s.report else (),
+        accepted=accepted,
         stopped=s.stopped,
+        virtual_seconds=virtual_seconds,
+        staleness={
+            p: s.round - 1 - r.base_round
+            for p, r in records.items()
+            if p in accepted and r.base_round is not None
+        },
     )
 
 
@@ -401,9 +421,15 @@ class Simulation:
 
     The caller provisions the parties' policies first (they are the parties', not the
     launcher's); `datasets` are the parties' harmonised references (`party.prepare_dataset`).
+    With `aggregation.buffer`, rounds are buffered events as in the pipeline: each event's
+    arrivals train from the published version they started from (`versions`), only they run
+    the protection stages, the round record is published (the coordinator accepts stale bases
+    only from its signed records) and every party evaluates the new global.
     """
 
     def __init__(self, cfg: FederationConfig, datasets: Mapping[str, DatasetRef]) -> None:
+        from cloudfed.aggregation.fedbuff import schedule_for
+        from cloudfed.buffer_window import round_schedule
         from cloudfed.run_lock import release
 
         self.cfg = cfg
@@ -415,6 +441,12 @@ class Simulation:
         self.datasets = {
             p: party.release_dataset(cfg, cfg.party(p), datasets[p]) for p in self.parties
         }
+        start = self.plan.start_round
+        self.versions: dict[int, GlobalAdapterRef] = {start: self.current}  # published, by round
+        self.schedule = round_schedule(cfg, start, self.parties)  # None: synchronous rounds
+        # The virtual clock of either mode: buffered events, or synchronous rounds that each wait
+        # for the slowest party (fedbuff.synchronous), so both arms are timed on one clock.
+        self.clock = self.schedule or schedule_for(cfg, start_round=start, parties=self.parties)
 
     @property
     def modes(self) -> list[str]:
@@ -433,18 +465,45 @@ class Simulation:
             self.datasets,
         )
         run_stages(s, [Stage.EVALUATE])
-        return summarise(self.cfg, s, time.perf_counter() - start)
+        return summarise(self.cfg, s, time.perf_counter() - start, 0.0)
 
     def round(self, r: int) -> RoundResult:
         """Every stage of round `r`; the global adapter moves on only if the round published."""
+        from cloudfed.buffer_window import senders
+
         start = time.perf_counter()
+        dropped: list[Rejection] = []
+        bases = senders(self.schedule, r, self.parties, dropped)  # party -> version it trains from
         s = RoundState(
-            self.cfg, self.plan, self.exchange, r, self.current, self.parties, self.datasets
+            self.cfg,
+            self.plan,
+            self.exchange,
+            r,
+            self.current,
+            self.parties,
+            self.datasets,
+            bases={p: self.versions[v] for p, v in bases.items()},
+            dropped=dropped,
         )
         run_stages(s, round_stages(self.modes, privacy=self.cfg.privacy.enabled))
-        if s.new_ref is not None:
-            self.current = s.new_ref
-        return summarise(self.cfg, s, time.perf_counter() - start)
+        if s.new_ref is not None and s.report is not None:
+            self._publish(s.new_ref, s.report)
+            self.current = self.versions[r] = s.new_ref
+        return summarise(self.cfg, s, time.perf_counter() - start, self.clock.event(r).at)
+
+    def _publish(self, new_ref: GlobalAdapterRef, report: AggregateReport) -> None:
+        """The aggregate step's round record (its commit point), under the run lock as there."""
+        from cloudfed import run_lock
+        from cloudfed.federation_state import publish_round
+
+        run_lock.acquire(
+            self.exchange, self.plan.run_id, federation_id=self.cfg.federation_id,
+            timeout_minutes=60,
+        )  # fmt: skip
+        try:
+            publish_round(self.cfg, self.plan, new_ref, report.policy_sha256, report.aggregation)
+        finally:
+            run_lock.release(self.exchange, self.plan.run_id)
 
     def run(self) -> list[RoundResult]:
         """Round 0 and every round up to `rounds`, stopping where the pipeline would."""

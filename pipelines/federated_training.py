@@ -15,8 +15,9 @@ from zenml import pipeline
 from zenml.enums import ExecutionMode
 
 from cloudfed import console
-from cloudfed.aggregation.fedbuff import Schedule, clock, schedule_for
+from cloudfed.aggregation.fedbuff import clock
 from cloudfed.artifacts import Rejection
+from cloudfed.buffer_window import round_schedule, senders
 from cloudfed.errors import CloudfedError, ConfigError, DataError
 from cloudfed.federation import FederationConfig, load_run_config, parse_federation
 from cloudfed.preflight import check_config
@@ -138,32 +139,6 @@ def _heartbeat(cfg: FederationConfig, run_id: str) -> None:
     run_lock.heartbeat(federation_exchange(cfg), run_id)
 
 
-def _schedule(cfg: FederationConfig, start: int, parties: list[str]) -> Schedule | None:
-    """Buffered rounds' virtual clock over the parties that passed harmonisation."""
-    if cfg.aggregation.buffer is None:
-        return None
-    return schedule_for(cfg, start_round=start, parties=parties)
-
-
-def _senders(
-    schedule: Schedule | None, r: int, parties: list[str], dropped: list[Rejection]
-) -> dict[str, int]:
-    """Who sends an update in round r, by the global version it trains from.
-
-    Synchronous: everyone, from r-1. Buffered: the event's arrivals; each trains here, from the
-    version its virtual start saw (deterministic, so as if it had trained then), and updates
-    staler than max_staleness are not trained at all (nothing spent on what would be refused).
-    """
-    if schedule is None:
-        return {p: r - 1 for p in parties}
-    event = schedule.event(r)
-    for a in event.dropped:
-        why = f"update from global version {a.base} would be {a.staleness} versions stale"
-        logger.warning("round %d: %s dropped: %s (buffer.max_staleness)", r, a.party, why)
-        dropped.append(Rejection(party=a.party, reason=f"{why}, above max_staleness; not sent"))
-    return {a.party: a.base for a in event.arrivals}
-
-
 def _run_rounds(
     cfg: FederationConfig,
     coord: Any,
@@ -224,15 +199,15 @@ def _run_rounds(
         ]
         stop_reason = f"round limit ({cfg.rounds}) reached"
         protection = planned.protection.get("tensors", {})
-        schedule = _schedule(cfg, start, parties)
+        schedule = round_schedule(cfg, start, parties)
         versions = {start: current}  # global adapters a buffered round's parties train from
         for r in range(start + 1, cfg.rounds + 1):
             _heartbeat(cfg, planned.run_id)  # stops here if another run took the lock over
             dropped: list[Rejection] = []
-            senders = _senders(schedule, r, parties, dropped)  # party -> version it trains from
+            bases = senders(schedule, r, parties, dropped)  # party -> version it trains from
             if cfg.privacy.enabled:  # charged before anyone trains; refused means stop cleanly
                 reservation = coord(privacy_reserve)(
-                    federation, r, plan, list(senders), id=f"privacy_reserve_r{r}"
+                    federation, r, plan, list(bases), id=f"privacy_reserve_r{r}"
                 ).load()
                 if not reservation["granted"]:
                     stop_reason = reservation["message"]
@@ -241,7 +216,7 @@ def _run_rounds(
             party = _PartyCalls(cfg, r, dropped)
             local = {
                 p: u
-                for p, base in senders.items()
+                for p, base in bases.items()
                 if (
                     u := party.call(
                         "train", train_local, p, federation, p, r, datasets[p], versions[base], plan
@@ -251,7 +226,7 @@ def _run_rounds(
             }
             if len(local) < cfg.min_parties:  # e.g. DP-SGD budgets spent: stop, say why
                 stop_reason = (
-                    f"round {r}: only {len(local)} of {len(senders)} parties trained, fewer than "
+                    f"round {r}: only {len(local)} of {len(bases)} parties trained, fewer than "
                     f"min_parties={cfg.min_parties} ("
                     + "; ".join(f"{d.party}: {d.reason}" for d in dropped)
                     + ")"

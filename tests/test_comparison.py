@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from cloudfed.aggregation.fedbuff import durations, schedule_for, synchronous
 from cloudfed.comparison import (
     ComparisonSpec,
     RunResult,
@@ -22,6 +23,7 @@ from cloudfed.comparison import (
     prepare_data,
     run_arm,
 )
+from cloudfed.comparison.clock import closest_loss, time_curves, time_to_loss
 from cloudfed.data.ref import DatasetRef
 from cloudfed.federation import FederationConfig
 from cloudfed.party import read_rows
@@ -30,6 +32,7 @@ from tests.e2e_support import BIN, REPO_ROOT, make_project, zenml_env
 TINY = REPO_ROOT / "configs" / "compare-tiny.yaml"
 FULL = REPO_ROOT / "configs" / "compare.yaml"
 E2E_ARMS = ("local-only", "fedavg-plaintext", "cloudfed-hybrid-examples")
+SYNC, ASYNC = "cloudfed-hybrid-examples", "cloudfed-async-fedbuff"
 
 
 def tiny_raw(model_cache: Path) -> dict[str, Any]:
@@ -75,10 +78,14 @@ def test_every_arm_and_split_has_a_finite_row(tiny: dict[str, Any]) -> None:
         (a.name, s) for a in active for s in spec.splits
     ]
     parties = [p["name"] for p in spec.federation["parties"]]
+    rounds = {a.name: a.overrides.get("rounds", spec.federation["rounds"]) for a in active}
     for r in rows:
         values = [r["eval_loss_mean"], r["perplexity_mean"], *(r[f"loss_{p}"] for p in parties)]
         assert all(math.isfinite(float(v)) for v in values), r
-        assert int(r["rounds"]) == spec.federation["rounds"], r
+        assert int(r["rounds"]) == rounds[r["arm"]], r
+        # the simulated clock: every federation has one, the baselines none
+        assert (r["virtual_seconds"] == "") == (r["kind"] != "federated"), r
+    assert {(r["arm"], r["split"]) for r in rows} >= {(ASYNC, s) for s in spec.splits}
     if "aggregation" not in FederationConfig.model_fields:
         assert any("cloudfed-hybrid-fedadam" in s for s in skipped)
     text = tiny["files"]["markdown"].read_text(encoding="utf-8")
@@ -93,6 +100,8 @@ def test_csv_and_markdown_agree(tiny: dict[str, Any]) -> None:
     for line, row in zip(table, rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:2] == [row["arm"], row["split"]]
+        simulated = "-" if row["virtual_seconds"] == "" else f"{float(row['virtual_seconds']):.2f}"
+        assert cells[-4] == simulated
         assert cells[2].startswith(f"{float(row['eval_loss_mean']):.4f} ± ")
         assert cells[3].startswith(f"{float(row['perplexity_mean']):.2f} ± ")
         assert cells[-1] == f"{float(row['train_tokens']):,.0f}"
@@ -123,11 +132,20 @@ def test_arms_are_separate_federations(tiny: dict[str, Any]) -> None:
 def test_token_budgets_are_equal(tiny: dict[str, Any]) -> None:
     """Every arm trains the same optimiser samples; tokens match wherever batches are fixed-size
     (DP-SGD draws Poisson batches of the same expected size)."""
-    results: list[RunResult] = tiny["results"]
+    every: list[RunResult] = tiny["results"]
+    results = [r for r in every if r.arm != ASYNC]  # buffered: its own budget, below
     assert len({r.samples for r in results}) == 1, {(r.arm, r.split): r.samples for r in results}
     fixed = {r.tokens for r in results if r.arm != "dp-fl-record"}
     assert max(fixed) <= 1.1 * min(fixed), fixed
     assert all(r.tokens > 0 for r in results)
+    # Each buffered event trains only its arrivals: the budget is per training, not per round.
+    spec: ComparisonSpec = tiny["spec"]
+    t = spec.federation["training"]
+    trainings = sum(len(e.arrivals) for e in schedule_for(arm_config(tiny, ASYNC)).events)
+    for r in every:
+        if r.arm == ASYNC:
+            assert r.samples == trainings * t["local_steps"] * t["batch_size"]
+            assert r.samples != results[0].samples  # the table note says so
 
 
 def test_targets_are_computed(tiny: dict[str, Any]) -> None:
@@ -135,8 +153,12 @@ def test_targets_are_computed(tiny: dict[str, Any]) -> None:
 
     doc = json.loads(tiny["files"]["results"].read_text(encoding="utf-8"))
     goals = doc["targets"]
-    assert len(goals) == 4
-    assert all(g["value"] is not None and g["met"] is not None for g in goals), goals
+    assert len(goals) == 6
+    assert all(g["value"] is not None and g["met"] is not None for g in goals[:4]), goals
+    assert all(ASYNC not in g["detail"] for g in goals[:4])  # its budget differs: own target
+    for g in goals[4:]:  # asynchronous: a ratio, or "not reached" with the closest loss
+        assert g["met"] is not None, g
+        assert (g["value"] is None) == (g["met"] is False and "not reached" in g["detail"]), g
 
 
 def test_mlflow_run_per_arm_in_its_own_experiment(tiny: dict[str, Any]) -> None:
@@ -240,3 +262,113 @@ def test_comparison_and_simulation_never_import_zenml() -> None:
         "sys.exit('zenml' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
+
+
+# --- the asynchronous arm and its simulated clock ---------------------------------------------
+
+
+def arm_config(tiny: dict[str, Any], name: str, **extra: Any) -> FederationConfig:
+    """The federation config an arm of the tiny comparison ran with (seed 0)."""
+    from cloudfed.comparison.spec import deep_merge, federation_for
+    from cloudfed.federation import parse_federation
+
+    spec: ComparisonSpec = tiny["spec"]
+    overrides = deep_merge(deep_merge(spec.arm(name).overrides, {"seed": 0}), extra)
+    return parse_federation(federation_for(spec, "check", tiny["root"], **overrides))
+
+
+def test_async_arm_times_come_from_the_schedule(tiny: dict[str, Any]) -> None:
+    """Buffered events at their `.at`, synchronous rounds at the slowest party: one clock."""
+    spec: ComparisonSpec = tiny["spec"]
+    buffered = schedule_for(arm_config(tiny, ASYNC))
+    sync_cfg = arm_config(tiny, SYNC)
+    sync = synchronous(durations(sync_cfg), rounds=sync_cfg.rounds)
+    # tiny: 2 local steps x batch 4 x 64 tokens at 1000 tokens/s = 0.512 s; insurer-azure 5x.
+    assert [e.at for e in buffered.events] == [0.512, 1.024]
+    assert [[a.party for a in e.arrivals] for e in buffered.events] == [
+        ["bank-gcp", "hospital-aws"]
+    ] * 2
+    assert [e.at for e in sync.events] == [2.56]
+    for r in tiny["results"]:
+        times = [rr.virtual_seconds for rr in r.rounds]
+        if r.arm == ASYNC:
+            assert times == [0.0, *(e.at for e in buffered.events)], times
+            assert all(b > a for a, b in zip(times, times[1:], strict=False))
+            assert [set(rr.accepted) for rr in r.rounds[1:]] == [
+                {a.party for a in e.arrivals} for e in buffered.events
+            ]
+        elif r.arm == SYNC:
+            assert times == [0.0, *(e.at for e in sync.events)], times
+    # The target is read off these curves (seed means per split), as the helper computes it.
+    import json
+
+    curves = time_curves(tiny["results"])
+    goals = json.loads(tiny["files"]["results"].read_text(encoding="utf-8"))["targets"][4:]
+    for goal, split in zip(goals, ("non-iid", "iid"), strict=True):
+        assert split.replace("non-iid", "non-IID").replace("iid", "IID") in goal["name"]
+        fast, ref = curves[(ASYNC, split)], curves[(SYNC, split)]
+        reached = time_to_loss(fast, ref[-1][1])
+        if reached is None:
+            assert goal["value"] is None and f"{closest_loss(fast):.4f}" in goal["detail"]
+        else:
+            assert goal["value"] == pytest.approx(reached / ref[-1][0])
+    text = tiny["files"]["markdown"].read_text(encoding="utf-8")
+    assert "simulated s" in text and "not measured" in text
+    # MLflow: the simulated clock as a per-round series of the async arm's run
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tiny["uri"])
+    exp = client.get_experiment_by_name(spec.experiment)
+    assert exp is not None
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == ASYNC)
+    history = client.get_metric_history(run.info.run_id, "non-iid/simulated_seconds")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 0.512), (2, 1.024)]
+
+
+def test_time_to_loss_interpolates_linearly_in_virtual_time() -> None:
+    curve = [(0.0, 3.0), (1.0, 2.0), (3.0, 1.0)]
+    assert time_to_loss(curve, 1.5) == 2.0  # between t=1 (2.0) and t=3 (1.0): halfway
+    assert time_to_loss(curve, 2.0) == 1.0  # reached exactly at a round
+    assert time_to_loss(curve, 3.5) == 0.0  # already at the start
+    assert time_to_loss(curve, 0.5) is None
+    assert closest_loss(curve) == 1.0
+
+
+def test_time_ratio_target_met_and_not_reached() -> None:
+    from cloudfed.comparison.report import _time_ratio
+
+    fast = [(0.0, 3.0), (1.0, 2.0), (3.0, 1.0)]
+    met = _time_ratio("t", fast, [(0.0, 3.0), (5.0, 1.5)], 0.6, ASYNC)
+    assert met.value == pytest.approx(0.4) and met.met is True  # 2.0 s / 5.0 s
+    slow = _time_ratio("t", fast, [(0.0, 3.0), (2.5, 1.5)], 0.6, ASYNC)
+    assert slow.value == pytest.approx(0.8) and slow.met is False
+    never = _time_ratio("t", fast, [(0.0, 3.0), (5.0, 0.5)], 0.6, ASYNC)
+    assert never.value is None and never.met is False
+    assert "not reached in 2 rounds; closest loss 1.0000, synchronous final 0.5000" in never.detail
+    assert _time_ratio("t", None, fast, 0.6, ASYNC).met is None
+
+
+def test_a_buffered_simulation_accepts_a_stale_contribution(tiny: dict[str, Any]) -> None:
+    """insurer-azure 2x slow: its update from version 0 joins event 3 at staleness 2."""
+    from cloudfed.comparison.spec import ArmSpec
+
+    spec: ComparisonSpec = tiny["spec"]
+    parties = [
+        {**p, "compute_scale": 2.0} if p["name"] == "insurer-azure" else p
+        for p in spec.federation["parties"]
+    ]
+    overrides = {**spec.arm(ASYNC).overrides, "rounds": 3, "parties": parties}
+    arm = ArmSpec(name="async-stale", overrides=overrides)
+    plan = schedule_for(arm_config(tiny, ASYNC, rounds=3, parties=parties))
+    stale = plan.event(3).arrivals
+    assert [(a.party, a.base, a.staleness) for a in stale] == [
+        ("insurer-azure", 0, 2),
+        ("bank-gcp", 2, 0),
+    ]
+    one = spec.model_copy(update={"splits": ["non-iid"], "arms": [arm]})
+    (result,) = run_arm(one, arm, tiny["data"], tiny["root"] / "stale")
+    last = result.rounds[3]
+    assert set(last.accepted) == {"insurer-azure", "bank-gcp"}  # the coordinator took it
+    assert last.staleness == {"insurer-azure": 2, "bank-gcp": 0}
+    assert [r.virtual_seconds for r in result.rounds] == [0.0, *(e.at for e in plan.events)]
+    assert all(math.isfinite(r.eval_loss) for r in result.rounds)

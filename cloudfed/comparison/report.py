@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from cloudfed.comparison.clock import Curve, closest_loss, time_curves, time_to_loss
 from cloudfed.comparison.runs import RunResult
 from cloudfed.comparison.spec import ComparisonSpec
 from cloudfed.errors import ConfigError
@@ -39,6 +40,7 @@ class TableRow(BaseModel):
     perplexity_std: float
     party_loss: dict[str, float]
     wall_seconds: float
+    virtual_seconds: float | None  # simulated clock at the last round (cloudfed.comparison.clock)
     bytes_sent: float
     epsilon: float | None
     epsilon_unit: str
@@ -93,6 +95,9 @@ def table_rows(spec: ComparisonSpec, results: Sequence[RunResult]) -> list[Table
                         for p in parties
                     },
                     wall_seconds=_mean_std([r.wall_seconds for r in runs])[0],
+                    virtual_seconds=_mean_std([r.final.virtual_seconds for r in runs])[0]
+                    if all(r.final.virtual_seconds is not None for r in runs)
+                    else None,
                     bytes_sent=_mean_std([r.bytes_sent for r in runs])[0],
                     epsilon=_mean_std(eps)[0] if eps else None,
                     epsilon_unit=runs[0].epsilon_unit,
@@ -148,11 +153,45 @@ def _improvement(name: str, row: TableRow | None, local: TableRow | None, at_lea
     )
 
 
-def targets(spec: ComparisonSpec, rows: Sequence[TableRow]) -> list[TargetResult]:
-    """The issue's claims as ratios; a target whose arms did not run says so."""
+def _time_ratio(
+    name: str, fast: Curve | None, reference: Curve | None, at_most: float, arm: str
+) -> TargetResult:
+    """Virtual time for `fast` to reach `reference`'s final loss, over `reference`'s time."""
+    if not fast or not reference:
+        return TargetResult(
+            name=name, value=None, target=f"<= {at_most}", met=None, detail="arm or split not run"
+        )
+    goal_time, goal_loss = reference[-1]
+    reached = time_to_loss(fast, goal_loss)
+    if reached is None:
+        return TargetResult(
+            name=name, value=None, target=f"<= {at_most}", met=False,
+            detail=f"{arm}: not reached in {len(fast) - 1} rounds; closest loss "
+            f"{closest_loss(fast):.4f}, synchronous final {goal_loss:.4f}",
+        )  # fmt: skip
+    v = reached / goal_time
+    return TargetResult(
+        name=name, value=v, target=f"<= {at_most}", met=v <= at_most,
+        detail=f"{arm}: loss {goal_loss:.4f} at simulated {reached:.2f} s vs {goal_time:.2f} s",
+    )  # fmt: skip
+
+
+def targets(
+    spec: ComparisonSpec, rows: Sequence[TableRow], results: Sequence[RunResult] = ()
+) -> list[TargetResult]:
+    """The issue's claims as ratios; a target whose arms did not run says so.
+
+    The asynchronous target needs the per-round curves (`results`), on seed means per split.
+    """
     at = {(r.arm, r.split): r for r in rows}
     t = spec.targets
-    cloudfed = [r for r in rows if r.kind == "federated" and r.arm.startswith(spec.cloudfed_prefix)]
+    cloudfed = [  # the asynchronous arm trains another budget: it has its own target
+        r
+        for r in rows
+        if r.kind == "federated"
+        and r.arm.startswith(spec.cloudfed_prefix)
+        and r.arm != spec.async_arm
+    ]
 
     def best(split: str) -> TableRow | None:
         on = [r for r in cloudfed if r.split == split and math.isfinite(r.eval_loss_mean)]
@@ -162,6 +201,7 @@ def targets(spec: ComparisonSpec, rows: Sequence[TableRow]) -> list[TargetResult
         return next((r for r in rows if r.kind == k and r.split == split), None)
 
     central = kind("centralised", "iid")
+    curves = time_curves(results)
     return [
         _ratio(
             f"IID: {spec.plaintext_arm} / centralised eval loss",
@@ -187,6 +227,17 @@ def targets(spec: ComparisonSpec, rows: Sequence[TableRow]) -> list[TargetResult
             kind("local-only", "non-iid"),
             t.local_improvement,
         ),
+        *(
+            _time_ratio(
+                f"{label}: {spec.async_arm} simulated time to {spec.sync_arm}'s final eval loss "
+                f"/ {spec.sync_arm}'s simulated time (one 5x-slow party)",
+                curves.get((spec.async_arm, split)),
+                curves.get((spec.sync_arm, split)),
+                t.async_time_vs_sync,
+                spec.async_arm,
+            )
+            for split, label in (("non-iid", "non-IID"), ("iid", "IID"))
+        ),
     ]
 
 
@@ -194,7 +245,8 @@ def targets(spec: ComparisonSpec, rows: Sequence[TableRow]) -> list[TargetResult
 
 CSV_FIELDS = (
     "arm", "split", "kind", "seeds", "rounds", "eval_loss_mean", "eval_loss_std",
-    "perplexity_mean", "perplexity_std", "wall_seconds", "bytes_sent", "epsilon", "epsilon_unit",
+    "perplexity_mean", "perplexity_std", "wall_seconds", "virtual_seconds", "bytes_sent",
+    "epsilon", "epsilon_unit",
     "train_tokens", "train_samples", "federation_ids",
 )  # fmt: skip
 
@@ -212,6 +264,7 @@ def csv_text(rows: Sequence[TableRow]) -> str:
         doc = r.model_dump()
         doc["federation_ids"] = ";".join(r.federation_ids)
         doc["epsilon"] = "" if r.epsilon is None else repr(r.epsilon)
+        doc["virtual_seconds"] = "" if r.virtual_seconds is None else repr(r.virtual_seconds)
         writer.writerow(
             [doc[f] if not isinstance(doc[f], float) else repr(doc[f]) for f in CSV_FIELDS]
             + [repr(r.party_loss[p]) if p in r.party_loss else "" for p in parties]
@@ -222,7 +275,7 @@ def csv_text(rows: Sequence[TableRow]) -> str:
 def markdown_table(rows: Sequence[TableRow]) -> str:
     parties = _parties(rows)
     head = ["arm", "split", "eval loss", "perplexity", *(f"loss {p}" for p in parties),
-            "wall s", "MB sent", "epsilon", "train tokens"]  # fmt: skip
+            "wall s", "simulated s", "MB sent", "epsilon", "train tokens"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         eps = "-" if r.epsilon is None else f"{r.epsilon:.2f} ({r.epsilon_unit})"
@@ -233,6 +286,7 @@ def markdown_table(rows: Sequence[TableRow]) -> str:
             f"{r.perplexity_mean:.2f} ± {r.perplexity_std:.2f}",
             *(f"{r.party_loss[p]:.4f}" if p in r.party_loss else "-" for p in parties),
             f"{r.wall_seconds:.1f}",
+            "-" if r.virtual_seconds is None else f"{r.virtual_seconds:.2f}",
             f"{r.bytes_sent / 1e6:.2f}",
             eps,
             f"{r.train_tokens:,.0f}",
@@ -245,7 +299,7 @@ def targets_text(results: Sequence[TargetResult]) -> str:
     lines = []
     for t in results:
         value = (
-            "n/a"
+            ("not reached" if t.met is False else "n/a")
             if t.value is None
             else (f"{t.value:+.1%}" if "%" in t.target else f"{t.value:.4f}")
         )
@@ -267,7 +321,14 @@ def report_markdown(
         "over seeds); per-party losses are means over seeds. MB sent: sealed updates and "
         "protocol messages on the exchange, all rounds. Epsilon after the last round "
         "(party-level: the federation's ledger; record-level: the largest party's DP-SGD "
-        "ledger).\n\n" + markdown_table(rows) + "\n## Targets\n\n" + targets_text(goals)
+        "ledger). Simulated s: the virtual clock at the last round, not measured: a training "
+        "lasts its tokens x the party's compute_scale / tokens_per_second; a synchronous round "
+        "waits for its slowest party, a buffered (FedBuff) event happens when its buffer fills. "
+        "The asynchronous target reads the time to a loss off the seed-mean curve, "
+        "interpolating linearly in simulated time between rounds.\n\n"
+        + markdown_table(rows)
+        + "\n## Targets\n\n"
+        + targets_text(goals)
     )
     if notes:
         text += "\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes)
@@ -303,7 +364,7 @@ def write_report(
 ) -> dict[str, Path]:
     """table.md, table.csv, loss_per_round.png and results.json under `out_dir`."""
     rows = table_rows(spec, results)
-    goals = targets(spec, rows)
+    goals = targets(spec, rows, results)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "markdown": out_dir / "table.md",
@@ -355,7 +416,7 @@ def log_to_mlflow(
     exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
     set_experiment_kind(client, exp_id)
     rows = {(r.arm, r.split): r for r in table_rows(spec, results)}
-    goals = targets(spec, list(rows.values()))
+    goals = targets(spec, list(rows.values()), results)
     curves = loss_curves(results)
     ids = []
     for arm in spec.arms:
@@ -373,6 +434,9 @@ def log_to_mlflow(
                 client.log_metric(
                     rid, f"{r.split}/seed_{r.seed}/eval_loss", rr.eval_loss, step=rr.round
                 )
+        for (_, split), curve in time_curves(runs).items():
+            for rnd, (at, _loss) in enumerate(curve):  # simulated, not measured
+                client.log_metric(rid, f"{split}/simulated_seconds", at, step=rnd)
         for split in spec.splits:
             for rnd, loss in curves.get((arm.name, split), []):
                 client.log_metric(rid, f"{split}/eval_loss", loss, step=rnd)
@@ -384,6 +448,8 @@ def log_to_mlflow(
                 client.log_metric(rid, f"{split}/final/{key}", float(getattr(row, key)))
             if row.epsilon is not None:
                 client.log_metric(rid, f"{split}/final/epsilon", row.epsilon)
+            if row.virtual_seconds is not None:
+                client.log_metric(rid, f"{split}/final/simulated_seconds", row.virtual_seconds)
             for p, v in row.party_loss.items():
                 client.log_metric(rid, f"{split}/final/party/{p}/eval_loss", v)
         for i, g in enumerate(goals):

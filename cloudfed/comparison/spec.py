@@ -50,6 +50,9 @@ class Targets(_Strict):
     iid_vs_centralised: float = 1.05  # federated / centralised eval loss on IID, at most
     protected_vs_plaintext: float = 0.97  # best cloudfed arm / fedavg-plaintext, non-IID, at most
     local_improvement: float = 0.10  # federated vs local-only, lower eval loss per party, at least
+    # asynchronous arm's virtual time to reach the synchronous arm's final eval loss, over the
+    # synchronous arm's virtual time (one 5x-slow party), at most
+    async_time_vs_sync: float = 0.6
 
 
 class ComparisonSpec(_Strict):
@@ -66,6 +69,8 @@ class ComparisonSpec(_Strict):
     demo_data: DemoData | None = None
     plaintext_arm: str = "fedavg-plaintext"  # the traditional-FL reference of the targets
     cloudfed_prefix: str = "cloudfed-"  # arms that count as "cloudfed configurations"
+    sync_arm: str = "cloudfed-hybrid-examples"  # synchronous FedAvg under secure aggregation
+    async_arm: str = "cloudfed-async-fedbuff"  # buffered rounds (FedBuff) on the same clock
     targets: Targets = Targets()
 
     def active_arms(self) -> tuple[list[ArmSpec], list[str]]:
