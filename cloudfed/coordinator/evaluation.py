@@ -12,11 +12,7 @@ from dataclasses import dataclass
 from cloudfed.artifacts import EvalRelease, FederationPlan, GlobalAdapterRef, PartyEval
 from cloudfed.coordinator.plan import coordinator_keys
 from cloudfed.errors import ProtectionError
-from cloudfed.exchange import (
-    federation_exchange,
-    fetch_public_keys,
-    metrics_key,
-)
+from cloudfed.exchange import federation_exchange, fetch_public_keys, metrics_key
 from cloudfed.federation import FederationConfig
 from cloudfed.protection.messages import METRIC_SLOTS, metrics_context
 

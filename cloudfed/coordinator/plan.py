@@ -17,12 +17,7 @@ import numpy as np
 from cloudfed.aggregation.guard import shapes_of
 from cloudfed.artifacts import FederationPlan, GlobalAdapterRef
 from cloudfed.errors import ProtectionError
-from cloudfed.exchange import (
-    Exchange,
-    federation_exchange,
-    global_adapter_key,
-    publish_public_keys,
-)
+from cloudfed.exchange import Exchange, federation_exchange, global_adapter_key, publish_public_keys
 from cloudfed.federation import FederationConfig
 from cloudfed.protection import KeyPairs, load_or_create_keys
 from cloudfed.protection.messages import COORDINATOR

@@ -17,18 +17,9 @@ import numpy as np
 from cloudfed import buffer_window
 from cloudfed.aggregation.guard import MAX_ABS_UPDATE
 from cloudfed.aggregation.strategy import mean_from_sums, norm
-from cloudfed.artifacts import (
-    FederationPlan,
-    GlobalAdapterRef,
-    Rejection,
-    SealedUpdateRef,
-)
+from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, Rejection, SealedUpdateRef
 from cloudfed.errors import ProtectionError
-from cloudfed.exchange import (
-    Exchange,
-    fetch_public_keys,
-    update_key,
-)
+from cloudfed.exchange import Exchange, fetch_public_keys, update_key
 from cloudfed.federation import FederationConfig
 from cloudfed.privacy.party_level import calibration
 from cloudfed.protection import open_sealed_with_metadata

@@ -19,12 +19,7 @@ from cloudfed.party.data import prepare_dataset, read_rows, read_verified, relea
 from cloudfed.party.evaluation import evaluate_round
 from cloudfed.party.sealing import upload
 from cloudfed.party.secagg import advertise, reveal_shares, share_keys
-from cloudfed.party.training import (
-    LocalUpdateRecord,
-    load_local_update,
-    train_round,
-    training_seed,
-)
+from cloudfed.party.training import LocalUpdateRecord, load_local_update, train_round, training_seed
 
 __all__ = [
     "LocalUpdateRecord",

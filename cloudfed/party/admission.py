@@ -8,15 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cloudfed.artifacts import (
-    FederationPlan,
-)
+from cloudfed.artifacts import FederationPlan
 from cloudfed.errors import SimulatedDropout
-from cloudfed.exchange import (
-    Exchange,
-    federation_exchange,
-    publish_public_keys,
-)
+from cloudfed.exchange import Exchange, federation_exchange, publish_public_keys
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.party_policy import LoadedPolicy, check_pin, enforce
 from cloudfed.protection import KeyPairs, load_or_create_keys

@@ -13,18 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from cloudfed.aggregation.ranks import band_shortfall
-from cloudfed.artifacts import (
-    CkksKeyRef,
-    FederationPlan,
-    StageRef,
-)
+from cloudfed.artifacts import CkksKeyRef, FederationPlan, StageRef
 from cloudfed.errors import ProtectionError
-from cloudfed.exchange import (
-    ckks_plain_sum_key,
-    ckks_public_key,
-    ckks_sum_key,
-    federation_exchange,
-)
+from cloudfed.exchange import ckks_plain_sum_key, ckks_public_key, ckks_sum_key, federation_exchange
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.party.admission import consent
 from cloudfed.party.stages import stage_ref, write_owner_only

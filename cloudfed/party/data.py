@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cloudfed.artifacts import (
-    FederationPlan,
-)
+from cloudfed.artifacts import FederationPlan
 from cloudfed.data.ref import DatasetRef, redact, unavailable
 from cloudfed.data.tokens import TokenCounter
 from cloudfed.errors import CloudfedError, DataError

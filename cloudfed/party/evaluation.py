@@ -11,18 +11,9 @@ import json
 import time
 from pathlib import Path
 
-from cloudfed.artifacts import (
-    EvalRelease,
-    FederationPlan,
-    GlobalAdapterRef,
-    PartyEval,
-)
+from cloudfed.artifacts import EvalRelease, FederationPlan, GlobalAdapterRef, PartyEval
 from cloudfed.data.ref import DatasetRef
-from cloudfed.exchange import (
-    federation_exchange,
-    fetch_public_keys,
-    metrics_key,
-)
+from cloudfed.exchange import federation_exchange, fetch_public_keys, metrics_key
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.party.admission import consent
 from cloudfed.party.data import split_rows

@@ -24,11 +24,7 @@ from cloudfed.artifacts import (
     SecAggRoster,
 )
 from cloudfed.errors import DataError, ProtectionError
-from cloudfed.exchange import (
-    Exchange,
-    federation_exchange,
-    update_key,
-)
+from cloudfed.exchange import Exchange, federation_exchange, update_key
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.secagg import load_secrets

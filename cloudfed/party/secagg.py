@@ -14,12 +14,7 @@ import time
 from pathlib import Path
 
 from cloudfed.aggregation.ranks import band_shortfall
-from cloudfed.artifacts import (
-    FederationPlan,
-    LocalUpdateRef,
-    SecAggRoster,
-    StageRef,
-)
+from cloudfed.artifacts import FederationPlan, LocalUpdateRef, SecAggRoster, StageRef
 from cloudfed.errors import ProtectionError
 from cloudfed.exchange import (
     federation_exchange,

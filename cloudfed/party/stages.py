@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloudfed.artifacts import (
-    StageRef,
-)
+from cloudfed.artifacts import StageRef
 from cloudfed.federation import PartyConfig
 from cloudfed.party_policy import LoadedPolicy, check_pin
 from cloudfed.protection.keys import KeyPairs

@@ -14,18 +14,10 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from cloudfed.artifacts import (
-    FederationPlan,
-    GlobalAdapterRef,
-    LocalUpdateRef,
-)
+from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, LocalUpdateRef
 from cloudfed.data.ref import DatasetRef
 from cloudfed.errors import DataError
-from cloudfed.exchange import (
-    Exchange,
-    federation_exchange,
-    fetch_public_keys,
-)
+from cloudfed.exchange import Exchange, federation_exchange, fetch_public_keys
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.data import read_verified, split_rows

@@ -14,22 +14,11 @@ from typing import Any
 import numpy as np
 
 from cloudfed.aggregation.composed import Strategy, strategy_for
-from cloudfed.artifacts import (
-    CkksKeyRef,
-    FederationPlan,
-    GlobalAdapterRef,
-    SecAggRoster,
-)
+from cloudfed.artifacts import CkksKeyRef, FederationPlan, GlobalAdapterRef, SecAggRoster
 from cloudfed.errors import ProtectionError
-from cloudfed.exchange import (
-    Exchange,
-    fetch_public_keys,
-    secagg_advert_key,
-)
+from cloudfed.exchange import Exchange, fetch_public_keys, secagg_advert_key
 from cloudfed.federation import FederationConfig
-from cloudfed.protection import (
-    SealContext,
-)
+from cloudfed.protection import SealContext
 from cloudfed.protection.envelope import open_public
 from cloudfed.protection.keys import PublicKeyBundle
 from cloudfed.protection.policy import Layout, route
@@ -37,11 +26,7 @@ from cloudfed.protection.secagg import protocol
 from cloudfed.training.adapter_io import state_from_bytes
 
 COORDINATOR = "coordinator"
-
-
 ADVERT, ROSTER, SHARE, REVEAL = "secagg-advert", "secagg-roster", "secagg-share", "secagg-reveal"
-
-
 CKKS_CONTEXT, CKKS_SUM, CKKS_PLAIN = "ckks-context", "ckks-sum", "ckks-plain-sum"
 
 
