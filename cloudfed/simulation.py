@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from cloudfed import coordinator, party, secure_coordinator, secure_party
+from cloudfed import coordinator, party
 from cloudfed.artifacts import (
     AggregateReport,
     CkksKeyRef,
@@ -43,6 +43,7 @@ from cloudfed.data.ref import DatasetRef
 from cloudfed.errors import CloudfedError
 from cloudfed.exchange import Exchange, federation_exchange
 from cloudfed.federation import FederationConfig
+from cloudfed.protection import messages
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def _train(s: RoundState) -> None:
 
 def _ckks_keygen(s: RoundState) -> None:
     kp = s.cfg.ckks_key_party
-    s.ckks_keys = [secure_party.ckks_keygen(s.cfg, s.cfg.party(kp), s.plan, s.round)]
+    s.ckks_keys = [party.ckks_keygen(s.cfg, s.cfg.party(kp), s.plan, s.round)]
 
 
 def _advertise(s: RoundState) -> None:
@@ -183,13 +184,13 @@ def _advertise(s: RoundState) -> None:
     s.adverts = s.each(
         Stage.ADVERTISE,
         list(s.local),
-        lambda p: secure_party.advertise(cfg, cfg.party(p), s.local[p], s.plan),
+        lambda p: party.advertise(cfg, cfg.party(p), s.local[p], s.plan),
     )
     s.messages += s.adverts
 
 
 def _keys_roster(s: RoundState) -> None:
-    s.roster = secure_coordinator.keys_roster(s.cfg, s.round, s.adverts, s.plan)
+    s.roster = coordinator.keys_roster(s.cfg, s.round, s.adverts, s.plan)
 
 
 def _share_keys(s: RoundState) -> None:
@@ -198,14 +199,14 @@ def _share_keys(s: RoundState) -> None:
     s.shares = s.each(
         Stage.SHARE_KEYS,
         roster.parties,
-        lambda p: secure_party.share_keys(cfg, cfg.party(p), roster, s.plan),
+        lambda p: party.share_keys(cfg, cfg.party(p), roster, s.plan),
     )
     s.messages += s.shares
 
 
 def _shares_roster(s: RoundState) -> None:
     assert s.roster is not None
-    s.roster = secure_coordinator.shares_roster(s.cfg, s.round, s.shares, s.roster, s.plan)
+    s.roster = coordinator.shares_roster(s.cfg, s.round, s.shares, s.roster, s.plan)
     s.upload_rosters = [s.roster]
 
 
@@ -216,15 +217,13 @@ def _upload(s: RoundState) -> None:
     s.sealed = s.each(
         Stage.UPLOAD,
         uploaders,
-        lambda p: secure_party.upload(cfg, cfg.party(p), s.local[p], s.plan, rosters, keys),
+        lambda p: party.upload(cfg, cfg.party(p), s.local[p], s.plan, rosters, keys),
     )
 
 
 def _inputs_roster(s: RoundState) -> None:
     assert s.roster is not None
-    s.roster = secure_coordinator.inputs_roster(
-        s.cfg, s.round, s.sealed, s.roster, s.current, s.plan
-    )
+    s.roster = coordinator.inputs_roster(s.cfg, s.round, s.sealed, s.roster, s.current, s.plan)
 
 
 def _unmask(s: RoundState) -> None:
@@ -233,32 +232,28 @@ def _unmask(s: RoundState) -> None:
     s.reveals = s.each(
         Stage.UNMASK,
         roster.uploaded,
-        lambda p: secure_party.reveal_shares(cfg, cfg.party(p), roster, s.plan),
+        lambda p: party.reveal_shares(cfg, cfg.party(p), roster, s.plan),
     )
     s.messages += s.reveals
 
 
 def _ckks_sum(s: RoundState) -> None:
-    secure_coordinator.ckks_sum(
-        s.cfg, s.round, s.sealed, s.rosters, s.current, s.plan, s.ckks_keys[0]
-    )
+    coordinator.ckks_sum(s.cfg, s.round, s.sealed, s.rosters, s.current, s.plan, s.ckks_keys[0])
 
 
 def _ckks_decrypt(s: RoundState) -> None:
     cfg = s.cfg
-    layout = secure_party.layout_for(cfg, s.exchange, s.plan)
+    layout = messages.layout_for(cfg, s.exchange, s.plan)
     segment = layout.segment("ckks")
     assert segment is not None
-    length = segment.size + secure_party.strategy_of(cfg, layout).n_slots  # every weight slot
-    plain = secure_party.ckks_decrypt_sum(
-        cfg, cfg.party(cfg.ckks_key_party), s.round, s.plan, length
-    )
+    length = segment.size + messages.strategy_of(cfg, layout).n_slots  # every weight slot
+    plain = party.ckks_decrypt_sum(cfg, cfg.party(cfg.ckks_key_party), s.round, s.plan, length)
     s.ckks_plain = [plain]
     s.messages.append(plain)
 
 
 def _aggregate(s: RoundState) -> None:
-    s.new_ref, s.report = secure_coordinator.aggregate_protected(
+    s.new_ref, s.report = coordinator.aggregate_protected(
         s.cfg,
         s.round,
         s.sealed,

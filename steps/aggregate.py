@@ -33,9 +33,9 @@ def aggregate(
     Annotated[AggregateReport, Artifacts.AGGREGATE_REPORT],
 ]:
     with timed_work(round=round) as meta:
+        from cloudfed.coordinator import aggregate_protected
         from cloudfed.federation import parse_federation
         from cloudfed.federation_state import publish_round
-        from cloudfed.secure_coordinator import aggregate_protected
 
         cfg = parse_federation(federation)
         new_global, report = aggregate_protected(

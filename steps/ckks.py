@@ -23,7 +23,7 @@ def ckks_keygen(
     with timed_work(party=party, round=round):
         refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_party import ckks_keygen as keygen
+        from cloudfed.party import ckks_keygen as keygen
 
         cfg = parse_federation(federation)
         result = keygen(cfg, cfg.party(party), plan, round)
@@ -41,8 +41,8 @@ def ckks_sum(
     ckks_key: CkksKeyRef,
 ) -> Annotated[StageRef, "ckks_sum_ref"]:
     with timed_work(round=round):
+        from cloudfed.coordinator import ckks_sum as add_ciphertexts
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_coordinator import ckks_sum as add_ciphertexts
 
         cfg = parse_federation(federation)
         result = add_ciphertexts(cfg, round, sealed, rosters, current, plan, ckks_key)
@@ -55,13 +55,10 @@ def ckks_decrypt(
 ) -> Annotated[StageRef, "ckks_plain_ref"]:
     with timed_work(party=party, round=round):
         refuse_launcher_environment(party)
+        from cloudfed.exchange import federation_exchange
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_party import (
-            ckks_decrypt_sum,
-            federation_exchange,
-            layout_for,
-            strategy_of,
-        )
+        from cloudfed.party import ckks_decrypt_sum
+        from cloudfed.protection.messages import layout_for, strategy_of
 
         cfg = parse_federation(federation)
         layout = layout_for(cfg, federation_exchange(cfg), plan)

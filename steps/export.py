@@ -28,7 +28,7 @@ def export_update(
     with timed_work(party=party):
         refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_party import upload
+        from cloudfed.party import upload
 
         cfg = parse_federation(federation)
         result = upload(cfg, cfg.party(party), local_update, plan, rosters, ckks_keys)

@@ -30,7 +30,7 @@ def secagg_advertise(
     with timed_work(party=party):
         refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_party import advertise
+        from cloudfed.party import advertise
 
         cfg = parse_federation(federation)
         result = advertise(cfg, cfg.party(party), local_update, plan)
@@ -42,8 +42,8 @@ def secagg_keys_roster(
     federation: dict[str, Any], round: int, adverts: list[StageRef], plan: FederationPlan
 ) -> Annotated[SecAggRoster, ROSTER]:
     with timed_work(round=round) as meta:
+        from cloudfed.coordinator import keys_roster
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_coordinator import keys_roster
 
         result = keys_roster(parse_federation(federation), round, adverts, plan)
         meta.update(parties=result.parties, neighbours=result.neighbours, t=result.threshold)
@@ -57,7 +57,7 @@ def secagg_share_keys(
     with timed_work(party=party):
         refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_party import share_keys
+        from cloudfed.party import share_keys
 
         cfg = parse_federation(federation)
         result = share_keys(cfg, cfg.party(party), roster, plan)
@@ -73,8 +73,8 @@ def secagg_shares_roster(
     plan: FederationPlan,
 ) -> Annotated[SecAggRoster, ROSTER]:
     with timed_work(round=round) as meta:
+        from cloudfed.coordinator import shares_roster
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_coordinator import shares_roster
 
         result = shares_roster(parse_federation(federation), round, shares, roster, plan)
         meta.update(shared=result.shared)
@@ -91,8 +91,8 @@ def secagg_inputs_roster(
     plan: FederationPlan,
 ) -> Annotated[SecAggRoster, ROSTER]:
     with timed_work(round=round) as meta:
+        from cloudfed.coordinator import inputs_roster
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_coordinator import inputs_roster
 
         result = inputs_roster(parse_federation(federation), round, sealed, roster, current, plan)
         meta.update(uploaded=result.uploaded)
@@ -106,7 +106,7 @@ def secagg_reveal(
     with timed_work(party=party):
         refuse_launcher_environment(party)
         from cloudfed.federation import parse_federation
-        from cloudfed.secure_party import reveal_shares
+        from cloudfed.party import reveal_shares
 
         cfg = parse_federation(federation)
         result = reveal_shares(cfg, cfg.party(party), roster, plan)

@@ -13,9 +13,10 @@ from cloudfed import coordinator
 from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, LocalUpdateRef
 from cloudfed.exchange import federation_exchange
 from cloudfed.federation import FederationConfig, parse_federation
-from cloudfed.party import LocalUpdateRecord, load_global, party_keys
+from cloudfed.party import LocalUpdateRecord, party_keys
 from cloudfed.party_policy import provision
 from cloudfed.protection.commitments import keyed_digest
+from cloudfed.protection.messages import load_global
 from cloudfed.run_lock import release
 from cloudfed.simulation import RoundState, protection_stages, run_stages
 from cloudfed.training.adapter_io import state_to_bytes

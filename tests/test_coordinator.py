@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cloudfed import coordinator, party, secure_coordinator, secure_party
+from cloudfed import coordinator, party
 from cloudfed.artifacts import FederationPlan, LocalUpdateRef, Rejection, SealedUpdateRef
 from cloudfed.data.ref import DatasetRef, ValidationSummary
 from cloudfed.errors import AggregationError, ConfigError, DataError
@@ -26,8 +26,9 @@ from cloudfed.exchange import (
     update_key,
 )
 from cloudfed.federation import FederationConfig, parse_federation
-from cloudfed.party import load_global
+from cloudfed.party import sealing
 from cloudfed.party_policy import provision
+from cloudfed.protection.messages import load_global
 from cloudfed.run_lock import release
 from cloudfed.training.adapter_io import state_from_bytes
 from tests.protected_support import local_update
@@ -91,7 +92,7 @@ class Fed:
     def export(
         self, name: str, round: int, state: dict[str, np.ndarray], examples: int
     ) -> SealedUpdateRef:
-        return secure_party.upload(
+        return party.upload(
             self.cfg,
             self.cfg.party(name),
             self.local(name, round, state, examples),
@@ -101,7 +102,7 @@ class Fed:
         )
 
     def aggregate(self, round: int, sealed: list[SealedUpdateRef], current, **kw):
-        new_ref, report = secure_coordinator.aggregate_protected(
+        new_ref, report = coordinator.aggregate_protected(
             self.cfg, round, sealed, current, self.plan, **kw
         )
         self.base = new_ref.sha256
@@ -292,7 +293,7 @@ def _bad_update(fed: Fed, kind: str) -> tuple[dict[str, np.ndarray], str]:
         bad[names[1]] = np.ones((3, 3), dtype=np.float32)
         return bad, f"shape mismatch for {names[1]}: (3, 3) != "
     if kind == "magnitude":
-        return fed.const(secure_party.MAX_ABS_UPDATE * 10), "magnitude 1e+04 exceeds"
+        return fed.const(sealing.MAX_ABS_UPDATE * 10), "magnitude 1e+04 exceeds"
     del bad[names[-1]]
     return bad, f"missing tensor(s): {names[-1]}"
 
@@ -325,7 +326,7 @@ def test_forged_public_values_are_rejected_by_the_coordinator(
     """A party that skips its own check is still caught where values are visible (plaintext)."""
     fed = Fed(tmp_path, model_cache)
     bad, _ = _bad_update(fed, kind)
-    monkeypatch.setattr(secure_party, "check_update", lambda *a, **k: None)
+    monkeypatch.setattr(sealing, "check_update", lambda *a, **k: None)
     sealed = [
         fed.export(NAMES[0], 1, bad, 1000),
         fed.export(NAMES[1], 1, fed.const(2.0), 1),
@@ -365,7 +366,7 @@ def test_an_unclipped_public_update_is_rejected_by_the_coordinator(
     fed = Fed(tmp_path, model_cache)
     size = sum(v.size for v in fed.initial.values())
     _with_norm_bound(fed, float(np.sqrt(size)))  # the norm of a constant-1 update
-    monkeypatch.setattr(secure_party, "clip_to_norm", lambda update, bound: (update, False))
+    monkeypatch.setattr(sealing, "clip_to_norm", lambda update, bound: (update, False))
     sealed = [
         fed.export(NAMES[0], 1, fed.const(3.0), 1),
         fed.export(NAMES[1], 1, fed.const(1.0), 1),
@@ -385,9 +386,7 @@ def test_update_from_another_run_is_rejected(tmp_path: Path, model_cache: Path) 
     assert other_run.run_id != fed.plan.run_id
     assert other_run.initial_adapter.sha256 == fed.plan.initial_adapter.sha256
     with pytest.raises(AggregationError, match="another run"):
-        secure_coordinator.aggregate_protected(
-            fed.cfg, 1, sealed, other_run.initial_adapter, other_run
-        )
+        coordinator.aggregate_protected(fed.cfg, 1, sealed, other_run.initial_adapter, other_run)
 
 
 def test_min_parties_one_is_refused(tmp_path: Path, model_cache: Path) -> None:

@@ -29,7 +29,7 @@ from cloudfed.aggregation.staleness import StalenessSettings
 from cloudfed.aggregation.strategy import PartyStats, RoundInfo, mean_from_sums
 from cloudfed.errors import AggregationError, ConfigError
 from cloudfed.federation import load_run_config, parse_federation
-from cloudfed.party import load_global
+from cloudfed.protection.messages import load_global
 from tests.protected_support import Federation, federation_dict
 
 A, B, C = NAMES = ("a-fast", "b-fast", "c-slow")

@@ -41,7 +41,7 @@ def _prepare(cfg) -> Any:
 def _publish(cfg, plan, round: int) -> None:
     """What the aggregate step does after a round: the adapter, then its record."""
     from cloudfed.coordinator import publish_global
-    from cloudfed.party import load_global
+    from cloudfed.protection.messages import load_global
 
     exchange = federation_exchange(cfg)
     state = load_global(exchange, plan.initial_adapter)

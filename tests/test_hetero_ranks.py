@@ -243,15 +243,18 @@ def test_thin_band_after_a_dropout_is_never_unmasked(
     so it is never unmasked and nothing is published. The control run, with the parties' check
     off too, shows what the coordinator would get otherwise: beta's rows in the clear.
     """
-    from cloudfed import secure_coordinator, secure_party
+    from cloudfed import party as party_role
+    from cloudfed.coordinator import round as coordinator_round
+    from cloudfed.party import ckks as party_ckks
+    from cloudfed.party import secagg as party_secagg
 
     ranks = dict(zip(NAMES, (2, 4, 4), strict=True))
     lora = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    monkeypatch.setattr(secure_coordinator, "band_shortfall", lambda *a: None)
+    monkeypatch.setattr(coordinator_round, "band_shortfall", lambda *a: None)
     fed = Federation(ranked(tmp_path / "guarded", model_cache, list(ranks.values()), lora=lora))
     updates = rank_updates(fed, ranks)
     refusals: list[str] = []
-    reveal = secure_party.reveal_shares
+    reveal = party_role.reveal_shares
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -260,7 +263,7 @@ def test_thin_band_after_a_dropout_is_never_unmasked(
             refusals.append(str(exc))
             raise
 
-    monkeypatch.setattr(secure_party, "reveal_shares", spy)
+    monkeypatch.setattr(party_role, "reveal_shares", spy)
     with pytest.raises(AggregationError, match="no model"):
         fed.round(1, updates, drop={NAMES[2]: "upload"})
     assert len(refusals) == 2
@@ -268,7 +271,8 @@ def test_thin_band_after_a_dropout_is_never_unmasked(
     assert not fed.exchange.exists(global_adapter_key(fed.plan.run_id, 1))
 
     control = Federation(ranked(tmp_path / "ctl", model_cache, list(ranks.values()), lora=lora))
-    monkeypatch.setattr(secure_party, "band_shortfall", lambda *a: None)
+    monkeypatch.setattr(party_secagg, "band_shortfall", lambda *a: None)
+    monkeypatch.setattr(party_ckks, "band_shortfall", lambda *a: None)
     updates = rank_updates(control, ranks)
     control.round(1, updates, drop={NAMES[2]: "upload"})
     leaked = control.global_state()

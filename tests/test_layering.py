@@ -52,8 +52,6 @@ def test_aggregation_strategies_are_pure() -> None:
     """Strategies run on both roles and in tests: no I/O layers, no roles, no protection."""
     forbidden = (
         "cloudfed.exchange",
-        "cloudfed.secure_party",
-        "cloudfed.secure_coordinator",
         "cloudfed.party",
         "cloudfed.coordinator",
         "cloudfed.protection",
@@ -66,5 +64,34 @@ def test_aggregation_strategies_are_pure() -> None:
         if m.startswith("cloudfed.aggregation")
         for d in deps
         if d.startswith(forbidden)
+    }
+    assert not offenders, sorted(offenders)
+
+
+def test_protection_imports_neither_role() -> None:
+    """What both roles share about messages sits below them, so neither role imports the other."""
+    roles = ("cloudfed.party", "cloudfed.coordinator")
+    offenders = {
+        (m, d)
+        for m, deps in graph().items()
+        if m.startswith("cloudfed.protection")
+        for d in deps
+        if any(d == r or d.startswith(f"{r}.") for r in roles)
+    }
+    assert not offenders, sorted(offenders)
+
+
+def test_the_roles_do_not_import_each_other() -> None:
+    def inside(name: str, role: str) -> bool:
+        return name == role or name.startswith(f"{role}.")
+
+    pairs = (("cloudfed.party", "cloudfed.coordinator"), ("cloudfed.coordinator", "cloudfed.party"))
+    offenders = {
+        (m, d)
+        for m, deps in graph().items()
+        for role, other in pairs
+        if inside(m, role)
+        for d in deps
+        if inside(d, other)
     }
     assert not offenders, sorted(offenders)

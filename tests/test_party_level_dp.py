@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 import yaml
 
-from cloudfed import secure_party
+from cloudfed import party as party_role
 from cloudfed.coordinator import coordinator_keys
 from cloudfed.errors import AggregationError, CloudfedError
 from cloudfed.exchange import global_adapter_key
 from cloudfed.federation import FederationConfig, parse_federation
-from cloudfed.party import load_global
 from cloudfed.privacy import noise as noise_module
 from cloudfed.privacy.accountant import GaussianEvent, epsilon
 from cloudfed.privacy.budget import load_ledger, reserve_round
@@ -53,7 +52,7 @@ from cloudfed.protection.hazmat.quantize import (
     noise_bits,
     quantize,
 )
-from cloudfed.secure_party import layout_for
+from cloudfed.protection.messages import layout_for, load_global
 from tests.protected_support import Federation, accept_anything, federation_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -599,12 +598,12 @@ def test_upload_under_other_privacy_settings_is_rejected(
         other_raw["privacy"] = party_privacy
     other = parse_federation(other_raw)
     accept_anything(other, C)  # C agrees to anything: the coordinator's check is what's tested
-    upload = secure_party.upload
+    upload = party_role.upload
 
     def upload_with_own_settings(cfg, party, *args, **kwargs):
         return upload(other if party.name == C else cfg, party, *args, **kwargs)
 
-    monkeypatch.setattr(secure_party, "upload", upload_with_own_settings)
+    monkeypatch.setattr(party_role, "upload", upload_with_own_settings)
     reserve(fed, 1)
     updates = {p: (state_update(fed, i, CLIP / 2), 50) for i, p in enumerate(NAMES)}
     ref, report, _ = fed.round(1, updates)
@@ -623,12 +622,12 @@ def test_upload_with_a_smaller_noise_share_is_rejected(
     other_raw["privacy"] = dp("distributed", 0.01)  # same mode and clip, 100x less noise
     other = parse_federation(other_raw)
     accept_anything(other, C)  # C agrees to anything: the coordinator's check is what's tested
-    upload = secure_party.upload
+    upload = party_role.upload
 
     def upload_with_own_settings(cfg, party, *args, **kwargs):
         return upload(other if party.name == C else cfg, party, *args, **kwargs)
 
-    monkeypatch.setattr(secure_party, "upload", upload_with_own_settings)
+    monkeypatch.setattr(party_role, "upload", upload_with_own_settings)
     reserve(fed, 1)
     updates = {p: (state_update(fed, i, CLIP / 2), 50) for i, p in enumerate(NAMES)}
     _, report, _ = fed.round(1, updates)

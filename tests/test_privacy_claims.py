@@ -29,7 +29,6 @@ import pytest
 import yaml
 
 from cloudfed import party as party_mod
-from cloudfed import secure_party
 from cloudfed.coordinator import coordinator_keys, round_eval
 from cloudfed.data.ref import DatasetRef, ValidationSummary
 from cloudfed.errors import (
@@ -40,6 +39,8 @@ from cloudfed.errors import (
 )
 from cloudfed.exchange import ckks_sum_key, secagg_reveal_key
 from cloudfed.federation import parse_federation
+from cloudfed.party import back_onto_grid
+from cloudfed.party import training as party_training
 from cloudfed.party_policy import ConsentError, dp_sgd_cap, enforce, load_policy, policy_path
 from cloudfed.privacy import party_ledger
 from cloudfed.privacy.accountant import GaussianEvent, epsilon
@@ -55,11 +56,10 @@ from cloudfed.privacy.noise import (
 )
 from cloudfed.privacy.party_level import ckks_grid
 from cloudfed.privacy.settings import DEFAULT_DP_SGD_MAX_EPSILON, DpSgdSettings
-from cloudfed.protection import SealContext, seal
+from cloudfed.protection import SealContext, messages, seal
 from cloudfed.protection.envelope import sign_public
 from cloudfed.protection.headers import ALLOWED
 from cloudfed.protection.keys import load_or_create_keys
-from cloudfed.secure_party import back_onto_grid
 from tests.attacks import (
     grid_distinguisher,
     headers_on_exchange,
@@ -494,16 +494,16 @@ def test_key_party_decrypts_once_and_never_too_few(tmp_path: Path, model_cache: 
         protection={"default": "ckks", "ckks": {"workers": 1}},
     )
     cfg, plan = fed.cfg, fed.plan
-    key_ref = secure_party.ckks_keygen(cfg, cfg.party(A), plan, 1)
-    seg = secure_party.layout_for(cfg, fed.exchange, plan).segment("ckks")
+    key_ref = party_mod.ckks_keygen(cfg, cfg.party(A), plan, 1)
+    seg = messages.layout_for(cfg, fed.exchange, plan).segment("ckks")
     from cloudfed.protection import ckks
 
-    public = secure_party.ckks_public_context(cfg, fed.exchange, plan, key_ref)
+    public = messages.ckks_public_context(cfg, fed.exchange, plan, key_ref)
     blocks = ckks.encrypt_vector(public, np.zeros(seg.size + 1))
     keys = coordinator_keys(cfg, fed.exchange)
 
     def coordinator_asks(parties: list[str]) -> None:
-        ctx = secure_party.stage_context(
+        ctx = messages.stage_context(
             cfg, 1, "coordinator", "ckks-sum", run_id=plan.run_id, parties=parties
         )
         blob = seal(
@@ -516,15 +516,15 @@ def test_key_party_decrypts_once_and_never_too_few(tmp_path: Path, model_cache: 
 
     coordinator_asks([A, B])  # one ciphertext, declared as two: below the party's minimum 3
     with pytest.raises(ConsentError, match="fewer than 3 contributions"):
-        secure_party.ckks_decrypt_sum(cfg, cfg.party(A), 1, plan, seg.size + 1)
+        party_mod.ckks_decrypt_sum(cfg, cfg.party(A), 1, plan, seg.size + 1)
     coordinator_asks([A, B, C])
-    first = secure_party.ckks_decrypt_sum(cfg, cfg.party(A), 1, plan, seg.size + 1)
+    first = party_mod.ckks_decrypt_sum(cfg, cfg.party(A), 1, plan, seg.size + 1)
     assert not list(Path(cfg.party(A).storage).rglob("*.secret-context"))  # deleted once used
-    again = secure_party.ckks_decrypt_sum(cfg, cfg.party(A), 1, plan, seg.size + 1)
+    again = party_mod.ckks_decrypt_sum(cfg, cfg.party(A), 1, plan, seg.size + 1)
     assert again.sha256 == first.sha256  # a retry gets the same answer...
     coordinator_asks([C, B, A])  # ...another sum gets none
     with pytest.raises(ProtectionError, match="already decrypted a CKKS sum"):
-        secure_party.ckks_decrypt_sum(cfg, cfg.party(A), 1, plan, seg.size + 1)
+        party_mod.ckks_decrypt_sum(cfg, cfg.party(A), 1, plan, seg.size + 1)
 
 
 def test_an_upload_happens_once_per_round(tmp_path: Path, model_cache: Path) -> None:
@@ -537,12 +537,12 @@ def test_an_upload_happens_once_per_round(tmp_path: Path, model_cache: Path) -> 
     party, local = fed.cfg.party(ref.party), fed.last_local[ref.party]
     rosters = fed.last_upload_rosters
     # The same upload again (a retried step): the very same bytes, nothing new to difference.
-    again = secure_party.upload(fed.cfg, party, local, fed.plan, rosters, [])
+    again = party_mod.upload(fed.cfg, party, local, fed.plan, rosters, [])
     assert fed.exchange.get_bytes(again.key) == blob
     # Asked again under another roster: refused, and the first upload stays as it was.
     other = rosters[0].model_copy(update={"sha256": "0" * 64})
     with pytest.raises(ProtectionError, match="already uploaded its update for round 1"):
-        secure_party.upload(fed.cfg, party, local, fed.plan, [other], [])
+        party_mod.upload(fed.cfg, party, local, fed.plan, [other], [])
     assert fed.exchange.get_bytes(ref.key) == blob
 
 
@@ -592,10 +592,10 @@ def test_a_weaker_run_config_is_refused_naming_the_field_and_policy(
     weak = _weaker(fed, **changes)
     local = fed.local(A, 1, fed.const(0.0), 5)
     if field is None:
-        secure_party.advertise(weak, weak.party(A), local, fed.plan)
+        party_mod.advertise(weak, weak.party(A), local, fed.plan)
         return
     with pytest.raises(ConsentError) as err:
-        secure_party.advertise(weak, weak.party(A), local, fed.plan)
+        party_mod.advertise(weak, weak.party(A), local, fed.plan)
     msg = str(err.value)
     assert msg.startswith(f"{A} refuses this round") and field in msg and policy_field in msg
     assert str(policy_path(A)) in msg
@@ -611,22 +611,20 @@ def test_a_swapped_coordinator_key_or_redirected_storage_is_refused(
         update={"coordinator_fingerprint": other.public_bundle().fingerprint}
     )
     with pytest.raises(ConsentError, match=r"coordinator key of coordinator .*\(pins.coordinator="):
-        secure_party.advertise(fed.cfg, fed.cfg.party(A), local, swapped)
+        party_mod.advertise(fed.cfg, fed.cfg.party(A), local, swapped)
     # Pointing the party's storage elsewhere gives it fresh keys (and a fresh ledger): refused.
     raw = fed.cfg.model_dump(mode="json")
     raw["parties"][0]["storage"] = str(tmp_path / "elsewhere")
     moved = parse_federation(raw)
     with pytest.raises(ConsentError, match=rf"party key of {A} .*\(pins.parties.{A}="):
-        secure_party.advertise(moved, moved.party(A), local, fed.plan)
+        party_mod.advertise(moved, moved.party(A), local, fed.plan)
 
 
 def test_no_policy_no_round(tmp_path: Path, model_cache: Path) -> None:
     fed = make_fed(tmp_path, model_cache)
     policy_path(A).unlink()
     with pytest.raises(ConsentError, match=rf"{A}: no party policy at .*{A}.yaml"):
-        secure_party.advertise(
-            fed.cfg, fed.cfg.party(A), fed.local(A, 1, fed.const(0.0), 5), fed.plan
-        )
+        party_mod.advertise(fed.cfg, fed.cfg.party(A), fed.local(A, 1, fed.const(0.0), 5), fed.plan)
     # Where the policy lives comes from the party's environment, never the run config.
     assert str(policy_path(A)).startswith(str(tmp_path / "party-policies"))
     assert fed.cfg.party(A).storage not in str(policy_path(A))
@@ -677,7 +675,7 @@ def test_the_privacy_ledger_cannot_roll_back_or_fork(tmp_path: Path, model_cache
     fed.exchange.put_bytes(LEDGER_KEY, v1)
     head.unlink()
     with pytest.raises(ConsentError, match="holds no reservation"):
-        party_mod._check_party_level_budget(fed.cfg, loaded, fed.exchange, fed.plan, 2)
+        party_training._check_party_level_budget(fed.cfg, loaded, fed.exchange, fed.plan, 2)
 
 
 def test_a_party_trains_only_for_a_round_reserved_for_it(tmp_path: Path, model_cache: Path) -> None:
@@ -690,8 +688,8 @@ def test_a_party_trains_only_for_a_round_reserved_for_it(tmp_path: Path, model_c
         fed.cfg, fed.exchange, coordinator_keys(fed.cfg, fed.exchange), fed.plan, 1, [B, C]
     )
     with pytest.raises(ConsentError, match=rf"no reservation of it for {A} \(only for"):
-        party_mod._check_party_level_budget(fed.cfg, loaded, fed.exchange, fed.plan, 1)
-    party_mod._check_party_level_budget(fed.cfg, load_policy(B), fed.exchange, fed.plan, 1)
+        party_training._check_party_level_budget(fed.cfg, loaded, fed.exchange, fed.plan, 1)
+    party_training._check_party_level_budget(fed.cfg, load_policy(B), fed.exchange, fed.plan, 1)
 
 
 # --- 6. hard stops -----------------------------------------------------------------------------
@@ -800,7 +798,7 @@ def test_a_coarse_quantiser_cannot_push_the_charged_noise_below_the_floor(
     reserve(fed, 1)
     loaded = load_policy(A)
     with pytest.raises(ConsentError, match="below privacy.min_noise_multiplier=1"):
-        party_mod._check_party_level_budget(fed.cfg, loaded, fed.exchange, fed.plan, 1)
+        party_training._check_party_level_budget(fed.cfg, loaded, fed.exchange, fed.plan, 1)
 
 
 def test_one_run_cannot_spend_more_than_the_policy_allows_per_run(

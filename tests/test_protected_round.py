@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cloudfed import secure_coordinator, secure_party
+from cloudfed import coordinator as coordinator_role
+from cloudfed import party as party_role
 from cloudfed.artifacts import AggregateReport, GlobalAdapterRef, SecAggRoster
+from cloudfed.coordinator import uploads
 from cloudfed.errors import AggregationError, ConfigError, ProtectionError
 from cloudfed.exchange import (
     ckks_public_key,
@@ -28,8 +30,8 @@ from cloudfed.exchange import (
     secagg_share_key,
     update_key,
 )
-from cloudfed.party import load_global
-from cloudfed.protection import secure_sum
+from cloudfed.protection import messages, secure_sum
+from cloudfed.protection.messages import load_global
 from tests.protected_support import Federation, federation_dict
 
 A, B, C = NAMES = ("alpha-aws", "beta-gcp", "gamma-azure")
@@ -137,14 +139,14 @@ def rosters(monkeypatch: pytest.MonkeyPatch) -> dict[str, SecAggRoster]:
     """Every roster the coordinator writes during the test, by stage."""
     seen: dict[str, SecAggRoster] = {}
     for stage in ("keys", "shares", "inputs"):
-        original = getattr(secure_coordinator, f"{stage}_roster")
+        original = getattr(coordinator_role, f"{stage}_roster")
 
         def spy(*args, _original=original, _stage=stage, **kwargs):
             ref = _original(*args, **kwargs)
             seen[_stage] = ref
             return ref
 
-        monkeypatch.setattr(secure_coordinator, f"{stage}_roster", spy)
+        monkeypatch.setattr(coordinator_role, f"{stage}_roster", spy)
     return seen
 
 
@@ -379,7 +381,7 @@ def test_advertisement_tampered_after_keys_roster_aborts(
     """The roster pins each advertisement's hash: neighbours refuse to mask against a new one."""
     fed = make_fed(tmp_path, model_cache)
     errors: dict[str, Exception] = {}
-    original = secure_party.upload
+    original = party_role.upload
 
     def recording(cfg, party, *args, **kwargs):
         try:
@@ -388,7 +390,7 @@ def test_advertisement_tampered_after_keys_roster_aborts(
             errors[party.name] = exc
             raise
 
-    monkeypatch.setattr(secure_party, "upload", recording)
+    monkeypatch.setattr(party_role, "upload", recording)
     hook = on("share_keys", lambda f: flip(f, secagg_advert_key(f.plan.run_id, 1, A), -1))
     with pytest.raises(AggregationError, match=r"1 masked input\(s\) from \['alpha-aws'\]"):
         fed.round(1, const_updates(fed), hook=hook)
@@ -480,7 +482,7 @@ def test_tampered_roster_is_refused_by_every_party(
     controlled the orchestrator's artifact too: the coordinator's signature must still catch it.
     """
     fed = make_fed(tmp_path, model_cache)
-    write = getattr(secure_coordinator, f"{stage}_roster")
+    write = getattr(coordinator_role, f"{stage}_roster")
 
     def tampering(*args, **kwargs) -> SecAggRoster:
         ref = write(*args, **kwargs)
@@ -491,7 +493,7 @@ def test_tampered_roster_is_refused_by_every_party(
         return ref
 
     errors: dict[str, Exception] = {}
-    party_stage = getattr(secure_party, next_stage)
+    party_stage = getattr(party_role, next_stage)
 
     def recording(cfg, party, *args, **kwargs):
         try:
@@ -500,8 +502,8 @@ def test_tampered_roster_is_refused_by_every_party(
             errors[party.name] = exc
             raise
 
-    monkeypatch.setattr(secure_coordinator, f"{stage}_roster", tampering)
-    monkeypatch.setattr(secure_party, next_stage, recording)
+    monkeypatch.setattr(coordinator_role, f"{stage}_roster", tampering)
+    monkeypatch.setattr(party_role, next_stage, recording)
     with pytest.raises(ProtectionError, match=r"secagg.roster rejected"):
         fed.round(1, const_updates(fed))
     assert sorted(errors) == sorted(NAMES)
@@ -527,7 +529,7 @@ def test_hybrid_policy_routes_each_tensor(tmp_path: Path, model_cache: Path) -> 
     fed = make_fed(tmp_path, model_cache, protection=HYBRID)
     assert fed.plan.protection["tensors"] == {"secagg": 2, "ckks": 4, "plaintext": 2}
     assert fed.plan.protection["mode"] == "hybrid(secagg=2,ckks=4,plaintext=2)"
-    layout = secure_party.layout_for(fed.cfg, fed.exchange, fed.plan)
+    layout = messages.layout_for(fed.cfg, fed.exchange, fed.plan)
     routes = layout.routes()
     assert sorted(routes) == sorted(fed.initial)
     assert routes == {name: expected_route(name) for name in fed.initial}
@@ -555,7 +557,7 @@ def test_hybrid_three_mode_round(tmp_path: Path, model_cache: Path) -> None:
     fed = make_fed(tmp_path, model_cache, protection=HYBRID)
     updates = random_updates(fed)
     ref, report, _ = fed.round(1, updates)
-    routes = secure_party.layout_for(fed.cfg, fed.exchange, fed.plan).routes()
+    routes = messages.layout_for(fed.cfg, fed.exchange, fed.plan).routes()
     expected = exact_mean(updates, NAMES)
     got = load_global(fed.exchange, ref)
     for name, mode in routes.items():
@@ -607,7 +609,7 @@ def test_ckks_secret_context_stays_with_key_party(tmp_path: Path, model_cache: P
     fed = make_fed(tmp_path, model_cache, protection={"default": "ckks", "ckks": {"workers": 1}})
     cfg = fed.cfg
     assert cfg.ckks_key_party == A
-    ref = secure_party.ckks_keygen(cfg, cfg.party(A), fed.plan, 1)
+    ref = party_role.ckks_keygen(cfg, cfg.party(A), fed.plan, 1)
     assert ref.key == ckks_public_key(fed.plan.run_id, 1)
     key_party = Path(cfg.party(A).storage)
     secrets = files_named(key_party, SECRET)
@@ -617,7 +619,7 @@ def test_ckks_secret_context_stays_with_key_party(tmp_path: Path, model_cache: P
         assert files_named(Path(cfg.party(other).storage), SECRET) == []
     assert files_named(tmp_path / "coordinator", SECRET) == []
     assert files_named(tmp_path / "exchange", SECRET) == []
-    public = secure_party.ckks_public_context(cfg, fed.exchange, fed.plan, ref)
+    public = messages.ckks_public_context(cfg, fed.exchange, fed.plan, ref)
     assert not ts.context_from(public).is_private()
 
 
@@ -704,7 +706,7 @@ def test_coordinator_side_holds_no_update_and_no_quantised_words(
     fed = make_fed(tmp_path, model_cache)
     words: dict[str, np.ndarray] = {}
     uploading: list[str] = []
-    upload, encode = secure_party.upload, secure_sum.encode_secagg
+    upload, encode = party_role.upload, secure_sum.encode_secagg
 
     def upload_spy(cfg, party, *args, **kwargs):
         uploading.append(party.name)
@@ -716,16 +718,16 @@ def test_coordinator_side_holds_no_update_and_no_quantised_words(
         return out
 
     opened: list[bytes] = []  # every section the coordinator decrypted, in memory
-    open_upload = secure_coordinator.open_upload
+    open_upload = uploads.open_upload
 
     def open_spy(*args, **kwargs):
         upload = open_upload(*args, **kwargs)
         opened.extend(upload.sections.values())
         return upload
 
-    monkeypatch.setattr(secure_party, "upload", upload_spy)
+    monkeypatch.setattr(party_role, "upload", upload_spy)
     monkeypatch.setattr(secure_sum, "encode_secagg", encode_spy)
-    monkeypatch.setattr(secure_coordinator, "open_upload", open_spy)
+    monkeypatch.setattr(uploads, "open_upload", open_spy)
     updates = random_updates(fed, salt=7)
     ref, report, _ = fed.round(1, updates)
     assert sorted(words) == sorted(NAMES)

@@ -22,8 +22,8 @@ from cloudfed.errors import AggregationError, ConfigError, ProtectionError
 from cloudfed.exchange import federation_exchange, global_adapter_key
 from cloudfed.federation import parse_federation
 from cloudfed.federation_state import publish_round
-from cloudfed.party import load_global
 from cloudfed.protection import load_or_create_keys
+from cloudfed.protection.messages import load_global
 from tests.protected_support import Federation, federation_dict
 
 NAMES = ("alpha-aws", "beta-gcp", "gamma-azure")

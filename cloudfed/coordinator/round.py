@@ -1,4 +1,4 @@
-"""The coordinator's side of a protected round: rosters, the CKKS sum, unmasking, publishing.
+"""The coordinator's side of a protected round: the CKKS sum, unmasking, the aggregate, publishing.
 
 The coordinator is honest-but-curious. Under `secagg` it only ever holds masked words until the
 survivors' shares let it remove the masks from their sum; under `ckks` it only adds ciphertexts
@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from cloudfed import buffer_window, server_state
-from cloudfed.aggregation.guard import MAX_ABS_UPDATE, shapes_of
+from cloudfed import server_state
+from cloudfed.aggregation.guard import shapes_of
 from cloudfed.aggregation.ranks import band_shortfall
-from cloudfed.aggregation.strategy import mean_from_sums, norm
+from cloudfed.aggregation.strategy import norm
 from cloudfed.artifacts import (
     AggregateReport,
     CkksKeyRef,
@@ -32,369 +31,39 @@ from cloudfed.artifacts import (
     SecAggRoster,
     StageRef,
 )
-from cloudfed.coordinator import COORDINATOR, coordinator_keys, publish_global
+from cloudfed.coordinator.plan import coordinator_keys, publish_global
+from cloudfed.coordinator.uploads import Upload, verified_uploads
 from cloudfed.errors import AggregationError, ProtectionError
 from cloudfed.exchange import (
     Exchange,
     ckks_sum_key,
     federation_exchange,
     fetch_public_keys,
-    secagg_advert_key,
     secagg_reveal_key,
-    secagg_roster_key,
-    secagg_share_key,
-    update_key,
 )
 from cloudfed.federation import FederationConfig
-from cloudfed.party import load_global
 from cloudfed.privacy.budget import commit_round, entry_id, load_ledger
 from cloudfed.privacy.ledger import LedgerEntry
 from cloudfed.privacy.party_level import calibration
 from cloudfed.protection import open_sealed_with_metadata, seal, secure_sum
-from cloudfed.protection import payload as container
-from cloudfed.protection.envelope import open_public, read_public_header, sign_public
 from cloudfed.protection.keys import KeyPairs
-from cloudfed.protection.policy import Layout
-from cloudfed.protection.secagg import protocol
-from cloudfed.secure_party import (
-    ADVERT,
+from cloudfed.protection.messages import (
     CKKS_PLAIN,
     CKKS_SUM,
+    COORDINATOR,
     REVEAL,
-    ROSTER,
-    SHARE,
     ckks_public_context,
     layout_for,
+    load_global,
     read_roster,
     sha256,
     stage_context,
     strategy_of,
     verified_advert,
 )
+from cloudfed.protection.secagg import protocol
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Upload:
-    party: str
-    sections: dict[str, bytes]
-    clipped: int
-    bytes: int
-
-
-def open_upload(
-    cfg: FederationConfig,
-    exchange: Exchange,
-    keys: KeyPairs,
-    ref: SealedUpdateRef,
-    *,
-    round: int,
-    run_id: str,
-    base_sha256: str,
-    layout: Layout,
-    bases: Mapping[str, int] | None = None,
-) -> Upload:
-    """Open and check one party's upload; raises ValueError/ProtectionError with the reason.
-
-    `bases` (buffered rounds): every adapter version the round accepts updates from.
-    """
-    if ref.round != round:
-        raise ValueError(f"update is for round {ref.round}, not {round}")
-    if ref.key != update_key(run_id, round, ref.party):
-        raise ValueError(
-            f"unexpected exchange key {ref.key!r}: not this run's upload for round {round} "
-            "(another run's, or moved)"
-        )
-    sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.sender_fingerprint)
-    opened = open_sealed_with_metadata(
-        exchange.get_bytes(ref.key),
-        context=stage_context(cfg, round, ref.party, "update"),
-        recipient=keys,
-        sender=sender,
-    )
-    meta = opened.metadata
-    if meta.get("run_id") != run_id:
-        raise ValueError("update belongs to another run of this federation (replay)")
-    if bases is not None:
-        why = buffer_window.base_refusal(cfg, meta.get("base_sha256"), bases, round)
-        if why is not None:
-            raise ValueError(why)
-    elif meta.get("base_sha256") != base_sha256:
-        raise ValueError("update was trained from another global adapter (stale or replayed)")
-    if meta.get("policy_sha256") != layout.policy_sha256:
-        raise ValueError("update was protected under another protection policy")
-    sections = container.unpack(opened.payload)
-    try:
-        meta = json.loads(sections.pop("meta", b"{}"))
-    except ValueError:
-        raise ValueError("update metadata is not JSON") from None
-    if not isinstance(meta, dict):
-        raise ValueError("update metadata is not a mapping")
-    if set(sections) != set(layout.modes):
-        raise ValueError(f"update carries sections {sorted(sections)}, not {list(layout.modes)}")
-    slots = strategy_of(cfg, layout).n_slots
-    if (seg := layout.segment("secagg")) is not None and len(sections["secagg"]) != 4 * (
-        seg.size + slots
-    ):
-        raise ValueError("masked vector has the wrong length")
-    if (seg := layout.segment("plaintext")) is not None:
-        expected = seg.size + (slots if len(layout.segments) == 1 else 0)
-        if len(sections["plaintext"]) != 4 * expected:
-            raise ValueError("plaintext section has the wrong length")
-        values = np.frombuffer(sections["plaintext"], dtype="<f4")
-        if not np.all(np.isfinite(values)):
-            raise ValueError("non-finite values in the public tensors")
-        if values.size and float(np.max(np.abs(values))) > MAX_ABS_UPDATE:
-            raise ValueError(f"magnitude above {MAX_ABS_UPDATE:.3g} in the public tensors")
-        bound = cfg.aggregation.max_update_norm
-        length = _public_norm(strategy_of(cfg, layout), seg, values, alone=expected > seg.size)
-        if bound is not None and length > bound * (1 + 1e-5):
-            raise ValueError(  # the party's norm itself stays out of the logged reason
-                f"the public tensors' norm exceeds aggregation.max_update_norm {bound:.4g}; the "
-                "party skipped its own clipping"
-            )
-    if cfg.privacy.enabled:  # the party must have clipped and noised as this round requires
-        if meta.get("dp_mode") != cfg.privacy.mode or meta.get("dp_clip") != cfg.privacy.clip:
-            raise ValueError(
-                f"update was made under privacy mode {meta.get('dp_mode')!r} with clip "
-                f"{meta.get('dp_clip')!r}, not {cfg.privacy.mode!r} with {cfg.privacy.clip!r}"
-            )
-        want = calibration(cfg).party_std if cfg.privacy.mode == "distributed" else None
-        got = meta.get("dp_party_std")
-        if want is not None and not (isinstance(got, float) and got >= want * (1 - 1e-9)):
-            raise ValueError(
-                f"update carries a noise share of std {got!r}, below this round's {want:.6g}; "
-                "the sum would hold less noise than the ledger charges"
-            )
-    clipped = meta.get("clipped", 0)
-    return Upload(
-        ref.party,
-        sections,
-        int(clipped) if isinstance(clipped, int) else 0,
-        len(opened.payload),
-    )
-
-
-def _public_norm(strategy: Any, seg: Any, values: np.ndarray, *, alone: bool) -> float:
-    """The norm of the party's own update, where its weights travelled too (x = w x / w).
-
-    Elsewhere only w x is visible, whose norm bounds the update's from below (weights <= 1).
-    """
-    weighted = seg.unflatten(values[: seg.size].astype(np.float64))
-    if alone and np.all(values[seg.size :] > 0):
-        weighted = mean_from_sums(weighted, values[seg.size :].astype(np.float64), strategy.slots)
-    return norm(weighted)
-
-
-def _sign_roster(
-    cfg: FederationConfig,
-    exchange: Exchange,
-    keys: KeyPairs,
-    run_id: str,
-    stage: str,
-    doc: dict[str, Any],
-    setup: protocol.RoundSetup,
-    rejected: list[Rejection],
-) -> SecAggRoster:
-    round = setup.round
-    context = stage_context(cfg, round, COORDINATOR, ROSTER, run_id=run_id, stage=stage)
-    blob = sign_public(json.dumps(doc, sort_keys=True).encode(), context=context, sender=keys)
-    key = secagg_roster_key(run_id, round, stage)
-    exchange.put_bytes(key, blob)
-    return SecAggRoster(
-        round=round,
-        stage=stage,
-        key=key,
-        sha256=sha256(blob),
-        parties=list(setup.parties),
-        shared=list(doc.get("shared", [])),
-        uploaded=list(doc.get("uploaded", [])),
-        rejected=rejected,
-        neighbours=setup.neighbours,
-        threshold=setup.threshold,
-    )
-
-
-def keys_roster(
-    cfg: FederationConfig, round: int, adverts: Sequence[StageRef], plan: FederationPlan
-) -> SecAggRoster:
-    """After stage 1: U1 = parties whose advertisement verified; fixes graph and threshold."""
-    exchange = federation_exchange(cfg)
-    keys = coordinator_keys(cfg, exchange)
-    members, digests, rejected = {}, {}, []
-    for ref in sorted(adverts, key=lambda r: r.party):
-        try:
-            blob = exchange.get_bytes(secagg_advert_key(plan.run_id, round, ref.party))
-            sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.fingerprint)
-            context = stage_context(cfg, round, ref.party, ADVERT, run_id=plan.run_id)
-            protocol.Advertisement.model_validate_json(
-                open_public(blob, context=context, sender=sender).payload
-            )
-        except (ProtectionError, ValueError, FileNotFoundError) as exc:
-            rejected.append(Rejection(party=ref.party, reason=f"advertisement rejected: {exc}"))
-            continue
-        members[ref.party] = ref.fingerprint
-        digests[ref.party] = sha256(blob)
-    if len(members) < cfg.min_parties:
-        raise AggregationError(
-            f"round {round}: {len(members)} party(ies) advertised secure-aggregation keys, fewer "
-            f"than min_parties={cfg.min_parties}; no model was published for this round"
-        )
-    sa = cfg.protection.secagg
-    try:
-        setup = protocol.setup_for(
-            cfg.federation_id,
-            plan.run_id,
-            round,
-            members,
-            neighbours=sa.neighbours,
-            threshold=sa.threshold,
-            complete_up_to=sa.complete_graph_up_to,
-            min_survivors=cfg.min_parties,
-        )
-    except ValueError as exc:
-        raise AggregationError(
-            f"round {round}: protection.secagg settings do not fit {len(members)} parties: {exc}"
-        ) from None
-    doc = {
-        "setup": {**setup.binding(), "min_survivors": setup.min_survivors},
-        "members": members,
-        "adverts": digests,
-    }
-    return _sign_roster(cfg, exchange, keys, plan.run_id, "keys", doc, setup, rejected)
-
-
-def shares_roster(
-    cfg: FederationConfig,
-    round: int,
-    shares: Sequence[StageRef],
-    previous: SecAggRoster,
-    plan: FederationPlan,
-) -> SecAggRoster:
-    """After stage 2: U2 = parties that put a signed share in every holder's inbox."""
-    exchange = federation_exchange(cfg)
-    keys = coordinator_keys(cfg, exchange)
-    doc, setup = read_roster(cfg, exchange, plan, previous, "keys")
-    shared, rejected = [], list(previous.rejected)  # a roster carries every exclusion so far
-    for ref in sorted(shares, key=lambda r: r.party):
-        if ref.party not in setup.parties:
-            rejected.append(Rejection(party=ref.party, reason="shared keys without advertising"))
-            continue
-        missing = []
-        for holder in setup.holders(ref.party):
-            key = secagg_share_key(plan.run_id, round, holder, ref.party)
-            try:
-                header = read_public_header(exchange.get_bytes(key))
-            except (FileNotFoundError, ProtectionError):
-                missing.append(holder)
-                continue
-            ctx = header["context"]
-            if (
-                ctx.get("party") != ref.party
-                or ctx.get("kind") != SHARE
-                or ctx.get("round") != round
-            ):
-                missing.append(holder)
-        if missing:
-            rejected.append(Rejection(party=ref.party, reason=f"shares missing for {missing}"))
-            continue
-        shared.append(ref.party)
-    for p in setup.parties:
-        if p not in shared and not any(r.party == p for r in rejected):
-            rejected.append(Rejection(party=p, reason="dropped before sharing keys"))
-    if len(shared) < max(cfg.min_parties, setup.threshold):
-        raise AggregationError(
-            f"round {round}: {len(shared)} party(ies) shared their mask keys ({shared}), below "
-            f"the threshold t={setup.threshold} / min_parties={cfg.min_parties}; the round is "
-            "aborted and no model is published"
-        )
-    doc = {**doc, "shared": shared}
-    return _sign_roster(cfg, exchange, keys, plan.run_id, "shares", doc, setup, rejected)
-
-
-def inputs_roster(
-    cfg: FederationConfig,
-    round: int,
-    sealed: Sequence[SealedUpdateRef],
-    previous: SecAggRoster,
-    current: GlobalAdapterRef,
-    plan: FederationPlan,
-) -> SecAggRoster:
-    """After stage 3: U3 = parties whose masked upload verified; aborts if unmasking is unsafe."""
-    exchange = federation_exchange(cfg)
-    keys = coordinator_keys(cfg, exchange)
-    doc, setup = read_roster(cfg, exchange, plan, previous, "shares")
-    layout = layout_for(cfg, exchange, plan)
-    rejected = list(previous.rejected)
-    rejected += [
-        Rejection(party=r.party, reason="uploaded without sharing keys")
-        for r in sealed
-        if r.party not in doc["shared"]
-    ]
-    uploads, bad = verified_uploads(
-        cfg,
-        exchange,
-        keys,
-        sealed,
-        round=round,
-        plan=plan,
-        current=current,
-        layout=layout,
-        only=doc["shared"],
-    )
-    rejected += bad
-    uploaded = sorted(uploads)
-    for p in doc["shared"]:
-        if p not in uploaded and not any(r.party == p for r in rejected):
-            rejected.append(Rejection(party=p, reason="dropped after sharing keys"))
-    protocol.check_survivors(setup, doc["shared"], uploaded)
-    doc = {**doc, "uploaded": uploaded}
-    return _sign_roster(cfg, exchange, keys, plan.run_id, "inputs", doc, setup, rejected)
-
-
-def verified_uploads(
-    cfg: FederationConfig,
-    exchange: Exchange,
-    keys: KeyPairs,
-    sealed: Sequence[SealedUpdateRef],
-    *,
-    round: int,
-    plan: FederationPlan,
-    current: GlobalAdapterRef,
-    layout: Layout,
-    only: Sequence[str] | None,
-) -> tuple[dict[str, Upload], list[Rejection]]:
-    out: dict[str, Upload] = {}
-    rejected: list[Rejection] = []
-    bases = (
-        buffer_window.published_versions(cfg, exchange, keys, plan, current)
-        if cfg.aggregation.buffer is not None
-        else None
-    )
-    for ref in sorted(sealed, key=lambda r: r.party):
-        if only is not None and ref.party not in only:
-            continue
-        if ref.party in out:
-            rejected.append(Rejection(party=ref.party, reason="duplicate update for this round"))
-            continue
-        try:
-            out[ref.party] = open_upload(
-                cfg,
-                exchange,
-                keys,
-                ref,
-                round=round,
-                run_id=plan.run_id,
-                base_sha256=current.sha256,
-                layout=layout,
-                bases=bases,
-            )
-        except (ProtectionError, ValueError, FileNotFoundError) as exc:
-            reason = "sealed update missing" if isinstance(exc, FileNotFoundError) else str(exc)
-            logger.warning("round %d: rejected update from %s: %s", round, ref.party, reason)
-            rejected.append(Rejection(party=ref.party, reason=reason))
-    return out, rejected
 
 
 def _survivors(rosters: Sequence[SecAggRoster]) -> list[str] | None:

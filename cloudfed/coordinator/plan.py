@@ -1,33 +1,26 @@
-"""What the coordinator does: fix the plan, open and check sealed updates, publish the aggregate.
+"""Where a run starts: the coordinator's keys, the run lock, the plan, and publishing a global.
 
-The coordinator is honest-but-curious. What it may learn of a round is decided by the protection
-policy, in `cloudfed.secure_coordinator`: under secure aggregation or CKKS only the aggregate.
+A run continues only from the state it last published and the privacy ledger it recorded; a
+changed config, a moved ledger or a deleted server state stops it here, before any round.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cloudfed.aggregation.guard import shapes_of
-from cloudfed.artifacts import EvalRelease, FederationPlan, GlobalAdapterRef, PartyEval
+from cloudfed.artifacts import FederationPlan, GlobalAdapterRef
 from cloudfed.errors import ProtectionError
-from cloudfed.exchange import (
-    Exchange,
-    federation_exchange,
-    fetch_public_keys,
-    global_adapter_key,
-    metrics_key,
-    publish_public_keys,
-)
+from cloudfed.exchange import Exchange, federation_exchange, global_adapter_key, publish_public_keys
 from cloudfed.federation import FederationConfig
 from cloudfed.protection import KeyPairs, load_or_create_keys
+from cloudfed.protection.messages import COORDINATOR
 from cloudfed.protection.policy import route
 from cloudfed.training.adapter_io import sha256_bytes, state_to_bytes
 from cloudfed.training.model import resolve_base_model
@@ -36,7 +29,6 @@ if TYPE_CHECKING:  # federation_state imports this module
     from cloudfed.federation_state import RoundRecord
 
 logger = logging.getLogger(__name__)
-COORDINATOR = "coordinator"
 
 
 def coordinator_keys(cfg: FederationConfig, exchange: Exchange) -> KeyPairs:
@@ -176,88 +168,3 @@ def _check_continuation(
         from cloudfed.privacy.budget import load_ledger
 
         check_ledger(last, load_ledger(cfg, exchange, keys))
-
-
-@dataclass(frozen=True)
-class RoundEval:
-    """A round's held-out (and training) metrics as the release rules let the coordinator see them.
-
-    `released` is "per-party" without DP, "secure-sum" when every evaluator's masked share came
-    in, "withheld" when one did not (the masks cannot be removed without it).
-    """
-
-    released: str
-    loss: float = float("nan")
-    tokens: float = 0.0
-    evaluators: tuple[str, ...] = ()
-    per_party: tuple[PartyEval, ...] = ()
-    note: str = ""
-
-
-def round_eval(
-    cfg: FederationConfig,
-    plan: FederationPlan,
-    model: GlobalAdapterRef,
-    releases: Sequence[EvalRelease],
-) -> RoundEval:
-    """Per-party metrics as released, or the unmasked sum of every evaluator's share."""
-    evals = [r.metrics for r in releases if r.metrics is not None]
-    if not cfg.privacy.protects_records:
-        tokens = sum(e.tokens for e in evals)
-        loss = sum(e.loss * e.tokens for e in evals) / tokens if tokens else float("nan")
-        return RoundEval(
-            "per-party",
-            loss=loss,
-            tokens=tokens,
-            evaluators=tuple(sorted(e.party for e in evals)),
-            per_party=tuple(evals),
-        )
-    if evals:
-        raise ProtectionError("a party released per-party metrics under DP; refusing to log them")
-    return _open_metrics_sum(cfg, plan, model, releases)
-
-
-def _open_metrics_sum(
-    cfg: FederationConfig,
-    plan: FederationPlan,
-    model: GlobalAdapterRef,
-    releases: Sequence[EvalRelease],
-) -> RoundEval:
-    from cloudfed.party import METRIC_SLOTS, metrics_context
-    from cloudfed.protection import metrics_sum, open_sealed_with_metadata
-
-    if not releases:
-        return RoundEval("withheld", note="no party evaluated")
-    expected = sorted(releases[0].evaluators)
-    reported = sorted(r.party for r in releases)
-    if reported != expected or any(sorted(r.evaluators) != expected for r in releases):
-        missing = sorted(set(expected) - set(reported))
-        return RoundEval(
-            "withheld",
-            evaluators=tuple(expected),
-            note=f"not every evaluator reported (missing {missing}): the sum stays masked",
-        )
-    exchange = federation_exchange(cfg)
-    keys = coordinator_keys(cfg, exchange)
-    vectors = []
-    for r in sorted(releases, key=lambda r: r.party):
-        if (
-            r.sealed_key != metrics_key(plan.run_id, model.round, r.party)
-            or r.model_sha256 != model.sha256
-        ):
-            raise ProtectionError(f"metrics of {r.party} are not about this round's model")
-        sender = fetch_public_keys(exchange, "party", r.party, fingerprint=r.fingerprint)
-        context = metrics_context(cfg, plan, model, r.party, expected)
-        opened = open_sealed_with_metadata(
-            exchange.get_bytes(r.sealed_key), context=context, recipient=keys, sender=sender
-        )
-        vectors.append(opened.payload)
-    total = dict(
-        zip(METRIC_SLOTS, metrics_sum.unmasked_sum(vectors, len(METRIC_SLOTS)), strict=True)
-    )
-    return RoundEval(
-        "secure-sum",
-        loss=total["eval_nll"] / total["eval_tokens"] if total["eval_tokens"] > 0 else float("nan"),
-        tokens=total["eval_tokens"],
-        evaluators=tuple(expected),
-    )

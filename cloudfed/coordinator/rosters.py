@@ -1,0 +1,211 @@
+"""The signed rosters of the secure-aggregation stages: who advertised, shared, uploaded.
+
+Each roster is signed with the coordinator's pinned key and fixes the round's members, so every
+party checks the same list before it shares keys, uploads or reveals.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from cloudfed.artifacts import (
+    FederationPlan,
+    GlobalAdapterRef,
+    Rejection,
+    SealedUpdateRef,
+    SecAggRoster,
+    StageRef,
+)
+from cloudfed.coordinator.plan import coordinator_keys
+from cloudfed.coordinator.uploads import verified_uploads
+from cloudfed.errors import AggregationError, ProtectionError
+from cloudfed.exchange import (
+    Exchange,
+    federation_exchange,
+    fetch_public_keys,
+    secagg_advert_key,
+    secagg_roster_key,
+    secagg_share_key,
+)
+from cloudfed.federation import FederationConfig
+from cloudfed.protection.envelope import open_public, read_public_header, sign_public
+from cloudfed.protection.keys import KeyPairs
+from cloudfed.protection.messages import (
+    ADVERT,
+    COORDINATOR,
+    ROSTER,
+    SHARE,
+    layout_for,
+    read_roster,
+    sha256,
+    stage_context,
+)
+from cloudfed.protection.secagg import protocol
+
+
+def _sign_roster(
+    cfg: FederationConfig,
+    exchange: Exchange,
+    keys: KeyPairs,
+    run_id: str,
+    stage: str,
+    doc: dict[str, Any],
+    setup: protocol.RoundSetup,
+    rejected: list[Rejection],
+) -> SecAggRoster:
+    round = setup.round
+    context = stage_context(cfg, round, COORDINATOR, ROSTER, run_id=run_id, stage=stage)
+    blob = sign_public(json.dumps(doc, sort_keys=True).encode(), context=context, sender=keys)
+    key = secagg_roster_key(run_id, round, stage)
+    exchange.put_bytes(key, blob)
+    return SecAggRoster(
+        round=round,
+        stage=stage,
+        key=key,
+        sha256=sha256(blob),
+        parties=list(setup.parties),
+        shared=list(doc.get("shared", [])),
+        uploaded=list(doc.get("uploaded", [])),
+        rejected=rejected,
+        neighbours=setup.neighbours,
+        threshold=setup.threshold,
+    )
+
+
+def keys_roster(
+    cfg: FederationConfig, round: int, adverts: Sequence[StageRef], plan: FederationPlan
+) -> SecAggRoster:
+    """After stage 1: U1 = parties whose advertisement verified; fixes graph and threshold."""
+    exchange = federation_exchange(cfg)
+    keys = coordinator_keys(cfg, exchange)
+    members, digests, rejected = {}, {}, []
+    for ref in sorted(adverts, key=lambda r: r.party):
+        try:
+            blob = exchange.get_bytes(secagg_advert_key(plan.run_id, round, ref.party))
+            sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.fingerprint)
+            context = stage_context(cfg, round, ref.party, ADVERT, run_id=plan.run_id)
+            protocol.Advertisement.model_validate_json(
+                open_public(blob, context=context, sender=sender).payload
+            )
+        except (ProtectionError, ValueError, FileNotFoundError) as exc:
+            rejected.append(Rejection(party=ref.party, reason=f"advertisement rejected: {exc}"))
+            continue
+        members[ref.party] = ref.fingerprint
+        digests[ref.party] = sha256(blob)
+    if len(members) < cfg.min_parties:
+        raise AggregationError(
+            f"round {round}: {len(members)} party(ies) advertised secure-aggregation keys, fewer "
+            f"than min_parties={cfg.min_parties}; no model was published for this round"
+        )
+    sa = cfg.protection.secagg
+    try:
+        setup = protocol.setup_for(
+            cfg.federation_id,
+            plan.run_id,
+            round,
+            members,
+            neighbours=sa.neighbours,
+            threshold=sa.threshold,
+            complete_up_to=sa.complete_graph_up_to,
+            min_survivors=cfg.min_parties,
+        )
+    except ValueError as exc:
+        raise AggregationError(
+            f"round {round}: protection.secagg settings do not fit {len(members)} parties: {exc}"
+        ) from None
+    doc = {
+        "setup": {**setup.binding(), "min_survivors": setup.min_survivors},
+        "members": members,
+        "adverts": digests,
+    }
+    return _sign_roster(cfg, exchange, keys, plan.run_id, "keys", doc, setup, rejected)
+
+
+def shares_roster(
+    cfg: FederationConfig,
+    round: int,
+    shares: Sequence[StageRef],
+    previous: SecAggRoster,
+    plan: FederationPlan,
+) -> SecAggRoster:
+    """After stage 2: U2 = parties that put a signed share in every holder's inbox."""
+    exchange = federation_exchange(cfg)
+    keys = coordinator_keys(cfg, exchange)
+    doc, setup = read_roster(cfg, exchange, plan, previous, "keys")
+    shared, rejected = [], list(previous.rejected)  # a roster carries every exclusion so far
+    for ref in sorted(shares, key=lambda r: r.party):
+        if ref.party not in setup.parties:
+            rejected.append(Rejection(party=ref.party, reason="shared keys without advertising"))
+            continue
+        missing = []
+        for holder in setup.holders(ref.party):
+            key = secagg_share_key(plan.run_id, round, holder, ref.party)
+            try:
+                header = read_public_header(exchange.get_bytes(key))
+            except (FileNotFoundError, ProtectionError):
+                missing.append(holder)
+                continue
+            ctx = header["context"]
+            if (
+                ctx.get("party") != ref.party
+                or ctx.get("kind") != SHARE
+                or ctx.get("round") != round
+            ):
+                missing.append(holder)
+        if missing:
+            rejected.append(Rejection(party=ref.party, reason=f"shares missing for {missing}"))
+            continue
+        shared.append(ref.party)
+    for p in setup.parties:
+        if p not in shared and not any(r.party == p for r in rejected):
+            rejected.append(Rejection(party=p, reason="dropped before sharing keys"))
+    if len(shared) < max(cfg.min_parties, setup.threshold):
+        raise AggregationError(
+            f"round {round}: {len(shared)} party(ies) shared their mask keys ({shared}), below "
+            f"the threshold t={setup.threshold} / min_parties={cfg.min_parties}; the round is "
+            "aborted and no model is published"
+        )
+    doc = {**doc, "shared": shared}
+    return _sign_roster(cfg, exchange, keys, plan.run_id, "shares", doc, setup, rejected)
+
+
+def inputs_roster(
+    cfg: FederationConfig,
+    round: int,
+    sealed: Sequence[SealedUpdateRef],
+    previous: SecAggRoster,
+    current: GlobalAdapterRef,
+    plan: FederationPlan,
+) -> SecAggRoster:
+    """After stage 3: U3 = parties whose masked upload verified; aborts if unmasking is unsafe."""
+    exchange = federation_exchange(cfg)
+    keys = coordinator_keys(cfg, exchange)
+    doc, setup = read_roster(cfg, exchange, plan, previous, "shares")
+    layout = layout_for(cfg, exchange, plan)
+    rejected = list(previous.rejected)
+    rejected += [
+        Rejection(party=r.party, reason="uploaded without sharing keys")
+        for r in sealed
+        if r.party not in doc["shared"]
+    ]
+    uploads, bad = verified_uploads(
+        cfg,
+        exchange,
+        keys,
+        sealed,
+        round=round,
+        plan=plan,
+        current=current,
+        layout=layout,
+        only=doc["shared"],
+    )
+    rejected += bad
+    uploaded = sorted(uploads)
+    for p in doc["shared"]:
+        if p not in uploaded and not any(r.party == p for r in rejected):
+            rejected.append(Rejection(party=p, reason="dropped after sharing keys"))
+    protocol.check_survivors(setup, doc["shared"], uploaded)
+    doc = {**doc, "uploaded": uploaded}
+    return _sign_roster(cfg, exchange, keys, plan.run_id, "inputs", doc, setup, rejected)

@@ -1,0 +1,55 @@
+"""What a party's protection stages share: owner-only secrets between stages, receipts, pins.
+
+Per-round secrets (mask key, self-mask seed, CKKS secret context) stay in the party's storage,
+written owner-only and atomically, so a stage in a later step, or a retry, finds them intact.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from cloudfed.artifacts import StageRef
+from cloudfed.federation import PartyConfig
+from cloudfed.party_policy import LoadedPolicy, check_pin
+from cloudfed.protection.keys import KeyPairs
+from cloudfed.protection.messages import sha256
+
+
+def secret_path(party: PartyConfig, round: int, run_id: str, what: str) -> Path:
+    return Path(party.storage) / "secagg" / run_id / f"r{round:04d}.{what}"
+
+
+def write_owner_only(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def check_members(loaded: LoadedPolicy, doc: dict[str, Any]) -> None:
+    """Every member of a roster must carry the key this party pinned for it."""
+    for name, fingerprint in doc["members"].items():
+        check_pin(loaded, "party", name, fingerprint)
+
+
+def stage_ref(
+    party: str, round: int, stage: str, key: str, blob: bytes, keys: KeyPairs, start: float
+) -> StageRef:
+    return StageRef(
+        party=party,
+        round=round,
+        stage=stage,
+        key=key,
+        sha256=sha256(blob),
+        bytes=len(blob),
+        fingerprint=keys.public_bundle().fingerprint,
+        seconds=time.perf_counter() - start,
+    )
