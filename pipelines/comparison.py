@@ -25,10 +25,9 @@ console.configure()
 def comparison(comparison: dict[str, Any] | None = None) -> None:
     with user_errors():
         spec = parse_spec(comparison, source=config_source())
-        active, _ = spec.active_arms()
         tracker = tracker_name()
         data = prepare_comparison(comparison, id="prepare_data")
-        results = [run_arm(comparison, arm.name, data, id=f"arm_{arm.name}") for arm in active]
+        results = [run_arm(comparison, arm.name, data, id=f"arm_{arm.name}") for arm in spec.arms]
         report = (
             compare_report.with_options(experiment_tracker=tracker) if tracker else compare_report
         )

@@ -44,9 +44,8 @@ __all__ = [
 
 
 def arm_notes(spec: ComparisonSpec) -> list[str]:
-    """What the report says besides the numbers: arms left out, and each arm's own caveat."""
-    _, skipped = spec.active_arms()
-    return skipped + [f"{a.name}: {a.note}" for a in spec.arms if a.note]
+    """What the report says besides the numbers: each arm's own caveat."""
+    return [f"{a.name}: {a.note}" for a in spec.arms if a.note]
 
 
 def finish(
@@ -68,10 +67,9 @@ def finish(
 def run_comparison(
     spec: ComparisonSpec, root: Path, *, tracking_uri: str | None = None
 ) -> tuple[list[RunResult], dict[str, Path]]:
-    """Every active arm on every split and seed, in-process, then the report."""
-    active, _ = spec.active_arms()
+    """Every arm on every split and seed, in-process, then the report."""
     data = prepare_data(spec, root)
-    results = [r for arm in active for r in run_arm(spec, arm, data, root)]
+    results = [r for arm in spec.arms for r in run_arm(spec, arm, data, root)]
     return results, finish(spec, results, root, tracking_uri=tracking_uri)
 
 

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloudfed.errors import ConfigError
-from cloudfed.federation import PARTY_NAME_PATTERN, FederationConfig, parse_federation
+from cloudfed.federation import PARTY_NAME_PATTERN, parse_federation
 
 SplitName = Literal["non-iid", "iid"]
 ArmKind = Literal["federated", "local-only", "centralised"]
@@ -22,16 +22,11 @@ class _Strict(BaseModel):
 
 
 class ArmSpec(_Strict):
-    """One method of the table.
-
-    `requires` names FederationConfig fields the arm needs: an arm whose field the code does not
-    have yet is left out with a note, not failed.
-    """
+    """One method of the table: a kind of run and the overrides merged into the federation."""
 
     name: str = Field(pattern=PARTY_NAME_PATTERN)
     kind: ArmKind = "federated"
     overrides: dict[str, Any] = Field(default_factory=dict)
-    requires: list[str] = Field(default_factory=list)
     note: str = ""
 
 
@@ -73,18 +68,6 @@ class ComparisonSpec(_Strict):
     async_arm: str = "cloudfed-async-fedbuff"  # buffered rounds (FedBuff) on the same clock
     targets: Targets = Targets()
 
-    def active_arms(self) -> tuple[list[ArmSpec], list[str]]:
-        """The arms this code can run, and a note for each one left out."""
-        have = set(FederationConfig.model_fields)
-        active, skipped = [], []
-        for arm in self.arms:
-            missing = sorted(set(arm.requires) - have)
-            if missing:
-                skipped.append(f"{arm.name}: not run, FederationConfig has no {missing} yet")
-            else:
-                active.append(arm)
-        return active, skipped
-
     def arm(self, name: str) -> ArmSpec:
         for a in self.arms:
             if a.name == name:
@@ -109,8 +92,7 @@ def parse_spec(raw: Any, *, source: str = "the run configuration") -> Comparison
         raise ConfigError(
             format_validation_error(exc, source=source, prefix="parameters.comparison")
         ) from None
-    active, _ = spec.active_arms()
-    for arm in active:
+    for arm in spec.arms:
         fed = federation_for(spec, "check", Path("."), **arm.overrides)
         parse_federation(fed, source=source, prefix=f"arms[{arm.name}].overrides")
     return spec
