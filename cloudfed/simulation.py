@@ -3,8 +3,8 @@
 The pipeline (`pipelines/federated_training.py`) runs each stage as a ZenML step on the party's
 or the coordinator's runtime; this module runs the same core calls directly, for the comparison
 table (`cloudfed.comparison`) and the protocol tests (`tests/protected_support.py`), where a step
-per stage would only add minutes. The order of a round's stages is written once, here
-(`round_stages`), and both runners follow it.
+per stage would only add minutes. The order of a round's stages is written once
+(`cloudfed.protection.stages`), and both runners follow it.
 
 Nothing here weakens a check: every party still consents under its own policy, every message is
 sealed and verified, the privacy ledger is charged before training. What the simulation adds is
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -44,50 +43,9 @@ from cloudfed.errors import CloudfedError
 from cloudfed.exchange import Exchange, federation_exchange
 from cloudfed.federation import FederationConfig
 from cloudfed.protection import messages
+from cloudfed.protection.stages import Stage, round_stages
 
 logger = logging.getLogger(__name__)
-
-
-class Stage(StrEnum):
-    """One stage of a round. Party stages keep the names `simulate_dropouts` uses."""
-
-    RESERVE = "reserve"  # coordinator: charge the privacy ledger before anyone trains
-    TRAIN = "train"  # party
-    CKKS_KEYGEN = "ckks_keygen"  # key party: fresh CKKS keys for the round
-    ADVERTISE = "advertise"  # party: secure-aggregation key advertisement
-    KEYS_ROSTER = "keys_roster"  # coordinator
-    SHARE_KEYS = "share_keys"  # party: Shamir shares of its mask seeds
-    SHARES_ROSTER = "shares_roster"  # coordinator
-    UPLOAD = "upload"  # party: protect and seal the update
-    INPUTS_ROSTER = "inputs_roster"  # coordinator: who uploaded
-    UNMASK = "unmask"  # party: reveal the shares the unmasking needs
-    CKKS_SUM = "ckks_sum"  # coordinator: add ciphertexts
-    CKKS_DECRYPT = "ckks_decrypt"  # key party
-    AGGREGATE = "aggregate"  # coordinator: weighted mean, DP noise, publish
-    EVALUATE = "evaluate"  # every party, on its own held-out split
-
-
-def protection_stages(modes: Collection[str]) -> list[Stage]:
-    """From a trained update to the published aggregate, for the round's protection modes."""
-    secagg, ckks = "secagg" in modes, "ckks" in modes
-    return [
-        *([Stage.CKKS_KEYGEN] if ckks else []),
-        *(
-            [Stage.ADVERTISE, Stage.KEYS_ROSTER, Stage.SHARE_KEYS, Stage.SHARES_ROSTER]
-            if secagg
-            else []
-        ),
-        Stage.UPLOAD,
-        *([Stage.INPUTS_ROSTER, Stage.UNMASK] if secagg else []),
-        *([Stage.CKKS_SUM, Stage.CKKS_DECRYPT] if ckks else []),
-        Stage.AGGREGATE,
-    ]
-
-
-def round_stages(modes: Collection[str], *, privacy: bool) -> list[Stage]:
-    """Every stage of one round in order: reserve (party-level DP), train, protect, evaluate."""
-    reserve = [Stage.RESERVE] if privacy else []
-    return [*reserve, Stage.TRAIN, *protection_stages(modes), Stage.EVALUATE]
 
 
 @dataclass

@@ -9,6 +9,7 @@ stack's experiment tracker, so one MLflow run holds every round of a pipeline ru
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from zenml import pipeline
@@ -21,6 +22,7 @@ from cloudfed.buffer_window import round_schedule, senders
 from cloudfed.errors import CloudfedError, ConfigError, DataError
 from cloudfed.federation import FederationConfig, load_run_config, parse_federation
 from cloudfed.preflight import check_config
+from cloudfed.protection.stages import Stage, protection_stages
 from pipelines._common import config_source, tracker_name, user_errors
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
@@ -233,65 +235,10 @@ def _run_rounds(
                 )
                 logger.warning("cloudfed: stopping: %s", stop_reason)
                 break
-            rosters, reveals, ckks_plain, ckks_keys = [], [], [], []
-            uploaders = list(local)
-            if "ckks" in protection:  # fresh keys each round; the secret stays with the key party
-                kp = cfg.ckks_key_party
-                ckks_keys = [
-                    _party_step(ckks_keygen, cfg, kp)(
-                        federation, kp, r, plan, id=f"ckks_keygen_r{r}"
-                    )
-                ]
-            if "secagg" in protection:
-                adverts = party.each("advertise", secagg_advertise, local, federation, local, plan)
-                roster = coord(secagg_keys_roster)(
-                    federation, r, adverts, plan, id=f"secagg_keys_roster_r{r}"
-                )
-                who = roster.load().parties
-                shares = party.each("share_keys", secagg_share_keys, who, federation, roster, plan)
-                roster = coord(secagg_shares_roster)(
-                    federation, r, shares, roster, plan, id=f"secagg_shares_roster_r{r}"
-                )
-                uploaders = roster.load().shared
-                rosters = [roster]
-            sealed = party.each(
-                "upload", export_update, uploaders, federation, local, plan, rosters, ckks_keys
+            done = _protect_and_aggregate(
+                cfg, coord, party, federation, plan, r, local, current, dropped, protection
             )
-            if "secagg" in protection:
-                roster = coord(secagg_inputs_roster)(
-                    federation,
-                    r,
-                    sealed,
-                    rosters[0],
-                    current,
-                    plan,
-                    id=f"secagg_inputs_roster_r{r}",
-                )
-                rosters = [roster]
-                who = roster.load().uploaded
-                reveals = party.each("unmask", secagg_reveal, who, federation, roster, plan)
-            if "ckks" in protection:
-                kp = cfg.ckks_key_party
-                summed = coord(ckks_sum)(
-                    federation, r, sealed, rosters, current, plan, ckks_keys[0], id=f"ckks_sum_r{r}"
-                )
-                ckks_plain = [
-                    _party_step(ckks_decrypt, cfg, kp)(
-                        federation, kp, r, summed, plan, id=f"ckks_decrypt_r{r}"
-                    )
-                ]
-            new_ref, report = coord(aggregate)(
-                federation,
-                r,
-                sealed,
-                current,
-                dropped,
-                plan,
-                rosters,
-                reveals,
-                ckks_plain,
-                id=f"aggregate_r{r}",
-            )
+            new_ref, report, sealed = done.new_ref, done.report, done.sealed
             current = versions[r] = new_ref
             evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, r)
             rows.append(
@@ -310,3 +257,123 @@ def _run_rounds(
             )
             progress.round_done(r, len(local), len(sealed), len(evals), len(dropped))
         coord(publish_report)(federation, plan, rows, current, stop_reason, id="publish_report")
+
+
+@dataclass
+class _Protected:
+    """What one round's protection stages produced so far: ZenML step outputs."""
+
+    uploaders: list[str]
+    adverts: list[Any] = field(default_factory=list)
+    shares: list[Any] = field(default_factory=list)
+    roster: Any = None
+    rosters: list[Any] = field(default_factory=list)
+    sealed: list[Any] = field(default_factory=list)
+    reveals: list[Any] = field(default_factory=list)
+    ckks_keys: list[Any] = field(default_factory=list)
+    summed: Any = None
+    ckks_plain: list[Any] = field(default_factory=list)
+    new_ref: Any = None
+    report: Any = None
+
+
+def _protect_and_aggregate(
+    cfg: FederationConfig,
+    coord: Any,
+    party: _PartyCalls,
+    federation: Any,
+    plan: Any,
+    r: int,
+    local: dict[str, Any],
+    current: Any,
+    dropped: list[Rejection],
+    protection: Any,
+) -> _Protected:
+    """From trained updates to the published aggregate, stage by stage in the core's order.
+
+    The order is `cloudfed.protection.stages`; here each stage is one ZenML step per party, or
+    one coordinator step.
+    """
+    s = _Protected(uploaders=list(local))
+    kp = cfg.ckks_key_party
+
+    def keygen() -> None:  # fresh keys each round; the secret stays with the key party
+        s.ckks_keys = [
+            _party_step(ckks_keygen, cfg, kp)(federation, kp, r, plan, id=f"ckks_keygen_r{r}")
+        ]
+
+    def advertise() -> None:
+        s.adverts = party.each("advertise", secagg_advertise, local, federation, local, plan)
+
+    def keys_roster() -> None:
+        s.roster = coord(secagg_keys_roster)(
+            federation, r, s.adverts, plan, id=f"secagg_keys_roster_r{r}"
+        )
+
+    def share_keys() -> None:
+        who = s.roster.load().parties
+        s.shares = party.each("share_keys", secagg_share_keys, who, federation, s.roster, plan)
+
+    def shares_roster() -> None:
+        s.roster = coord(secagg_shares_roster)(
+            federation, r, s.shares, s.roster, plan, id=f"secagg_shares_roster_r{r}"
+        )
+        s.uploaders, s.rosters = s.roster.load().shared, [s.roster]
+
+    def upload() -> None:
+        s.sealed = party.each(
+            "upload", export_update, s.uploaders, federation, local, plan, s.rosters, s.ckks_keys
+        )
+
+    def inputs_roster() -> None:
+        s.roster = coord(secagg_inputs_roster)(
+            federation, r, s.sealed, s.rosters[0], current, plan, id=f"secagg_inputs_roster_r{r}"
+        )
+        s.rosters = [s.roster]
+
+    def unmask() -> None:
+        who = s.roster.load().uploaded
+        s.reveals = party.each("unmask", secagg_reveal, who, federation, s.roster, plan)
+
+    def summed() -> None:
+        s.summed = coord(ckks_sum)(
+            federation, r, s.sealed, s.rosters, current, plan, s.ckks_keys[0], id=f"ckks_sum_r{r}"
+        )
+
+    def decrypt() -> None:
+        s.ckks_plain = [
+            _party_step(ckks_decrypt, cfg, kp)(
+                federation, kp, r, s.summed, plan, id=f"ckks_decrypt_r{r}"
+            )
+        ]
+
+    def aggregated() -> None:
+        s.new_ref, s.report = coord(aggregate)(
+            federation,
+            r,
+            s.sealed,
+            current,
+            dropped,
+            plan,
+            s.rosters,
+            s.reveals,
+            s.ckks_plain,
+            id=f"aggregate_r{r}",
+        )
+
+    handlers: dict[Stage, Any] = {
+        Stage.CKKS_KEYGEN: keygen,
+        Stage.ADVERTISE: advertise,
+        Stage.KEYS_ROSTER: keys_roster,
+        Stage.SHARE_KEYS: share_keys,
+        Stage.SHARES_ROSTER: shares_roster,
+        Stage.UPLOAD: upload,
+        Stage.INPUTS_ROSTER: inputs_roster,
+        Stage.UNMASK: unmask,
+        Stage.CKKS_SUM: summed,
+        Stage.CKKS_DECRYPT: decrypt,
+        Stage.AGGREGATE: aggregated,
+    }
+    for stage in protection_stages(protection):
+        handlers[stage]()  # a stage the pipeline cannot run is a KeyError, never a skip
+    return s

@@ -17,8 +17,9 @@ from cloudfed.party import LocalUpdateRecord, party_keys
 from cloudfed.party_policy import provision
 from cloudfed.protection.commitments import keyed_digest
 from cloudfed.protection.messages import load_global
+from cloudfed.protection.stages import protection_stages
 from cloudfed.run_lock import release
-from cloudfed.simulation import RoundState, protection_stages, run_stages
+from cloudfed.simulation import RoundState, run_stages
 from cloudfed.training.adapter_io import state_to_bytes
 
 Hook = Callable[[str, "Federation"], None]
