@@ -32,7 +32,7 @@ from cloudfed.artifacts import (
     StageRef,
 )
 from cloudfed.coordinator.plan import coordinator_keys, publish_global
-from cloudfed.coordinator.uploads import Upload, verified_uploads
+from cloudfed.coordinator.uploads import Upload, forget_opened, verified_uploads
 from cloudfed.errors import AggregationError, ProtectionError
 from cloudfed.exchange import (
     Exchange,
@@ -292,6 +292,7 @@ def aggregate_protected(
         state = strategy.init(global_state)
     state, new_global, diagnostics = strategy.apply(state, global_state, sums, weight_sums)
     new_ref = publish_global(exchange, round, new_global, plan.run_id)
+    forget_opened(cfg, plan.run_id, round)
     aggregation = {
         "strategy": state.strategy,
         "version": state.version,

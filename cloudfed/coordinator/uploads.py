@@ -2,14 +2,25 @@
 
 An upload that fails to open, is bound to another round or run, or breaks a public bound is
 rejected with a reason, and the round goes on without it (or aborts below the minimum).
+
+Each upload is opened once per round: the first stage that needs it (the inputs roster, or the
+CKKS sum) verifies and decrypts it and keeps the opened sections, owner-only, in the
+coordinator's own storage; later stages of the round read that copy instead of the exchange. The
+coordinator's view of an upload is fixed when it first verified it: bytes put on the exchange
+after that are never read. What is kept is what the coordinator sees anyway (masked words,
+CKKS ciphertexts, tensors the policy declares public), and the round's copies are removed once
+its aggregate is published.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -168,6 +179,10 @@ def verified_uploads(
         if ref.party in out:
             rejected.append(Rejection(party=ref.party, reason="duplicate update for this round"))
             continue
+        kept = opened_dir(cfg, plan.run_id, round) / f"{ref.party}.opened"
+        if kept.exists():  # verified earlier this round: the coordinator's own copy
+            out[ref.party] = _read_kept(kept, ref.party)
+            continue
         try:
             out[ref.party] = open_upload(
                 cfg,
@@ -180,8 +195,34 @@ def verified_uploads(
                 layout=layout,
                 bases=bases,
             )
+            _keep(kept, out[ref.party])
         except (ProtectionError, ValueError, FileNotFoundError) as exc:
             reason = "sealed update missing" if isinstance(exc, FileNotFoundError) else str(exc)
             logger.warning("round %d: rejected update from %s: %s", round, ref.party, reason)
             rejected.append(Rejection(party=ref.party, reason=reason))
     return out, rejected
+
+
+def opened_dir(cfg: FederationConfig, run_id: str, round: int) -> Path:
+    return cfg.coordinator_dir / "opened" / run_id / f"r{round:04d}"
+
+
+def forget_opened(cfg: FederationConfig, run_id: str, round: int) -> None:
+    """Once the round's aggregate is published, its opened uploads are of no further use."""
+    shutil.rmtree(opened_dir(cfg, run_id, round), ignore_errors=True)
+
+
+def _keep(path: Path, upload: Upload) -> None:
+    meta = json.dumps({"clipped": upload.clipped, "bytes": upload.bytes}).encode()
+    blob = container.pack({**upload.sections, "meta": meta})
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+        fh.write(blob)
+    os.replace(tmp, path)
+
+
+def _read_kept(path: Path, party: str) -> Upload:
+    sections = container.unpack(path.read_bytes())
+    meta = json.loads(sections.pop("meta"))
+    return Upload(party, sections, int(meta["clipped"]), int(meta["bytes"]))
