@@ -17,6 +17,7 @@ A new server optimiser is one module in this package that calls `register_optimi
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
@@ -100,8 +101,13 @@ def register_optimiser(name: str) -> Callable[[OptimiserFactory], OptimiserFacto
     return wrap
 
 
+@functools.cache
 def _load_modules() -> None:
-    """Every module of this package registers what it defines; import them all once."""
+    """Every module of this package registers what it defines; import them all once.
+
+    Cached: every config validation, every party's contribution and every opened upload builds a
+    strategy, and listing the package's folder each time is work for nothing.
+    """
     import cloudfed.aggregation as package
 
     for info in pkgutil.iter_modules(package.__path__):
