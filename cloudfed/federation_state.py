@@ -307,6 +307,18 @@ def check_ledger(last: RoundRecord, ledger: Any) -> None:
     if last.ledger_version is None:
         return
     v = last.ledger_version
+    if v == 0:
+        # Version 0 is the ledger never saved: every saved version extends it, but no chain
+        # holds its head (version 1 chains to nothing). It must still be this federation's.
+        empty = type(ledger)(
+            federation_id=ledger.federation_id, delta=ledger.delta, accountant=ledger.accountant
+        )
+        if empty.head() != last.ledger_head:
+            raise ProtectionError(
+                f"the privacy ledger is not the one round {last.round} was published with (it "
+                "started from another empty ledger). Fix: restore the coordinator's ledger copy"
+            )
+        return
     if ledger.version < v:
         raise ProtectionError(
             f"the privacy ledger is at version {ledger.version}, older than version {v} that "

@@ -365,3 +365,69 @@ def test_a_generation_with_no_trained_round_does_not_bind_a_fixed_config(
     _publish(fixed, plan, 1)
     with pytest.raises(ConfigError, match="trained with lora.rank"):  # now it is bound
         coordinator.prepare(cfg)
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_a_run_killed_after_charging_round_1_but_before_publishing_it_can_be_rerun(
+    tmp_path: Path, model_cache: Path, committed: bool
+) -> None:
+    """The kill point between the ledger's charge (or commit) of round 1 and round 1's record:
+    the last record is round 0, published with the never-saved ledger (version 0), which no saved
+    version's chain names. The rerun must continue, charging nothing twice, not call it a fork."""
+    from cloudfed.coordinator import coordinator_keys
+    from cloudfed.privacy.budget import commit_round, load_ledger, reserve_round
+
+    privacy = {"mode": "distributed", "clip": 0.1, "noise_multiplier": 1.0, "max_epsilon": 50.0}
+    cfg = _cfg(tmp_path, model_cache, privacy=privacy)
+    first = _prepare(cfg)
+    exchange = federation_exchange(cfg)
+    keys = coordinator_keys(cfg, exchange)
+    parties = [p.name for p in cfg.active_parties]
+    reserve_round(cfg, exchange, keys, first, 1, parties)
+    if committed:
+        commit_round(cfg, exchange, keys, first, 1, parties, 1.0, "0" * 64)
+    charged = load_ledger(cfg, exchange, keys)
+    assert charged.version == (2 if committed else 1)
+    again = _prepare(cfg)  # raised "forked" (version 2) or IndexError (version 1) before
+    assert again.start_round == 0 and again.generation == first.generation
+    assert load_ledger(cfg, exchange, keys) == charged  # nothing charged or lost by the rerun
+
+
+def test_a_forked_or_foreign_ledger_is_refused_at_every_recorded_version() -> None:
+    """The coordinator's own check, played by whoever swaps both ledger copies: a ledger that
+    does not pass through the head a round recorded (or another federation's empty ledger)."""
+    from types import SimpleNamespace
+
+    from cloudfed.federation_state import check_ledger
+    from cloudfed.privacy.ledger import Ledger, LedgerEntry
+
+    def entry(r: int) -> LedgerEntry:
+        return LedgerEntry(
+            id=f"run/r{r:04d}",
+            run_id="run",
+            round=r,
+            mode="distributed",
+            noise_multiplier=1.0,
+            parties=["a", "b"],
+            epsilon_after=1.0,
+            at="now",
+        )
+
+    empty = Ledger(federation_id="f", delta=1e-5, accountant="rdp")
+    v1 = Ledger(**{**empty.model_dump(), "entries": [entry(1)], "version": 1})
+    v2 = Ledger(
+        **{**v1.model_dump(), "entries": [entry(1), entry(2)], "version": 2, "chain": [v1.head()]}
+    )
+    at = lambda ledger, r: SimpleNamespace(  # noqa: E731
+        round=r, ledger_version=ledger.version, ledger_head=ledger.head()
+    )
+    for record in (at(empty, 0), at(v1, 1), at(v2, 2)):
+        check_ledger(record, v2)  # the honest history passes every recorded version
+    fork = Ledger(**{**v2.model_dump(), "chain": ["f" * 64]})
+    with pytest.raises(ProtectionError, match="forked"):
+        check_ledger(at(v1, 1), fork)
+    with pytest.raises(ProtectionError, match="rolled back"):
+        check_ledger(at(v2, 2), v1)
+    foreign = Ledger(federation_id="other", delta=1e-5, accountant="rdp")
+    with pytest.raises(ProtectionError, match="another empty ledger"):
+        check_ledger(at(foreign, 0), v2)
