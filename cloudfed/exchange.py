@@ -7,29 +7,14 @@ keys are pinned by fingerprint, so this module only moves bytes and keeps keys i
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
-from collections.abc import Mapping
-from typing import Any
-
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from cloudfed.errors import ProtectionError
 from cloudfed.federation import PARTY_NAME_PATTERN, FederationConfig
 from cloudfed.protection.keys import ROLES, PublicKeyBundle
+from cloudfed.storage import Store, validate_key
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$")
-
-
-def validate_key(key: str) -> str:
-    """Reject anything that could escape the root or collide with temp files (hidden names)."""
-    if not key or key.startswith("/") or "\\" in key or ":" in key:
-        raise ValueError(f"invalid exchange key {key!r}: must be a relative path")
-    if not all(_SEGMENT.match(part) for part in key.split("/")):
-        raise ValueError(f"invalid exchange key {key!r}: empty, hidden or '..' segment")
-    return key
+__all__ = ["Exchange", "Store", "validate_key"]
 
 
 def _name(value: str, what: str) -> str:
@@ -70,75 +55,8 @@ def federation_exchange(cfg: FederationConfig) -> Exchange:
     return Exchange(f"{str(cfg.exchange).rstrip('/')}/{cfg.federation_id}", cfg.exchange_options)
 
 
-class Exchange:
-    """Byte store rooted at a local path or fsspec URL; every key is validated first."""
-
-    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        """`storage_options` go to the fsspec backend (an S3-compatible store's endpoint_url)."""
-        self.fs, path = fsspec.core.url_to_fs(str(root), **dict(storage_options or {}))
-        self.root = path.rstrip("/")
-        self._local = isinstance(self.fs, LocalFileSystem)
-        if self._local:
-            self.fs.makedirs(self.root, exist_ok=True)
-
-    def _path(self, key: str) -> str:
-        return f"{self.root}/{validate_key(key)}"
-
-    def put_bytes(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
-        """Readers never see a half-written file: local writes go to a temp name, then rename.
-
-        `exclusive` writes only if the key is absent (FileExistsError otherwise): what must happen
-        once, such as publishing a round, cannot be done twice by two runs.
-        """
-        path = self._path(key)
-        if not self._local:
-            if exclusive:
-                with self.fs.open(path, "xb") as fh:  # If-None-Match / generation-0 writes
-                    fh.write(bytes(data))
-                return
-            self.fs.pipe_file(path, bytes(data))  # object-store PUTs are already atomic
-            return
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if exclusive:
-                os.link(tmp, path)  # atomic, and fails if the key exists
-            else:
-                os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def delete(self, key: str) -> None:
-        """Remove a key if present (only the run lock is ever removed)."""
-        path = self._path(key)
-        if self.fs.exists(path):
-            self.fs.rm_file(path)
-
-    def get_bytes(self, key: str) -> bytes:
-        """Read a whole object; FileNotFoundError when absent, as every fsspec backend raises."""
-        return self.fs.cat_file(self._path(key))
-
-    def exists(self, key: str) -> bool:
-        return self.fs.exists(self._path(key))
-
-    def list(self, prefix: str = "") -> list[str]:
-        """Keys under `prefix`, sorted, relative to the root; temp files are not keys."""
-        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
-        if not self.fs.exists(base):
-            return []
-        found = self.fs.find(base)
-        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
-        keys = (self.fs._strip_protocol(p)[len(root) :] for p in found)
-        return sorted(k for k in keys if not any(s.startswith(".") for s in k.split("/")))
-
-    def url(self, key: str) -> str:
-        return self.fs.unstrip_protocol(self._path(key))
+class Exchange(Store):
+    """The federation's shared store: untrusted, so everything on it is sealed or pinned."""
 
 
 def publish_public_keys(exchange: Exchange, bundle: PublicKeyBundle) -> str:

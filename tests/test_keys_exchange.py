@@ -98,7 +98,7 @@ def test_key_layout() -> None:
     ["", "/etc/passwd", "a/../b", "..", "a//b", "a/./b", ".hidden", "a\\b", "s3://x/y", "a/"],
 )
 def test_invalid_keys(tmp_path: Path, key: str) -> None:
-    with pytest.raises(ValueError, match="invalid exchange key"):
+    with pytest.raises(ValueError, match="invalid storage key"):
         validate_key(key)
     with pytest.raises(ValueError):
         Exchange(str(tmp_path)).put_bytes(key, b"x")
