@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloudfed.aggregation.settings import AggregationSettings
+from cloudfed.deadlines import StageDeadlines
 from cloudfed.errors import ConfigError
 from cloudfed.privacy.settings import PrivacySettings
 
@@ -32,6 +33,10 @@ _SECRET_OPTION = re.compile(r"secret|password|token|credential|connection_string
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Party steps that read the party's rows or load the model: run on its `step_operator`.
+HEAVY_PARTY_STEPS = frozenset({"harmonize", "train", "evaluate"})
 
 
 class RawSplits(_Strict):
@@ -49,7 +54,12 @@ class PartyConfig(_Strict):
     raw: RawSplits
     mapping: str
     storage: str
+    # Where the party's steps run in its cloud: training, harmonisation and evaluation, which load
+    # its data or the model, on `step_operator`; the light protocol steps (share keys, upload,
+    # unmask, CKKS keys and decryption) on `light_step_operator` (e.g. a small Kubernetes pod in
+    # the same cloud), or on `step_operator` when it is null. See `step_operator_for`.
     step_operator: str | None = None
+    light_step_operator: str | None = None
     # A party with less compute trains a lower LoRA rank (1..lora.rank); null: lora.rank.
     lora_rank: int | None = Field(None, ge=1)
     # Public link speed in Mbit/s; read by the bandwidth-aware weighting presets only.
@@ -57,6 +67,17 @@ class PartyConfig(_Strict):
     # Public: how many times slower than a reference party this party trains (virtual clock of
     # buffered rounds, cloudfed.aggregation.fedbuff); never measured, so never data-dependent.
     compute_scale: float = Field(1.0, gt=0.0, le=10_000.0)
+
+    def step_operator_for(self, step: str) -> str | None:
+        """The step operator of one of this party's steps (`harmonize` or a round stage's name).
+
+        Only the steps that read the party's rows or load the model need its training machine;
+        every other party step is a few milliseconds of cryptography (README, "Step cost on
+        cloud step operators"), which a light operator in the same cloud launches faster.
+        """
+        if step in HEAVY_PARTY_STEPS:
+            return self.step_operator
+        return self.light_step_operator or self.step_operator
 
 
 class LoraSettings(_Strict):
@@ -151,6 +172,8 @@ class FederationConfig(_Strict):
     protection: ProtectionSettings = ProtectionSettings()
     privacy: PrivacySettings = PrivacySettings()
     aggregation: AggregationSettings = AggregationSettings()
+    # Seconds each party stage may take; a party still running then is dropped from the round.
+    deadlines: StageDeadlines = StageDeadlines()
     # Simulation only: make a party fail at a stage of every round (to rehearse dropout recovery).
     simulate_dropouts: dict[str, DropoutStage] = Field(default_factory=dict)
     parties: list[PartyConfig] = Field(min_length=1)
@@ -334,6 +357,12 @@ _FIXES: dict[str, str] = {
     "colluding": "use at least 1 and fewer than min_contributors (default 1)",
     "privacy": "see the privacy block of configs/local.yaml",
     "dp_sgd": "see the dp_sgd example in configs/local.yaml",
+    "deadlines": "give seconds per party stage: train, share_keys, upload, unmask, evaluate",
+    "train": "use a positive number of seconds, at most 604800 (a week)",
+    "share_keys": "use a positive number of seconds, at most 604800 (a week)",
+    "upload": "use a positive number of seconds, at most 604800 (a week)",
+    "unmask": "use a positive number of seconds, at most 604800 (a week)",
+    "evaluate": "use a positive number of seconds, at most 604800 (a week)",
     "exchange_options": "give the exchange credentials through its runtime (an IAM role, "
     "workload identity, AWS_ACCESS_KEY_ID / GOOGLE_APPLICATION_CREDENTIALS / AZURE_* in the "
     "environment), and keep only options such as endpoint_url here",
