@@ -153,5 +153,18 @@ class LateAnswers:
         self.refused += came
         return came
 
+    def drain(self, seconds: float, *, sleep: Callable[[float], None] = time.sleep) -> list[str]:
+        """At the end of a run: refuse late answers as they come, for at most `seconds`.
+
+        Returns the steps still running then; their answers are never read.
+        """
+        until = self.clock() + seconds
+        while self.late and self.clock() < until:
+            self.sweep()
+            if self.late:
+                sleep(min(POLL_SECONDS * 5, max(until - self.clock(), 0.0)))
+        self.sweep()
+        return self.still_running()
+
     def still_running(self) -> list[str]:
         return [f"{party} ({w.stage}, round {w.round})" for w, party, _ in self.late]

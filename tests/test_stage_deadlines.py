@@ -114,6 +114,8 @@ def test_late_answers_are_refused_when_they_come_and_logged(
     assert tracker.sweep() == []  # refused once
     assert tracker.still_running() == ["hung (upload, round 1)"]
     assert [r.party for r in tracker.refused] == ["slow"]
+    assert tracker.drain(30.0, sleep=clock.sleep) == ["hung (upload, round 1)"]
+    assert clock.now == pytest.approx(157.5)  # a bounded wait for a step that never ends
 
 
 def test_deadline_defaults_and_validation() -> None:
@@ -121,9 +123,7 @@ def test_deadline_defaults_and_validation() -> None:
     assert d.seconds("train") > d.seconds("upload") > 0
     with pytest.raises(KeyError):
         d.seconds("advertise")  # runs inside the training step: no deadline of its own
-    raw = yaml.safe_load((REPO_ROOT / "configs/local.yaml").read_text())["parameters"][
-        "federation"
-    ]
+    raw = yaml.safe_load((REPO_ROOT / "configs/local.yaml").read_text())["parameters"]["federation"]
     raw["deadlines"] = {"train": 60, "upload": 5.5}
     cfg = parse_federation(raw)
     assert cfg.deadlines.seconds("train") == 60 and cfg.deadlines.seconds("upload") == 5.5
@@ -175,9 +175,7 @@ def test_party_steps_per_round() -> None:
 
 
 def test_light_step_operator_runs_only_the_protocol_stages() -> None:
-    raw = yaml.safe_load((REPO_ROOT / "configs/local.yaml").read_text())["parameters"][
-        "federation"
-    ]
+    raw = yaml.safe_load((REPO_ROOT / "configs/local.yaml").read_text())["parameters"]["federation"]
     raw["parties"][0]["step_operator"] = "sagemaker"
     raw["parties"][0]["light_step_operator"] = "eks-pod"
     raw["parties"][1]["step_operator"] = "vertex"
