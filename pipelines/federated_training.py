@@ -2,8 +2,9 @@
 
     zenml pipeline run pipelines.federated_training.federated_training -c configs/local.yaml
 
-Party steps carry their party's step operator (none locally); coordinator steps carry the active
-stack's experiment tracker, so one MLflow run holds every round of a pipeline run.
+Party steps carry their party's step operator, or its light one for the protocol stages (none
+locally); a stage's party steps run concurrently until the stage's deadline. Coordinator steps
+carry the active stack's experiment tracker, so one MLflow run holds every round of a run.
 """
 
 from __future__ import annotations
