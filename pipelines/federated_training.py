@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zenml import pipeline
+from zenml.client import Client
 from zenml.enums import ExecutionMode
 
 from cloudfed import console
@@ -24,6 +25,7 @@ from cloudfed.federation import FederationConfig, load_run_config, parse_federat
 from cloudfed.preflight import check_config
 from cloudfed.protection.stages import Stage, protection_stages
 from pipelines._common import config_source, tracker_name, user_errors
+from pipelines._images import party_docker_settings
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
 from steps.evaluate import evaluate
@@ -48,7 +50,11 @@ console.configure()  # `make run`: progress lines and warnings only (CLOUDFED_LO
 
 def _party_step(step: Any, cfg: FederationConfig, party: str) -> Any:
     operator = cfg.party(party).step_operator
-    return step.with_options(step_operator=operator) if operator else step
+    if not operator:
+        return step  # runs where the pipeline runs: no image of its own
+    store = Client().active_stack.artifact_store.path
+    docker = party_docker_settings(cfg, party, artifact_store=store)
+    return step.with_options(step_operator=operator, settings={"docker": docker})
 
 
 class _PartyCalls:
