@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zenml import pipeline
-from zenml.client import Client
 from zenml.enums import ExecutionMode
 
 from cloudfed import console
@@ -25,7 +24,7 @@ from cloudfed.federation import FederationConfig, load_run_config, parse_federat
 from cloudfed.preflight import check_config
 from cloudfed.protection.stages import Stage, protection_stages
 from pipelines._common import config_source, tracker_name, user_errors
-from pipelines._images import party_docker_settings
+from pipelines._images import party_docker_settings, stack_facts
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
 from steps.evaluate import evaluate
@@ -52,8 +51,7 @@ def _party_step(step: Any, cfg: FederationConfig, party: str) -> Any:
     operator = cfg.party(party).step_operator
     if not operator:
         return step  # runs where the pipeline runs: no image of its own
-    store = Client().active_stack.artifact_store.path
-    docker = party_docker_settings(cfg, party, artifact_store=store)
+    docker = party_docker_settings(cfg, party, **stack_facts())
     return step.with_options(step_operator=operator, settings={"docker": docker})
 
 
