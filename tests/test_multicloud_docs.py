@@ -62,7 +62,8 @@ def test_the_stack_commands_register_what_remote_step_operators_need() -> None:
     assert ("container-registry", opts["-c"]) in registered
     assert ("image-builder", opts["-i"]) in registered
     operators = {stack[i + 1] for i, a in enumerate(stack[:-1]) if a == "-s"}
-    wanted = {p.step_operator for p in load_run_config(EXAMPLE).parties}
+    parties = load_run_config(EXAMPLE).parties
+    wanted = {p.step_operator for p in parties} | {p.light_step_operator for p in parties}
     assert wanted == operators
     assert wanted <= {name for kind, name in registered if kind == "step-operator"}
 
