@@ -436,17 +436,24 @@ class Registrar:
         else:
             stored = dict(existing.configuration)
             update = {k: v for k, v in wanted.items() if stored.get(k) != v}
-            update |= {k: None for k in stored if k not in wanted}
+            removed = [k for k in stored if k not in wanted]
             if update:
                 self._say(
                     _command(comp.cli_type, "update", comp.name)
                     + "".join(" " + shlex.quote(f) for f in _cli_flags(update))
                 )
-                if not self.dry_run:
-                    self.client.update_stack_component(
-                        comp.name, StackComponentType(comp.type), configuration=update
-                    )
-            else:
+            if removed:
+                self._say(
+                    _command(comp.cli_type, "remove-attribute", comp.name)
+                    + "".join(f" {k}" for k in removed)
+                )
+            if (update or removed) and not self.dry_run:
+                self.client.update_stack_component(
+                    comp.name,
+                    StackComponentType(comp.type),
+                    configuration=update | dict.fromkeys(removed),
+                )
+            if not (update or removed):
                 print(f"unchanged: {comp.type} {comp.name}")
         self._connect(comp, existing)
 
