@@ -288,6 +288,7 @@ def stand_in_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
+@pytest.mark.e2e
 def test_registering_twice_changes_nothing(stand_in_run: dict) -> None:
     first, again = stand_in_run["first"], stand_in_run["again"]
     assert first.returncode == 0, first.stdout + first.stderr
@@ -298,6 +299,7 @@ def test_registering_twice_changes_nothing(stand_in_run: dict) -> None:
     assert again.stdout.count("unchanged:") == 3  # two operators and the stack
 
 
+@pytest.mark.e2e
 def test_each_party_step_ran_on_its_own_partys_operator(stand_in_run: dict) -> None:
     from zenml.client import Client
 
