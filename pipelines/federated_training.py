@@ -26,6 +26,7 @@ from cloudfed.federation import FederationConfig, load_run_config, parse_federat
 from cloudfed.preflight import check_config
 from cloudfed.protection.stages import Stage, protection_stages
 from pipelines._common import config_source, tracker_name, user_errors
+from pipelines._images import party_docker_settings, stack_facts
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
 from steps.evaluate import evaluate
@@ -52,10 +53,14 @@ def _party_step(step: Any, cfg: FederationConfig, party: str, kind: str) -> Any:
     """The one place a party step's options are set. `kind`: `harmonize` or a stage's name.
 
     Steps that read the party's rows or load the model run on its `step_operator`, the light
-    protocol stages on its `light_step_operator` (`PartyConfig.step_operator_for`).
+    protocol stages on its `light_step_operator` (`PartyConfig.step_operator_for`); on either,
+    in the party's own image (pipelines/_images.py).
     """
     operator = cfg.party(party).step_operator_for(kind)
-    return step.with_options(step_operator=operator) if operator else step
+    if not operator:
+        return step  # runs where the pipeline runs: no image of its own
+    docker = party_docker_settings(cfg, party, **stack_facts())
+    return step.with_options(step_operator=operator, settings={"docker": docker})
 
 
 def _party_failure(exc: BaseException) -> tuple[str, BaseException]:
