@@ -365,3 +365,28 @@ def test_a_forged_rotation_on_the_exchange_is_refused(tmp_path: Path, model_cach
     load_policy(A).rotations_file.parent.mkdir(parents=True, exist_ok=True)
     load_policy(A).rotations_file.write_text(json.dumps([forged.model_dump(mode="json")]))
     assert load_policy(A).policy.pins.parties[B] == fingerprint(victim)
+
+
+def test_the_ckks_key_party_rotates_only_in_a_round_without_ckks(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    pytest.importorskip("tenseal")
+    hybrid = {
+        "rules": [{"pattern": "*lora_A*", "mode": "ckks"}],
+        "ckks": {"workers": 1},
+    }
+    fed = Federation(federation_dict(tmp_path, model_cache, NAMES, protection=hybrid))
+    assert fed.cfg.ckks_key_party == A and "ckks" in fed.plan.protection["tensors"]
+    old_a = fingerprint(party_mod.party_keys(fed.cfg.party(A), fed.exchange))
+    rotate(fed.cfg, A)  # the key party: deferred
+    new_b = rotate(fed.cfg, B).new.fingerprint  # another party: approved in this very round
+    updates = {p: (fed.const(VALUES[p]), EXAMPLES[p]) for p in NAMES}
+    _, report, _ = fed.round(1, updates)
+    assert report.accepted == sorted(NAMES), report.rejected
+    for name, value in fed.global_state().items():
+        assert np.max(np.abs(value - fed.initial[name] - MEAN)) < 1e-4, name
+    doc = keys_roster_doc(fed, 1)
+    assert doc["refused_rotations"][A].startswith("deferred")
+    assert doc["rotated"] == {B: doc["rotations"][B]["old"]["fingerprint"]}
+    assert all(load_policy(p).policy.pins.parties[A] == old_a for p in NAMES)
+    assert all(load_policy(p).policy.pins.parties[B] == new_b for p in NAMES)

@@ -124,18 +124,26 @@ def keys_roster(
         "setup": {**setup.binding(), "min_survivors": setup.min_survivors},
         "members": members,
         "adverts": digests,
-        **_rotations(exchange, members),
+        **_rotations(exchange, members, _ckks_key_party(cfg, plan)),
     }
     return _sign_roster(cfg, exchange, keys, plan.run_id, "keys", doc, setup, rejected)
 
 
-def _rotations(exchange: Exchange, members: dict[str, str]) -> dict[str, Any]:
+def _ckks_key_party(cfg: FederationConfig, plan: FederationPlan) -> str | None:
+    return cfg.ckks_key_party if "ckks" in plan.protection["tensors"] else None
+
+
+def _rotations(
+    exchange: Exchange, members: dict[str, str], ckks_key_party: str | None
+) -> dict[str, Any]:
     """Key rotations of members, for the keys roster; `members` moves to the new fingerprints.
 
     A statement is approved when signed by the key the member advertised with this round (its
     members carry the new key from the next stage on), and carried along when the member already
     advertises with the new key (so a party that missed the approving round catches up). Anything
-    else (a bundle or statement an attacker put on the exchange) is left out and named.
+    else (a bundle or statement an attacker put on the exchange) is left out and named. The
+    CKKS key party does not rotate in a round with CKKS tensors: its CKKS context was signed, and
+    the encrypted sum is sealed, to the key it had before the roster.
     """
     rotations, rotated, refused = {}, {}, {}
     for name, advertised in sorted(members.items()):
@@ -154,6 +162,9 @@ def _rotations(exchange: Exchange, members: dict[str, str]) -> dict[str, Any]:
         except ProtectionError as exc:
             refused[name] = str(exc)
             logger.warning("key rotation of %s left out of the roster: %s", name, exc)
+            continue
+        if statement.old.fingerprint == advertised and name == ckks_key_party:
+            refused[name] = "deferred: the CKKS key party rotates in a round without CKKS tensors"
             continue
         rotations[name] = statement.model_dump(mode="json")
         if statement.old.fingerprint == advertised:
