@@ -28,7 +28,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,6 +37,9 @@ from cloudfed.aggregation.weights import weight_floor
 from cloudfed.errors import CloudfedError, ConfigError
 from cloudfed.federation import PARTY_NAME_PATTERN, FederationConfig, load_run_config
 from cloudfed.privacy.settings import DEFAULT_DP_SGD_MAX_EPSILON, PrivacyMode
+
+if TYPE_CHECKING:
+    from cloudfed.protection.rotation import RotationStatement
 
 POLICY_DIR_ENV = "CLOUDFED_PARTY_POLICIES"
 DEFAULT_POLICY_DIR = ".cloudfed/party-policies"
@@ -114,18 +117,8 @@ class KeySource(_Strict):
             "env": {"env_var"},
             "secret_manager": {"secret_manager", "secret_id", "options"},
         }[self.source]
-        stray = sorted(
-            f
-            for f in (
-                "folder",
-                "storage_options",
-                "env_var",
-                "secret_manager",
-                "secret_id",
-                "options",
-            )
-            if f not in used and getattr(self, f)
-        )
+        fields = ("folder", "storage_options", "env_var", "secret_manager", "secret_id", "options")
+        stray = [f for f in fields if f not in used and getattr(self, f)]
         if stray:
             raise ValueError(f"keys.{', keys.'.join(stray)} do(es) not apply to {self.source}")
         return self
@@ -244,7 +237,7 @@ def _follow_recorded_rotations(loaded: LoadedPolicy) -> LoadedPolicy:
     return LoadedPolicy(loaded.policy.model_copy(update={"pins": followed}), loaded.path)
 
 
-def record_rotation(loaded: LoadedPolicy, statement: Any) -> LoadedPolicy:
+def record_rotation(loaded: LoadedPolicy, statement: RotationStatement) -> LoadedPolicy:
     """Accept a verified rotation of a pinned key into the party's own pin record.
 
     Refuses (ConsentError) one whose old fingerprint is not the key this party pins: that is a

@@ -30,7 +30,7 @@ from cloudfed.keys import (
     rotate,
 )
 from cloudfed.keys.__main__ import main as keys_cli
-from cloudfed.party_policy import ConsentError, load_policy, policy_path
+from cloudfed.party_policy import ConsentError, load_policy, policy_path, provision
 from cloudfed.protection.commitments import commitment_key
 from cloudfed.protection.envelope import open_public
 from cloudfed.protection.keys import KeyPairs, generate_keys
@@ -161,6 +161,10 @@ def test_env_source_reads_the_variable_and_never_writes_to_storage(
     got, _ = party_mod.consent(fed.cfg, party, fed.plan)
     assert fingerprint(got) == fingerprint(keys)
     assert not files_containing(Path(party.storage), secret_bytes(keys))
+    # Re-provisioning keeps where the party's keys live, and pins the key found there.
+    provision(fed.cfg, force=True)
+    assert load_policy(A).policy.keys.source == "env"
+    assert load_policy(A).policy.pins.parties[A] == fingerprint(keys)
 
     monkeypatch.setenv(var, '{"x25519": "AAAA", "ed25519": "AAAA"}')
     with pytest.raises(ConfigError, match=rf"environment variable {var}: expected a JSON"):

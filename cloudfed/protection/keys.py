@@ -133,7 +133,7 @@ def keys_from_material(role: Role, name: str, doc: object, *, where: str) -> Key
     """Parse `KeyPairs.material()` output; `where` names the variable or secret in errors."""
     fix = (
         f'{where}: expected a JSON object {{"x25519": <base64 of 32 bytes>, "ed25519": '
-        "<base64 of 32 bytes>}} as `python -m cloudfed.keys new-material` prints"
+        "<base64 of 32 bytes>} as `python -m cloudfed.keys new-material` prints"
     )
     if not isinstance(doc, dict) or not {"x25519", "ed25519"} <= set(doc):
         raise ConfigError(fix)
