@@ -88,7 +88,7 @@ class DpSgdFloor(_Strict):
     max_epsilon_per_run: float | None = Field(None, gt=0.0)
 
 
-class KeySource(_Strict):
+class KeysPolicy(_Strict):
     """Where the party's private keys live: its choice, never the run configuration's.
 
     storage: PEM files in a folder of the party's own storage (`folder`, default
@@ -109,7 +109,7 @@ class KeySource(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _fields_of_the_source(self) -> KeySource:
+    def _fields_of_the_source(self) -> KeysPolicy:
         if self.source == "secret_manager" and not (self.secret_manager and self.secret_id):
             raise ValueError("keys.source=secret_manager needs keys.secret_manager and secret_id")
         used = {
@@ -141,8 +141,8 @@ class PartyPolicy(_Strict):
     # update. The config's weighting.min_weight (default 1/weight_cap) must be >= 1/ratio.
     max_weight_ratio: float = Field(1000.0, ge=1.0)
     pins: Pins
-    # Where its private keys live (see KeySource); today's storage folder by default.
-    keys: KeySource = KeySource()
+    # Where its private keys live (see KeysPolicy); today's storage folder by default.
+    keys: KeysPolicy = KeysPolicy()
     # Party-side state; relative paths are relative to the policy file's folder.
     state_dir: str | None = None
 
@@ -514,7 +514,7 @@ def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
         if party.name in existing:  # a rewrite keeps where the party's keys live
             policy = policy.model_copy(update={"keys": existing[party.name].policy.keys})
         doc = policy.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-        if doc.get("keys") == KeySource().model_dump(mode="json", exclude_none=True):
+        if doc.get("keys") == KeysPolicy().model_dump(mode="json", exclude_none=True):
             del doc["keys"]
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         header = (

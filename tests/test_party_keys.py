@@ -134,6 +134,31 @@ def test_key_files_or_folder_open_to_others_are_refused_naming_the_chmod_fix(
     assert fingerprint(source.load().current) == fingerprint(keys)
 
 
+def test_a_storage_folder_in_an_object_store_holds_current_and_pending_pairs() -> None:
+    """The fsspec branch (no file modes to check): create, rotate, promote, old pair gone."""
+    import fsspec
+
+    folder = "memory://party-keys-test/alpha/keys"
+    source = StorageKeySource(A, folder)
+    assert source.local_dir is None
+    assert source.load().current is None
+    first = generate_keys("party", A)
+    source.create(first)
+    nxt = generate_keys("party", A, commitment=commitment_key(first))
+    source.save_pending(nxt)
+    held = source.load()
+    assert fingerprint(held.current) == fingerprint(first)
+    assert fingerprint(held.pending) == fingerprint(nxt)
+    assert held.current.commitment == held.pending.commitment == commitment_key(first)
+    source.promote()
+    after = source.load()
+    assert after.pending is None and fingerprint(after.current) == fingerprint(nxt)
+    fs = fsspec.filesystem("memory")
+    blobs = b"".join(fs.cat_file(f) for f in fs.find("/party-keys-test"))
+    assert not any(n in blobs for n in secret_bytes(first))
+    fs.rm("/party-keys-test", recursive=True)
+
+
 def test_env_source_reads_the_variable_and_never_writes_to_storage(
     tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -278,11 +303,36 @@ def test_a_party_key_source_in_the_coordinators_storage_is_refused(
     assert sorted(p for p in coordinator.rglob("*")) == before  # nothing was written there
 
 
+def test_the_coordinator_role_has_no_way_to_load_a_party_key() -> None:
+    """No coordinator module or coordinator step imports the party key sources."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    files = [*(root / "cloudfed" / "coordinator").glob("*.py")]
+    files += [
+        root / "steps" / f for f in ("prepare.py", "aggregate.py") if (root / "steps" / f).exists()
+    ]
+    assert len(files) > 5
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            bad = [
+                n
+                for n in names
+                if n.startswith("cloudfed.keys") or n in ("load_party_keys", "party_keys")
+            ]
+            assert not bad, f"{path}: imports {bad}"
+
+
 # --- rotation ------------------------------------------------------------------------------------
 
 
 def test_rotation_is_followed_through_the_keys_roster_across_rounds(
-    tmp_path: Path, model_cache: Path
+    tmp_path: Path, model_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fed = make_fed(tmp_path, model_cache)
     run_round(fed, 1)
@@ -296,6 +346,9 @@ def test_rotation_is_followed_through_the_keys_roster_across_rounds(
     assert statement.old.fingerprint == fingerprint(old)
     new_fp = statement.new.fingerprint
     assert rotate(fed.cfg, B).new.fingerprint == new_fp  # again before approval: same pending pair
+    capsys.readouterr()
+    assert keys_cli(["status", str(config), "--party", B]) == 0
+    assert f"pending  {new_fp}" in capsys.readouterr().out
     # Until a roster approves it, nothing changes: the old key is in use and pinned everywhere.
     held = party_key_source(fed.cfg, fed.cfg.party(B), load_policy(B)).load()
     assert fingerprint(held.current) == fingerprint(old) and held.pending is not None

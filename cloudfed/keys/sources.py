@@ -25,8 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cloudfed.errors import ConfigError
 from cloudfed.federation import FederationConfig, PartyConfig
-from cloudfed.party_policy import KeySource as KeySourceSpec
-from cloudfed.party_policy import LoadedPolicy
+from cloudfed.party_policy import KeysPolicy, LoadedPolicy
 from cloudfed.protection.keys import (
     KeyPairs,
     check_owner_only,
@@ -301,7 +300,7 @@ def _inside(child: str, parent: str) -> bool:
 
 
 def key_folder(party: PartyConfig, loaded: LoadedPolicy | None) -> str:
-    spec = loaded.policy.keys if loaded is not None else KeySourceSpec()
+    spec = loaded.policy.keys if loaded is not None else KeysPolicy()
     if spec.folder is None:
         return f"{str(party.storage).rstrip('/')}/keys"
     if "://" in spec.folder or Path(spec.folder).is_absolute() or loaded is None:
@@ -313,7 +312,7 @@ def party_key_source(
     cfg: FederationConfig | None, party: PartyConfig, loaded: LoadedPolicy | None
 ) -> KeySource:
     """The source the party's policy names (its storage folder when there is no policy yet)."""
-    spec = loaded.policy.keys if loaded is not None else KeySourceSpec()
+    spec = loaded.policy.keys if loaded is not None else KeysPolicy()
     if spec.source == "env":
         return EnvKeySource(party.name, spec.env_var or env_var_for(party.name))
     if spec.source == "secret_manager":
