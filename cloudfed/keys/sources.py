@@ -326,11 +326,9 @@ def party_key_source(
             ("the exchange", str(cfg.exchange)),
         ):
             if _inside(folder, location):
-                where = (
-                    f"{loaded.path} keys.folder"
-                    if loaded and spec.folder
-                    else (f"parameters.federation.parties[{party.name}].storage")
-                )
+                where = f"parameters.federation.parties[{party.name}].storage"
+                if loaded is not None and spec.folder:
+                    where = f"{loaded.path} keys.folder"
                 raise ConfigError(
                     f"{party.name}: its private keys would live in {folder}, inside {what} "
                     f"{location}, where the coordinator could read them. Fix: point {where} at "
