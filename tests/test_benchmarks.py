@@ -78,6 +78,7 @@ def test_protection_tiny_without_flower() -> None:
         assert limit["achieved_fraction"] == pytest.approx(
             limit["limit_s"] / run["coordinator_total_s"]
         )
+        assert limit["achieved_fraction_with_signature_hash"] > limit["achieved_fraction"] > 0
     assert entry["at_2n"]["n"] == 6 and entry["coordinator_time_2n_over_n"] > 0
     assert result["targets"]["coordinator_fraction_of_bandwidth_limit_min"] == 0.5
     assert result["ckks"]["max_abs_error"] <= result["ckks"]["tolerance"]
