@@ -21,13 +21,15 @@ from tests.e2e_support import REPO_ROOT, make_project, zenml_env
 FLOWER = REPO_ROOT / ".venv-flwr" / "bin" / "python"
 
 
-def _bench(script: str, *args: str, python: Path | str = sys.executable, **kw: Any) -> dict:
+def _bench(
+    script: str, *args: str, python: Path | str = sys.executable, timeout: int = 600, **kw: Any
+) -> dict:
     """Run `script` (a path under the repository, e.g. benchmarks/harmonize.py); its JSON."""
     proc = subprocess.run(
         [str(python), str(REPO_ROOT / script), *args],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         **kw,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -102,6 +104,7 @@ def test_protection_end_to_end_arms_tiny(tmp_path: Path) -> None:
         "--clouds",
         str(tmp_path / "clouds"),
         env=zenml_env(),
+        timeout=1800,  # three pipeline runs
     )
     arms = result["end_to_end"]
     assert set(arms) == {"plaintext", "secagg", "ckks"}
