@@ -255,6 +255,7 @@ def inputs_roster(
         current=current,
         layout=layout,
         only=doc["shared"],
+        consume=lambda upload: upload.sections.clear(),  # U3 needs who verified, not the words
     )
     rejected += bad
     uploaded = sorted(uploads)
