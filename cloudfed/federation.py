@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cloudfed.aggregation.settings import AggregationSettings
 from cloudfed.errors import ConfigError
+from cloudfed.locations import AnyPath, location
 from cloudfed.privacy.settings import PrivacySettings
 
 PARTY_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -32,6 +33,23 @@ _SECRET_OPTION = re.compile(r"secret|password|token|credential|connection_string
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _option_names(doc: Any) -> list[str]:
+    if not isinstance(doc, dict):
+        return []
+    return [str(k) for k in doc] + [n for v in doc.values() for n in _option_names(v)]
+
+
+def no_credentials(options: dict[str, Any] | None, field: str) -> dict[str, Any] | None:
+    """Fsspec options of a location may say where (endpoint, region), never who (credentials)."""
+    secret = sorted({n for n in _option_names(options) if _SECRET_OPTION.search(n.lower())})
+    if secret:
+        raise ValueError(
+            f"{field} {secret} look like credentials; the run configuration is seen by the "
+            "launcher and logged. Fix: give each runtime its credentials (role, environment)"
+        )
+    return options
 
 
 class RawSplits(_Strict):
@@ -48,7 +66,12 @@ class PartyConfig(_Strict):
     cloud: str = "local"
     raw: RawSplits
     mapping: str
+    # A folder, file:// or fsspec URL (s3://, gs://, abfs://) in the party's own cloud.
     storage: str
+    # fsspec options of `storage` (endpoint_url, region...); credentials come from the runtime.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    # fsspec options of raw.train / raw.eval when they are URLs; null: storage_options.
+    raw_options: dict[str, Any] | None = None
     step_operator: str | None = None
     # A party with less compute trains a lower LoRA rank (1..lora.rank); null: lora.rank.
     lora_rank: int | None = Field(None, ge=1)
@@ -57,6 +80,15 @@ class PartyConfig(_Strict):
     # Public: how many times slower than a reference party this party trains (virtual clock of
     # buffered rounds, cloudfed.aggregation.fedbuff); never measured, so never data-dependent.
     compute_scale: float = Field(1.0, gt=0.0, le=10_000.0)
+
+    @field_validator("storage_options", "raw_options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any] | None, info: Any) -> dict[str, Any] | None:
+        return no_credentials(options, info.field_name)
+
+    @property
+    def raw_storage_options(self) -> dict[str, Any]:
+        return self.storage_options if self.raw_options is None else self.raw_options
 
 
 class LoraSettings(_Strict):
@@ -135,6 +167,8 @@ class FederationConfig(_Strict):
     # an S3-compatible store; credentials come from the runtime (role, env), never from here.
     exchange_options: dict[str, Any] = Field(default_factory=dict)
     coordinator_storage: str = ".cloudfed/coordinator"
+    # fsspec options of coordinator_storage when it is a URL; never credentials.
+    coordinator_storage_options: dict[str, Any] = Field(default_factory=dict)
     contracts_dir: str = "data_contracts"
     # The federation's total: a run continues after the last published round and stops here.
     rounds: int = Field(3, ge=1, le=10_000)
@@ -155,21 +189,10 @@ class FederationConfig(_Strict):
     simulate_dropouts: dict[str, DropoutStage] = Field(default_factory=dict)
     parties: list[PartyConfig] = Field(min_length=1)
 
-    @field_validator("exchange_options")
+    @field_validator("exchange_options", "coordinator_storage_options")
     @classmethod
-    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
-        def names(doc: Any) -> list[str]:
-            if not isinstance(doc, dict):
-                return []
-            return [str(k) for k in doc] + [n for v in doc.values() for n in names(v)]
-
-        secret = sorted({n for n in names(options) if _SECRET_OPTION.search(n.lower())})
-        if secret:
-            raise ValueError(
-                f"exchange_options {secret} look like credentials; the run configuration is seen "
-                "by the launcher and logged"
-            )
-        return options
+    def _no_credentials(cls, options: dict[str, Any], info: Any) -> dict[str, Any]:
+        return no_credentials(options, info.field_name) or {}
 
     @model_validator(mode="after")
     def _check_parties(self) -> FederationConfig:
@@ -287,9 +310,14 @@ class FederationConfig(_Strict):
         return [p for p in self.parties if wanted is None or p.name in wanted]
 
     @property
-    def coordinator_dir(self) -> Path:
+    def coordinator_root(self) -> AnyPath:
+        """The coordinator's storage (a folder or an object-store prefix); its keys live here."""
+        return location(self.coordinator_storage, self.coordinator_storage_options)
+
+    @property
+    def coordinator_dir(self) -> AnyPath:
         """The coordinator's files of this federation (ledger, last run); keys are shared."""
-        return Path(self.coordinator_storage) / self.federation_id
+        return self.coordinator_root / self.federation_id
 
     def party(self, name: str) -> PartyConfig:
         for p in self.parties:

@@ -374,14 +374,15 @@ def _dp_sgd_floor(cfg: FederationConfig, dp) -> DpSgdFloor:
 
 def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
     """Keys for the coordinator and every party (made once), and one policy per party."""
+    from cloudfed.locations import on_disk, party_root
     from cloudfed.protection.keys import load_or_create_keys
 
-    coordinator = load_or_create_keys(
-        "coordinator", "coordinator", Path(cfg.coordinator_storage) / "keys"
-    )
+    with on_disk(cfg.coordinator_root / "keys") as key_dir:
+        coordinator = load_or_create_keys("coordinator", "coordinator", key_dir)
     prints = {"coordinator": coordinator.public_bundle().fingerprint}
     for party in cfg.active_parties:
-        keys = load_or_create_keys("party", party.name, Path(party.storage) / "keys")
+        with on_disk(party_root(party) / "keys") as key_dir:
+            keys = load_or_create_keys("party", party.name, key_dir)
         prints[party.name] = keys.public_bundle().fingerprint
     lines = []
     for party in cfg.active_parties:
