@@ -27,14 +27,20 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cloudfed.aggregation.weights import weight_floor
 from cloudfed.errors import CloudfedError, ConfigError
-from cloudfed.federation import PARTY_NAME_PATTERN, FederationConfig, load_run_config
+from cloudfed.federation import (
+    PARTY_NAME_PATTERN,
+    FederationConfig,
+    load_run_config,
+    no_credentials,
+)
+from cloudfed.locations import AnyPath, location
 from cloudfed.privacy.settings import DEFAULT_DP_SGD_MAX_EPSILON, PrivacyMode
 
 POLICY_DIR_ENV = "CLOUDFED_PARTY_POLICIES"
@@ -101,8 +107,15 @@ class PartyPolicy(_Strict):
     # update. The config's weighting.min_weight (default 1/weight_cap) must be >= 1/ratio.
     max_weight_ratio: float = Field(1000.0, ge=1.0)
     pins: Pins
-    # Party-side state; relative paths are relative to the policy file's folder.
+    # Party-side state; relative paths are relative to the policy file's folder. A folder or an
+    # object-store URL (s3://, gs://, abfs://) with its fsspec `state_options` (never credentials).
     state_dir: str | None = None
+    state_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("state_options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return no_credentials(options, "state_options") or {}
 
 
 @dataclass(frozen=True)
@@ -111,12 +124,12 @@ class LoadedPolicy:
     path: Path
 
     @property
-    def state_dir(self) -> Path:
+    def state_dir(self) -> AnyPath:
         given = self.policy.state_dir
         if given is None:
             return self.path.parent / f"{self.policy.party}-state"
-        path = Path(given)
-        return path if path.is_absolute() else self.path.parent / path
+        path = location(given, self.policy.state_options)
+        return path if not isinstance(path, Path) or path.is_absolute() else self.path.parent / path
 
 
 def policy_env_var(party: str) -> str:

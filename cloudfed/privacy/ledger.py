@@ -24,15 +24,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloudfed.errors import CloudfedError, ProtectionError
-from cloudfed.locations import location, replace_bytes
+from cloudfed.locations import AnyPath, location, replace_bytes
 from cloudfed.privacy.accountant import GaussianEvent, epsilon
 from cloudfed.privacy.settings import AccountantName
 
@@ -204,7 +202,7 @@ def ledger_context(federation_id: str, version: int | None = None):
     )
 
 
-def verified_for_party(exchange, coordinator, *, federation_id: str, head_file: Path) -> Ledger:
+def verified_for_party(exchange, coordinator, *, federation_id: str, head_file: AnyPath) -> Ledger:
     """The exchange's ledger as a party accepts it, or a ProtectionError.
 
     It must be signed by the pinned coordinator, no older than the newest version this party has
@@ -236,10 +234,8 @@ def verified_for_party(exchange, coordinator, *, federation_id: str, head_file: 
                 f"privacy ledger forked: its version {v} is not the one this party saw "
                 f"({head_file}); refusing it"
             )
-    head_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = head_file.with_name(f".{head_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": ledger.version, "head": ledger.head()}))
-    os.replace(tmp, head_file)
+    seen = {"version": ledger.version, "head": ledger.head()}
+    replace_bytes(head_file, json.dumps(seen).encode(), mode=0o700)
     return ledger
 
 
