@@ -29,10 +29,11 @@ from tests.e2e_support import REPO_ROOT, federation, scan_for, stored_files
 PARTIES = ["hospital-aws", "bank-gcp"]
 EXTENSION = {"hospital-aws": "csv", "bank-gcp": "jsonl"}
 EXCHANGE, COORDINATOR = "cf-exchange", "cf-coordinator"
+RUNS = ("", "zen-")  # the simulation's buckets, and the `zenml pipeline run`'s own
 
 
-def _bucket(party: str) -> str:
-    return f"cf-{party}"
+def _bucket(party: str, run: str = "") -> str:
+    return f"cf-{run}{party}"
 
 
 def _free_port() -> int:
@@ -61,44 +62,53 @@ def s3() -> Iterator[dict[str, Any]]:
         try:
             options = {"endpoint_url": f"http://127.0.0.1:{port}"}
             fs = fsspec.filesystem("s3", **options)
-            for bucket in [EXCHANGE, COORDINATOR, *map(_bucket, PARTIES), "cf-state"]:
-                fs.mkdir(bucket)
+            for run in RUNS:
+                for name in [*PARTIES, "exchange", "coordinator"]:
+                    fs.mkdir(_bucket(name, run))
+            fs.mkdir("cf-state")
             yield {"options": options, "fs": fs, "mp": mp}
         finally:
             server.stop()
 
 
-def bucket_federation(work: Path, clouds: Path, options: dict[str, Any]) -> dict[str, Any]:
+def bucket_federation(
+    work: Path,
+    clouds: Path,
+    options: dict[str, Any],
+    run: str = "",
+    rounds: int = 2,
+    **overrides: Any,
+) -> dict[str, Any]:
     """The e2e federation with every location moved into its own bucket."""
     fed = federation(
         work,
         clouds,
         PARTIES,
-        exchange=f"s3://{EXCHANGE}",
+        exchange=f"s3://{_bucket('exchange', run)}",
         exchange_options=options,
-        coordinator_storage=f"s3://{COORDINATOR}/coordinator",
+        coordinator_storage=f"s3://{_bucket('coordinator', run)}/coordinator",
         coordinator_storage_options=options,
-        rounds=2,
+        rounds=rounds,
         training={"local_steps": 6, "batch_size": 8, "max_seq_len": 96, "max_eval_rows": 16},
-        privacy={
-            "dp_sgd": {
-                "hospital-aws": {"noise_multiplier": 1.0, "sample_rate": 0.2, "max_epsilon": 50.0}
-            }
-        },
+        **overrides,
     )
     for p in fed["parties"]:
         name, ext = p["name"], EXTENSION[p["name"]]
-        p["raw"] = {s: f"s3://{_bucket(name)}/raw/{s}.{ext}" for s in ("train", "eval")}
-        p["storage"] = f"s3://{_bucket(name)}/storage"
+        p["raw"] = {s: f"s3://{_bucket(name, run)}/raw/{s}.{ext}" for s in ("train", "eval")}
+        p["storage"] = f"s3://{_bucket(name, run)}/storage"
         p["storage_options"] = options
     return fed
 
 
-def _upload_raw(fs: Any, clouds: Path) -> None:
+def _demo_in_buckets(fs: Any, clouds: Path, run: str = "") -> None:
+    """Demo raw exports put into each party's bucket, and removed from local disk."""
+    generate_demo(clouds, seed=11, train_rows=80, eval_rows=24)
     for p in PARTIES:
         for split in ("train", "eval"):
             local = clouds / p / "raw" / f"{split}.{EXTENSION[p]}"
-            fs.pipe_file(f"{_bucket(p)}/raw/{local.name}", local.read_bytes())
+            fs.pipe_file(f"{_bucket(p, run)}/raw/{local.name}", local.read_bytes())
+        for local in (clouds / p / "raw").iterdir():
+            local.unlink()
 
 
 def _state_in_bucket(policies: Path, options: dict[str, Any]) -> None:
@@ -118,14 +128,13 @@ def run(s3: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
     work = tmp_path_factory.mktemp("s3-federation")
     clouds = work / "clouds"
-    generate_demo(clouds, seed=11, train_rows=80, eval_rows=24)
-    _upload_raw(s3["fs"], clouds)
-    for p in PARTIES:  # from here on the parties' rows exist only in their buckets
-        for local in (clouds / p / "raw").iterdir():
-            local.unlink()
+    _demo_in_buckets(s3["fs"], clouds)
     policies = work / "party-policies"
     s3["mp"].setenv(POLICY_DIR_ENV, str(policies))
-    cfg = parse_federation(bucket_federation(work, clouds, s3["options"]))
+    dp_sgd = {"hospital-aws": {"noise_multiplier": 1.0, "sample_rate": 0.2, "max_epsilon": 50.0}}
+    cfg = parse_federation(
+        bucket_federation(work, clouds, s3["options"], privacy={"dp_sgd": dp_sgd})
+    )
     provision(cfg)
     _state_in_bucket(policies, s3["options"])
     before = sorted(p.relative_to(work) for p in work.rglob("*"))
@@ -250,3 +259,38 @@ def test_storage_options_with_credentials_are_refused() -> None:
     fed["coordinator_storage_options"] = {"client_kwargs": {"aws_secret_access_key": "x"}}
     with pytest.raises(Exception, match="coordinator_storage_options"):
         parse_federation(fed, source="configs/x.yaml")
+
+
+@pytest.mark.e2e
+def test_zenml_pipeline_run_keeps_every_location_in_its_bucket(
+    s3: dict[str, Any], tmp_path: Path
+) -> None:
+    """The real `zenml pipeline run` against buckets, then the residency scan across them."""
+    from tests.e2e_support import make_project, run_pipeline, write_config
+
+    options, run = s3["options"], "zen-"
+    clouds = tmp_path / "clouds"
+    _demo_in_buckets(s3["fs"], clouds, run)
+    project = make_project(tmp_path / "project")
+    fed = bucket_federation(tmp_path, clouds, options, run, rounds=1, federation_id="zen-s3")
+    proc = run_pipeline(project, write_config(tmp_path / "run.yaml", fed))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    coordinator = [n for n, _ in stored_files(f"s3://{_bucket('coordinator', run)}", options)]
+    report = f"s3://{_bucket('coordinator', run)}/coordinator/zen-s3/last_run/"
+    assert {report + "summary.txt", report + "adapter.safetensors"} <= set(coordinator)
+    updates: list[bytes] = []
+    for p in PARTIES:
+        for name, data in stored_files(f"s3://{_bucket(p, run)}/storage/updates", options):
+            if name.endswith(".safetensors"):
+                header = 8 + int.from_bytes(data[:8], "little")
+                updates.append(data[header + 256 : header + 320])
+    assert len(updates) == len(PARTIES)  # one round
+    markers = [MARKER_PREFIX.encode()]
+    assert scan_for([f"s3://{_bucket(PARTIES[0], run)}/raw"], markers, options)  # controls
+    assert scan_for([f"s3://{_bucket(PARTIES[1], run)}/storage"], updates, options)
+    coordinator_side = [f"s3://{_bucket('exchange', run)}", f"s3://{_bucket('coordinator', run)}"]
+    leaks = scan_for(coordinator_side, markers + updates, options)
+    leaks.update(scan_for([Path(os.environ["ZENML_CONFIG_PATH"])], markers + updates))
+    assert not leaks, f"raw records or plaintext updates reached the coordinator side: {leaks}"
+    assert not (tmp_path / "coordinator").exists() and not (tmp_path / "exchange").exists()
+    assert MARKER_PREFIX not in proc.stdout + proc.stderr
