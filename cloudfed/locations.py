@@ -85,11 +85,16 @@ class StorePath:
         return StorePath(self.store, PurePosixPath(self.key).with_name(name).as_posix())
 
     def is_file(self) -> bool:
-        return bool(self.key) and self.store.exists(self.key)
+        """A key itself, not a prefix (a backend's `exists` says yes to both)."""
+        if not self.key or not self.store.exists(self.key):
+            return False
+        return all(k == self.key for k in self.store.list(self.key))
 
     def exists(self) -> bool:
         """A key, or a prefix holding keys (object stores have no empty folders)."""
-        return self.is_file() or bool(self.store.list(self.key))
+        if not self.key:
+            return bool(self.store.list())
+        return self.store.exists(self.key) or bool(self.store.list(self.key))
 
     def read_bytes(self) -> bytes:
         return self.store.get_bytes(self.key)
