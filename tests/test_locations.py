@@ -156,3 +156,35 @@ def test_party_state_in_an_object_store_locks_with_a_conditional_put(bucket: Sto
     ledger = party_ledger.load(path, party="p", delta=1e-5)
     party_ledger.save(path, ledger)
     assert party_ledger.load(path, party="p", delta=1e-5) == ledger
+
+
+def test_the_coordinators_ledger_copy_in_an_object_store(tmp_path: Path) -> None:
+    """The copy that survives a wiped exchange is one PUT in the coordinator's bucket."""
+    from cloudfed.exchange import Exchange
+    from cloudfed.privacy.ledger import LEDGER_KEY, LedgerStore, reserve
+    from cloudfed.protection import load_or_create_keys
+
+    exchange = Exchange(str(tmp_path / "exchange"))
+    keys = load_or_create_keys("coordinator", "coordinator", tmp_path / "keys")
+    url = f"memory://coordinator-{tmp_path.name}"
+
+    def store() -> LedgerStore:
+        return LedgerStore(exchange, keys, federation_id="fed", coordinator_storage=url)
+
+    for round in (1, 2):
+        reserve(
+            store(),
+            delta=1e-5,
+            accountant="rdp",
+            max_epsilon=1e6,
+            run_id="run-a",
+            round=round,
+            mode="central",
+            noise_multiplier=2.0,
+            parties=["a", "b"],
+        )
+    copy = StorePath(open_store(url)) / "fed" / "privacy" / "ledger.json"
+    assert store().local == copy and copy.is_file()
+    exchange.delete(LEDGER_KEY)  # the untrusted exchange loses its copy...
+    ledger = store().load(delta=1e-5, accountant="rdp")
+    assert [e.id for e in ledger.entries] == ["run-a/r0001", "run-a/r0002"]  # ...the spend stays
