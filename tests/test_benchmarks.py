@@ -180,3 +180,12 @@ def test_load50_config_is_what_the_benchmark_writes(tmp_path: Path) -> None:
     assert out.read_text() == committed.read_text(), "regenerate configs/load50.yaml"
     cfg = load_run_config(committed)
     assert len(cfg.parties) == 50 and cfg.lora.rank == 2 and cfg.protection.default == "secagg"
+
+
+@pytest.mark.e2e
+def test_zenml_floor_tiny() -> None:
+    """Its own isolated ZenML config (set before zenml is imported), as every benchmark run."""
+    result = _bench("benchmarks/zenml_floor.py", "--tiny")
+    (row,) = result["runs"]
+    assert row["per_party"]["steps"] == 2 and row["batched"]["steps"] == 1
+    assert row["per_party"]["per_step_s"] > 0 and row["batched"]["pipeline_s"] > 0
