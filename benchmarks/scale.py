@@ -297,7 +297,7 @@ def _growth(rows: list[dict[str, Any]], key: str) -> dict[str, float] | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parties", type=int, nargs="+", default=[10, 20, 30, 50])
+    parser.add_argument("--parties", type=int, nargs="*", default=[10, 20, 30, 50])
     parser.add_argument("--pipeline", type=int, nargs="*", default=[], help="N for the real run")
     parser.add_argument("--rounds", type=int, default=2, help="in-process (the pipeline: 1)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
