@@ -108,9 +108,10 @@ load50: stack
 	CLOUDFED_LOG=$(LOG_MODE) $(BIN)/zenml pipeline run pipelines.federated_training.federated_training -c $(LOAD_CONFIG)
 
 # The numbers behind README "Scale": in-process at 10-50 parties, then ZenML at 10 and 50 on an
-# isolated ZenML config (never the user's). Tens of minutes on 2 cores.
+# isolated ZenML config (never the user's), and ZenML's own cost per step. An hour on 2 cores.
 bench-scale: setup
 	$(BIN)/python benchmarks/scale.py --parties 10 20 30 50 --pipeline 10 50
+	$(BIN)/python benchmarks/zenml_floor.py --parties 10 50 --stages 3
 
 clean:
 	rm -rf .cloudfed
