@@ -8,7 +8,7 @@
 For each N, in-process first (`cloudfed.simulation`, every real stage, no ZenML), so the protocol's
 own cost is known apart from ZenML's: wall time per stage, and the coordinator's peak traced
 allocation (tracemalloc) in each coordinator stage against the size of one update. The
-coordinator streams contributions (cloudfed/coordinator/uploads.py), so that peak stays a few
+coordinator streams contributions (`verified_uploads` feeds a running sum), so that peak stays a few
 updates plus O(n) small state, not n updates.
 
 With --pipeline N..., the real `zenml pipeline run` on an isolated ZenML config and project copy
@@ -108,7 +108,7 @@ def _mib(n: float) -> float:
 
 
 def in_process(n: int, work: Path, rounds: int) -> dict[str, Any]:
-    """One federation of `n` parties through `rounds` rounds of every real stage, in this process."""
+    """One federation of `n` parties through `rounds` rounds of every real stage, in-process."""
     from cloudfed import party
     from cloudfed.comparison.data import policies_in
     from cloudfed.data.demo import generate_scaled
