@@ -36,7 +36,24 @@ from cloudfed.privacy.settings import PrivacySettings
 PARTY_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 # Option names that carry credentials: the run configuration is read by the launcher and logged.
-_SECRET_OPTION = re.compile(r"secret|password|token|credential|connection_string|(^|_)(key|sas)$")
+_SECRET_OPTION = re.compile(
+    r"secret|password|passwd|token|credential|connection_string|authori[sz]ation|cookie|"
+    r"api[-_]?key|(^|[-_])(key|sas)$"
+)
+# `scheme://user:password@host/...`: a location string that carries its own login.
+# (Azure's abfs://container@account... has no password: a place, not a login.)
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:[^/@]*@")
+
+
+def no_login_in_url(url: str, field: str) -> str:
+    """A location names where, never who: userinfo in a URL is a credential in the run config."""
+    if _URL_USERINFO.match(url.strip()):
+        raise ValueError(
+            f"{field} {re.sub(r'//[^/@]*@', '//***@', url)} carries a login (user:password@); "
+            "the run configuration is seen by the launcher and logged. Fix: drop it from the URL "
+            "and give the runtime its credentials (role, workload identity, environment)"
+        )
+    return url
 
 
 class _Strict(BaseModel):
@@ -69,6 +86,11 @@ class RawSplits(_Strict):
 
     train: str
     eval: str
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _no_login(cls, url: str, info: Any) -> str:
+        return no_login_in_url(url, f"raw.{info.field_name}")
 
 
 class PartyConfig(_Strict):
@@ -107,6 +129,11 @@ class PartyConfig(_Strict):
     @classmethod
     def _no_credentials(cls, options: dict[str, Any] | None, info: Any) -> dict[str, Any] | None:
         return no_credentials(options, info.field_name)
+
+    @field_validator("storage")
+    @classmethod
+    def _no_login(cls, url: str) -> str:
+        return no_login_in_url(url, "storage")
 
     @property
     def raw_storage_options(self) -> dict[str, Any]:
@@ -228,6 +255,11 @@ class FederationConfig(_Strict):
     @classmethod
     def _no_credentials(cls, options: dict[str, Any], info: Any) -> dict[str, Any]:
         return no_credentials(options, info.field_name) or {}
+
+    @field_validator("exchange", "coordinator_storage")
+    @classmethod
+    def _no_login(cls, url: str, info: Any) -> str:
+        return no_login_in_url(str(url), str(info.field_name))
 
     @model_validator(mode="after")
     def _check_parties(self) -> FederationConfig:
@@ -398,11 +430,6 @@ _FIXES: dict[str, str] = {
     "privacy": "see the privacy block of configs/local.yaml",
     "dp_sgd": "see the dp_sgd example in configs/local.yaml",
     "deadlines": "give seconds per party stage: train, share_keys, upload, unmask, evaluate",
-    "train": "use a positive number of seconds, at most 604800 (a week)",
-    "share_keys": "use a positive number of seconds, at most 604800 (a week)",
-    "upload": "use a positive number of seconds, at most 604800 (a week)",
-    "unmask": "use a positive number of seconds, at most 604800 (a week)",
-    "evaluate": "use a positive number of seconds, at most 604800 (a week)",
     "storage_options": "give the storage credentials through the party's runtime (an IAM role, "
     "workload identity, AWS_* / GOOGLE_APPLICATION_CREDENTIALS / AZURE_* in its environment), "
     "and keep only options such as endpoint_url here",
@@ -460,6 +487,8 @@ def format_validation_error(exc: ValidationError, *, source: str, prefix: str) -
         key = next((str(p) for p in reversed(loc) if isinstance(p, str)), "")
         got = err.get("input")
         got_txt = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        if isinstance(got, str) and _URL_USERINFO.match(got.strip()):
+            got_txt = ""  # the value holds a login: the message names the field, never echoes it
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             meant = closest_key(key, loc[:-1])
@@ -470,8 +499,15 @@ def format_validation_error(exc: ValidationError, *, source: str, prefix: str) -
             )
         elif err.get("type") == "missing":
             fix = f"add '{key}'"
+        elif "deadlines" in loc and key != "deadlines":
+            fix = "use a positive number of seconds, at most 604800 (a week)"
         else:
             fix = _FIXES.get(key, f"correct '{key}' in {source}" if key else "see the message")
+        if "Fix:" in msg:  # the validator says how to fix it, unless a field-specific fix exists
+            if key not in _FIXES:
+                lines.append(f"  - {field}: {msg}{got_txt}")
+                continue
+            msg = msg.split(". Fix:")[0]
         lines.append(f"  - {field}: {msg}{got_txt}. Fix: {fix}.")
     return "\n".join(lines)
 
