@@ -1,0 +1,269 @@
+"""Adversarial review of party-storage (every location through fsspec) and stages-deadlines.
+
+`test_WEAKNESS_*` fail while the weakness is there; `test_holds_*` pin what held under attack.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from cloudfed import party as party_mod
+from cloudfed.deadlines import LateAnswers, StageDeadlines, StageWindow
+from cloudfed.errors import ConfigError
+from cloudfed.federation import parse_federation
+from cloudfed.locations import StorePath, is_remote, on_disk
+from cloudfed.party.secagg import _reveal_across_runs
+from cloudfed.party.stages import secret_path
+from cloudfed.party_policy import ConsentError, policy_path
+from cloudfed.privacy import party_ledger
+from cloudfed.storage import open_store
+from tests.protected_support import Federation, federation_dict
+
+A, B, C = NAMES = ("alpha-aws", "beta-gcp", "gamma-azure")
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def _moved(fed: Federation, **party0: object):
+    raw = fed.cfg.model_dump(mode="json")
+    raw["parties"][0].update(party0)
+    return parse_federation(raw)
+
+
+def _keys_elsewhere(tmp_path: Path, party: str) -> None:
+    """The party's own policy keeps its keys in a private folder (not its storage)."""
+    import yaml
+
+    import shutil
+
+    folder = tmp_path / "private-keys" / party
+    shutil.copytree(tmp_path / "clouds" / party / "keys", folder)  # the same (pinned) keys
+    path = policy_path(party)
+    doc = yaml.safe_load(path.read_text())
+    doc["keys"] = {"source": "storage", "folder": str(folder)}
+    path.write_text(yaml.safe_dump(doc))
+
+
+# --- (1) party storage aliases into the coordinator's storage or the exchange ------------------
+
+
+def test_WEAKNESS_file_url_alias_of_coordinator_storage_passes_the_key_folder_check(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """`_inside` compares a file:// URL with a plain path as strings: the check is bypassed."""
+    fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
+    coordinator = Path(fed.cfg.coordinator_storage)
+    before = sorted(coordinator.rglob("*"))
+    moved = _moved(fed, storage=f"file://{coordinator / 'alpha'}")
+    try:
+        party_mod.consent(moved, moved.party(A), fed.plan)
+        raised = None
+    except Exception as exc:  # today: a ConsentError from the pin check, after the keys were made
+        raised = exc
+    written = sorted(set(coordinator.rglob("*")) - set(before))
+    assert not written, f"party private keys written into the coordinator's storage: {written}"
+    assert isinstance(raised, ConfigError), raised
+
+
+def test_WEAKNESS_party_storage_on_the_exchange_is_accepted(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """Only the key folder is checked: with keys elsewhere (env, secret manager, keys.folder),
+    parties[].storage may point into the exchange, where harmonised splits, plaintext updates
+    (updates/rNNNN.safetensors), secagg secrets (secagg/<run>/rNNNN.*) would be written."""
+    fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
+    _keys_elsewhere(tmp_path, A)
+    exchange = Path(fed.cfg.exchange)
+    moved = _moved(fed, storage=str(exchange / "alpha"))
+    secrets = Path(str(secret_path(moved.party(A), 1, fed.plan.run_id, "secrets")))
+    assert secrets.is_relative_to(exchange)  # where the party's mask secrets would go
+    party_mod.consent(fed.cfg, fed.cfg.party(A), fed.plan)  # the moved keys are the pinned ones
+    with pytest.raises(ConfigError):
+        party_mod.consent(moved, moved.party(A), fed.plan)
+
+
+def test_WEAKNESS_party_storage_in_coordinator_storage_via_object_store_prefix(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """Object-store aliases: a doubled slash or s3a:// names the same objects as s3://."""
+    from cloudfed.keys.sources import _inside
+
+    assert _inside("s3://coord-bucket/fed/alpha/keys", "s3://coord-bucket/fed")  # the plain case
+    aliases = [
+        ("s3://coord-bucket//fed/alpha/keys", "s3://coord-bucket/fed"),
+        ("s3a://coord-bucket/fed/alpha/keys", "s3://coord-bucket/fed"),
+        ("s3://coord-bucket/fed/./alpha/keys", "s3://coord-bucket/fed"),
+        ("gcs://coord-bucket/fed/alpha/keys", "gs://coord-bucket/fed"),
+    ]
+    missed = [a for a in aliases if not _inside(*a)]
+    assert not missed, f"key-folder check bypassed by aliases: {missed}"
+
+
+def test_WEAKNESS_unmask_record_lives_where_the_launcher_points(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """The across-runs record (one survivor set per round and base adapter) is kept in
+    parties[].storage, which the run configuration names: a relaunch with a fresh storage
+    forgets it, and the party unmasks the same (seeded) update for a second survivor set."""
+    fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
+    cfg, plan = fed.cfg, fed.plan
+    base = secret_path(cfg.party(A), 1, plan.run_id, "base")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.write_text("ab" * 32)
+    first = _reveal_across_runs(cfg, cfg.party(A), plan, 1, [A, B, C])
+    assert first is not None
+    first.parent.mkdir(parents=True, exist_ok=True)
+    first.write_text(json.dumps(sorted([A, B, C])))
+    with pytest.raises(Exception, match="already unmasked"):  # same storage: refused
+        _reveal_across_runs(cfg, cfg.party(A), plan, 1, [A, B])
+    # The launcher relaunches with a fresh storage prefix; the retrained seeded update is the same.
+    moved = _moved(fed, storage=str(tmp_path / "fresh" / A))
+    base2 = secret_path(moved.party(A), 1, plan.run_id, "base")
+    base2.parent.mkdir(parents=True, exist_ok=True)
+    base2.write_text("ab" * 32)
+    with pytest.raises(Exception, match="already unmasked"):
+        _reveal_across_runs(moved, moved.party(A), plan, 1, [A, B])
+
+
+# --- (1) party state in an object store: the DP-SGD training lock ------------------------------
+
+
+def test_WEAKNESS_object_lock_release_removes_a_successors_lock() -> None:
+    """The lock is deleted unconditionally on release. After a stale-lock cleanup (as the
+    refusal advises) a finishing training deletes its successor's lock, and a third training
+    then runs beside the second: two trainings share one budget reservation."""
+    state = StorePath(open_store("memory://review-lock/state"))
+    with ExitStack() as first:
+        first.enter_context(party_ledger.training_lock(state, A))
+        (state / "dp_sgd.lock").unlink()  # "the lock was left by a killed one: delete it"
+        with ExitStack() as second:
+            second.enter_context(party_ledger.training_lock(state, A))
+            first.close()  # the first training ends: it deletes the second's lock
+            with pytest.raises(ConsentError):
+                with party_ledger.training_lock(state, A):  # third, while the second runs
+                    pass
+
+
+def test_holds_object_lock_refuses_a_second_training() -> None:
+    state = StorePath(open_store("memory://review-lock2/state"))
+    with party_ledger.training_lock(state, A):
+        with pytest.raises(ConsentError, match="another DP-SGD training"):
+            with party_ledger.training_lock(state, A):
+                pass
+    with party_ledger.training_lock(state, A):  # released afterwards
+        pass
+
+
+# --- (1) on_disk: temp folders -----------------------------------------------------------------
+
+
+def test_holds_on_disk_is_private_removed_and_skips_hidden_names(tmp_path: Path) -> None:
+    target = StorePath(open_store("memory://review-ondisk/p"))
+    (target / "keys" / "x.pem").write_bytes(b"secret")
+    with on_disk(target) as work:
+        assert (work.stat().st_mode & 0o777) == 0o700
+        assert ((work / "keys" / "x.pem").stat().st_mode & 0o777) == 0o600
+        (work / ".staging").mkdir()
+        (work / ".staging" / "train.parquet").write_bytes(b"rows")
+        (work / "harmonised").mkdir()
+        (work / "harmonised" / ".train.tmp").write_bytes(b"rows")
+        kept = work
+    assert not kept.exists()
+    assert sorted(target.keys()) == ["keys/x.pem"]
+
+
+# --- (1) credentials in options ----------------------------------------------------------------
+
+
+def test_holds_credentials_refused_in_every_new_options_field(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    raw = federation_dict(tmp_path, model_cache, NAMES)
+    for where, doc in (
+        ("storage_options", {"secret": "x"}),
+        ("raw_options", {"client_kwargs": {"aws_secret_access_key": "x"}}),
+    ):
+        bad = json.loads(json.dumps(raw))
+        bad["parties"][0][where] = doc
+        with pytest.raises(Exception, match="credentials"):
+            parse_federation(bad)
+    bad = json.loads(json.dumps(raw))
+    bad["coordinator_storage_options"] = {"account_key": "x"}
+    with pytest.raises(Exception, match="credentials"):
+        parse_federation(bad)
+
+
+def test_WEAKNESS_credentials_in_header_options_or_url_userinfo_accepted(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """An Authorization header (HTTP raw exports) or userinfo in a URL passes the check."""
+    raw = federation_dict(tmp_path, model_cache, NAMES)
+    accepted = []
+    for name, change in (
+        ("raw_options headers", ("raw_options", {"headers": {"Authorization": "Bearer s3cr3t"}})),
+        ("x-api-key", ("storage_options", {"client_kwargs": {"headers": {"x-api-key": "s3cr3t"}}})),
+        ("url userinfo", ("raw", {"train": "sftp://u:s3cr3t@host/t.csv", "eval": "e.csv"})),
+    ):
+        bad = json.loads(json.dumps(raw))
+        bad["parties"][0][change[0]] = change[1]
+        try:
+            parse_federation(bad)
+            accepted.append(name)
+        except Exception:
+            pass
+    assert not accepted, f"credentials accepted in the run configuration: {accepted}"
+
+
+# --- (2) deadlines -----------------------------------------------------------------------------
+
+
+class _Step:
+    def __init__(self, clock: list[float], done_at: float) -> None:
+        self.clock, self.done_at = clock, done_at
+
+    def running(self) -> bool:
+        return self.clock[0] < self.done_at
+
+
+def test_holds_deadline_is_judged_on_the_coordinators_clock_and_late_answers_refused() -> None:
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    window = StageWindow("upload", 1, 5.0, clock=lambda: now[0], sleep=sleep)
+    steps = {A: _Step(now, 1.0), B: _Step(now, 2.0), C: _Step(now, 9.0)}
+    finished, dropped, late = window.collect(steps)
+    assert sorted(finished) == [A, B] and [r.party for r in dropped] == [C] and list(late) == [C]
+    answers = LateAnswers(clock=lambda: now[0])
+    answers.add(window, late)
+    now[0] = 10.0
+    came = answers.sweep()
+    assert [r.party for r in came] == [C] and "refused" in came[0].reason
+
+
+def test_holds_fault_hook_and_deadlines_cannot_disable_checks_from_run_config(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    raw = federation_dict(tmp_path, model_cache, NAMES)
+    for extra in ({"fault_delay": "alpha-aws:upload:5"}, {"deadlines": {"upload": 0}}):
+        bad = json.loads(json.dumps(raw)) | extra
+        with pytest.raises(Exception):
+            parse_federation(bad)
+    assert StageDeadlines().seconds("unmask") > 0
+
+
+def test_holds_light_operator_never_gets_heavy_steps(tmp_path: Path, model_cache: Path) -> None:
+    raw = federation_dict(tmp_path, model_cache, NAMES)
+    raw["parties"][0] |= {"step_operator": "gpu-a", "light_step_operator": "k8s-a"}
+    p = parse_federation(raw).party(A)
+    assert {p.step_operator_for(s) for s in ("harmonize", "train", "evaluate")} == {"gpu-a"}
+    assert {p.step_operator_for(s) for s in ("share_keys", "upload", "unmask")} == {"k8s-a"}
+    assert not is_remote(str(tmp_path))
