@@ -13,11 +13,11 @@ import pytest
 
 from cloudfed import party as party_mod
 from cloudfed.deadlines import LateAnswers, StageDeadlines, StageWindow
-from cloudfed.errors import ConfigError
+from cloudfed.errors import ConfigError, ProtectionError
 from cloudfed.federation import parse_federation
 from cloudfed.locations import StorePath, is_remote, on_disk
 from cloudfed.party.secagg import _reveal_across_runs
-from cloudfed.party.stages import secret_path
+from cloudfed.party.stages import party_record, secret_path, write_owner_only
 from cloudfed.party_policy import ConsentError, policy_path
 from cloudfed.privacy import party_ledger
 from cloudfed.storage import open_store
@@ -39,9 +39,9 @@ def _moved(fed: Federation, **party0: object):
 
 def _keys_elsewhere(tmp_path: Path, party: str) -> None:
     """The party's own policy keeps its keys in a private folder (not its storage)."""
-    import yaml
-
     import shutil
+
+    import yaml
 
     folder = tmp_path / "private-keys" / party
     shutil.copytree(tmp_path / "clouds" / party / "keys", folder)  # the same (pinned) keys
@@ -106,30 +106,31 @@ def test_WEAKNESS_party_storage_in_coordinator_storage_via_object_store_prefix(
     assert not missed, f"key-folder check bypassed by aliases: {missed}"
 
 
-def test_WEAKNESS_unmask_record_lives_where_the_launcher_points(
+def test_unmask_record_survives_a_relaunch_with_a_fresh_storage(
     tmp_path: Path, model_cache: Path
 ) -> None:
-    """The across-runs record (one survivor set per round and base adapter) is kept in
-    parties[].storage, which the run configuration names: a relaunch with a fresh storage
-    forgets it, and the party unmasks the same (seeded) update for a second survivor set."""
+    """Attack: the across-runs record (one survivor set per round and base adapter) was kept in
+    parties[].storage, which the run configuration names: a relaunch with a fresh storage forgot
+    it, and the party unmasked the same (seeded) update for a second survivor set. The record now
+    lives in the party policy's own state_dir, which no run configuration can move."""
     fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
     cfg, plan = fed.cfg, fed.plan
-    base = secret_path(cfg.party(A), 1, plan.run_id, "base")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    base.write_text("ab" * 32)
-    first = _reveal_across_runs(cfg, cfg.party(A), plan, 1, [A, B, C])
-    assert first is not None
-    first.parent.mkdir(parents=True, exist_ok=True)
-    first.write_text(json.dumps(sorted([A, B, C])))
-    with pytest.raises(Exception, match="already unmasked"):  # same storage: refused
-        _reveal_across_runs(cfg, cfg.party(A), plan, 1, [A, B])
+    _keys_elsewhere(tmp_path, A)  # so a fresh storage still holds no keys of its own
+    _, loaded = party_mod.consent(cfg, cfg.party(A), plan)
+    write_owner_only(party_record(loaded, plan.run_id, 1, "base"), b"ab" * 32)
+    first = _reveal_across_runs(loaded, plan, 1, [A, B, C])
+    assert first is not None and Path(str(first)).is_relative_to(Path(str(loaded.state_dir)))
+    write_owner_only(first, json.dumps(sorted([A, B, C])).encode())
+    with pytest.raises(ProtectionError, match="already unmasked"):  # same storage: refused
+        _reveal_across_runs(loaded, plan, 1, [A, B])
     # The launcher relaunches with a fresh storage prefix; the retrained seeded update is the same.
-    moved = _moved(fed, storage=str(tmp_path / "fresh" / A))
-    base2 = secret_path(moved.party(A), 1, plan.run_id, "base")
-    base2.parent.mkdir(parents=True, exist_ok=True)
-    base2.write_text("ab" * 32)
-    with pytest.raises(Exception, match="already unmasked"):
-        _reveal_across_runs(moved, moved.party(A), plan, 1, [A, B])
+    fresh = tmp_path / "fresh" / A
+    moved = _moved(fed, storage=str(fresh))
+    _, loaded2 = party_mod.consent(moved, moved.party(A), plan)
+    write_owner_only(party_record(loaded2, plan.run_id, 1, "base"), b"ab" * 32)
+    with pytest.raises(ProtectionError, match="already unmasked"):
+        _reveal_across_runs(loaded2, plan, 1, [A, B])
+    assert not list(fresh.rglob("*revealed*")), "no once-only record in the launcher's storage"
 
 
 # --- (1) party state in an object store: the DP-SGD training lock ------------------------------
@@ -200,10 +201,11 @@ def test_holds_credentials_refused_in_every_new_options_field(
         parse_federation(bad)
 
 
-def test_WEAKNESS_credentials_in_header_options_or_url_userinfo_accepted(
+def test_credentials_in_header_options_and_url_userinfo_are_refused(
     tmp_path: Path, model_cache: Path
 ) -> None:
-    """An Authorization header (HTTP raw exports) or userinfo in a URL passes the check."""
+    """Attack: an Authorization header (HTTP raw exports), an x-api-key, or userinfo in a URL
+    once passed the credentials check (fixed on main); each is now refused."""
     raw = federation_dict(tmp_path, model_cache, NAMES)
     accepted = []
     for name, change in (
@@ -255,7 +257,7 @@ def test_holds_fault_hook_and_deadlines_cannot_disable_checks_from_run_config(
     raw = federation_dict(tmp_path, model_cache, NAMES)
     for extra in ({"fault_delay": "alpha-aws:upload:5"}, {"deadlines": {"upload": 0}}):
         bad = json.loads(json.dumps(raw)) | extra
-        with pytest.raises(Exception):
+        with pytest.raises(ConfigError):
             parse_federation(bad)
     assert StageDeadlines().seconds("unmask") > 0
 

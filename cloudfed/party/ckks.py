@@ -18,7 +18,7 @@ from cloudfed.exchange import ckks_plain_sum_key, ckks_public_key, ckks_sum_key,
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.locations import AnyPath, party_root
 from cloudfed.party.admission import consent
-from cloudfed.party.stages import stage_ref, write_owner_only
+from cloudfed.party.stages import party_record, stage_ref, write_owner_only
 from cloudfed.party_policy import ConsentError, required_survivors
 from cloudfed.privacy.party_level import ckks_grid
 from cloudfed.protection import open_sealed_with_metadata, seal
@@ -87,7 +87,8 @@ def ckks_decrypt_sum(
     keys, loaded = consent(cfg, party, plan)
     coordinator = coordinator_bundle(exchange, plan)
     incoming = exchange.get_bytes(ckks_sum_key(plan.run_id, round))
-    answered = _ckks_secret_path(party, plan.run_id, round).with_suffix(".answered")
+    # Once-only record in the party's own state: a fresh parties[].storage must not reset it.
+    answered = party_record(loaded, plan.run_id, round, "ckks-answered")
     answer = _ckks_secret_path(party, plan.run_id, round).with_suffix(".answer")
     key = ckks_plain_sum_key(plan.run_id, round)
     if answered.exists():

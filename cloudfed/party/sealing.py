@@ -29,7 +29,7 @@ from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.keys import follow_rotations
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.secagg import load_secrets
-from cloudfed.party.stages import check_members, secret_path, write_owner_only
+from cloudfed.party.stages import check_members, party_record, secret_path, write_owner_only
 from cloudfed.party.training import load_local_update
 from cloudfed.party_policy import LoadedPolicy, check_pin
 from cloudfed.privacy.party_level import calibration, ckks_grid, clip_update
@@ -78,15 +78,23 @@ def upload(
         },
         sort_keys=True,
     ).encode()
-    kept, kept_view = (
-        secret_path(party, local.round, plan.run_id, "upload"),
-        secret_path(party, local.round, plan.run_id, "upload-view"),
-    )
-    if kept.exists() and kept_view.exists():
+    # The sealed bytes may be large: they stay in the party's storage. Which view they were
+    # sealed under is the once-only record: it lives in the party's own state, so a launcher
+    # that removes the bytes or points the party at a fresh storage gets a refusal, not a
+    # second sealing under the same masks.
+    kept = secret_path(party, local.round, plan.run_id, "upload")
+    kept_view = party_record(loaded, plan.run_id, local.round, "upload-view")
+    if kept_view.exists():
         if kept_view.read_bytes() != view:
             raise ProtectionError(
                 f"{party.name} already uploaded its update for round {local.round} under another "
                 "roster or key; a second upload could be differenced against the first"
+            )
+        if not kept.exists():
+            raise ProtectionError(
+                f"{party.name} already sealed its update for round {local.round}, but the sealed "
+                f"bytes are gone from its storage ({kept}); sealing again could be differenced "
+                "against the first. Fix: restore parties[].storage, or start a new run"
             )
         blob = kept.read_bytes()
     else:
@@ -94,10 +102,10 @@ def upload(
             cfg, party, local, plan, rosters, ckks_keys, keys, loaded, exchange, layout
         )
         write_owner_only(kept, blob)
-        write_owner_only(kept_view, view)
         write_owner_only(
-            secret_path(party, local.round, plan.run_id, "base"), local.base_sha256.encode()
+            party_record(loaded, plan.run_id, local.round, "base"), local.base_sha256.encode()
         )
+        write_owner_only(kept_view, view)  # last: a crash before it leaves nothing sent
     key = update_key(plan.run_id, local.round, party.name)
     exchange.put_bytes(key, blob)
     return SealedUpdateRef(

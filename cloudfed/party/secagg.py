@@ -23,9 +23,15 @@ from cloudfed.exchange import (
 )
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.keys import follow_rotations
-from cloudfed.locations import AnyPath, party_root
+from cloudfed.locations import AnyPath
 from cloudfed.party.admission import consent, simulated_dropout
-from cloudfed.party.stages import check_members, secret_path, stage_ref, write_owner_only
+from cloudfed.party.stages import (
+    check_members,
+    party_record,
+    secret_path,
+    stage_ref,
+    write_owner_only,
+)
 from cloudfed.party_policy import ConsentError, LoadedPolicy, required_survivors
 from cloudfed.protection import open_sealed_with_metadata, seal
 from cloudfed.protection.envelope import sign_public
@@ -137,7 +143,7 @@ def reveal_shares(
     shared, uploaded = doc["shared"], doc["uploaded"]
     if (thin := band_shortfall(cfg, uploaded, setup.min_survivors)) is not None:
         raise ConsentError(f"{party.name} reveals no shares for round {roster.round}: {thin}")
-    answered = secret_path(party, roster.round, plan.run_id, "revealed")
+    answered = party_record(loaded, plan.run_id, roster.round, "revealed")
     view = json.dumps({"shared": shared, "uploaded": uploaded}).encode()
     if answered.exists() and answered.read_bytes() != view:
         raise ProtectionError(
@@ -161,7 +167,7 @@ def reveal_shares(
         share = protocol.Share.model_validate_json(opened.payload)
         protocol.check_share(setup, share, owner=owner, holder=party.name)
         held[owner] = share
-    across = _reveal_across_runs(cfg, party, plan, roster.round, uploaded)
+    across = _reveal_across_runs(loaded, plan, roster.round, uploaded)
     reveals = protocol.reveal(setup, party.name, held, shared, uploaded)
     if across is not None:
         write_owner_only(across, json.dumps(sorted(uploaded)).encode())
@@ -175,29 +181,32 @@ def reveal_shares(
 
 
 def _reveal_across_runs(
-    cfg: FederationConfig, party: PartyConfig, plan: FederationPlan, round: int, uploaded: list[str]
+    loaded: LoadedPolicy, plan: FederationPlan, round: int, uploaded: list[str]
 ) -> AnyPath | None:
     """Where this party records whom it unmasked a round for, across every run that retries it.
 
     A round retried from the same global adapter sends the same updates again (seeded training,
     or DP-SGD handing back the update it paid for). Two opened sums over different survivor sets
     would then difference to the missing parties' updates exactly, so a party unmasks a round of
-    one base adapter for one survivor set only.
+    one base adapter for one survivor set only. The record lives in the party's own state (its
+    policy's `state_dir`), not in `parties[].storage`: the launcher names that, and a fresh one
+    would forget it.
     """
-    base_file = secret_path(party, round, plan.run_id, "base")
+    name = loaded.policy.party
+    base_file = party_record(loaded, plan.run_id, round, "base")
     if not base_file.exists():  # no update of ours in this round: nothing of ours repeats
         return None
     base = base_file.read_text(encoding="utf-8")
     path = (
-        party_root(party)
+        loaded.state_dir
         / "secagg"
         / "revealed"
-        / cfg.federation_id
+        / loaded.policy.federation_id
         / f"g{plan.generation:04d}-r{round:04d}-{base[:16]}.json"
     )
     if path.exists() and json.loads(path.read_text(encoding="utf-8")) != sorted(uploaded):
         raise ProtectionError(
-            f"{party.name} already unmasked round {round} from this global adapter for "
+            f"{name} already unmasked round {round} from this global adapter for "
             f"survivors {json.loads(path.read_text(encoding='utf-8'))}, in an earlier run; "
             f"unmasking it for {sorted(uploaded)} would let the two sums be differenced to an "
             "update. It reveals nothing for this attempt"

@@ -2,6 +2,9 @@
 
 Per-round secrets (mask key, self-mask seed, CKKS secret context) stay in the party's storage,
 written owner-only and atomically, so a stage in a later step, or a retry, finds them intact.
+Records that make a stage once-only (what it uploaded under which view, what it revealed, for
+which survivors) live in the party's own state (`party_record`) instead: `parties[].storage` is
+named by whoever launches the run, and a relaunch with a fresh storage would forget them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ from cloudfed.protection.messages import sha256
 
 def secret_path(party: PartyConfig, round: int, run_id: str, what: str) -> AnyPath:
     return party_root(party) / "secagg" / run_id / f"r{round:04d}.{what}"
+
+
+def party_record(loaded: LoadedPolicy, run_id: str, round: int, what: str) -> AnyPath:
+    """A once-only record of one round, in the policy's `state_dir` (with its `state_options`).
+
+    Not in `parties[].storage`: the launcher picks that, and a fresh prefix must not reset which
+    view a party already uploaded or revealed under.
+    """
+    return (
+        loaded.state_dir / "secagg" / loaded.policy.federation_id / run_id / f"r{round:04d}.{what}"
+    )
 
 
 def write_owner_only(path: AnyPath, data: bytes) -> None:
