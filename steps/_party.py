@@ -1,23 +1,48 @@
 """What every party step checks first: the launcher set nothing in the party's environment.
 
 A party reads its policy (and keeps its state) where its own runtime says, via CLOUDFED_*
-variables. A run configuration may set environment variables for every step (`environment:` at
-pipeline or step level), so a launcher could otherwise point a party at a policy it wrote itself.
+variables, and may read its private key from an environment variable its policy names. A run
+configuration can set environment variables for a step in several places: `environment:` at
+pipeline or step level, any settings entry carrying an environment (Docker settings'
+`environment` and `runtime_environment`, a step operator's or orchestrator's settings such as
+`settings["step_operator.sagemaker"].environment`, Kubernetes `pod_settings.env`), and ZenML
+secrets listed under `secrets:` (their keys become variables). A launcher could otherwise point a
+party at a policy it wrote itself, or hand it a key of its choosing. Environment set on the stack
+and its components is not checked: those are registered by whoever runs the party's runtime.
 """
 
-from cloudfed.party_policy import ConsentError
+from collections.abc import Iterable
+from typing import Any
+
+from cloudfed.party.launcher_env import (
+    forbidden,
+    party_key_env_var,
+    refusal,
+    variables_set_by_run_config,
+)
+
+
+def _secret_keys(secrets: Iterable[Any]) -> list[str]:
+    from zenml.utils.env_utils import resolve_secrets
+
+    return list(resolve_secrets(list(secrets)))
 
 
 def refuse_launcher_environment(party: str) -> None:
     from zenml import get_step_context
 
     ctx = get_step_context()
-    names = set(ctx.step_run.config.environment or {})
-    names |= set(getattr(ctx.pipeline_run.config, "environment", None) or {})
-    bad = sorted(n for n in names if n.upper().startswith("CLOUDFED_"))
-    if bad:
-        raise ConsentError(
-            f"{party} refuses a run configuration that sets {bad} for its steps: where a party's "
-            "policy and state live is the party's to say, in its own runtime. Fix: remove them "
-            "from the run configuration's environment"
-        )
+    step, pipeline = ctx.step_run.config, ctx.pipeline_run.config
+    found = variables_set_by_run_config(
+        {"step": step.environment, "pipeline": getattr(pipeline, "environment", None)},
+        {"step": step.settings, "pipeline": getattr(pipeline, "settings", None)},
+        {
+            "step": _secret_keys(step.secrets or []),
+            "pipeline": _secret_keys(getattr(pipeline, "secrets", None) or []),
+        },
+    )
+    # CLOUDFED_* first: the policy path itself is read from the environment.
+    if bad := forbidden(found):
+        raise refusal(party, bad)
+    if bad := forbidden(found, party_key_env_var(party)):
+        raise refusal(party, bad)
