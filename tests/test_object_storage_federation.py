@@ -203,9 +203,15 @@ def test_every_stage_runs_against_the_buckets(run: dict[str, Any]) -> None:
 
 
 def test_nothing_lands_on_local_disk_in_place_of_a_bucket(run: dict[str, Any]) -> None:
-    """Only the model cache is local; no storage, exchange or coordinator folder appeared."""
+    """Only the model cache and the party state their policies keep on local disk are local;
+    no storage, exchange or coordinator folder appeared."""
     new = [str(p) for p in run["new_local"]]
-    assert new and all(p.split("/")[0] == "models" for p in new), new
+    # Every party but hospital-aws keeps its state (once-only records) beside its policy.
+    local_state = tuple(f"party-policies/{p}-state" for p in PARTIES if p != "hospital-aws")
+    assert new and all(p.split("/")[0] == "models" or p.startswith(local_state) for p in new), new
+    assert not any(p.startswith("party-policies/hospital-aws-state") for p in new)
+    state = _keys(run, "cf-state")  # hospital-aws's are in its state bucket
+    assert any(k.startswith("hospital-aws/secagg/revealed/") for k in state), state
     assert run["new_in_repo"] == []
 
 

@@ -910,7 +910,9 @@ def test_a_retried_round_is_unmasked_for_one_survivor_set_only(
     assert second.current.sha256 == first.plan.initial_adapter.sha256
     with pytest.raises(AggregationError, match="share.* came back"):  # A and B refused
         second.round(1, {p: updates[p] for p in (A, B)})
-    revealed = list(Path(second.cfg.party(A).storage).rglob("revealed/test-fed/*.json"))
+    # The record is in the party's own state (its policy's state_dir), not parties[].storage.
+    assert not list(Path(second.cfg.party(A).storage).rglob("revealed/test-fed/*.json"))
+    revealed = list(Path(load_policy(A).state_dir).rglob("revealed/test-fed/*.json"))
     assert [json.loads(p.read_text()) for p in revealed] == [sorted(NAMES)]
     assert not second.exchange.list(f"runs/{second.plan.run_id}/r0001/global")
     third = Federation(raw)  # the same survivor set again: the same sum, so it may be opened

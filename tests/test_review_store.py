@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -136,20 +138,35 @@ def test_unmask_record_survives_a_relaunch_with_a_fresh_storage(
 # --- (1) party state in an object store: the DP-SGD training lock ------------------------------
 
 
-def test_WEAKNESS_object_lock_release_removes_a_successors_lock() -> None:
-    """The lock is deleted unconditionally on release. After a stale-lock cleanup (as the
-    refusal advises) a finishing training deletes its successor's lock, and a third training
-    then runs beside the second: two trainings share one budget reservation."""
+def test_object_lock_release_leaves_a_successors_lock() -> None:
+    """Attack: the lock was deleted unconditionally on release. After a stale-lock cleanup (as
+    the refusal advised) a finishing training deleted its successor's lock, and a third training
+    then ran beside the second: two trainings sharing one budget reservation. Release now
+    deletes only a lock that still carries the holder's nonce."""
     state = StorePath(open_store("memory://review-lock/state"))
     with ExitStack() as first:
         first.enter_context(party_ledger.training_lock(state, A))
         (state / "dp_sgd.lock").unlink()  # "the lock was left by a killed one: delete it"
         with ExitStack() as second:
             second.enter_context(party_ledger.training_lock(state, A))
-            first.close()  # the first training ends: it deletes the second's lock
+            first.close()  # the first training ends: the second's lock stays
+            assert (state / "dp_sgd.lock").exists()
             with pytest.raises(ConsentError):
                 with party_ledger.training_lock(state, A):  # third, while the second runs
                     pass
+        assert not (state / "dp_sgd.lock").exists()  # the second removed its own
+
+
+def test_object_lock_refusal_says_how_to_check_the_holder() -> None:
+    state = StorePath(open_store("memory://review-lock3/state"))
+    with party_ledger.training_lock(state, A):
+        with pytest.raises(ConsentError) as refused:
+            with party_ledger.training_lock(state, A):
+                pass
+    message = str(refused.value)
+    assert f"held by process {os.getpid()} on host {socket.gethostname()}" in message
+    assert "check whether that training still runs" in message
+    assert "only once it has ended or been killed, delete the lock" in message
 
 
 def test_holds_object_lock_refuses_a_second_training() -> None:

@@ -11,7 +11,11 @@ it hands back the update already paid for, or the earlier attempt released nothi
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
+import socket
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +24,8 @@ from cloudfed.errors import DataError
 from cloudfed.locations import AnyPath, StorePath, replace_bytes
 from cloudfed.privacy.accountant import GaussianEvent
 from cloudfed.privacy.ledger import Ledger, LedgerEntry, _now
+
+logger = logging.getLogger(__name__)
 
 
 def ledger_path(state_dir: str | AnyPath) -> AnyPath:
@@ -119,7 +125,8 @@ def training_lock(state_dir: str | AnyPath, party: str) -> Iterator[None]:
     """One DP-SGD training of this party at a time (the OS drops the lock if the process dies).
 
     State in an object store: the lock is an object written only if absent (a conditional PUT),
-    removed when training ends; one left by a killed training is named in the refusal.
+    removed when training ends if it is still this training's (see `_release`); one left by a
+    killed training is named, with its holder, in the refusal.
     """
     where = _dir(state_dir)
     if isinstance(where, StorePath):
@@ -148,18 +155,62 @@ def training_lock(state_dir: str | AnyPath, party: str) -> Iterator[None]:
 def _object_lock(lock: StorePath, party: str) -> Iterator[None]:
     from cloudfed.party_policy import ConsentError
 
+    # Who holds it (for an operator deciding whether it is stale) and a nonce: release removes
+    # only a lock that still carries this holder's nonce, and an exclusive put that finds its own
+    # bytes counts as done (a retried upload), so no two acquirers may write the same body.
+    body = json.dumps(
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": _now(),
+            "nonce": uuid.uuid4().hex,
+        }
+    ).encode()
     try:
-        lock.store.put_bytes(lock.key, f"{os.getpid()} {_now()}".encode(), exclusive=True)
+        lock.store.put_bytes(lock.key, body, exclusive=True)
     except FileExistsError:
         raise ConsentError(
             f"{party} refuses to train: another DP-SGD training of this party is running ({lock} "
-            "exists). Two runs at once would share one budget reservation. Fix: if no training "
-            "of this party runs, the lock was left by a killed one: delete it"
+            f"exists: {_holder(lock)}). Two runs at once would share one budget reservation. "
+            "Fix: check whether that training still runs (the process on that host, or its "
+            "step's run in the orchestrator); only once it has ended or been killed, delete the "
+            "lock. A lock deleted under a live training lets two trainings share the budget"
         ) from None
     try:
         yield
     finally:
+        _release(lock, body)
+
+
+def _holder(lock: StorePath) -> str:
+    """The lock's holder as its body records it, for the refusal."""
+    try:
+        doc = json.loads(lock.read_bytes())
+        return f"held by process {doc['pid']} on host {doc['host']} since {doc['started']}"
+    except FileNotFoundError:
+        return "released since; retry"
+    except (ValueError, KeyError, TypeError):
+        return "holder not recorded"
+
+
+def _release(lock: StorePath, body: bytes) -> None:
+    """Delete the lock only while it still carries this holder's body (nonce included).
+
+    Read, compare, delete: not atomic. Between the read and the delete a successor could take a
+    lock someone removed by hand, and lose it. Only a conditional delete closes that window
+    (S3 DeleteObject with If-Match, GCS ifGenerationMatch, Azure delete_blob if_match on the
+    ETag); the fsspec-based Store offers none across its backends, so the window stays one
+    round trip wide, against a whole training before this change. A lock that is gone or holds
+    another body is left alone: it is not ours.
+    """
+    try:
+        held = lock.read_bytes()
+    except FileNotFoundError:
+        return
+    if held == body:
         lock.unlink(missing_ok=True)
+    else:
+        logger.warning("%s now belongs to another training: left in place", lock)
 
 
 def mark_spent(path: AnyPath, ledger: Ledger, entry_id: str) -> None:
