@@ -25,13 +25,21 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cloudfed.aggregation.weights import weight_floor
 from cloudfed.errors import CloudfedError, ConfigError
@@ -103,10 +111,23 @@ class KeysPolicy(_Strict):
     source: Literal["storage", "env", "secret_manager"] = "storage"
     folder: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    env_var: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    # CLOUDFED_* only: steps refuse a run configuration that sets those for a party's steps,
+    # so the launcher cannot set the variable the party reads its key from.
+    env_var: str | None = None
     secret_manager: str | None = None
     secret_id: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("env_var")
+    @classmethod
+    def _party_namespace(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"CLOUDFED_[A-Z0-9_]+", value):
+            raise ValueError(
+                f"keys.env_var={value!r} must match ^CLOUDFED_[A-Z0-9_]+$: a run configuration "
+                "may set any other variable for the party's steps, and so choose its key. Fix: "
+                "rename it, e.g. CLOUDFED_PARTY_KEY_<PARTY>"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fields_of_the_source(self) -> KeysPolicy:
@@ -489,6 +510,7 @@ def _dp_sgd_floor(cfg: FederationConfig, dp) -> DpSgdFloor:
 def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
     """Keys for the coordinator and every party (made once), and one policy per party."""
     from cloudfed.keys import load_party_keys
+    from cloudfed.keys.sources import key_folder
     from cloudfed.protection.keys import load_or_create_keys
 
     coordinator = load_or_create_keys(
@@ -511,11 +533,15 @@ def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
             lines.append(f"kept {path} (the party's own; --force rewrites it)")
             continue
         policy = policy_for(cfg, party.name, prints)
-        if party.name in existing:  # a rewrite keeps where the party's keys live
-            policy = policy.model_copy(update={"keys": existing[party.name].policy.keys})
+        keys_spec = existing[party.name].policy.keys if party.name in existing else KeysPolicy()
+        if keys_spec.source == "storage" and keys_spec.folder is None:
+            # Recorded where the key was found: a launcher that later moves the party's storage
+            # moves no key, and the party never makes one there (rounds load with create=False).
+            folder = key_folder(party, existing.get(party.name))
+            resolved = folder if "://" in folder else str(Path(folder).resolve())
+            keys_spec = keys_spec.model_copy(update={"folder": resolved})
+        policy = policy.model_copy(update={"keys": keys_spec})  # where the party's keys live
         doc = policy.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-        if doc.get("keys") == KeysPolicy().model_dump(mode="json", exclude_none=True):
-            del doc["keys"]
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         header = (
             f"# {party.name}'s own policy: the weakest federation it takes part in, and the keys\n"

@@ -174,11 +174,9 @@ def _sealed_update(
             v: verified_advert(cfg, exchange, doc, local.round, v) for v in setup.graph[party.name]
         }
         specs = secure_sum.secagg_specs(cfg, len(setup.parties))
-        # Rounding coins fixed by the update itself (see keyed_seed): the same value always rounds
-        # the same way, and different values get independent coins.
-        seed = keyed_seed(
-            keys, "secagg-dither", f"{cfg.federation_id}:{local.round}:{record.sha256}"
-        )
+        # Rounding coins fixed by the update itself (see dither_seed): the same value always
+        # rounds the same way, and different values get independent coins.
+        seed = dither_seed(loaded, keys, f"{cfg.federation_id}:{local.round}:{record.sha256}")
         rng = np.random.Generator(np.random.PCG64(seed))
 
         def masked(words: np.ndarray) -> np.ndarray:
@@ -224,3 +222,28 @@ def _sealed_update(
         policy_sha256=layout.policy_sha256,
     )
     return seal(payload, context=context, sender=keys, recipient=coordinator_bundle(exchange, plan))
+
+
+DITHER_SEEDS_FILE = "secagg_dither_seeds.json"
+
+
+def dither_seed(loaded: LoadedPolicy, keys: KeyPairs, context: str) -> int:
+    """The rounding coins' seed of one (round, update), kept in the party's state on first use.
+
+    A round retried from the same global adapter must round its update exactly as the first
+    attempt did (two independent roundings of one value average to a finer one). Keeping the
+    seed, rather than re-deriving it, keeps that true across a key rotation, which draws a new
+    commitment key.
+    """
+    path = loaded.state_dir / DITHER_SEEDS_FILE
+    seeds: dict[str, str] = {}
+    if path.exists():
+        try:
+            seeds = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise ProtectionError(f"{path}: not valid JSON; restore it from backup") from None
+    if context not in seeds:
+        seeds[context] = str(keyed_seed(keys, "secagg-dither", context))
+        loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_owner_only(path, json.dumps(seeds, indent=1).encode())
+    return int(seeds[context])
