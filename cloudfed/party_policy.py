@@ -45,6 +45,7 @@ from cloudfed.aggregation.weights import weight_floor
 from cloudfed.errors import CloudfedError, ConfigError
 from cloudfed.federation import PARTY_NAME_PATTERN, FederationConfig, load_run_config
 from cloudfed.privacy.settings import DEFAULT_DP_SGD_MAX_EPSILON, PrivacyMode
+from cloudfed.storage import location
 
 if TYPE_CHECKING:
     from cloudfed.protection.rotation import RotationStatement
@@ -164,6 +165,10 @@ class PartyPolicy(_Strict):
     pins: Pins
     # Where its private keys live (see KeysPolicy); today's storage folder by default.
     keys: KeysPolicy = KeysPolicy()
+    # Its own storage (parties[].storage) as provisioned: a run configuration that points it
+    # elsewhere is refused, or the party would write its data and updates where the launcher
+    # chose. None: not checked (a policy written before this field).
+    storage: str | None = None
     # Party-side state; relative paths are relative to the policy file's folder.
     state_dir: str | None = None
 
@@ -317,6 +322,17 @@ def violations(cfg: FederationConfig, loaded: LoadedPolicy) -> list[str]:
         out.append(
             f"parameters.federation.protection.ckks.key_party={key_party!r} is not a party "
             f"{where} trusts with a CKKS secret key (ckks_key_parties={pol.ckks_key_parties})"
+        )
+    mine = next((p for p in cfg.parties if p.name == pol.party), None)
+    if (
+        pol.storage is not None
+        and mine is not None
+        and location(str(mine.storage)) != location(pol.storage)
+    ):
+        out.append(
+            f"parameters.federation.parties[{pol.party}].storage={str(mine.storage)!r} is not the "
+            f"party's own storage {pol.storage!r} (storage in {where}); a party keeps its data, "
+            "updates and keys only where it chose"
         )
     members = [p.name for p in cfg.active_parties]
     unpinned = sorted(set(members) - set(pol.pins.parties))
@@ -537,10 +553,13 @@ def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
         if keys_spec.source == "storage" and keys_spec.folder is None:
             # Recorded where the key was found: a launcher that later moves the party's storage
             # moves no key, and the party never makes one there (rounds load with create=False).
-            folder = key_folder(party, existing.get(party.name))
-            resolved = folder if "://" in folder else str(Path(folder).resolve())
-            keys_spec = keys_spec.model_copy(update={"folder": resolved})
-        policy = policy.model_copy(update={"keys": keys_spec})  # where the party's keys live
+            folder = _resolved(key_folder(party, existing.get(party.name)))
+            keys_spec = keys_spec.model_copy(update={"folder": folder})
+        storage = existing[party.name].policy.storage if party.name in existing else None
+        if storage is None:
+            storage = _resolved(str(party.storage))
+        # Where the party's keys and storage live: the launcher moves neither later.
+        policy = policy.model_copy(update={"keys": keys_spec, "storage": storage})
         doc = policy.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         header = (
@@ -551,6 +570,10 @@ def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
         path.write_text(header + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         lines.append(f"wrote {path}")
     return lines
+
+
+def _resolved(where: str) -> str:
+    return where if "://" in where else str(Path(where).resolve())
 
 
 def main(argv: list[str] | None = None) -> int:

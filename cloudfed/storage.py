@@ -10,13 +10,17 @@ digests.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import uuid
 from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
+from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import get_filesystem_class
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$")
 
@@ -104,3 +108,29 @@ class Store:
 def open_store(root: str, options: Mapping[str, Any] | None = None) -> Store:
     """The one way to open a configured location (a plain path, file://, s3://, gs://, abfs://)."""
     return Store(root, options)
+
+
+def location(url: str) -> tuple[str, PurePosixPath]:
+    """(canonical protocol, normalised path with its bucket first) of a local path or URL.
+
+    Aliases of one place compare equal: file:///x and /x (and symlinks, resolved), s3a:// and
+    s3://, gcs:// and gs://. Only filesystem classes are looked up, none is instantiated, so
+    nothing here reaches the network.
+    """
+    protocol, _ = split_protocol(url)
+    protocol = protocol or "file"
+    try:
+        cls = get_filesystem_class(protocol)
+    except (ImportError, ValueError):  # no implementation installed: compare as written
+        return protocol, PurePosixPath(posixpath.normpath("/" + url.split("://", 1)[-1]))
+    protocols = cls.protocol if isinstance(cls.protocol, tuple | list) else (cls.protocol,)
+    path = cls._strip_protocol(url)
+    if issubclass(cls, LocalFileSystem):
+        return "file", PurePosixPath(Path(path).resolve().as_posix())
+    return protocols[0], PurePosixPath(posixpath.normpath("/" + str(path).lstrip("/")))
+
+
+def inside(child: str, parent: str) -> bool:
+    """Whether `child` is `parent` or below it, whatever spelling either location uses."""
+    (c_proto, c_path), (p_proto, p_path) = location(child), location(parent)
+    return c_proto == p_proto and c_path.is_relative_to(p_path)

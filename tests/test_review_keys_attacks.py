@@ -248,18 +248,20 @@ def test_consent_writes_no_private_key_where_the_launcher_points_storage(
     """A party with a pinned key never needs a new one inside a round: consent() used to create
     one in `<parties[].storage>/keys` (launcher-chosen) before the pin check refused it. Now
     provisioning records the keys folder in the policy (moving storage moves no key), and
-    rounds load keys with create=False (a policy without a folder refuses, writing nothing)."""
+    rounds load keys with create=False (a policy without a folder refuses, writing nothing); a
+    policy also records the party's storage, so moving it is refused before any I/O."""
     fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
     elsewhere = tmp_path / "launcher-owned"
     raw = fed.cfg.model_dump(mode="json")
     raw["parties"][0]["storage"] = str(elsewhere)
     moved = parse_federation(raw)
-    keys, loaded = party_mod.consent(moved, moved.party(A), fed.plan)
-    assert fp(keys) == loaded.policy.pins.parties[A]  # its own key, from the recorded folder
+    with pytest.raises(ConsentError, match="is not the party's own storage"):
+        party_mod.consent(moved, moved.party(A), fed.plan)  # the policy records its storage
     assert not list(elsewhere.rglob("*.pem")), "a private key was written to launcher storage"
     # A policy naming no folder: the default follows storage, and a round makes no key there.
     doc = yaml.safe_load(policy_path(A).read_text())
-    doc.pop("keys")
+    assert doc["keys"]["folder"] == str((tmp_path / "clouds" / A / "keys").resolve())
+    doc.pop("keys"), doc.pop("storage")  # a policy written before either was recorded
     policy_path(A).write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="only provisioning makes a new key"):
         party_mod.consent(moved, moved.party(A), fed.plan)

@@ -14,18 +14,15 @@ import dataclasses
 import importlib
 import json
 import os
-import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
-from fsspec.registry import get_filesystem_class
 
 from cloudfed.errors import ConfigError
 from cloudfed.federation import FederationConfig, PartyConfig
@@ -39,7 +36,7 @@ from cloudfed.protection.keys import (
     private_pem,
     write_owner_only,
 )
-from cloudfed.storage import Store, open_store
+from cloudfed.storage import Store, inside, open_store
 
 SECRET_MANAGER_GROUP = "cloudfed.secret_managers"
 _BUILTIN_MANAGERS = {"aws": "cloudfed.keys.aws:AwsSecretsManager"}
@@ -362,30 +359,7 @@ def load_secret_manager(spec: str, options: Mapping[str, Any]) -> SecretManager:
 # --- which source, for a party -------------------------------------------------------------------
 
 
-def _location(url: str) -> tuple[str, PurePosixPath]:
-    """(canonical protocol, normalised path with its bucket first) of a local path or URL.
-
-    Aliases of one place compare equal: file:///x and /x (and symlinks, resolved), s3a:// and
-    s3://, gcs:// and gs://. Only filesystem classes are looked up, none is instantiated, so
-    nothing here reaches the network.
-    """
-    protocol, _ = split_protocol(url)
-    protocol = protocol or "file"
-    try:
-        cls = get_filesystem_class(protocol)
-    except (ImportError, ValueError):  # no implementation installed: compare as written
-        return protocol, PurePosixPath(posixpath.normpath("/" + url.split("://", 1)[-1]))
-    protocols = cls.protocol if isinstance(cls.protocol, tuple | list) else (cls.protocol,)
-    path = cls._strip_protocol(url)
-    if issubclass(cls, LocalFileSystem):
-        return "file", PurePosixPath(Path(path).resolve().as_posix())
-    return protocols[0], PurePosixPath(posixpath.normpath("/" + str(path).lstrip("/")))
-
-
-def _inside(child: str, parent: str) -> bool:
-    """Whether `child` is `parent` or below it, whatever spelling either location uses."""
-    (c_proto, c_path), (p_proto, p_path) = _location(child), _location(parent)
-    return c_proto == p_proto and c_path.is_relative_to(p_path)
+_inside = inside  # the reviewer's tests import it by this name
 
 
 def refuse_coordinator_location(
@@ -399,7 +373,7 @@ def refuse_coordinator_location(
         ("the coordinator's storage (coordinator_storage)", str(cfg.coordinator_storage)),
         ("the exchange", str(cfg.exchange)),
     ):
-        if _inside(location, parent):
+        if inside(location, parent):
             raise ConfigError(
                 f"{party}: {location} lies inside {what} {parent}, where the coordinator could "
                 f"read the party's private keys and plaintext. Fix: point {where} at storage "

@@ -41,12 +41,12 @@ def consent(
     cfg: FederationConfig, party: PartyConfig, plan: FederationPlan | None = None
 ) -> tuple[KeyPairs, LoadedPolicy]:
     """The party's keys and policy, once the round is no weaker than the policy and pins hold."""
-    loaded = enforce(cfg, party.name)
     # The party's plaintext (and, by default, its keys) live in its storage: never where the
-    # coordinator reads, however the launcher spells the location.
+    # coordinator reads, however the launcher spells the location (checked before any I/O).
     refuse_coordinator_location(
         cfg, party.name, str(party.storage), f"parameters.federation.parties[{party.name}].storage"
     )
+    loaded = enforce(cfg, party.name)
     # A pinned party never makes a key inside a round: only provisioning does.
     pinned = party.name in loaded.policy.pins.parties
     keys = load_party_keys(cfg, party, loaded, create=not pinned)
