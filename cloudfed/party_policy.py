@@ -555,10 +555,9 @@ def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
             # moves no key, and the party never makes one there (rounds load with create=False).
             folder = _resolved(key_folder(party, existing.get(party.name)))
             keys_spec = keys_spec.model_copy(update={"folder": folder})
-        storage = existing[party.name].policy.storage if party.name in existing else None
-        if storage is None:
-            storage = _resolved(str(party.storage))
-        # Where the party's keys and storage live: the launcher moves neither later.
+        # Where the party's keys and storage live (the storage as this configuration has it, as
+        # everything else provisioning writes): the launcher moves neither later.
+        storage = _resolved(str(party.storage))
         policy = policy.model_copy(update={"keys": keys_spec, "storage": storage})
         doc = policy.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
