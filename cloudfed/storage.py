@@ -110,7 +110,7 @@ def open_store(root: str, options: Mapping[str, Any] | None = None) -> Store:
     return Store(root, options)
 
 
-def location(url: str) -> tuple[str, PurePosixPath]:
+def normalised_location(url: str) -> tuple[str, PurePosixPath]:
     """(canonical protocol, normalised path with its bucket first) of a local path or URL.
 
     Aliases of one place compare equal: file:///x and /x (and symlinks, resolved), s3a:// and
@@ -130,7 +130,7 @@ def location(url: str) -> tuple[str, PurePosixPath]:
     return protocols[0], PurePosixPath(posixpath.normpath("/" + str(path).lstrip("/")))
 
 
-def inside(child: str, parent: str) -> bool:
+def is_inside(child: str, parent: str) -> bool:
     """Whether `child` is `parent` or below it, whatever spelling either location uses."""
-    (c_proto, c_path), (p_proto, p_path) = location(child), location(parent)
+    (c_proto, c_path), (p_proto, p_path) = normalised_location(child), normalised_location(parent)
     return c_proto == p_proto and c_path.is_relative_to(p_path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from cloudfed.artifacts import (
@@ -33,6 +32,7 @@ from cloudfed.exchange import (
     secagg_share_key,
 )
 from cloudfed.federation import FederationConfig
+from cloudfed.locations import AnyPath, replace_bytes
 from cloudfed.protection.envelope import open_public, read_public_header, sign_public
 from cloudfed.protection.keys import KeyPairs
 from cloudfed.protection.messages import (
@@ -141,7 +141,7 @@ def _ckks_key_party(cfg: FederationConfig, plan: FederationPlan) -> str | None:
     return cfg.ckks_key_party if "ckks" in plan.protection["tensors"] else None
 
 
-def rotation_chains_dir(cfg: FederationConfig) -> Path:
+def rotation_chains_dir(cfg: FederationConfig) -> AnyPath:
     """Where the coordinator keeps every rotation it approved, per member, in its own storage.
 
     The exchange holds one statement per party and anyone who can write it can delete it; a
@@ -150,7 +150,7 @@ def rotation_chains_dir(cfg: FederationConfig) -> Path:
     return cfg.coordinator_dir / "key_rotations"
 
 
-def _chain(chains_dir: Path, name: str) -> list[RotationStatement]:
+def _chain(chains_dir: AnyPath, name: str) -> list[RotationStatement]:
     path = chains_dir / f"{name}.json"
     if not path.exists():
         return []
@@ -161,10 +161,9 @@ def _chain(chains_dir: Path, name: str) -> list[RotationStatement]:
     return chain
 
 
-def _save_chain(chains_dir: Path, name: str, chain: list[RotationStatement]) -> None:
-    chains_dir.mkdir(parents=True, exist_ok=True)
+def _save_chain(chains_dir: AnyPath, name: str, chain: list[RotationStatement]) -> None:
     doc = [s.model_dump(mode="json") for s in chain]
-    (chains_dir / f"{name}.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    replace_bytes(chains_dir / f"{name}.json", json.dumps(doc, indent=1).encode())
 
 
 def _rotations(
@@ -172,7 +171,7 @@ def _rotations(
     members: dict[str, str],
     ckks_key_party: str | None,
     intents: dict[str, str | None],
-    chains_dir: Path,
+    chains_dir: AnyPath,
 ) -> dict[str, Any]:
     """Key rotations of members, for the keys roster; `members` moves to the new fingerprints.
 
@@ -315,6 +314,7 @@ def inputs_roster(
         current=current,
         layout=layout,
         only=doc["shared"],
+        consume=lambda upload: upload.sections.clear(),  # U3 needs who verified, not the words
     )
     rejected += bad
     uploaded = sorted(uploads)

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +29,7 @@ from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, Rejection, Seal
 from cloudfed.errors import ProtectionError
 from cloudfed.exchange import Exchange, fetch_public_keys, update_key
 from cloudfed.federation import FederationConfig
+from cloudfed.locations import AnyPath, remove_tree, write_private
 from cloudfed.privacy.party_level import calibration
 from cloudfed.protection import open_sealed_with_metadata
 from cloudfed.protection import payload as container
@@ -165,7 +163,13 @@ def verified_uploads(
     current: GlobalAdapterRef,
     layout: Layout,
     only: Sequence[str] | None,
+    consume: Callable[[Upload], None] | None = None,
 ) -> tuple[dict[str, Upload], list[Rejection]]:
+    """The round's uploads that verified, by party, and the rejected ones with their reasons.
+
+    `consume` sees each verified upload as soon as it is opened and may take sections out of it
+    (the running secure sum takes the masked words), so a round never holds n full updates.
+    """
     out: dict[str, Upload] = {}
     rejected: list[Rejection] = []
     bases = (
@@ -182,6 +186,8 @@ def verified_uploads(
         kept = opened_dir(cfg, plan.run_id, round) / f"{ref.party}.opened"
         if kept.exists():  # verified earlier this round: the coordinator's own copy
             out[ref.party] = _read_kept(kept, ref.party)
+            if consume is not None:
+                consume(out[ref.party])
             continue
         try:
             out[ref.party] = open_upload(
@@ -196,6 +202,8 @@ def verified_uploads(
                 bases=bases,
             )
             _keep(kept, out[ref.party])
+            if consume is not None:
+                consume(out[ref.party])
         except (ProtectionError, ValueError, FileNotFoundError) as exc:
             reason = "sealed update missing" if isinstance(exc, FileNotFoundError) else str(exc)
             logger.warning("round %d: rejected update from %s: %s", round, ref.party, reason)
@@ -203,26 +211,21 @@ def verified_uploads(
     return out, rejected
 
 
-def opened_dir(cfg: FederationConfig, run_id: str, round: int) -> Path:
+def opened_dir(cfg: FederationConfig, run_id: str, round: int) -> AnyPath:
     return cfg.coordinator_dir / "opened" / run_id / f"r{round:04d}"
 
 
 def forget_opened(cfg: FederationConfig, run_id: str, round: int) -> None:
     """Once the round's aggregate is published, its opened uploads are of no further use."""
-    shutil.rmtree(opened_dir(cfg, run_id, round), ignore_errors=True)
+    remove_tree(opened_dir(cfg, run_id, round))
 
 
-def _keep(path: Path, upload: Upload) -> None:
+def _keep(path: AnyPath, upload: Upload) -> None:
     meta = json.dumps({"clipped": upload.clipped, "bytes": upload.bytes}).encode()
-    blob = container.pack({**upload.sections, "meta": meta})
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-        fh.write(blob)
-    os.replace(tmp, path)
+    write_private(path, container.pack({**upload.sections, "meta": meta}))
 
 
-def _read_kept(path: Path, party: str) -> Upload:
+def _read_kept(path: AnyPath, party: str) -> Upload:
     sections = container.unpack(path.read_bytes())
     meta = json.loads(sections.pop("meta"))
     return Upload(party, sections, int(meta["clipped"]), int(meta["bytes"]))

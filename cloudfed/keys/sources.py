@@ -36,7 +36,7 @@ from cloudfed.protection.keys import (
     private_pem,
     write_owner_only,
 )
-from cloudfed.storage import Store, inside, open_store
+from cloudfed.storage import Store, is_inside, open_store
 
 SECRET_MANAGER_GROUP = "cloudfed.secret_managers"
 _BUILTIN_MANAGERS = {"aws": "cloudfed.keys.aws:AwsSecretsManager"}
@@ -359,7 +359,7 @@ def load_secret_manager(spec: str, options: Mapping[str, Any]) -> SecretManager:
 # --- which source, for a party -------------------------------------------------------------------
 
 
-_inside = inside  # the reviewer's tests import it by this name
+_inside = is_inside  # the reviewer's tests import it by this name
 
 
 def refuse_coordinator_location(
@@ -373,7 +373,7 @@ def refuse_coordinator_location(
         ("the coordinator's storage (coordinator_storage)", str(cfg.coordinator_storage)),
         ("the exchange", str(cfg.exchange)),
     ):
-        if inside(location, parent):
+        if is_inside(location, parent):
             raise ConfigError(
                 f"{party}: {location} lies inside {what} {parent}, where the coordinator could "
                 f"read the party's private keys and plaintext. Fix: point {where} at storage "
@@ -407,7 +407,9 @@ def party_key_source(
         if loaded is not None and spec.folder:
             where = f"{loaded.path} keys.folder"
         refuse_coordinator_location(cfg, party.name, folder, where)
-    return StorageKeySource(party.name, folder, spec.storage_options)
+    # The default folder is in the party's storage, so it takes that storage's options.
+    options = spec.storage_options or ({} if spec.folder else dict(party.storage_options))
+    return StorageKeySource(party.name, folder, options)
 
 
 RETIRED_COMMITMENTS_FILE = "retired_commitment_keys.json"
@@ -420,10 +422,13 @@ def retired_commitments(loaded: LoadedPolicy | None) -> tuple[bytes, ...]:
     private key would fall with it); the retired ones stay only in the party's state, so the
     digests already in the coordinator's artifacts still check, and never sign anything new.
     """
-    if loaded is None or not (loaded.state_dir / RETIRED_COMMITMENTS_FILE).exists():
+    if loaded is None:
         return ()
     path = loaded.state_dir / RETIRED_COMMITMENTS_FILE
-    check_owner_only(path)
+    if not path.exists():
+        return ()
+    if isinstance(path, Path):
+        check_owner_only(path)
     try:
         return tuple(base64.b64decode(k) for k in json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError):
@@ -433,6 +438,7 @@ def retired_commitments(loaded: LoadedPolicy | None) -> tuple[bytes, ...]:
 
 
 def _retire_commitment(loaded: LoadedPolicy, keys: KeyPairs) -> None:
+    from cloudfed.locations import write_private
     from cloudfed.protection.commitments import commitment_key
 
     kept = retired_commitments(loaded)
@@ -440,8 +446,7 @@ def _retire_commitment(loaded: LoadedPolicy, keys: KeyPairs) -> None:
     if key in kept:
         return
     doc = [base64.b64encode(k).decode("ascii") for k in (*kept, key)]
-    loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_owner_only(loaded.state_dir / RETIRED_COMMITMENTS_FILE, json.dumps(doc).encode())
+    write_private(loaded.state_dir / RETIRED_COMMITMENTS_FILE, json.dumps(doc).encode())
 
 
 def load_party_keys(

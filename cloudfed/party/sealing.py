@@ -27,6 +27,7 @@ from cloudfed.errors import DataError, ProtectionError
 from cloudfed.exchange import Exchange, federation_exchange, update_key
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.keys import follow_rotations
+from cloudfed.locations import write_private
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.secagg import load_secrets
 from cloudfed.party.stages import check_members, secret_path, write_owner_only
@@ -244,6 +245,5 @@ def dither_seed(loaded: LoadedPolicy, keys: KeyPairs, context: str) -> int:
             raise ProtectionError(f"{path}: not valid JSON; restore it from backup") from None
     if context not in seeds:
         seeds[context] = str(keyed_seed(keys, "secagg-dither", context))
-        loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_owner_only(path, json.dumps(seeds, indent=1).encode())
+        write_private(path, json.dumps(seeds, indent=1).encode())
     return int(seeds[context])
