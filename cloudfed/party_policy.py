@@ -560,7 +560,8 @@ def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
             # Recorded where the key was found: a launcher that later moves the party's storage
             # moves no key, and the party never makes one there (rounds load with create=False).
             folder = _resolved(key_folder(party, existing.get(party.name)))
-            keys_spec = keys_spec.model_copy(update={"folder": folder})
+            options = keys_spec.storage_options or dict(party.storage_options)
+            keys_spec = keys_spec.model_copy(update={"folder": folder, "storage_options": options})
         # Where the party's keys and storage live (the storage as this configuration has it, as
         # everything else provisioning writes): the launcher moves neither later.
         storage = _resolved(str(party.storage))

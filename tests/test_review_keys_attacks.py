@@ -167,14 +167,15 @@ def test_commitment_key_after_rotation_is_fresh_and_not_derivable_from_the_retir
     got the retired key got the live commitment key (a membership oracle on keyed digests, and
     predictable secagg dither coins). Now each rotation draws a fresh key; the retired one stays
     only in the party's state, to check digests made before the rotation, and the dither seed of
-    a (round, update) is kept there on first use so a retried round rounds the same way."""
+    a (round, update) is kept in its storage on first use so a retried round rounds the same way."""
     fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
     old = party_mod.party_keys(fed.cfg.party(B), fed.exchange)
     stolen = old.ed25519.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
     before = keyed_digest(old, "ab" * 32, "harmonised data")
-    coins = dither_seed(load_policy(B), old, "test-fed:1:" + "cd" * 32)
+    seed_file = Path(fed.cfg.party(B).storage) / "secagg" / "dither" / "test-fed-r0001-cd.seed"
+    coins = dither_seed(seed_file, old, "test-fed:1:" + "cd" * 32)
     statement = rotate(fed.cfg, B)
     loaded = record_rotation(load_policy(B), statement)
     current = load_party_keys(fed.cfg, fed.cfg.party(B), loaded, create=False)  # promotes
@@ -191,7 +192,8 @@ def test_commitment_key_after_rotation_is_fresh_and_not_derivable_from_the_retir
     assert matches(current, data, "local update", old_digest)
     assert not matches(current, data, "local update", "0" * 64)
     # The retry's coins do not depend on the key that holds now.
-    assert dither_seed(load_policy(B), current, "test-fed:1:" + "cd" * 32) == coins
+    assert dither_seed(seed_file, current, "test-fed:1:" + "cd" * 32) == coins
+    assert seed_file.stat().st_mode & 0o077 == 0
 
 
 # --- 3. key folder location: launcher-chosen, string-compared -----------------------------------

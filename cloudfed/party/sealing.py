@@ -27,7 +27,7 @@ from cloudfed.errors import DataError, ProtectionError
 from cloudfed.exchange import Exchange, federation_exchange, update_key
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.keys import follow_rotations
-from cloudfed.locations import write_private
+from cloudfed.locations import AnyPath, party_root, write_private
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.secagg import load_secrets
 from cloudfed.party.stages import check_members, secret_path, write_owner_only
@@ -177,7 +177,14 @@ def _sealed_update(
         specs = secure_sum.secagg_specs(cfg, len(setup.parties))
         # Rounding coins fixed by the update itself (see dither_seed): the same value always
         # rounds the same way, and different values get independent coins.
-        seed = dither_seed(loaded, keys, f"{cfg.federation_id}:{local.round}:{record.sha256}")
+        seed = dither_seed(
+            party_root(party)
+            / "secagg"
+            / "dither"
+            / f"{cfg.federation_id}-r{local.round:04d}-{record.sha256}.seed",
+            keys,
+            f"{cfg.federation_id}:{local.round}:{record.sha256}",
+        )
         rng = np.random.Generator(np.random.PCG64(seed))
 
         def masked(words: np.ndarray) -> np.ndarray:
@@ -225,25 +232,19 @@ def _sealed_update(
     return seal(payload, context=context, sender=keys, recipient=coordinator_bundle(exchange, plan))
 
 
-DITHER_SEEDS_FILE = "secagg_dither_seeds.json"
-
-
-def dither_seed(loaded: LoadedPolicy, keys: KeyPairs, context: str) -> int:
-    """The rounding coins' seed of one (round, update), kept in the party's state on first use.
+def dither_seed(path: AnyPath, keys: KeyPairs, context: str) -> int:
+    """The rounding coins' seed of one (round, update), kept in the party's storage on first use.
 
     A round retried from the same global adapter must round its update exactly as the first
     attempt did (two independent roundings of one value average to a finer one). Keeping the
-    seed, rather than re-deriving it, keeps that true across a key rotation, which draws a new
-    commitment key.
+    seed, rather than re-deriving it from the commitment key, keeps that true across a key
+    rotation, which draws a new commitment key.
     """
-    path = loaded.state_dir / DITHER_SEEDS_FILE
-    seeds: dict[str, str] = {}
     if path.exists():
-        try:
-            seeds = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            raise ProtectionError(f"{path}: not valid JSON; restore it from backup") from None
-    if context not in seeds:
-        seeds[context] = str(keyed_seed(keys, "secagg-dither", context))
-        write_private(path, json.dumps(seeds, indent=1).encode())
-    return int(seeds[context])
+        text = path.read_text(encoding="utf-8").strip()
+        if not text.isdigit():
+            raise ProtectionError(f"{path}: not a rounding seed; restore it from backup")
+        return int(text)
+    seed = keyed_seed(keys, "secagg-dither", context)
+    write_private(path, str(seed).encode())
+    return seed
