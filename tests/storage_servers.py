@@ -177,9 +177,9 @@ def azure_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
         BlobServiceClient.from_connection_string(conn).create_container("cloudfed")
         yield Backend("azure", port, lambda p: ("abfs://cloudfed", _azure_options(p)))
     finally:
-        proc.terminate()
+        proc.terminate()  # in memory: nothing to save; open keep-alive clients can delay it
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -296,7 +296,8 @@ class FaultProxy:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        serve = lambda: self._server.serve_forever(poll_interval=0.05)  # noqa: E731
+        threading.Thread(target=serve, daemon=True).start()
         return self
 
     def stop(self) -> None:
