@@ -87,6 +87,18 @@ class RetryPolicy:
             raise ValueError("RetryPolicy: 0 <= base_delay_s <= max_delay_s")
 
 
+def _policy(options: Any, root: str) -> RetryPolicy:
+    if options is None:
+        return RetryPolicy()
+    fields = set(RetryPolicy.__dataclass_fields__)
+    if not isinstance(options, Mapping) or set(options) - fields:
+        raise ValueError(
+            f"storage options of {root}: retry must be a mapping with keys among "
+            f"{', '.join(sorted(fields))} (got {options!r}). Fix: e.g. retry: {{attempts: 8}}"
+        )
+    return RetryPolicy(**options)
+
+
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Class names (anywhere in the MRO or the cause chain) of the SDKs' connection-level failures;
 # matched by name so that this module imports no cloud SDK.
@@ -182,10 +194,17 @@ class Store:
         *,
         retry: RetryPolicy | None = None,
     ) -> None:
-        """`storage_options` go to the fsspec backend (an S3-compatible store's endpoint_url)."""
-        self.fs, path = fsspec.core.url_to_fs(str(root), **dict(storage_options or {}))
+        """`storage_options` go to the fsspec backend (an S3-compatible store's endpoint_url).
+
+        Their one key of cloudfed's own, `retry` (a mapping of RetryPolicy fields), tunes the
+        retries from a run configuration (`exchange_options: {retry: {attempts: 8}}`); it is
+        taken out before the rest reach fsspec. An explicit `retry` argument wins.
+        """
+        options = dict(storage_options or {})
+        retry_options = options.pop("retry", None)
+        self.fs, path = fsspec.core.url_to_fs(str(root), **options)
         self.root = path.rstrip("/")
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or _policy(retry_options, root)
         self._local = isinstance(self.fs, LocalFileSystem)
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self._backend = next((_BACKENDS[p] for p in protocols if p in _BACKENDS), "other")

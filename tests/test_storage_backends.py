@@ -279,3 +279,13 @@ def test_transient_and_permanent_errors_are_told_apart() -> None:
     exists = FileExistsError("x")
     exists.__cause__ = HttpError(412)
     assert not is_transient(exists)
+
+
+def test_retry_policy_from_the_storage_options(tmp_path: Path) -> None:
+    store = Store("memory://cloudfed-retry-options", {"retry": {"attempts": 8, "total_s": 30}})
+    assert store.retry == RetryPolicy(attempts=8, total_s=30)
+    assert store.fs.storage_options == {}  # cloudfed's key does not reach fsspec
+    with pytest.raises(ValueError, match="retry must be a mapping with keys among"):
+        Store(str(tmp_path), {"retry": {"tries": 3}})
+    with pytest.raises(ValueError, match="attempts >= 1"):
+        Store(str(tmp_path), {"retry": {"attempts": 0}})
