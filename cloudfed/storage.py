@@ -8,8 +8,9 @@ coordinator's storage, raw sources) is read and written the same way:
   `ifGenerationMatch=0`, Azure `If-None-Match: *`, a hard link locally), so two runs cannot both
   make them;
 - readers never see a half-written object, and every object carries the sha256 of its bytes
-  (object metadata in the same request on S3, GCS and Azure; a hidden `.<name>.sha256` sidecar
-  elsewhere), checked on every read, so a truncated or altered object is an error naming it;
+  (object metadata in the same request on S3, GCS and Azure; elsewhere a file of the same
+  key under the root's hidden `.sha256/` tree), checked on every read, so a truncated or
+  altered object is an error naming it;
 - transient failures (5xx, 429, timeouts, dropped connections) are retried with exponential
   backoff and full jitter, within a bound on attempts and on total time; permanent ones (absent,
   already there, forbidden) are not.
@@ -217,6 +218,19 @@ class Store:
     def url(self, key: str) -> str:
         return self.fs.unstrip_protocol(self._path(key))
 
+    def _sidecar(self, path: str) -> str:
+        """The digest's place where a backend has no object metadata: a hidden parallel tree.
+
+        The same key under the root's `.sha256/`, so folders of objects hold only objects.
+        """
+        return f"{self.root}/{_DIGESTS}/{path[len(self.root) + 1 :]}"
+
+    def _write_sidecar(self, path: str, digest: str) -> None:
+        if self._local:
+            _atomic_local_write(self._sidecar(path), f"{digest}\n".encode(), exclusive=False)
+        else:
+            self._call("pipe_file", self._sidecar(path), f"{digest}\n".encode())
+
     # -- retries ---------------------------------------------------------------------------
 
     def _retrying(self, what: str, url: str, op: Callable[[], T]) -> T:
@@ -285,10 +299,10 @@ class Store:
         elif self._backend == "azure":
             self._run(_azure_put, self.fs, path, data, digest, exclusive)
         elif self._local:
-            _local_put(path, data, digest, exclusive)
+            _local_put(path, self._sidecar(path), data, digest, exclusive)
         else:
             self._call("pipe_file", path, data, mode=mode)
-            self._call("pipe_file", _sidecar(path), f"{digest}\n".encode())
+            self._write_sidecar(path, digest)
 
     def _holds(self, path: str, url: str, data: bytes, digest: str) -> bool:
         """Whether `path` already holds `data` (and its digest, repaired where it is separate)."""
@@ -299,7 +313,7 @@ class Store:
         if stored != data:
             return False
         if stored_digest != digest and self._backend not in ("s3", "gcs", "azure"):
-            _write_sidecar(self, path, digest)  # the writer stopped between object and sidecar
+            self._write_sidecar(path, digest)  # the writer stopped between object and digest
         return True
 
     def delete(self, key: str) -> None:
@@ -307,7 +321,7 @@ class Store:
         path, url = self._path(key), self.url(key)
 
         def rm() -> None:
-            for target in (path, _sidecar(path)) if self._separate_digest else (path,):
+            for target in (path, self._sidecar(path)) if self._separate_digest else (path,):
                 try:
                     self._call("rm_file", target)
                 except FileNotFoundError:
@@ -365,7 +379,7 @@ class Store:
             return self._run(_azure_get, self.fs, path)
         data = self._call("cat_file", path)
         try:
-            side = self._call("cat_file", _sidecar(path)).decode("ascii", "replace").strip()
+            side = self._call("cat_file", self._sidecar(path)).decode("ascii", "replace").strip()
         except FileNotFoundError:
             side = None
         return data, side
@@ -392,17 +406,7 @@ class Store:
         return sorted(k for k in keys if not any(s.startswith(".") for s in k.split("/")))
 
 
-def _sidecar(path: str) -> str:
-    """The digest beside an object: hidden, so never a key and never listed."""
-    parent, name = path.rsplit("/", 1)
-    return f"{parent}/.{name}.sha256"
-
-
-def _write_sidecar(store: Store, path: str, digest: str) -> None:
-    if store._local:
-        _atomic_local_write(_sidecar(path), f"{digest}\n".encode(), exclusive=False)
-    else:
-        store._call("pipe_file", _sidecar(path), f"{digest}\n".encode())
+_DIGESTS = ".sha256"  # hidden, so never a key (validate_key) and never listed
 
 
 def _atomic_local_write(path: str, data: bytes, *, exclusive: bool) -> None:
@@ -424,14 +428,14 @@ def _atomic_local_write(path: str, data: bytes, *, exclusive: bool) -> None:
             os.unlink(tmp)
 
 
-def _local_put(path: str, data: bytes, digest: str, exclusive: bool) -> None:
+def _local_put(path: str, side: str, data: bytes, digest: str, exclusive: bool) -> None:
     """The object first (for an exclusive write it is the once-guard), then its digest.
 
     Between the two a reader sees a missing or stale digest and reads again; a writer that stops
     there leaves an object that fails its check until it is written again, never a wrong read.
     """
     _atomic_local_write(path, data, exclusive=exclusive)
-    _atomic_local_write(_sidecar(path), f"{digest}\n".encode(), exclusive=False)
+    _atomic_local_write(side, f"{digest}\n".encode(), exclusive=False)
 
 
 async def _s3_get(fs: Any, path: str) -> tuple[bytes, str | None]:

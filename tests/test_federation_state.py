@@ -151,10 +151,10 @@ def test_a_round_is_published_once(tmp_path: Path, model_cache: Path) -> None:
         _publish(cfg, plan, 1)
 
 
-def _forge(path: Path, data: bytes) -> None:
+def _forge(exchange: Exchange, key: str, data: bytes) -> None:
     """Write an object the way an adversary on the exchange would: bytes and their digest."""
-    path.write_bytes(data)
-    (path.parent / f".{path.name}.sha256").write_text(hashlib.sha256(data).hexdigest())
+    (Path(exchange.root) / key).write_bytes(data)
+    (Path(exchange.root) / ".sha256" / key).write_text(hashlib.sha256(data).hexdigest())
 
 
 def test_a_tampered_or_removed_record_is_refused(tmp_path: Path, model_cache: Path) -> None:
@@ -169,12 +169,14 @@ def test_a_tampered_or_removed_record_is_refused(tmp_path: Path, model_cache: Pa
     path.write_bytes(bytes(blob))  # a careless edit: the store's digest no longer matches
     with pytest.raises(StorageIntegrityError, match="do not match their sha256"):
         coordinator.prepare(cfg)
-    _forge(path, bytes(blob))  # an adversary rewrites the digest too: the signature stops it
+    _forge(
+        exchange, record_key(1, 2), bytes(blob)
+    )  # an adversary rewrites the digest too: the signature stops it
     with pytest.raises(ProtectionError, match="not signed by this coordinator"):
         coordinator.prepare(cfg)
     path.unlink()
     (Path(exchange.root) / record_key(1, 1)).unlink()
-    _forge(Path(exchange.root) / record_key(1, 2), b"")  # a gap: round 1 removed
+    _forge(exchange, record_key(1, 2), b"")  # a gap: round 1 removed
     with pytest.raises(ProtectionError, match="without gaps"):
         coordinator.prepare(cfg)
 

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -133,9 +134,7 @@ def test_exclusive_write_happens_once(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         ex.put_bytes("history/r.signed", b"second", exclusive=True)
     assert ex.get_bytes("history/r.signed") == b"first"
-    # the object and its digest sidecar; no temp file left behind
-    names = sorted(p.name for p in (tmp_path / "history").iterdir())
-    assert names == [".r.signed.sha256", "r.signed"]
+    assert sorted(p.name for p in (tmp_path / "history").iterdir()) == ["r.signed"]
 
 
 def test_overwrite_is_atomic_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -143,7 +142,9 @@ def test_overwrite_is_atomic_and_leaves_no_temp(tmp_path: Path) -> None:
     ex.put_bytes("a/b.bin", b"one")
     ex.put_bytes("a/b.bin", b"two")
     assert ex.get_bytes("a/b.bin") == b"two"
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".b.bin.sha256", "b.bin"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin"]
+    digest = (tmp_path / ".sha256" / "a" / "b.bin").read_text().strip()
+    assert digest == hashlib.sha256(b"two").hexdigest()
 
 
 def test_non_local_backend_via_fsspec() -> None:

@@ -66,7 +66,7 @@ def _rewrite(store: Store, key: str, data: bytes, digest: str | None) -> None:
             store.fs.pipe_file(path, data)
     else:
         Path(path).write_bytes(data)
-        side = Path(storage._sidecar(path))
+        side = Path(store._sidecar(path))
         side.write_text(digest) if digest else side.unlink()
 
 
