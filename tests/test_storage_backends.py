@@ -210,10 +210,10 @@ def test_a_slow_response_times_out_and_is_retried(
     caplog: pytest.LogCaptureFixture,
     name: str,
 ) -> None:
-    policy = RetryPolicy(attempts=3, total_s=20, attempt_timeout_s=1.0, base_delay_s=0.05)
+    policy = RetryPolicy(attempts=4, total_s=30, attempt_timeout_s=1.5, base_delay_s=0.05)
     store, _, proxy = _proxied(request, name, fault_proxy, policy)
     store.put_bytes("s/a.bin", b"slow")
-    proxy.add(Fault("delay", _is_read, times=1, delay_s=2.5))
+    proxy.add(Fault("delay", _is_read, times=1, delay_s=4.0))
     with caplog.at_level(logging.WARNING, logger="cloudfed.storage"):
         assert store.get_bytes("s/a.bin") == b"slow"
     assert [s[2] for s in proxy.seen].count("delay") == 1, proxy.seen
@@ -262,6 +262,21 @@ def test_retries_stop_at_the_attempt_bound(
     assert is_transient(err.value)
     assert len(_writes(proxy)) == FAST.attempts
     assert direct.list("b") == []
+
+
+def test_retries_stop_at_the_time_bound(
+    request: pytest.FixtureRequest,
+    fault_proxy: Callable[[Backend], FaultProxy],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(storage, "random", __import__("random").Random(7))  # seeded jitter
+    policy = RetryPolicy(attempts=100, total_s=1.0, base_delay_s=0.2, max_delay_s=0.2)
+    store, _, proxy = _proxied(request, "azure", fault_proxy, policy)
+    proxy.add(Fault("500", _is_write, times=1000))
+    with pytest.raises(Exception) as err:
+        store.put_bytes("t/x.bin", b"never")
+    assert is_transient(err.value)
+    assert 1 < len(_writes(proxy)) < 100  # stopped by the deadline, long before 100 attempts
 
 
 def test_transient_and_permanent_errors_are_told_apart() -> None:
