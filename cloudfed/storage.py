@@ -71,8 +71,10 @@ class RetryPolicy:
     """How hard a store tries before a transient failure becomes the caller's error.
 
     `attempt_timeout_s` cancels one request to a remote store (a hung connection is the commonest
-    cross-cloud failure, and backends' own timeouts are minutes); `total_s` bounds the whole
-    operation including backoff sleeps, so a caller waits at most about that long.
+    cross-cloud failure, and backends' own timeouts are minutes): raise it for objects that take
+    longer than that to move. No retry starts after `total_s`, so a caller waits at most
+    `total_s` plus one attempt. The SDKs' own retries (botocore, gcsfs) run inside one attempt;
+    Azure's are switched off for puts and gets, whose default backoff starts at 15 s.
     """
 
     attempts: int = 5
