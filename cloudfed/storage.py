@@ -358,10 +358,12 @@ class Store:
             if read < _SETTLE_READS - 1:
                 time.sleep(0.05 * 2**read)
         if want is None:
+            root = self.fs.unstrip_protocol(self.root)
             raise StorageIntegrityError(
                 f"{url}: no sha256 is stored with this object ({len(data)} bytes), so it cannot "
                 "be checked: it was written by another tool or before cloudfed stored digests. "
-                "Fix: write it again through cloudfed (or start the federation over)"
+                "Fix: write it again through cloudfed, or, if you know the objects there are "
+                f"intact, run `python -m cloudfed.storage add-digests {root}`"
             )
         raise StorageIntegrityError(
             f"{url}: the stored bytes do not match their sha256 (expected {want}, read "
@@ -385,6 +387,24 @@ class Store:
         except FileNotFoundError:
             side = None
         return data, side
+
+    def add_missing_digests(self, prefix: str = "") -> list[str]:
+        """Store the sha256 of every object under `prefix` that has none; the keys it added.
+
+        For objects written before stores kept digests (or copied in by another tool): whoever
+        runs it vouches that they are intact, which is why it is a command and never automatic.
+        """
+        added = []
+        for key in self.list(prefix):
+            path, url = self._path(key), self.url(key)
+            data, stored = self._retrying("get", url, lambda p=path: self._get(p))
+            if stored is None:
+                digest = sha256_hex(data)
+                self._retrying(
+                    "put", url, lambda p=path, d=data, h=digest: self._put(p, d, h, False)
+                )
+                added.append(key)
+        return added
 
     def exists(self, key: str) -> bool:
         path = self._path(key)
@@ -489,3 +509,27 @@ def open_store(
 ) -> Store:
     """The one way to open a configured location (a plain path, file://, s3://, gs://, abfs://)."""
     return Store(root, options, retry=retry)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cloudfed.storage",
+        description="Store the sha256 of objects written before cloudfed kept digests.",
+    )
+    parser.add_argument("command", choices=["add-digests"])
+    parser.add_argument("root", help="the location: a folder, or an s3://, gs://, abfs:// URL")
+    parser.add_argument("--options", default="{}", help="fsspec storage options as JSON")
+    args = parser.parse_args(argv)
+    store = open_store(args.root, json.loads(args.options))
+    added = store.add_missing_digests()
+    for key in added:
+        print(f"added the sha256 of {store.url(key)}")
+    print(f"{store.fs.unstrip_protocol(store.root)}: {len(added)} digests added")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -304,3 +304,17 @@ def test_retry_policy_from_the_storage_options(tmp_path: Path) -> None:
         Store(str(tmp_path), {"retry": {"tries": 3}})
     with pytest.raises(ValueError, match="attempts >= 1"):
         Store(str(tmp_path), {"retry": {"attempts": 0}})
+
+
+def test_objects_from_before_digests_can_be_vouched_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = open_store(str(tmp_path))
+    store.put_bytes("history/g0001/r0001.signed", b"kept")
+    (tmp_path / "history" / "g0001" / "r0002.signed").write_bytes(b"older")  # no digest
+    with pytest.raises(StorageIntegrityError, match="python -m cloudfed.storage add-digests"):
+        store.get_bytes("history/g0001/r0002.signed")
+    assert storage.main(["add-digests", str(tmp_path)]) == 0
+    assert "1 digests added" in capsys.readouterr().out
+    assert store.get_bytes("history/g0001/r0002.signed") == b"older"
+    assert store.add_missing_digests() == []
