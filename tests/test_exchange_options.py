@@ -57,3 +57,10 @@ def test_credentials_in_exchange_options_are_refused_with_a_fix(options: dict[st
     text = str(err.value)
     assert "configs/x.yaml" in text and "parameters.federation.exchange_options" in text
     assert "look like credentials" in text and "Fix: give the exchange credentials" in text
+
+
+def test_retry_settings_in_exchange_options_tune_the_store_not_fsspec() -> None:
+    options = {"endpoint_url": "http://minio.internal:9000", "retry": {"attempts": 8}}
+    ex = federation_exchange(parse_federation(_fed(exchange_options=options)))
+    assert ex.retry.attempts == 8
+    assert ex.fs.storage_options == {"endpoint_url": "http://minio.internal:9000"}
