@@ -80,6 +80,11 @@ def fetch_public_keys(
     return bundle
 
 
+def rotation_key(party: str) -> str:
+    """One slot per party: its latest rotation statement, until a keys roster approves it."""
+    return f"keys/rotations/party/{_name(party, 'party')}.json"
+
+
 def secagg_advert_key(run_id: str, round: int, party: str) -> str:
     return f"{_round_dir(run_id, round)}/secagg/advertise/{_name(party, 'party')}.signed"
 

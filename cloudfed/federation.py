@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cloudfed.aggregation.settings import AggregationSettings
 from cloudfed.errors import ConfigError
@@ -28,6 +36,23 @@ PARTY_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 # Option names that carry credentials: the run configuration is read by the launcher and logged.
 _SECRET_OPTION = re.compile(r"secret|password|token|credential|connection_string|(^|_)(key|sas)$")
+
+
+def _refuse_credentials(options: dict[str, Any], field: str) -> dict[str, Any]:
+    """Storage options that look like credentials are refused, at any depth."""
+
+    def names(doc: Any) -> list[str]:
+        if not isinstance(doc, dict):
+            return []
+        return [str(k) for k in doc] + [n for v in doc.values() for n in names(v)]
+
+    secret = sorted({n for n in names(options) if _SECRET_OPTION.search(n.lower())})
+    if secret:
+        raise ValueError(
+            f"{field} {secret} look like credentials; the run configuration is seen "
+            "by the launcher and logged"
+        )
+    return options
 
 
 class _Strict(BaseModel):
@@ -49,7 +74,18 @@ class PartyConfig(_Strict):
     raw: RawSplits
     mapping: str
     storage: str
+    # fsspec storage options of `storage` and the raw sources (e.g. {endpoint_url: ...}); never
+    # credentials: the party's runtime (role, workload identity) supplies those.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    # Training, harmonisation and evaluation run here (e.g. a GPU SageMaker/Vertex/AzureML job).
     step_operator: str | None = None
+    # The party's protocol stages (share_keys, upload, unmask, ckks decrypt, metrics): short and
+    # CPU-only, e.g. a Kubernetes pod in the party's own cluster; null: step_operator.
+    light_step_operator: str | None = None
+    # The party's own prebuilt image (in its cloud's registry) for its steps on a step operator;
+    # null: the pipeline's image. ZenML builds images for a dynamic pipeline's steps only from
+    # the pipeline's settings, so a per-party image must be prebuilt (pipelines/_images.py).
+    image: str | None = None
     # A party with less compute trains a lower LoRA rank (1..lora.rank); null: lora.rank.
     lora_rank: int | None = Field(None, ge=1)
     # Public link speed in Mbit/s; read by the bandwidth-aware weighting presets only.
@@ -57,6 +93,11 @@ class PartyConfig(_Strict):
     # Public: how many times slower than a reference party this party trains (virtual clock of
     # buffered rounds, cloudfed.aggregation.fedbuff); never measured, so never data-dependent.
     compute_scale: float = Field(1.0, gt=0.0, le=10_000.0)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return _refuse_credentials(options, "storage_options")
 
 
 class LoraSettings(_Strict):
@@ -135,6 +176,8 @@ class FederationConfig(_Strict):
     # an S3-compatible store; credentials come from the runtime (role, env), never from here.
     exchange_options: dict[str, Any] = Field(default_factory=dict)
     coordinator_storage: str = ".cloudfed/coordinator"
+    # fsspec storage options of coordinator_storage; never credentials (as exchange_options).
+    coordinator_storage_options: dict[str, Any] = Field(default_factory=dict)
     contracts_dir: str = "data_contracts"
     # The federation's total: a run continues after the last published round and stops here.
     rounds: int = Field(3, ge=1, le=10_000)
@@ -155,21 +198,10 @@ class FederationConfig(_Strict):
     simulate_dropouts: dict[str, DropoutStage] = Field(default_factory=dict)
     parties: list[PartyConfig] = Field(min_length=1)
 
-    @field_validator("exchange_options")
+    @field_validator("exchange_options", "coordinator_storage_options")
     @classmethod
-    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
-        def names(doc: Any) -> list[str]:
-            if not isinstance(doc, dict):
-                return []
-            return [str(k) for k in doc] + [n for v in doc.values() for n in names(v)]
-
-        secret = sorted({n for n in names(options) if _SECRET_OPTION.search(n.lower())})
-        if secret:
-            raise ValueError(
-                f"exchange_options {secret} look like credentials; the run configuration is seen "
-                "by the launcher and logged"
-            )
-        return options
+    def _no_credentials(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _refuse_credentials(options, str(info.field_name))
 
     @model_validator(mode="after")
     def _check_parties(self) -> FederationConfig:
@@ -334,6 +366,12 @@ _FIXES: dict[str, str] = {
     "colluding": "use at least 1 and fewer than min_contributors (default 1)",
     "privacy": "see the privacy block of configs/local.yaml",
     "dp_sgd": "see the dp_sgd example in configs/local.yaml",
+    "storage_options": "give the storage credentials through the party's runtime (an IAM role, "
+    "workload identity, AWS_* / GOOGLE_APPLICATION_CREDENTIALS / AZURE_* in its environment), "
+    "and keep only options such as endpoint_url here",
+    "coordinator_storage_options": "give the coordinator storage credentials through its "
+    "runtime (an IAM role, workload identity, environment variables), and keep only options "
+    "such as endpoint_url here",
     "exchange_options": "give the exchange credentials through its runtime (an IAM role, "
     "workload identity, AWS_ACCESS_KEY_ID / GOOGLE_APPLICATION_CREDENTIALS / AZURE_* in the "
     "environment), and keep only options such as endpoint_url here",

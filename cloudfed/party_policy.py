@@ -22,20 +22,24 @@ once); in a real federation each party writes its own after comparing fingerprin
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cloudfed.aggregation.weights import weight_floor
 from cloudfed.errors import CloudfedError, ConfigError
 from cloudfed.federation import PARTY_NAME_PATTERN, FederationConfig, load_run_config
 from cloudfed.privacy.settings import DEFAULT_DP_SGD_MAX_EPSILON, PrivacyMode
+
+if TYPE_CHECKING:
+    from cloudfed.protection.rotation import RotationStatement
 
 POLICY_DIR_ENV = "CLOUDFED_PARTY_POLICIES"
 DEFAULT_POLICY_DIR = ".cloudfed/party-policies"
@@ -84,6 +88,42 @@ class DpSgdFloor(_Strict):
     max_epsilon_per_run: float | None = Field(None, gt=0.0)
 
 
+class KeysPolicy(_Strict):
+    """Where the party's private keys live: its choice, never the run configuration's.
+
+    storage: PEM files in a folder of the party's own storage (`folder`, default
+      `<party storage>/keys`; relative to the policy file's folder), local or fsspec URL.
+    env: key material in an environment variable of the party's runtime (`env_var`, default
+      CLOUDFED_PARTY_KEY_<PARTY>), e.g. injected from the cloud's secret manager.
+    secret_manager: a secret (`secret_id`) read through a hook (`secret_manager`: an entry point
+      name in the `cloudfed.secret_managers` group, such as `aws`, or `module:factory`), built
+      with `options`.
+    """
+
+    source: Literal["storage", "env", "secret_manager"] = "storage"
+    folder: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    env_var: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    secret_manager: str | None = None
+    secret_id: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fields_of_the_source(self) -> KeysPolicy:
+        if self.source == "secret_manager" and not (self.secret_manager and self.secret_id):
+            raise ValueError("keys.source=secret_manager needs keys.secret_manager and secret_id")
+        used = {
+            "storage": {"folder", "storage_options"},
+            "env": {"env_var"},
+            "secret_manager": {"secret_manager", "secret_id", "options"},
+        }[self.source]
+        fields = ("folder", "storage_options", "env_var", "secret_manager", "secret_id", "options")
+        stray = [f for f in fields if f not in used and getattr(self, f)]
+        if stray:
+            raise ValueError(f"keys.{', keys.'.join(stray)} do(es) not apply to {self.source}")
+        return self
+
+
 class PartyPolicy(_Strict):
     party: str = Field(pattern=PARTY_NAME_PATTERN)
     federation_id: str = Field(pattern=PARTY_NAME_PATTERN)
@@ -101,6 +141,8 @@ class PartyPolicy(_Strict):
     # update. The config's weighting.min_weight (default 1/weight_cap) must be >= 1/ratio.
     max_weight_ratio: float = Field(1000.0, ge=1.0)
     pins: Pins
+    # Where its private keys live (see KeysPolicy); today's storage folder by default.
+    keys: KeysPolicy = KeysPolicy()
     # Party-side state; relative paths are relative to the policy file's folder.
     state_dir: str | None = None
 
@@ -117,6 +159,14 @@ class LoadedPolicy:
             return self.path.parent / f"{self.policy.party}-state"
         path = Path(given)
         return path if path.is_absolute() else self.path.parent / path
+
+    @property
+    def rotations_file(self) -> Path:
+        """The key rotations this party followed (its own included): its pin record."""
+        return self.state_dir / ROTATIONS_FILE
+
+
+ROTATIONS_FILE = "key_rotations.json"
 
 
 def policy_env_var(party: str) -> str:
@@ -146,7 +196,70 @@ def load_policy(party: str) -> LoadedPolicy:
         raise ConsentError(f"{path}: the party policy is invalid: {exc}") from None
     if policy.party != party:
         raise ConsentError(f"{path}: the policy is {policy.party}'s, not {party}'s")
-    return LoadedPolicy(policy, path)
+    return _follow_recorded_rotations(LoadedPolicy(policy, path))
+
+
+def _recorded_rotations(loaded: LoadedPolicy) -> list[dict[str, Any]]:
+    path = loaded.rotations_file
+    if not path.exists():
+        return []
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        records = None
+    if not isinstance(records, list):
+        raise ConsentError(f"{path}: the party's key rotation record is not a JSON list")
+    return records
+
+
+def _follow_recorded_rotations(loaded: LoadedPolicy) -> LoadedPolicy:
+    """Pins as the policy file sets them, then along every rotation the party accepted.
+
+    Each record is re-verified; a rotation applies only from the fingerprint pinned at that point,
+    so a record cannot move a pin the party never held, and a re-pinned policy file starts over.
+    """
+    from cloudfed.errors import ProtectionError
+    from cloudfed.protection.rotation import parse_rotation
+
+    records = _recorded_rotations(loaded)
+    if not records:
+        return loaded
+    pins = loaded.policy.pins
+    parties = dict(pins.parties)
+    for record in records:
+        try:
+            statement = parse_rotation(record)
+        except ProtectionError as exc:
+            raise ConsentError(f"{loaded.rotations_file}: {exc}") from None
+        if parties.get(statement.party) == statement.old.fingerprint:
+            parties[statement.party] = statement.new.fingerprint
+    followed = pins.model_copy(update={"parties": parties})
+    return LoadedPolicy(loaded.policy.model_copy(update={"pins": followed}), loaded.path)
+
+
+def record_rotation(loaded: LoadedPolicy, statement: RotationStatement) -> LoadedPolicy:
+    """Accept a verified rotation of a pinned key into the party's own pin record.
+
+    Refuses (ConsentError) one whose old fingerprint is not the key this party pins: that is a
+    rotation signed by someone else's key.
+    """
+    from cloudfed.protection.keys import write_owner_only
+
+    name = statement.party
+    pinned = loaded.policy.pins.parties.get(name)
+    if pinned == statement.new.fingerprint:
+        return loaded
+    if pinned != statement.old.fingerprint:
+        raise ConsentError(
+            f"{loaded.policy.party} refuses a key rotation of {name}: it is signed by the key of "
+            f"fingerprint {statement.old.fingerprint[:16]}..., not the one pinned "
+            f"({str(pinned)[:16]}..., {loaded.path} pins.parties.{name} and "
+            f"{loaded.rotations_file}). Fix: compare fingerprints out of band"
+        )
+    records = [*_recorded_rotations(loaded), statement.model_dump(mode="json")]
+    loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_owner_only(loaded.rotations_file, json.dumps(records, indent=1).encode())
+    return _follow_recorded_rotations(LoadedPolicy(loaded.policy, loaded.path))
 
 
 def _config_modes(cfg: FederationConfig) -> set[str]:
@@ -277,8 +390,9 @@ def check_pin(loaded: LoadedPolicy, role: str, name: str, fingerprint: str) -> N
         raise ConsentError(
             f"{loaded.policy.party} refuses this round: the {role} key of {name} has fingerprint "
             f"{fingerprint[:16]}..., not the one pinned in {loaded.path} ({field}="
-            f"{str(want)[:16]}...). Fix: compare fingerprints out of band; re-pin only if the "
-            "key really changed"
+            f"{str(want)[:16]}..., after the rotations in {loaded.rotations_file}). Fix: compare "
+            "fingerprints out of band; a party that changes its key rotates it (`python -m "
+            "cloudfed.keys rotate`), which its peers follow through the coordinator's roster"
         )
 
 
@@ -374,14 +488,21 @@ def _dp_sgd_floor(cfg: FederationConfig, dp) -> DpSgdFloor:
 
 def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
     """Keys for the coordinator and every party (made once), and one policy per party."""
+    from cloudfed.keys import load_party_keys
     from cloudfed.protection.keys import load_or_create_keys
 
     coordinator = load_or_create_keys(
         "coordinator", "coordinator", Path(cfg.coordinator_storage) / "keys"
     )
     prints = {"coordinator": coordinator.public_bundle().fingerprint}
+    existing: dict[str, LoadedPolicy] = {}
     for party in cfg.active_parties:
-        keys = load_or_create_keys("party", party.name, Path(party.storage) / "keys")
+        try:
+            existing[party.name] = load_policy(party.name)
+        except ConsentError:  # none yet, or unreadable: --force replaces it, keys in storage
+            pass
+    for party in cfg.active_parties:  # from the key source each party's policy already names
+        keys = load_party_keys(cfg, party, existing.get(party.name))
         prints[party.name] = keys.public_bundle().fingerprint
     lines = []
     for party in cfg.active_parties:
@@ -389,7 +510,12 @@ def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
         if path.exists() and not force:
             lines.append(f"kept {path} (the party's own; --force rewrites it)")
             continue
-        doc = policy_for(cfg, party.name, prints).model_dump(mode="json", exclude_none=True)
+        policy = policy_for(cfg, party.name, prints)
+        if party.name in existing:  # a rewrite keeps where the party's keys live
+            policy = policy.model_copy(update={"keys": existing[party.name].policy.keys})
+        doc = policy.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+        if doc.get("keys") == KeysPolicy().model_dump(mode="json", exclude_none=True):
+            del doc["keys"]
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         header = (
             f"# {party.name}'s own policy: the weakest federation it takes part in, and the keys\n"

@@ -24,6 +24,7 @@ from cloudfed.federation import FederationConfig, load_run_config, parse_federat
 from cloudfed.preflight import check_config
 from cloudfed.protection.stages import Stage, protection_stages
 from pipelines._common import config_source, tracker_name, user_errors
+from pipelines._images import party_docker_settings, stack_facts
 from steps.aggregate import aggregate
 from steps.ckks import ckks_decrypt, ckks_keygen, ckks_sum
 from steps.evaluate import evaluate
@@ -48,7 +49,10 @@ console.configure()  # `make run`: progress lines and warnings only (CLOUDFED_LO
 
 def _party_step(step: Any, cfg: FederationConfig, party: str) -> Any:
     operator = cfg.party(party).step_operator
-    return step.with_options(step_operator=operator) if operator else step
+    if not operator:
+        return step  # runs where the pipeline runs: no image of its own
+    docker = party_docker_settings(cfg, party, **stack_facts())
+    return step.with_options(step_operator=operator, settings={"docker": docker})
 
 
 class _PartyCalls:

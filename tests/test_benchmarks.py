@@ -21,13 +21,15 @@ from tests.e2e_support import REPO_ROOT, make_project, zenml_env
 FLOWER = REPO_ROOT / ".venv-flwr" / "bin" / "python"
 
 
-def _bench(script: str, *args: str, python: Path | str = sys.executable, **kw: Any) -> dict:
+def _bench(
+    script: str, *args: str, python: Path | str = sys.executable, timeout: int = 600, **kw: Any
+) -> dict:
     """Run `script` (a path under the repository, e.g. benchmarks/harmonize.py); its JSON."""
     proc = subprocess.run(
         [str(python), str(REPO_ROOT / script), *args],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         **kw,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -64,11 +66,51 @@ def test_protection_tiny_without_flower() -> None:
     result = _bench("benchmarks/protection.py", "--tiny", "--no-flower")
     (row,) = result["secagg"]
     assert row["d"] == 20_000 and row["mask_over_raw_aes"] > 0
+    rates = row["coordinator_rates_gb_per_s"]
+    assert set(rates) == {"aes_gcm_decrypt", "memory_add", "mask_expansion", "sha256"}
+    assert all(r > 0 for r in rates.values())
     (entry,) = row["rounds"]
     assert entry["n"] == 3 and entry["max_abs_error"] <= entry["error_bound"]
     assert entry["bytes_over_fp32"] <= 1.05
+    for run in (entry, entry["at_2n"]):  # the bandwidth limit the coordinator is held to
+        assert run["bytes_opened"] == 4 * row["d"] * run["n"]
+        assert run["mask_expansions_in_unmask"] == run["n"]  # one self mask each, no dropouts
+        limit = run["bandwidth"]
+        assert 0 < limit["limit_s"] < limit["with_signature_hash_s"]
+        assert limit["achieved_fraction"] == pytest.approx(
+            limit["limit_s"] / run["coordinator_total_s"]
+        )
+        assert limit["achieved_fraction_with_signature_hash"] > limit["achieved_fraction"] > 0
+    assert entry["at_2n"]["n"] == 6 and entry["coordinator_time_2n_over_n"] > 0
+    assert result["targets"]["coordinator_fraction_of_bandwidth_limit_min"] == 0.5
     assert result["ckks"]["max_abs_error"] <= result["ckks"]["tolerance"]
     assert "end_to_end" not in result
+
+
+@pytest.mark.e2e
+def test_protection_end_to_end_arms_tiny(tmp_path: Path) -> None:
+    """Each protection arm of `make bench` runs its own one-round federation through demo_run."""
+    from cloudfed.data.demo import generate_demo
+
+    generate_demo(tmp_path / "clouds")
+    project = make_project(tmp_path / "project")
+    result = _bench(
+        "benchmarks/protection.py",
+        "--tiny",
+        "--no-flower",
+        "--e2e",
+        "--project",
+        str(project),
+        "--clouds",
+        str(tmp_path / "clouds"),
+        env=zenml_env(),
+        timeout=1800,  # three pipeline runs
+    )
+    arms = result["end_to_end"]
+    assert set(arms) == {"plaintext", "secagg", "ckks"}
+    for arm in arms.values():
+        assert arm["error"] is None and arm["pipeline_seconds"] > 0 and arm["over_plaintext"] > 0
+    assert arms["plaintext"]["over_plaintext"] == 1.0
 
 
 def test_flower_peer_tiny_beside_ours() -> None:

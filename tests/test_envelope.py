@@ -11,9 +11,11 @@ from cloudfed.protection import (
     SealContext,
     load_or_create_keys,
     open_sealed,
+    open_sealed_into,
     open_sealed_with_metadata,
     read_public_header,
     seal,
+    sealed_length,
 )
 from cloudfed.protection.envelope import _PREFIX, _signed_message
 from cloudfed.protection.hazmat import aead, signing
@@ -98,6 +100,46 @@ def test_round_trip_multi_chunk(keys: dict[str, KeyPairs]) -> None:
     assert len(chunk_spans(blob)) == 4
     assert read_public_header(blob)["chunks"] == 4
     assert open_ab(keys, blob) == data
+
+
+def test_open_into_a_buffer_matches_open_and_checks_the_same(keys: dict[str, KeyPairs]) -> None:
+    """The coordinator's streaming open: same plaintext, same rejections, no joined copy."""
+    data = payload(3 * KB + 100)
+    blob = seal_ab(keys, data, chunk_size=KB, run_id=RUN)
+    out = bytearray(sealed_length(blob))
+    meta = open_sealed_into(
+        blob, out, context=ctx(), recipient=keys["coord"], sender=keys["alice"].public_bundle()
+    )
+    assert bytes(out) == data and meta == {"run_id": RUN}
+    start, end = chunk_spans(blob)[2]
+    for bad, reason in (
+        (flip(blob, (start + end) // 2), "signature invalid"),
+        (resign(keys, flip(blob, (start + end) // 2)), "decryption failed"),
+    ):
+        with pytest.raises(ProtectionError, match=reason):
+            open_sealed_into(
+                bad,
+                bytearray(len(data)),
+                context=ctx(),
+                recipient=keys["coord"],
+                sender=keys["alice"].public_bundle(),
+            )
+    with pytest.raises(ProtectionError, match="context mismatch"):
+        open_sealed_into(
+            blob,
+            out,
+            context=ctx(round=4),
+            recipient=keys["coord"],
+            sender=keys["alice"].public_bundle(),
+        )
+    with pytest.raises(ValueError, match="writable buffer of"):
+        open_sealed_into(
+            blob,
+            bytearray(len(data) - 1),
+            context=ctx(),
+            recipient=keys["coord"],
+            sender=keys["alice"].public_bundle(),
+        )
 
 
 def test_exact_multiple_of_chunk_size(keys: dict[str, KeyPairs]) -> None:

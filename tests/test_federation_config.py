@@ -117,7 +117,7 @@ def test_preflight_cli_reports_unknown_party(tmp_path: Path) -> None:
 
 
 def test_multicloud_example_names_a_step_operator_per_party() -> None:
-    cfg = load_run_config(REPO_ROOT / "configs/multicloud.example.yaml")
+    cfg = load_run_config(REPO_ROOT / "configs/multicloud.yaml")
     assert {p.cloud: p.step_operator for p in cfg.parties} == {
         "aws": "sagemaker_hospital",
         "gcp": "vertex_bank",

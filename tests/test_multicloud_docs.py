@@ -16,7 +16,7 @@ from tests.e2e_support import REPO_ROOT
 
 DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "infra" / "README.md"]
 DOCS += sorted((REPO_ROOT / "configs").glob("*.yaml"))
-EXAMPLE = REPO_ROOT / "configs" / "multicloud.example.yaml"
+EXAMPLE = REPO_ROOT / "configs" / "multicloud.yaml"
 # L4 GPUs per G2 machine type that Vertex AI (Compute Engine) accepts.
 L4_PER_G2 = {4: 1, 8: 1, 12: 1, 16: 1, 32: 1, 24: 2, 48: 4, 96: 8}
 
@@ -34,7 +34,7 @@ def _flags(argv: list[str]) -> dict[str, str]:
 
 def test_every_config_a_document_names_exists() -> None:
     named = {m for doc in DOCS for m in re.findall(r"configs/[\w.-]+\.yaml", doc.read_text())}
-    assert "configs/multicloud.example.yaml" in named
+    assert "configs/multicloud.yaml" in named
     missing = sorted(n for n in named if not (REPO_ROOT / n).is_file())
     assert not missing, missing
 
@@ -62,7 +62,8 @@ def test_the_stack_commands_register_what_remote_step_operators_need() -> None:
     assert ("container-registry", opts["-c"]) in registered
     assert ("image-builder", opts["-i"]) in registered
     operators = {stack[i + 1] for i, a in enumerate(stack[:-1]) if a == "-s"}
-    wanted = {p.step_operator for p in load_run_config(EXAMPLE).parties}
+    parties = load_run_config(EXAMPLE).parties
+    wanted = {p.step_operator for p in parties} | {p.light_step_operator for p in parties}
     assert wanted == operators
     assert wanted <= {name for kind, name in registered if kind == "step-operator"}
 

@@ -172,6 +172,32 @@ def test_weighted_mean_under_secagg(tmp_path: Path, model_cache: Path) -> None:
     assert ref.key == global_adapter_key(fed.plan.run_id, 1) and published(fed, 1)
 
 
+def test_coordinator_sums_masked_words_as_it_opens(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streaming: each opened upload's masked words go into the running sum and are dropped, so
+    neither the inputs roster nor the aggregate holds n updates; the mean is still exact."""
+    import importlib
+
+    round_module = importlib.import_module("cloudfed.coordinator.round")
+    rosters_module = importlib.import_module("cloudfed.coordinator.rosters")
+    real, held = uploads.verified_uploads, []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out, bad = real(*args, **kwargs)
+        held.append({p: set(u.sections) for p, u in out.items()})
+        return out, bad
+
+    monkeypatch.setattr(round_module, "verified_uploads", spy)
+    monkeypatch.setattr(rosters_module, "verified_uploads", spy)
+    fed = make_fed(tmp_path, model_cache)
+    ref, report, _ = fed.round(1, const_updates(fed))
+    assert max_error(fed, ref, fed.initial, 0.0275) < 1e-6
+    assert report.accepted == sorted(NAMES)
+    assert len(held) == 2 and all(set(call) == set(NAMES) for call in held)  # roster, aggregate
+    assert all(sections == set() for call in held for sections in call.values())
+
+
 # --- 2. dropouts through the stages --------------------------------------------------------------
 
 

@@ -586,6 +586,59 @@ def test_fewer_than_t_shares_do_not_rebuild() -> None:
         shamir.combine([shares[0]] * t, t)
 
 
+def test_every_subset_of_at_least_t_shares_rebuilds_the_same_secret() -> None:
+    secret = np.random.default_rng(5).bytes(32)
+    t, m = 4, 7
+    shares = shamir.split(secret, t, m)
+    for size in range(t, m + 1):
+        for subset in itertools.combinations(shares, size):
+            assert shamir.combine(list(subset), t) == secret
+            assert shamir.combine(list(reversed(subset)), t) == secret  # order is irrelevant
+
+
+def test_t_minus_one_shares_fit_every_secret_equally_well() -> None:
+    """Information-theoretic hiding: for any t-1 shares and ANY candidate secret there is a
+    degree t-1 polynomial through both, so a t-th share exists that rebuilds that candidate."""
+    rng = np.random.default_rng(6)
+    secret = rng.bytes(32)
+    t, m = 4, 7
+    shares = shamir.split(secret, t, m)
+    for subset in itertools.combinations(shares, t - 1):
+        missing = next(i for i in range(1, m + 1) if i not in {j for j, _ in subset})
+        for candidate in (bytes(32), rng.bytes(32), secret):
+            forged = b""
+            for half in (slice(0, 16), slice(16, 32)):
+                points = [(0, int.from_bytes(candidate[half], "big"))]
+                points += [(i, int.from_bytes(s[half], "big")) for i, s in subset]
+                forged += shamir.interpolate(points, missing).to_bytes(16, "big")
+            assert shamir.combine([*subset, (missing, forged)], t) == candidate
+
+
+def test_combine_agrees_with_pycryptodome_and_reuses_coefficients() -> None:
+    """Our batched Lagrange combination is pycryptodome's field and result, half by half."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    rng = np.random.default_rng(7)
+    shamir._coefficient_tables.cache_clear()
+    for t in (2, 5, 10):
+        for _ in range(3):
+            secret = rng.bytes(32)
+            shares = shamir.split(secret, t, t + 3)[1 : t + 1]
+            ours = shamir.combine(shares, t)
+            theirs = b"".join(
+                Shamir.combine([(i, s[h : h + 16]) for i, s in shares]) for h in (0, 16)
+            )
+            assert ours == theirs == secret
+    info = shamir._coefficient_tables.cache_info()
+    assert info.misses == 3 and info.hits == 6  # one coefficient set per index set
+    for _ in range(20):
+        a, b = (int.from_bytes(rng.bytes(16), "big") or 1 for _ in range(2))
+        assert shamir.mul(a, shamir.inverse(a)) == 1
+        assert shamir.mul(a, b) == shamir.mul(b, a)
+    with pytest.raises(ValueError, match="zero"):
+        shamir.inverse(0)
+
+
 def test_threshold_one_and_bad_arguments() -> None:
     secret = bytes(range(32))
     shares = shamir.split(secret, 1, 4)

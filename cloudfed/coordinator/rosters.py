@@ -7,6 +7,7 @@ party checks the same list before it shares keys, uploads or reveals.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from cloudfed.exchange import (
     Exchange,
     federation_exchange,
     fetch_public_keys,
+    rotation_key,
     secagg_advert_key,
     secagg_roster_key,
     secagg_share_key,
@@ -42,7 +44,10 @@ from cloudfed.protection.messages import (
     sha256,
     stage_context,
 )
+from cloudfed.protection.rotation import parse_rotation
 from cloudfed.protection.secagg import protocol
+
+logger = logging.getLogger(__name__)
 
 
 def _sign_roster(
@@ -119,8 +124,58 @@ def keys_roster(
         "setup": {**setup.binding(), "min_survivors": setup.min_survivors},
         "members": members,
         "adverts": digests,
+        **_rotations(exchange, members, _ckks_key_party(cfg, plan)),
     }
     return _sign_roster(cfg, exchange, keys, plan.run_id, "keys", doc, setup, rejected)
+
+
+def _ckks_key_party(cfg: FederationConfig, plan: FederationPlan) -> str | None:
+    return cfg.ckks_key_party if "ckks" in plan.protection["tensors"] else None
+
+
+def _rotations(
+    exchange: Exchange, members: dict[str, str], ckks_key_party: str | None
+) -> dict[str, Any]:
+    """Key rotations of members, for the keys roster; `members` moves to the new fingerprints.
+
+    A statement is approved when signed by the key the member advertised with this round (its
+    members carry the new key from the next stage on), and carried along when the member already
+    advertises with the new key (so a party that missed the approving round catches up). Anything
+    else (a bundle or statement an attacker put on the exchange) is left out and named. The
+    CKKS key party does not rotate in a round with CKKS tensors: its CKKS context was signed, and
+    the encrypted sum is sealed, to the key it had before the roster.
+    """
+    rotations, rotated, refused = {}, {}, {}
+    for name, advertised in sorted(members.items()):
+        try:
+            blob = exchange.get_bytes(rotation_key(name))
+        except FileNotFoundError:
+            continue
+        try:
+            statement = parse_rotation(blob)
+            if statement.party != name:
+                raise ProtectionError("rotation statement names another party")
+            if advertised not in (statement.old.fingerprint, statement.new.fingerprint):
+                raise ProtectionError(
+                    "rotation statement not signed by the key the party advertised with"
+                )
+        except ProtectionError as exc:
+            refused[name] = str(exc)
+            logger.warning("key rotation of %s left out of the roster: %s", name, exc)
+            continue
+        if statement.old.fingerprint == advertised and name == ckks_key_party:
+            refused[name] = "deferred: the CKKS key party rotates in a round without CKKS tensors"
+            continue
+        rotations[name] = statement.model_dump(mode="json")
+        if statement.old.fingerprint == advertised:
+            rotated[name] = advertised
+            members[name] = statement.new.fingerprint
+    out: dict[str, Any] = {}
+    if rotations:
+        out |= {"rotations": rotations, "rotated": rotated}
+    if refused:
+        out["refused_rotations"] = refused
+    return out
 
 
 def shares_roster(
@@ -200,6 +255,7 @@ def inputs_roster(
         current=current,
         layout=layout,
         only=doc["shared"],
+        consume=lambda upload: upload.sections.clear(),  # U3 needs who verified, not the words
     )
     rejected += bad
     uploaded = sorted(uploads)

@@ -66,6 +66,28 @@ from cloudfed.protection.secagg import protocol
 logger = logging.getLogger(__name__)
 
 
+class _RunningSum:
+    """The survivors' masked words summed as each upload is opened (mod 2^32, order-free).
+
+    Each upload's masked vector is added and dropped at once: the coordinator holds one sum,
+    never n updates, and only ever masked words.
+    """
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.parties: list[str] = []
+
+    def add(self, upload: Upload) -> None:
+        words = np.frombuffer(upload.sections.pop("secagg"), dtype="<u4")
+        if self.total is None:
+            self.total = words.copy()
+        elif words.shape != self.total.shape:  # open_upload checked the length: a bug if seen
+            raise AggregationError("secagg inputs differ in length; the round is aborted")
+        else:
+            np.add(self.total, words, out=self.total)
+        self.parties.append(upload.party)
+
+
 def _survivors(rosters: Sequence[SecAggRoster]) -> list[str] | None:
     return list(rosters[0].uploaded) if rosters else None
 
@@ -187,6 +209,7 @@ def aggregate_protected(
         doc, setup = read_roster(cfg, exchange, plan, rosters[0], "inputs")
         survivors = list(doc["uploaded"])
         rejected += rosters[0].rejected
+    running = _RunningSum()
     uploads, bad = verified_uploads(
         cfg,
         exchange,
@@ -197,6 +220,7 @@ def aggregate_protected(
         current=current,
         layout=layout,
         only=survivors,
+        consume=running.add if layout.segment("secagg") is not None else None,
     )
     if survivors is not None and sorted(uploads) != sorted(survivors):
         raise AggregationError(
@@ -239,8 +263,11 @@ def aggregate_protected(
                 rejected.append(Rejection(party=p, reason="dropped during unmasking (input kept)"))
         unmask_start = time.perf_counter()
         adverts = {p: verified_advert(cfg, exchange, doc, round, p) for p in doc["shared"]}
-        inputs = {p: np.frombuffer(uploads[p].sections["secagg"], dtype="<u4") for p in parties}
-        words = protocol.unmask(setup, adverts, doc["shared"], inputs, responses)
+        if running.total is None or sorted(running.parties) != parties:
+            raise AggregationError(f"round {round}: the secure sum does not cover {parties}")
+        words = protocol.remove_masks(
+            setup, adverts, doc["shared"], parties, running.total, responses
+        )
         specs = secure_sum.secagg_specs(cfg, len(setup.parties))
         secagg_stats = {
             "advertised": len(setup.parties),

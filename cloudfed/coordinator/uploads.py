@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +165,13 @@ def verified_uploads(
     current: GlobalAdapterRef,
     layout: Layout,
     only: Sequence[str] | None,
+    consume: Callable[[Upload], None] | None = None,
 ) -> tuple[dict[str, Upload], list[Rejection]]:
+    """The round's uploads that verified, by party, and the rejected ones with their reasons.
+
+    `consume` sees each verified upload as soon as it is opened and may take sections out of it
+    (the running secure sum takes the masked words), so a round never holds n full updates.
+    """
     out: dict[str, Upload] = {}
     rejected: list[Rejection] = []
     bases = (
@@ -182,6 +188,8 @@ def verified_uploads(
         kept = opened_dir(cfg, plan.run_id, round) / f"{ref.party}.opened"
         if kept.exists():  # verified earlier this round: the coordinator's own copy
             out[ref.party] = _read_kept(kept, ref.party)
+            if consume is not None:
+                consume(out[ref.party])
             continue
         try:
             out[ref.party] = open_upload(
@@ -196,6 +204,8 @@ def verified_uploads(
                 bases=bases,
             )
             _keep(kept, out[ref.party])
+            if consume is not None:
+                consume(out[ref.party])
         except (ProtectionError, ValueError, FileNotFoundError) as exc:
             reason = "sealed update missing" if isinstance(exc, FileNotFoundError) else str(exc)
             logger.warning("round %d: rejected update from %s: %s", round, ref.party, reason)

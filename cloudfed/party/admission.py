@@ -6,14 +6,13 @@ other than the pinned one, stops the party before it reads a row or publishes an
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cloudfed.artifacts import FederationPlan
 from cloudfed.errors import SimulatedDropout
 from cloudfed.exchange import Exchange, federation_exchange, publish_public_keys
 from cloudfed.federation import FederationConfig, PartyConfig
-from cloudfed.party_policy import LoadedPolicy, check_pin, enforce
-from cloudfed.protection import KeyPairs, load_or_create_keys
+from cloudfed.keys import load_party_keys
+from cloudfed.party_policy import LoadedPolicy, check_pin, enforce, load_policy, policy_path
+from cloudfed.protection import KeyPairs
 from cloudfed.protection.messages import COORDINATOR
 
 
@@ -22,9 +21,16 @@ def simulated_dropout(cfg: FederationConfig, party: str, stage: str, round: int)
         raise SimulatedDropout(f"{party} left round {round} at {stage} (simulate_dropouts)")
 
 
-def party_keys(party: PartyConfig, exchange: Exchange) -> KeyPairs:
-    """Generate the party's identity once, keep it in its storage, publish the public half."""
-    keys = load_or_create_keys("party", party.name, Path(party.storage) / "keys")
+def party_keys(
+    party: PartyConfig, exchange: Exchange, cfg: FederationConfig | None = None
+) -> KeyPairs:
+    """The party's identity from the source its policy names (made once), public half published.
+
+    `cfg` lets the source refuse a key folder inside the coordinator's storage or the exchange;
+    `consent` always passes it.
+    """
+    loaded = load_policy(party.name) if policy_path(party.name).is_file() else None
+    keys = load_party_keys(cfg, party, loaded)
     publish_public_keys(exchange, keys.public_bundle())
     return keys
 
@@ -34,7 +40,7 @@ def consent(
 ) -> tuple[KeyPairs, LoadedPolicy]:
     """The party's keys and policy, once the round is no weaker than the policy and pins hold."""
     loaded = enforce(cfg, party.name)
-    keys = load_or_create_keys("party", party.name, Path(party.storage) / "keys")
+    keys = load_party_keys(cfg, party, loaded)
     check_pin(loaded, "party", party.name, keys.public_bundle().fingerprint)  # before publishing
     publish_public_keys(federation_exchange(cfg), keys.public_bundle())
     if plan is not None:

@@ -26,6 +26,7 @@ from cloudfed.artifacts import (
 from cloudfed.errors import DataError, ProtectionError
 from cloudfed.exchange import Exchange, federation_exchange, update_key
 from cloudfed.federation import FederationConfig, PartyConfig
+from cloudfed.keys import follow_rotations
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.secagg import load_secrets
 from cloudfed.party.stages import check_members, secret_path, write_owner_only
@@ -166,6 +167,7 @@ def _sealed_update(
         if len(rosters) != 1:
             raise ProtectionError("secure aggregation needs the coordinator's shares roster")
         doc, setup = read_roster(cfg, exchange, plan, rosters[0], "shares")
+        keys, loaded = follow_rotations(cfg, party, loaded, keys, doc, exchange)
         check_members(loaded, doc)
         secrets = load_secrets(party, local.round, plan.run_id)
         adverts = {

@@ -23,6 +23,7 @@ from cloudfed.exchange import (
     secagg_share_key,
 )
 from cloudfed.federation import FederationConfig, PartyConfig
+from cloudfed.keys import follow_rotations
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.stages import check_members, secret_path, stage_ref, write_owner_only
 from cloudfed.party_policy import ConsentError, LoadedPolicy, required_survivors
@@ -84,6 +85,7 @@ def share_keys(
     exchange = federation_exchange(cfg)
     keys, loaded = consent(cfg, party, plan)
     doc, setup = read_roster(cfg, exchange, plan, roster, "keys")
+    keys, loaded = follow_rotations(cfg, party, loaded, keys, doc, exchange)
     check_members(loaded, doc)
     if party.name not in setup.parties:
         raise ProtectionError(f"{party.name} is not in this round's secure-aggregation roster")
@@ -127,6 +129,7 @@ def reveal_shares(
     exchange = federation_exchange(cfg)
     keys, loaded = consent(cfg, party, plan)
     doc, setup = read_roster(cfg, exchange, plan, roster, "inputs")
+    keys, loaded = follow_rotations(cfg, party, loaded, keys, doc, exchange)
     check_members(loaded, doc)
     # Survivors checked against this party's own minimum (distributed DP: min_contributors),
     # also per SecAgg+ component: the roster's min_survivors is the coordinator's word only.

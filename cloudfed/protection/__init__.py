@@ -8,9 +8,11 @@ from cloudfed.errors import ProtectionError
 from cloudfed.protection.envelope import (
     SealContext,
     open_sealed,
+    open_sealed_into,
     open_sealed_with_metadata,
     read_public_header,
     seal,
+    sealed_length,
 )
 from cloudfed.protection.keys import KeyPairs, PublicKeyBundle, load_or_create_keys
 
@@ -21,7 +23,9 @@ __all__ = [
     "SealContext",
     "load_or_create_keys",
     "open_sealed",
+    "open_sealed_into",
     "open_sealed_with_metadata",
     "read_public_header",
     "seal",
+    "sealed_length",
 ]

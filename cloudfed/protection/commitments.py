@@ -22,7 +22,10 @@ from cloudfed.protection.keys import KeyPairs
 _DOMAIN = b"cloudfed/party-commitment/v1"
 
 
-def _key(keys: KeyPairs) -> bytes:
+def commitment_key(keys: KeyPairs) -> bytes:
+    """The party's commitment key: carried over by a rotation, else derived from its signing key."""
+    if keys.commitment is not None:
+        return keys.commitment
     raw = keys.ed25519.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
@@ -31,7 +34,9 @@ def _key(keys: KeyPairs) -> bytes:
 
 def keyed_digest(keys: KeyPairs, sha256_hex: str, purpose: str) -> str:
     """HMAC-SHA256 of a file's SHA-256 under the party's commitment key, per `purpose`."""
-    return hmac.new(_key(keys), f"{purpose}:{sha256_hex}".encode(), hashlib.sha256).hexdigest()
+    return hmac.new(
+        commitment_key(keys), f"{purpose}:{sha256_hex}".encode(), hashlib.sha256
+    ).hexdigest()
 
 
 def matches(keys: KeyPairs, data: bytes, purpose: str, digest: str) -> bool:
@@ -47,5 +52,7 @@ def keyed_seed(keys: KeyPairs, purpose: str, context: str) -> int:
     retried from the same global adapter rounds its update exactly as the first attempt did, so
     two attempts never give two independent roundings of one value (whose average is finer).
     """
-    mac = hmac.new(_key(keys), f"seed:{purpose}:{context}".encode(), hashlib.sha256).digest()
+    mac = hmac.new(
+        commitment_key(keys), f"seed:{purpose}:{context}".encode(), hashlib.sha256
+    ).digest()
     return int.from_bytes(mac[:16], "big")

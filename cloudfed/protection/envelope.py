@@ -237,10 +237,10 @@ def read_public_header(blob: bytes) -> dict[str, Any]:
     return header.model_dump()
 
 
-def open_sealed_with_metadata(
-    blob: bytes, *, context: SealContext, recipient: KeyPairs, sender: PublicKeyBundle
-) -> Opened:
-    """Verify signature, then context, then recipient, then decrypt; metadata is authenticated."""
+def _verified(
+    blob: bytes, context: SealContext, recipient: KeyPairs, sender: PublicKeyBundle
+) -> tuple[_Parsed, bytes]:
+    """Signature, then context, then recipient; the parsed message and its content key."""
     try:
         parsed = _parse(blob)
     except (ValueError, TypeError, RecursionError, ValidationError) as exc:
@@ -268,15 +268,67 @@ def open_sealed_with_metadata(
             salt=_unb64(header.salt, kdf.SALT_SIZE),
             info=_kdf_info(binding, epk, recipient.public_bundle().x25519_raw()),
         )
+    except ValueError as exc:
+        raise _reject(context, "decryption failed") from exc
+    return parsed, key
+
+
+def open_sealed_with_metadata(
+    blob: bytes, *, context: SealContext, recipient: KeyPairs, sender: PublicKeyBundle
+) -> Opened:
+    """Verify signature, then context, then recipient, then decrypt; metadata is authenticated."""
+    parsed, key = _verified(blob, context, recipient, sender)
+    try:
         plain = aead.decrypt_chunks(
             key,
-            _unb64(header.nonce_prefix, aead.NONCE_PREFIX_SIZE),
+            _unb64(parsed.header.nonce_prefix, aead.NONCE_PREFIX_SIZE),
             parsed.header_digest,
             parsed.chunks,
         )
     except (ValueError, InvalidTag) as exc:
         raise _reject(context, "decryption failed") from exc
-    return Opened(b"".join(plain), dict(header.metadata))
+    return Opened(b"".join(plain), dict(parsed.header.metadata))
+
+
+def sealed_length(blob: bytes) -> int:
+    """The plaintext length a sealed message declares (unverified: to size a buffer only)."""
+    try:
+        header, _ = _split_header(blob)
+    except (ValueError, TypeError, RecursionError, ValidationError) as exc:
+        raise ProtectionError("sealed message rejected: malformed") from exc
+    return header.length
+
+
+def open_sealed_into(
+    blob: bytes,
+    out: memoryview | bytearray,
+    *,
+    context: SealContext,
+    recipient: KeyPairs,
+    sender: PublicKeyBundle,
+) -> dict[str, JsonValue]:
+    """Like `open_sealed_with_metadata`, but decrypts straight into `out`; returns the metadata.
+
+    For the coordinator's running sum: one reusable buffer per upload instead of a list of
+    chunks and their joined copy. `out` must be exactly the declared length (`sealed_length`);
+    its contents are the plaintext only if this returns, and garbage if it raises.
+    """
+    parsed, key = _verified(blob, context, recipient, sender)
+    view = memoryview(out).cast("B")
+    if view.readonly or len(view) != parsed.header.length:
+        raise ValueError(f"out must be a writable buffer of {parsed.header.length} bytes")
+    try:
+        aead.decrypt_chunks_into(
+            key,
+            _unb64(parsed.header.nonce_prefix, aead.NONCE_PREFIX_SIZE),
+            parsed.header_digest,
+            parsed.chunks,
+            view,
+            parsed.header.chunk_size,
+        )
+    except (ValueError, InvalidTag) as exc:
+        raise _reject(context, "decryption failed") from exc
+    return dict(parsed.header.metadata)
 
 
 def open_sealed(

@@ -86,6 +86,10 @@ class KeyPairs:
     name: str
     x25519: X25519PrivateKey = field(repr=False)
     ed25519: Ed25519PrivateKey = field(repr=False)
+    # The key of the party's keyed digests and seeds (`commitments`). None: derived from the
+    # signing key, as for every identity that never rotated; a rotated identity carries the
+    # derived key over, so its digests and retry coins stay the same under the new key pair.
+    commitment: bytes | None = field(default=None, repr=False)
 
     def public_bundle(self) -> PublicKeyBundle:
         x_raw, ed_raw = _raw(self.x25519.public_key()), _raw(self.ed25519.public_key())
@@ -96,6 +100,59 @@ class KeyPairs:
             ed25519_b64=base64.b64encode(ed_raw).decode("ascii"),
             fingerprint=fingerprint(x_raw, ed_raw),
         )
+
+    def material(self) -> dict[str, str]:
+        """The private keys as JSON-able base64 (raw bytes), for an environment or secret store."""
+        doc = {
+            "x25519": base64.b64encode(_private_raw(self.x25519)).decode("ascii"),
+            "ed25519": base64.b64encode(_private_raw(self.ed25519)).decode("ascii"),
+        }
+        if self.commitment is not None:
+            doc["commitment"] = base64.b64encode(self.commitment).decode("ascii")
+        return doc
+
+
+def _private_raw(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def generate_keys(role: Role, name: str, *, commitment: bytes | None = None) -> KeyPairs:
+    _check_owner(role, name)
+    return KeyPairs(
+        role=role,
+        name=name,
+        x25519=X25519PrivateKey.generate(),
+        ed25519=Ed25519PrivateKey.generate(),
+        commitment=commitment,
+    )
+
+
+def keys_from_material(role: Role, name: str, doc: object, *, where: str) -> KeyPairs:
+    """Parse `KeyPairs.material()` output; `where` names the variable or secret in errors."""
+    fix = (
+        f'{where}: expected a JSON object {{"x25519": <base64 of 32 bytes>, "ed25519": '
+        "<base64 of 32 bytes>} as `python -m cloudfed.keys new-material` prints"
+    )
+    if not isinstance(doc, dict) or not {"x25519", "ed25519"} <= set(doc):
+        raise ConfigError(fix)
+    try:
+        raw = {k: base64.b64decode(doc[k], validate=True) for k in doc if k in _MATERIAL}
+    except (binascii.Error, ValueError, TypeError):
+        raise ConfigError(f"{fix} (a value is not base64)") from None
+    if set(doc) - set(_MATERIAL) or any(len(v) != 32 for v in raw.values()):
+        raise ConfigError(f"{fix} (unknown field or a key not 32 bytes)")
+    return KeyPairs(
+        role=role,
+        name=name,
+        x25519=X25519PrivateKey.from_private_bytes(raw["x25519"]),
+        ed25519=Ed25519PrivateKey.from_private_bytes(raw["ed25519"]),
+        commitment=raw.get("commitment"),
+    )
+
+
+_MATERIAL = ("x25519", "ed25519", "commitment")
 
 
 def key_paths(role: Role, name: str, key_dir: Path) -> tuple[Path, Path]:
@@ -133,31 +190,56 @@ def _check_owner(role: str, name: str) -> None:
         raise ConfigError(f"key owner name '{name}' must match {PARTY_NAME_PATTERN}")
 
 
-def _write_private(path: Path, key: X25519PrivateKey | Ed25519PrivateKey) -> None:
-    """Owner-only from the first byte: the file is created 0600, never chmod-ed afterwards."""
-    pem = key.private_bytes(
+def private_pem(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def private_from_pem(data: bytes, kind: type[_PrivateKey], where: str) -> _PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except ValueError:
+        raise ConfigError(f"{where}: not a PEM private key") from None
+    if not isinstance(key, kind):
+        raise ConfigError(f"{where}: expected a {kind.__name__[:-10]} private key")
+    return key
+
+
+def write_owner_only(path: Path, data: bytes) -> None:
+    """Owner-only from the first byte: the file is created 0600, never chmod-ed afterwards."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, pem)
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
 
 
-def _read_private(path: Path, kind: type[_PrivateKey]) -> _PrivateKey:
+def _write_private(path: Path, key: X25519PrivateKey | Ed25519PrivateKey) -> None:
+    write_owner_only(path, private_pem(key))
+
+
+def check_owner_only(path: Path) -> None:
+    """Refuse a private key file, or the folder holding it, that others may read or enter."""
+    folder_mode = stat.S_IMODE(path.parent.stat().st_mode)
+    if folder_mode & 0o077:
+        raise ConfigError(
+            f"{path.parent}: the folder holding private keys is open to group or others (mode "
+            f"{folder_mode:o}); fix: chmod 700 {path.parent}"
+        )
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise ConfigError(
-            f"{path}: private key is readable by others (mode {mode:o}); chmod 600 it"
+            f"{path}: private key is readable by others (mode {mode:o}); fix: chmod 600 {path}"
         )
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, kind):
-        raise ConfigError(f"{path}: expected a {kind.__name__[:-10]} private key")
-    return key
+
+
+def _read_private(path: Path, kind: type[_PrivateKey]) -> _PrivateKey:
+    check_owner_only(path)
+    return private_from_pem(path.read_bytes(), kind, str(path))

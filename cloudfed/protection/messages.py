@@ -22,6 +22,7 @@ from cloudfed.protection import SealContext
 from cloudfed.protection.envelope import open_public
 from cloudfed.protection.keys import PublicKeyBundle
 from cloudfed.protection.policy import Layout, route
+from cloudfed.protection.rotation import RotationStatement, parse_rotation
 from cloudfed.protection.secagg import protocol
 from cloudfed.training.adapter_io import state_from_bytes
 
@@ -90,8 +91,30 @@ def read_roster(
     return doc, setup
 
 
+def roster_rotation(doc: dict[str, Any], name: str) -> RotationStatement | None:
+    """A member's key rotation the roster carries, verified (its pin is the reader's check)."""
+    raw = doc.get("rotations", {}).get(name)
+    return None if raw is None else parse_rotation(raw)
+
+
 def peer_bundle(exchange: Exchange, doc: dict[str, Any], name: str) -> PublicKeyBundle:
-    return fetch_public_keys(exchange, "party", name, fingerprint=doc["members"][name])
+    """The member's key the roster names; a rotating member's new bundle rides in the roster."""
+    want = doc["members"][name]
+    rotation = roster_rotation(doc, name)
+    if rotation is not None and rotation.new.fingerprint == want:
+        return rotation.new
+    return fetch_public_keys(exchange, "party", name, fingerprint=want)
+
+
+def advert_sender(exchange: Exchange, doc: dict[str, Any], name: str) -> PublicKeyBundle:
+    """Who signed a member's advertisement: its old key if it rotates in this very round."""
+    old = doc.get("rotated", {}).get(name)
+    if old is None:
+        return peer_bundle(exchange, doc, name)
+    rotation = roster_rotation(doc, name)
+    if rotation is None or rotation.old.fingerprint != old:
+        raise ProtectionError(f"secagg roster rejected: {name}'s rotation does not match")
+    return rotation.old
 
 
 def verified_advert(
@@ -102,7 +125,7 @@ def verified_advert(
     if sha256(blob) != doc["adverts"][name]:
         raise ProtectionError(f"secagg advertisement of {name} differs from the roster's")
     context = stage_context(cfg, round, name, ADVERT, run_id=doc["setup"]["run_id"])
-    opened = open_public(blob, context=context, sender=peer_bundle(exchange, doc, name))
+    opened = open_public(blob, context=context, sender=advert_sender(exchange, doc, name))
     return protocol.Advertisement.model_validate_json(opened.payload)
 
 

@@ -64,3 +64,25 @@ def decrypt_chunks(
         aead.decrypt(chunk_nonce(prefix, i), ct, chunk_aad(header_digest, i, last=i == last))
         for i, ct in enumerate(ciphertexts)
     ]
+
+
+def decrypt_chunks_into(
+    key: bytes,
+    prefix: bytes,
+    header_digest: bytes,
+    ciphertexts: Sequence[bytes | memoryview],
+    out: memoryview,
+    chunk_size: int,
+) -> None:
+    """As `decrypt_chunks`, each chunk written at its offset in `out` (no copies, no join)."""
+    if len(key) != KEY_SIZE or not 1 <= len(ciphertexts) <= MAX_CHUNKS:
+        raise ValueError("invalid key or chunk count")
+    aead = AESGCM(key)
+    last = len(ciphertexts) - 1
+    for i, ct in enumerate(ciphertexts):
+        start = i * chunk_size
+        size = len(ct) - TAG_SIZE
+        if size < 0 or start + size > len(out):
+            raise ValueError("chunk outside the output buffer")
+        aad = chunk_aad(header_digest, i, last=i == last)
+        aead.decrypt_into(chunk_nonce(prefix, i), ct, aad, out[start : start + size])

@@ -63,7 +63,7 @@ def apply_mask(acc: np.ndarray, key: bytes, *, subtract: bool = False) -> None:
     if acc.dtype != WORD or acc.ndim != 1:
         raise TypeError("masks apply to 1-D little-endian uint32 vectors")
     encryptor = Cipher(algorithms.AES(key), modes.GCM(_ZERO_NONCE)).encryptor()
-    buf = bytearray(CHUNK_WORDS * 4 + 15)
+    buf = bytearray(min(CHUNK_WORDS, acc.shape[0]) * 4 + 15)  # a small vector, a small buffer
     n = acc.shape[0]
     for start in range(0, n, CHUNK_WORDS):
         count = min(CHUNK_WORDS, n - start)

@@ -318,13 +318,12 @@ def reveal(
 def _rebuild(
     setup: RoundSetup, owner: str, kind: str, responses: Mapping[str, Mapping[str, Reveal]]
 ) -> bytes:
-    holders = setup.holders(owner)
     shares = []
-    for holder, revealed in responses.items():
-        r = revealed.get(owner)
-        if r is None or holder not in holders:
+    for index, holder in enumerate(setup.holders(owner), start=1):  # k+1 holders, not all n
+        r = responses.get(holder, {}).get(owner)
+        if r is None:
             continue
-        if r.kind != kind or r.index != holders.index(holder) + 1:
+        if r.kind != kind or r.index != index:
             raise ProtectionError(f"secagg reveal from {holder} for {owner} has the wrong kind")
         shares.append((r.index, _unb64(r.share, shamir.SHARE_SIZE)))
     if len({i for i, _ in shares}) < setup.threshold:
