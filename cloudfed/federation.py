@@ -23,13 +23,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from cloudfed.aggregation.settings import AggregationSettings
 from cloudfed.errors import ConfigError
+from cloudfed.locations import AnyPath, location
 from cloudfed.privacy.settings import PrivacySettings
 
 PARTY_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -38,25 +38,25 @@ BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 _SECRET_OPTION = re.compile(r"secret|password|token|credential|connection_string|(^|_)(key|sas)$")
 
 
-def _refuse_credentials(options: dict[str, Any], field: str) -> dict[str, Any]:
-    """Storage options that look like credentials are refused, at any depth."""
-
-    def names(doc: Any) -> list[str]:
-        if not isinstance(doc, dict):
-            return []
-        return [str(k) for k in doc] + [n for v in doc.values() for n in names(v)]
-
-    secret = sorted({n for n in names(options) if _SECRET_OPTION.search(n.lower())})
-    if secret:
-        raise ValueError(
-            f"{field} {secret} look like credentials; the run configuration is seen "
-            "by the launcher and logged"
-        )
-    return options
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _option_names(doc: Any) -> list[str]:
+    if not isinstance(doc, dict):
+        return []
+    return [str(k) for k in doc] + [n for v in doc.values() for n in _option_names(v)]
+
+
+def no_credentials(options: dict[str, Any] | None, field: str) -> dict[str, Any] | None:
+    """Fsspec options of a location may say where (endpoint, region), never who (credentials)."""
+    secret = sorted({n for n in _option_names(options) if _SECRET_OPTION.search(n.lower())})
+    if secret:
+        raise ValueError(
+            f"{field} {secret} look like credentials; the run configuration is seen by the "
+            "launcher and logged. Fix: give each runtime its credentials (role, environment)"
+        )
+    return options
 
 
 class RawSplits(_Strict):
@@ -73,10 +73,12 @@ class PartyConfig(_Strict):
     cloud: str = "local"
     raw: RawSplits
     mapping: str
+    # A folder, file:// or fsspec URL (s3://, gs://, abfs://) in the party's own cloud.
     storage: str
-    # fsspec storage options of `storage` and the raw sources (e.g. {endpoint_url: ...}); never
-    # credentials: the party's runtime (role, workload identity) supplies those.
+    # fsspec options of `storage` (endpoint_url, region...); credentials come from the runtime.
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # fsspec options of raw.train / raw.eval when they are URLs; null: storage_options.
+    raw_options: dict[str, Any] | None = None
     # Training, harmonisation and evaluation run here (e.g. a GPU SageMaker/Vertex/AzureML job).
     step_operator: str | None = None
     # The party's protocol stages (share_keys, upload, unmask, ckks decrypt, metrics): short and
@@ -94,10 +96,14 @@ class PartyConfig(_Strict):
     # buffered rounds, cloudfed.aggregation.fedbuff); never measured, so never data-dependent.
     compute_scale: float = Field(1.0, gt=0.0, le=10_000.0)
 
-    @field_validator("storage_options")
+    @field_validator("storage_options", "raw_options")
     @classmethod
-    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
-        return _refuse_credentials(options, "storage_options")
+    def _no_credentials(cls, options: dict[str, Any] | None, info: Any) -> dict[str, Any] | None:
+        return no_credentials(options, info.field_name)
+
+    @property
+    def raw_storage_options(self) -> dict[str, Any]:
+        return self.storage_options if self.raw_options is None else self.raw_options
 
 
 class LoraSettings(_Strict):
@@ -176,7 +182,7 @@ class FederationConfig(_Strict):
     # an S3-compatible store; credentials come from the runtime (role, env), never from here.
     exchange_options: dict[str, Any] = Field(default_factory=dict)
     coordinator_storage: str = ".cloudfed/coordinator"
-    # fsspec storage options of coordinator_storage; never credentials (as exchange_options).
+    # fsspec options of coordinator_storage when it is a URL; never credentials.
     coordinator_storage_options: dict[str, Any] = Field(default_factory=dict)
     contracts_dir: str = "data_contracts"
     # The federation's total: a run continues after the last published round and stops here.
@@ -200,8 +206,8 @@ class FederationConfig(_Strict):
 
     @field_validator("exchange_options", "coordinator_storage_options")
     @classmethod
-    def _no_credentials(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        return _refuse_credentials(options, str(info.field_name))
+    def _no_credentials(cls, options: dict[str, Any], info: Any) -> dict[str, Any]:
+        return no_credentials(options, info.field_name) or {}
 
     @model_validator(mode="after")
     def _check_parties(self) -> FederationConfig:
@@ -319,9 +325,14 @@ class FederationConfig(_Strict):
         return [p for p in self.parties if wanted is None or p.name in wanted]
 
     @property
-    def coordinator_dir(self) -> Path:
+    def coordinator_root(self) -> AnyPath:
+        """The coordinator's storage (a folder or an object-store prefix); its keys live here."""
+        return location(self.coordinator_storage, self.coordinator_storage_options)
+
+    @property
+    def coordinator_dir(self) -> AnyPath:
         """The coordinator's files of this federation (ledger, last run); keys are shared."""
-        return Path(self.coordinator_storage) / self.federation_id
+        return self.coordinator_root / self.federation_id
 
     def party(self, name: str) -> PartyConfig:
         for p in self.parties:

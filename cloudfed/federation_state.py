@@ -29,6 +29,7 @@ from cloudfed.artifacts import GlobalAdapterRef
 from cloudfed.errors import ConfigError, ProtectionError
 from cloudfed.exchange import Exchange
 from cloudfed.federation import FederationConfig
+from cloudfed.locations import AnyPath, replace_bytes
 from cloudfed.protection.keys import KeyPairs
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class History:
         exchange: Exchange,
         keys: KeyPairs,
         federation_id: str,
-        head_file: Path | None = None,
+        head_file: AnyPath | None = None,
     ) -> None:
         """`head_file`, in the coordinator's own storage, is the newest record it has seen.
 
@@ -153,11 +154,8 @@ class History:
         seen = self._seen()
         if seen is not None and (seen[0], seen[1]) > (generation, round):
             return
-        self.head_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.head_file.with_name(f".{self.head_file.name}.tmp")
         doc = {"generation": generation, "round": round, "sha256": digest}
-        tmp.write_text(json.dumps(doc), encoding="utf-8")
-        tmp.replace(self.head_file)
+        replace_bytes(self.head_file, json.dumps(doc).encode())  # atomic either way
 
     def _check_against_seen(self, generation: int, digests: dict[int, str]) -> None:
         seen = self._seen()
@@ -412,8 +410,6 @@ def _start_over_config(config: str, out: str) -> None:
 
     One run starts over; later runs with the original config continue the new generation.
     """
-    from pathlib import Path
-
     import yaml
 
     doc = yaml.safe_load(Path(config).read_text(encoding="utf-8"))

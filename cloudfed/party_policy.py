@@ -31,11 +31,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloudfed.aggregation.weights import weight_floor
 from cloudfed.errors import CloudfedError, ConfigError
-from cloudfed.federation import PARTY_NAME_PATTERN, FederationConfig, load_run_config
+from cloudfed.federation import (
+    PARTY_NAME_PATTERN,
+    FederationConfig,
+    load_run_config,
+    no_credentials,
+)
+from cloudfed.locations import AnyPath, location
 from cloudfed.privacy.settings import DEFAULT_DP_SGD_MAX_EPSILON, PrivacyMode
 
 if TYPE_CHECKING:
@@ -143,8 +149,15 @@ class PartyPolicy(_Strict):
     pins: Pins
     # Where its private keys live (see KeysPolicy); today's storage folder by default.
     keys: KeysPolicy = KeysPolicy()
-    # Party-side state; relative paths are relative to the policy file's folder.
+    # Party-side state; relative paths are relative to the policy file's folder. A folder or an
+    # object-store URL (s3://, gs://, abfs://) with its fsspec `state_options` (never credentials).
     state_dir: str | None = None
+    state_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("state_options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return no_credentials(options, "state_options") or {}
 
 
 @dataclass(frozen=True)
@@ -153,12 +166,12 @@ class LoadedPolicy:
     path: Path
 
     @property
-    def state_dir(self) -> Path:
+    def state_dir(self) -> AnyPath:
         given = self.policy.state_dir
         if given is None:
             return self.path.parent / f"{self.policy.party}-state"
-        path = Path(given)
-        return path if path.is_absolute() else self.path.parent / path
+        path = location(given, self.policy.state_options)
+        return path if not isinstance(path, Path) or path.is_absolute() else self.path.parent / path
 
     @property
     def rotations_file(self) -> Path:
@@ -489,11 +502,11 @@ def _dp_sgd_floor(cfg: FederationConfig, dp) -> DpSgdFloor:
 def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
     """Keys for the coordinator and every party (made once), and one policy per party."""
     from cloudfed.keys import load_party_keys
+    from cloudfed.locations import on_disk
     from cloudfed.protection.keys import load_or_create_keys
 
-    coordinator = load_or_create_keys(
-        "coordinator", "coordinator", Path(cfg.coordinator_storage) / "keys"
-    )
+    with on_disk(cfg.coordinator_root / "keys") as key_dir:
+        coordinator = load_or_create_keys("coordinator", "coordinator", key_dir)
     prints = {"coordinator": coordinator.public_bundle().fingerprint}
     existing: dict[str, LoadedPolicy] = {}
     for party in cfg.active_parties:

@@ -85,6 +85,7 @@ def check_party_source(
     """
     from cloudfed.data.contracts import suite_path
     from cloudfed.data.mapping import check_source_files, check_source_rows
+    from cloudfed.locations import raw_on_disk
 
     suite = suite_path(root / cfg.contracts_dir)
     if not suite.is_file():
@@ -92,18 +93,19 @@ def check_party_source(
             f"contracts_dir: {suite} not found. Fix: point contracts_dir at the folder holding "
             "canonical/ (data_contracts in this repository)."
         )
-    mapping = check_source_files(party, root)
-    try:
-        check_source_rows(party, root, mapping)
-    except CloudfedError:
-        if not private:
-            raise
-        raise ConfigError(
-            f"party {party.name!r}: the first rows of its raw files ({party.raw.train}, "
-            f"{party.raw.eval}) do not fit its source mapping {party.mapping}; under DP the "
-            "details stay in the party's cloud. Fix: run `python -m cloudfed.preflight` on the "
-            "run configuration there and correct the mapping or the export."
-        ) from None
+    with raw_on_disk(party) as local_party:  # raw URLs: private temp copies
+        mapping = check_source_files(local_party, root)
+        try:
+            check_source_rows(local_party, root, mapping)
+        except CloudfedError:
+            if not private:
+                raise
+            raise ConfigError(
+                f"party {party.name!r}: the first rows of its raw files ({party.raw.train}, "
+                f"{party.raw.eval}) do not fit its source mapping {party.mapping}; under DP the "
+                "details stay in the party's cloud. Fix: run `python -m cloudfed.preflight` on the "
+                "run configuration there and correct the mapping or the export."
+            ) from None
 
 
 def check(cfg: FederationConfig, root: Path, source: str = "the run configuration") -> list[str]:

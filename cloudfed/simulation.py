@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -42,6 +41,7 @@ from cloudfed.data.ref import DatasetRef
 from cloudfed.errors import CloudfedError
 from cloudfed.exchange import Exchange, federation_exchange
 from cloudfed.federation import FederationConfig
+from cloudfed.locations import party_root, uri_path
 from cloudfed.protection import messages
 from cloudfed.protection.stages import Stage, round_stages
 
@@ -295,16 +295,16 @@ def own_evals(
         if r.metrics is not None:
             out.append(r.metrics)
             continue
-        own = Path(cfg.party(r.party).storage) / "evals" / (model.run_id or "no-run")
+        own = party_root(cfg.party(r.party)) / "evals" / (model.run_id or "no-run")
         path = own / f"r{model.round:04d}.json"  # where `party.evaluate_round` keeps it
         if path.is_file():
             out.append(PartyEval.model_validate_json(path.read_text(encoding="utf-8")))
     return out
 
 
-def training_record(ref: LocalUpdateRef) -> party.LocalUpdateRecord:
+def training_record(cfg: FederationConfig, ref: LocalUpdateRef) -> party.LocalUpdateRecord:
     """The party's own record of an update (its training metrics, released or not)."""
-    path = Path(ref.uri).with_suffix(".json")
+    path = uri_path(ref.uri, cfg.party(ref.party).storage_options).with_suffix(".json")
     return party.LocalUpdateRecord.model_validate_json(path.read_text(encoding="utf-8"))
 
 
@@ -334,9 +334,9 @@ def _epsilon(cfg: FederationConfig, s: RoundState) -> float | None:
     if s.report is not None and s.report.privacy:
         return float(s.report.privacy["epsilon"])
     spent = [
-        float(training_record(ref).train["dp_sgd_epsilon"])
+        float(training_record(cfg, ref).train["dp_sgd_epsilon"])
         for ref in s.local.values()
-        if "dp_sgd_epsilon" in training_record(ref).train
+        if "dp_sgd_epsilon" in training_record(cfg, ref).train
     ]
     return max(spent) if spent else None
 
@@ -347,7 +347,7 @@ def summarise(
     """A round's numbers: the coordinator's view of the loss, each party's own view besides."""
     model = s.new_ref or s.current
     overall = coordinator.round_eval(cfg, s.plan, model, s.evals).loss
-    records = {p: training_record(ref) for p, ref in s.local.items()}
+    records = {p: training_record(cfg, ref) for p, ref in s.local.items()}
     accepted = tuple(s.report.accepted) if s.report else ()
     return RoundResult(
         round=s.round,

@@ -35,6 +35,7 @@ from cloudfed.coordinator import RoundEval
 from cloudfed.data.ref import DatasetRef
 from cloudfed.errors import ProtectionError
 from cloudfed.federation import FederationConfig
+from cloudfed.locations import on_disk
 
 # MLflow's experiment tag for the kind of work an experiment holds; the UI of MLflow versions
 # that read it opens a "custom model development" experiment on its runs and charts, not traces.
@@ -562,17 +563,18 @@ def publish_run_report(
         if stale.is_file():
             stale.unlink()
     table = pd.DataFrame(rows)
-    table.to_csv(out / "round_table.csv", index=False)
-    (out / "summary.txt").write_text(text, encoding="utf-8")
-    (out / "loss_per_round.png").write_bytes(loss_plot_png(rows))
-    names = ["round_table.csv", "summary.txt", "loss_per_round.png"]
-    if (privacy_png := privacy_plot_png(rows)) is not None:
-        (out / "privacy_per_round.png").write_bytes(privacy_png)
-        names.append("privacy_per_round.png")
-    (out / "adapter.safetensors").write_bytes(adapter)
-    for name in names:
-        mlflow.log_artifact(str(out / name), artifact_path="report")
-    mlflow.log_artifact(str(out / "adapter.safetensors"), artifact_path="final_adapter")
+    with on_disk(out, download=False) as folder:  # MLflow logs files; a bucket gets them after
+        table.to_csv(folder / "round_table.csv", index=False)
+        (folder / "summary.txt").write_text(text, encoding="utf-8")
+        (folder / "loss_per_round.png").write_bytes(loss_plot_png(rows))
+        names = ["round_table.csv", "summary.txt", "loss_per_round.png"]
+        if (privacy_png := privacy_plot_png(rows)) is not None:
+            (folder / "privacy_per_round.png").write_bytes(privacy_png)
+            names.append("privacy_per_round.png")
+        (folder / "adapter.safetensors").write_bytes(adapter)
+        for name in names:
+            mlflow.log_artifact(str(folder / name), artifact_path="report")
+        mlflow.log_artifact(str(folder / "adapter.safetensors"), artifact_path="final_adapter")
     mlflow.log_table(table, artifact_file="report/round_table.json")
     mlflow.set_tags(
         {

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,17 +171,33 @@ def run_until_killed(
     return killed, log.read_text()
 
 
-def scan_for(roots: list[Path], needles: list[bytes]) -> dict[str, list[str]]:
-    """Every file under `roots` that contains any needle, by needle."""
+def stored_files(
+    root: Path | str, options: dict[str, Any] | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """Every file under a folder or an object-store prefix (fsspec URL), hidden names included."""
+    if isinstance(root, Path) or "://" not in root:
+        for path in Path(root).rglob("*"):
+            if path.is_file():
+                yield str(path), path.read_bytes()
+        return
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(root, **(options or {}))
+    fs.invalidate_cache()  # another process may have written since this one last listed
+    for path in fs.find(base):
+        yield fs.unstrip_protocol(path), fs.cat_file(path)
+
+
+def scan_for(
+    roots: Sequence[Path | str], needles: list[bytes], options: dict[str, Any] | None = None
+) -> dict[str, list[str]]:
+    """Every file under `roots` (folders, or bucket URLs read with `options`) holding a needle."""
     hits: dict[str, list[str]] = {}
     for root in roots:
-        for path in root.rglob("*"):
-            if not path.is_file():
-                continue
-            data = path.read_bytes()
+        for name, data in stored_files(root, options):
             for needle in needles:
                 if needle in data:
-                    hits.setdefault(needle.decode(errors="replace"), []).append(str(path))
+                    hits.setdefault(needle.decode(errors="replace"), []).append(name)
     return hits
 
 

@@ -19,6 +19,7 @@ from cloudfed.artifacts import FederationPlan, GlobalAdapterRef
 from cloudfed.errors import ProtectionError
 from cloudfed.exchange import Exchange, federation_exchange, global_adapter_key, publish_public_keys
 from cloudfed.federation import FederationConfig
+from cloudfed.locations import on_disk
 from cloudfed.protection import KeyPairs, load_or_create_keys
 from cloudfed.protection.messages import COORDINATOR
 from cloudfed.protection.policy import route
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 def coordinator_keys(cfg: FederationConfig, exchange: Exchange) -> KeyPairs:
-    keys = load_or_create_keys("coordinator", COORDINATOR, Path(cfg.coordinator_storage) / "keys")
+    with on_disk(cfg.coordinator_root / "keys") as key_dir:
+        keys = load_or_create_keys("coordinator", COORDINATOR, key_dir)
     publish_public_keys(exchange, keys.public_bundle())
     return keys
 

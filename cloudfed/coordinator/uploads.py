@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +29,7 @@ from cloudfed.artifacts import FederationPlan, GlobalAdapterRef, Rejection, Seal
 from cloudfed.errors import ProtectionError
 from cloudfed.exchange import Exchange, fetch_public_keys, update_key
 from cloudfed.federation import FederationConfig
+from cloudfed.locations import AnyPath, remove_tree, write_private
 from cloudfed.privacy.party_level import calibration
 from cloudfed.protection import open_sealed_with_metadata
 from cloudfed.protection import payload as container
@@ -213,26 +211,21 @@ def verified_uploads(
     return out, rejected
 
 
-def opened_dir(cfg: FederationConfig, run_id: str, round: int) -> Path:
+def opened_dir(cfg: FederationConfig, run_id: str, round: int) -> AnyPath:
     return cfg.coordinator_dir / "opened" / run_id / f"r{round:04d}"
 
 
 def forget_opened(cfg: FederationConfig, run_id: str, round: int) -> None:
     """Once the round's aggregate is published, its opened uploads are of no further use."""
-    shutil.rmtree(opened_dir(cfg, run_id, round), ignore_errors=True)
+    remove_tree(opened_dir(cfg, run_id, round))
 
 
-def _keep(path: Path, upload: Upload) -> None:
+def _keep(path: AnyPath, upload: Upload) -> None:
     meta = json.dumps({"clipped": upload.clipped, "bytes": upload.bytes}).encode()
-    blob = container.pack({**upload.sections, "meta": meta})
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-        fh.write(blob)
-    os.replace(tmp, path)
+    write_private(path, container.pack({**upload.sections, "meta": meta}))
 
 
-def _read_kept(path: Path, party: str) -> Upload:
+def _read_kept(path: AnyPath, party: str) -> Upload:
     sections = container.unpack(path.read_bytes())
     meta = json.loads(sections.pop("meta"))
     return Upload(party, sections, int(meta["clipped"]), int(meta["bytes"]))

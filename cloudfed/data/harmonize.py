@@ -54,6 +54,7 @@ from cloudfed.data.scrub import clean_column
 from cloudfed.data.tokens import TokenCounter, count_utf8_bytes
 from cloudfed.errors import DataError
 from cloudfed.federation import PartyConfig
+from cloudfed.locations import is_remote, join, on_disk, party_root, raw_on_disk
 
 log = logging.getLogger(__name__)
 
@@ -430,8 +431,46 @@ def harmonize_party(
     `private` (any DP on): logs and errors carry no count or observed value, because the step's
     logs and a failure's message reach the coordinator's side; the details stay in the party's
     Data Docs and quarantine.
+
+    A party's storage or raw exports may be object-store URLs: the splits, quarantine and Data
+    Docs are then written in a private temp folder and uploaded to the party's own storage
+    (also when the contract blocks), and raw URLs are read from private temp copies.
     """
     root = Path(root)
+    with (
+        raw_on_disk(party) as local_party,
+        on_disk(party_root(party, root), download=False) as storage,
+    ):
+        return _harmonize(
+            local_party,
+            storage=storage,
+            root=root,
+            contracts_dir=contracts_dir,
+            count_tokens=count_tokens,
+            chunk_rows=chunk_rows,
+            run_id=run_id,
+            private=private,
+        )
+
+
+def _harmonize(
+    party: PartyConfig,
+    *,
+    storage: Path,
+    root: Path,
+    contracts_dir: Path,
+    count_tokens: TokenCounter,
+    chunk_rows: int,
+    run_id: str,
+    private: bool,
+) -> DatasetRef:
+    """`storage` is a local folder: the party's own, or the temp folder uploaded to it."""
+
+    def shown(path: Path) -> str:  # where the party finds it: its storage, not a temp folder
+        if not is_remote(party.storage):
+            return str(path)
+        return join(party.storage, path.relative_to(storage).as_posix())
+
     contracts_dir = contracts_dir if Path(contracts_dir).is_absolute() else root / contracts_dir
     mapping = load_party_mapping(party, root)
     contract = load_contract(
@@ -441,7 +480,6 @@ def harmonize_party(
         extra_dataset=mapping.expectations.dataset,
         party=party.name,
     )
-    storage = root / party.storage
     staging = storage / "harmonised" / ".staging"
     results: dict[str, SplitResult] = {}
     train_index = DedupIndex()
@@ -476,7 +514,7 @@ def harmonize_party(
             + hints
             + f"\nFix: correct the raw export or {mapping.source_path}, or change the "
             "expectation's bounds or meta.on_failure in the suite. Rows set aside are in "
-            f"{storage / 'quarantine'}; the Data Docs are at {docs_page}."
+            f"{shown(storage / 'quarantine')}; the Data Docs are at {shown(docs_page)}."
         )
     for split in SPLITS:
         os.replace(staging / f"{split}.parquet", storage / "harmonised" / f"{split}.parquet")
@@ -500,12 +538,16 @@ def harmonize_party(
             accepted,
             quarantined,
         )
-    base = Path(party.storage)
-    docs_rel = docs_page.relative_to(root) if docs_page.is_relative_to(root) else docs_page
+    base = party.storage
+    if is_remote(base):
+        docs_uri = shown(docs_page)
+    else:
+        docs_rel = docs_page.relative_to(root) if docs_page.is_relative_to(root) else docs_page
+        docs_uri = Path(docs_rel).as_posix()
     return DatasetRef(
         party=party.name,
-        train_uri=(base / "harmonised" / "train.parquet").as_posix(),
-        eval_uri=(base / "harmonised" / "eval.parquet").as_posix(),
+        train_uri=join(base, "harmonised/train.parquet"),
+        eval_uri=join(base, "harmonised/eval.parquet"),
         train_sha256=results["train"].sha256,
         eval_sha256=results["eval"].sha256,
         rows_read=rows_read,
@@ -513,7 +555,7 @@ def harmonize_party(
         rows_quarantined=quarantined,
         rows_train=results["train"].accepted,
         rows_eval=results["eval"].accepted,
-        quarantine_uri=(base / "quarantine").as_posix(),
+        quarantine_uri=join(base, "quarantine"),
         quarantine_reasons=dict(sorted(reasons.items())),
         pii_replaced=dict(sorted(pii.items())),
         rows_repaired=sum(r.repaired for r in results.values()),
@@ -523,5 +565,5 @@ def harmonize_party(
         expectations=verdict.outcomes,
         warnings=verdict.warnings,
         profile=_profile(results),
-        docs_uri=Path(docs_rel).as_posix(),
+        docs_uri=docs_uri,
     )

@@ -337,7 +337,9 @@ def party_key_source(
                     f"{location}, where the coordinator could read them. Fix: point {where} at "
                     "storage only the party can read"
                 )
-    return StorageKeySource(party.name, folder, spec.storage_options)
+    # The default folder is in the party's storage, so it takes that storage's options.
+    options = spec.storage_options or ({} if spec.folder else dict(party.storage_options))
+    return StorageKeySource(party.name, folder, options)
 
 
 def load_party_keys(

@@ -8,7 +8,6 @@ party-level DP grid.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +16,7 @@ from cloudfed.artifacts import CkksKeyRef, FederationPlan, StageRef
 from cloudfed.errors import ProtectionError
 from cloudfed.exchange import ckks_plain_sum_key, ckks_public_key, ckks_sum_key, federation_exchange
 from cloudfed.federation import FederationConfig, PartyConfig
+from cloudfed.locations import AnyPath, party_root
 from cloudfed.party.admission import consent
 from cloudfed.party.stages import stage_ref, write_owner_only
 from cloudfed.party_policy import ConsentError, required_survivors
@@ -34,8 +34,8 @@ from cloudfed.protection.messages import (
 )
 
 
-def _ckks_secret_path(party: PartyConfig, run_id: str, round: int) -> Path:
-    return Path(party.storage) / "ckks" / run_id / f"r{round:04d}.secret-context"
+def _ckks_secret_path(party: PartyConfig, run_id: str, round: int) -> AnyPath:
+    return party_root(party) / "ckks" / run_id / f"r{round:04d}.secret-context"
 
 
 def ckks_keygen(

@@ -7,7 +7,9 @@ digests, never plain hashes of the party's data.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -16,13 +18,14 @@ from cloudfed.data.ref import DatasetRef, redact, unavailable
 from cloudfed.data.tokens import TokenCounter
 from cloudfed.errors import CloudfedError, DataError
 from cloudfed.federation import FederationConfig, PartyConfig
+from cloudfed.locations import AnyPath, uri_path
 from cloudfed.party.admission import consent
 from cloudfed.party_policy import ConsentError
 from cloudfed.protection import KeyPairs, messages
 from cloudfed.protection.commitments import keyed_digest, matches
 
 
-def read_verified(path: Path, sha256: str, what: str, keys: KeyPairs | None = None) -> bytes:
+def read_verified(path: AnyPath, sha256: str, what: str, keys: KeyPairs | None = None) -> bytes:
     """Refuse to train or evaluate on a file that changed since it was registered.
 
     With `keys`, `sha256` is the party's keyed digest of the file (a redacted reference).
@@ -37,10 +40,16 @@ def read_verified(path: Path, sha256: str, what: str, keys: KeyPairs | None = No
     return data
 
 
-def read_rows(uri: str, sha256: str, keys: KeyPairs | None = None) -> pd.DataFrame:
+def read_rows(
+    uri: str,
+    sha256: str,
+    keys: KeyPairs | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """`options`: the party's storage_options when `uri` is in an object store."""
     import io
 
-    data = read_verified(Path(uri), sha256, "harmonised data", keys)
+    data = read_verified(uri_path(uri, options), sha256, "harmonised data", keys)
     rows = pd.read_parquet(io.BytesIO(data))
     if rows.empty:
         raise DataError(
@@ -50,13 +59,15 @@ def read_rows(uri: str, sha256: str, keys: KeyPairs | None = None) -> pd.DataFra
     return rows
 
 
-def split_rows(data: DatasetRef, split: str, keys: KeyPairs) -> pd.DataFrame:
+def split_rows(
+    data: DatasetRef, split: str, keys: KeyPairs, options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
     uri, digest = (
         (data.train_uri, data.train_sha256)
         if split == "train"
         else (data.eval_uri, data.eval_sha256)
     )
-    return read_rows(uri, digest, keys if data.redacted else None)
+    return read_rows(uri, digest, keys if data.redacted else None, options)
 
 
 def release_dataset(cfg: FederationConfig, party: PartyConfig, ref: DatasetRef) -> DatasetRef:

@@ -15,6 +15,7 @@ from cloudfed.artifacts import EvalRelease, FederationPlan, GlobalAdapterRef, Pa
 from cloudfed.data.ref import DatasetRef
 from cloudfed.exchange import federation_exchange, fetch_public_keys, metrics_key
 from cloudfed.federation import FederationConfig, PartyConfig
+from cloudfed.locations import party_root
 from cloudfed.party.admission import consent
 from cloudfed.party.data import split_rows
 from cloudfed.party_policy import ConsentError, LoadedPolicy, required_survivors
@@ -42,7 +43,7 @@ def evaluate_round(
     start = time.perf_counter()
     keys, loaded = consent(cfg, party, plan)
     adapter = load_global(federation_exchange(cfg), global_ref)
-    rows = split_rows(data, "eval", keys)
+    rows = split_rows(data, "eval", keys, party.storage_options)
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
     m = evaluate(model_path, adapter, rows, training=cfg.training, lora=cfg.lora, seed=cfg.seed)
     metrics = PartyEval(
@@ -66,7 +67,7 @@ def evaluate_round(
             seconds=metrics.seconds,
             metrics=metrics,
         )
-    own = Path(party.storage) / "evals" / (global_ref.run_id or "no-run")
+    own = party_root(party) / "evals" / (global_ref.run_id or "no-run")
     own.mkdir(parents=True, exist_ok=True)
     (own / f"r{global_ref.round:04d}.json").write_text(metrics.model_dump_json(), encoding="utf-8")
     if plan is None:

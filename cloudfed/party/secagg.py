@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 from cloudfed.aggregation.ranks import band_shortfall
 from cloudfed.artifacts import FederationPlan, LocalUpdateRef, SecAggRoster, StageRef
@@ -24,6 +23,7 @@ from cloudfed.exchange import (
 )
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.keys import follow_rotations
+from cloudfed.locations import AnyPath, party_root
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.stages import check_members, secret_path, stage_ref, write_owner_only
 from cloudfed.party_policy import ConsentError, LoadedPolicy, required_survivors
@@ -176,7 +176,7 @@ def reveal_shares(
 
 def _reveal_across_runs(
     cfg: FederationConfig, party: PartyConfig, plan: FederationPlan, round: int, uploaded: list[str]
-) -> Path | None:
+) -> AnyPath | None:
     """Where this party records whom it unmasked a round for, across every run that retries it.
 
     A round retried from the same global adapter sends the same updates again (seeded training,
@@ -189,7 +189,7 @@ def _reveal_across_runs(
         return None
     base = base_file.read_text(encoding="utf-8")
     path = (
-        Path(party.storage)
+        party_root(party)
         / "secagg"
         / "revealed"
         / cfg.federation_id

@@ -6,32 +6,24 @@ written owner-only and atomically, so a stage in a later step, or a retry, finds
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from cloudfed.artifacts import StageRef
 from cloudfed.federation import PartyConfig
+from cloudfed.locations import AnyPath, party_root, write_private
 from cloudfed.party_policy import LoadedPolicy, check_pin
 from cloudfed.protection.keys import KeyPairs
 from cloudfed.protection.messages import sha256
 
 
-def secret_path(party: PartyConfig, round: int, run_id: str, what: str) -> Path:
-    return Path(party.storage) / "secagg" / run_id / f"r{round:04d}.{what}"
+def secret_path(party: PartyConfig, round: int, run_id: str, what: str) -> AnyPath:
+    return party_root(party) / "secagg" / run_id / f"r{round:04d}.{what}"
 
 
-def write_owner_only(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+def write_owner_only(path: AnyPath, data: bytes) -> None:
+    """Locally 0600 in a 0700 folder; in an object store, one PUT under the party's own prefix."""
+    write_private(path, data)
 
 
 def check_members(loaded: LoadedPolicy, doc: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from cloudfed.data.ref import DatasetRef
 from cloudfed.errors import DataError
 from cloudfed.exchange import Exchange, federation_exchange, fetch_public_keys
 from cloudfed.federation import FederationConfig, PartyConfig
+from cloudfed.locations import AnyPath, party_root, uri_path
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.data import read_verified, split_rows
 from cloudfed.party_policy import ConsentError, LoadedPolicy
@@ -58,18 +59,19 @@ class LocalUpdateRecord(BaseModel):
     base_round: int | None = None
 
 
-def _record_path(uri: str) -> Path:
-    return Path(uri).with_suffix(".json")
+def _record_path(uri: str, party: PartyConfig) -> AnyPath:
+    return uri_path(uri, party.storage_options).with_suffix(".json")
 
 
 def load_local_update(
     party: PartyConfig, local: LocalUpdateRef, keys: KeyPairs
 ) -> tuple[LocalUpdateRecord, bytes]:
     """The party's record behind a reference, and the update's bytes checked against its digest."""
-    record = LocalUpdateRecord.model_validate_json(_record_path(local.uri).read_bytes())
+    record = LocalUpdateRecord.model_validate_json(_record_path(local.uri, party).read_bytes())
     if record.party != party.name or record.round != local.round:
         raise DataError(f"{local.uri}: the update record is not {party.name}'s of this round")
-    return record, read_verified(Path(record.uri), local.sha256, "local update", keys)
+    update = uri_path(record.uri, party.storage_options)
+    return record, read_verified(update, local.sha256, "local update", keys)
 
 
 def training_seed(seed: int, party: str, round: int) -> int:
@@ -93,10 +95,10 @@ def train_round(
     if cfg.privacy.enabled and plan is not None:
         _check_party_level_budget(cfg, loaded, exchange, plan, round)
     global_state = load_global(exchange, global_ref)
-    rows = split_rows(data, "train", keys)
+    rows = split_rows(data, "train", keys, party.storage_options)
     model_path = resolve_base_model(cfg.base_model, cache_dir=Path(cfg.model_cache), seed=cfg.seed)
     seed = training_seed(cfg.seed, party.name, round)
-    path = Path(party.storage) / "updates" / f"r{round:04d}.safetensors"
+    path = party_root(party) / "updates" / f"r{round:04d}.safetensors"
     if party.name in cfg.privacy.dp_sgd:
         rounds_this_run = cfg.rounds - (plan.start_round if plan is not None else 0)
         return _train_dp_sgd(
@@ -180,7 +182,7 @@ def _keep_update(
     party: PartyConfig,
     keys: KeyPairs,
     round: int,
-    path: Path,
+    path: AnyPath,
     delta: dict[str, np.ndarray],
     global_ref: GlobalAdapterRef,
     examples: int,
@@ -200,7 +202,7 @@ def _keep_update(
         train=train,
         base_round=global_ref.round,
     )
-    _record_path(str(path)).write_text(record.model_dump_json(), encoding="utf-8")
+    path.with_suffix(".json").write_text(record.model_dump_json(), encoding="utf-8")
     return _released(cfg, keys, record)
 
 
@@ -272,9 +274,9 @@ def _train_dp_sgd(
     base_id = f"{cfg.federation_id}/{global_ref.run_id or 'no-run'}/r{round:04d}"
     ledger_file = party_ledger.ledger_path(loaded.state_dir)
 
-    def update_path(entry_id: str) -> Path:  # one file per attempt: no attempt overwrites another
+    def update_path(entry_id: str) -> AnyPath:  # one file per attempt: none overwrites another
         return (
-            Path(party.storage)
+            party_root(party)
             / "updates"
             / f"r{round:04d}-{messages.sha256(entry_id.encode())[:12]}"
         )

@@ -25,6 +25,7 @@ def ledger_store(cfg: FederationConfig, exchange: Exchange, keys: KeyPairs) -> L
         keys,
         federation_id=cfg.federation_id,
         coordinator_storage=cfg.coordinator_storage,
+        coordinator_options=cfg.coordinator_storage_options,
     )
 
 

@@ -24,14 +24,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloudfed.errors import CloudfedError, ProtectionError
+from cloudfed.locations import AnyPath, location, replace_bytes
 from cloudfed.privacy.accountant import GaussianEvent, epsilon
 from cloudfed.privacy.settings import AccountantName
 
@@ -108,9 +107,19 @@ def _progress(ledger: Ledger) -> tuple[int, int]:
 class LedgerStore:
     """Reads and writes the two copies; the coordinator alone writes (it holds the signing key)."""
 
-    def __init__(self, exchange, keys, *, federation_id: str, coordinator_storage: str) -> None:
+    def __init__(
+        self,
+        exchange,
+        keys,
+        *,
+        federation_id: str,
+        coordinator_storage: str,
+        coordinator_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """`coordinator_storage` is a folder or an object-store URL (with its fsspec options)."""
         self.exchange, self.keys, self.federation_id = exchange, keys, federation_id
-        self.local = Path(coordinator_storage) / federation_id / "privacy" / LEDGER_FILE
+        where = location(coordinator_storage, coordinator_options)
+        self.local = where / federation_id / "privacy" / LEDGER_FILE
         self._base: Ledger | None = None  # the version last loaded or saved, as persisted
 
     def _context(self, version: int | None = None):
@@ -174,10 +183,7 @@ class LedgerStore:
         ledger.chain = [*current.chain, current.head()] if current.version else []
         ledger.version = current.version + 1
         blob = ledger.model_dump_json(indent=1).encode()
-        self.local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.local.with_name(f".{self.local.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, self.local)
+        replace_bytes(self.local, blob)  # os.replace locally; an object-store PUT is atomic
         self.exchange.put_bytes(
             LEDGER_KEY, sign_public(blob, context=self._context(ledger.version), sender=self.keys)
         )
@@ -196,7 +202,7 @@ def ledger_context(federation_id: str, version: int | None = None):
     )
 
 
-def verified_for_party(exchange, coordinator, *, federation_id: str, head_file: Path) -> Ledger:
+def verified_for_party(exchange, coordinator, *, federation_id: str, head_file: AnyPath) -> Ledger:
     """The exchange's ledger as a party accepts it, or a ProtectionError.
 
     It must be signed by the pinned coordinator, no older than the newest version this party has
@@ -228,10 +234,8 @@ def verified_for_party(exchange, coordinator, *, federation_id: str, head_file: 
                 f"privacy ledger forked: its version {v} is not the one this party saw "
                 f"({head_file}); refusing it"
             )
-    head_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = head_file.with_name(f".{head_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": ledger.version, "head": ledger.head()}))
-    os.replace(tmp, head_file)
+    seen = {"version": ledger.version, "head": ledger.head()}
+    replace_bytes(head_file, json.dumps(seen).encode(), mode=0o700)
     return ledger
 
 

@@ -17,15 +17,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cloudfed.errors import DataError
+from cloudfed.locations import AnyPath, StorePath, replace_bytes
 from cloudfed.privacy.accountant import GaussianEvent
 from cloudfed.privacy.ledger import Ledger, LedgerEntry, _now
 
 
-def ledger_path(state_dir: str | Path) -> Path:
-    return Path(state_dir) / "dp_sgd_ledger.json"
+def ledger_path(state_dir: str | AnyPath) -> AnyPath:
+    return _dir(state_dir) / "dp_sgd_ledger.json"
 
 
-def load(path: Path, *, party: str, delta: float) -> Ledger:
+def _dir(state_dir: str | AnyPath) -> AnyPath:
+    return state_dir if isinstance(state_dir, StorePath) else Path(state_dir)
+
+
+def load(path: AnyPath, *, party: str, delta: float) -> Ledger:
     if not path.exists():
         return Ledger(federation_id=party, delta=delta, accountant="rdp")
     ledger = Ledger.model_validate_json(path.read_bytes())
@@ -37,11 +42,8 @@ def load(path: Path, *, party: str, delta: float) -> Ledger:
     return ledger
 
 
-def save(path: Path, ledger: Ledger) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(ledger.model_dump_json(indent=1).encode())
-    os.replace(tmp, path)
+def save(path: AnyPath, ledger: Ledger) -> None:
+    replace_bytes(path, ledger.model_dump_json(indent=1).encode(), mode=0o700)
 
 
 def _same_event(entry: LedgerEntry, event: GaussianEvent) -> bool:
@@ -53,7 +55,7 @@ def _same_event(entry: LedgerEntry, event: GaussianEvent) -> bool:
 
 
 def attempt(
-    path: Path,
+    path: AnyPath,
     *,
     party: str,
     delta: float,
@@ -113,9 +115,18 @@ def attempt(
 
 
 @contextmanager
-def training_lock(state_dir: str | Path, party: str) -> Iterator[None]:
-    """One DP-SGD training of this party at a time (the OS drops the lock if the process dies)."""
-    path = Path(state_dir) / "dp_sgd.lock"
+def training_lock(state_dir: str | AnyPath, party: str) -> Iterator[None]:
+    """One DP-SGD training of this party at a time (the OS drops the lock if the process dies).
+
+    State in an object store: the lock is an object written only if absent (a conditional PUT),
+    removed when training ends; one left by a killed training is named in the refusal.
+    """
+    where = _dir(state_dir)
+    if isinstance(where, StorePath):
+        with _object_lock(where / "dp_sgd.lock", party):
+            yield
+        return
+    path = where / "dp_sgd.lock"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(path, "a+") as fh:
         try:
@@ -133,7 +144,25 @@ def training_lock(state_dir: str | Path, party: str) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def mark_spent(path: Path, ledger: Ledger, entry_id: str) -> None:
+@contextmanager
+def _object_lock(lock: StorePath, party: str) -> Iterator[None]:
+    from cloudfed.party_policy import ConsentError
+
+    try:
+        lock.store.put_bytes(lock.key, f"{os.getpid()} {_now()}".encode(), exclusive=True)
+    except FileExistsError:
+        raise ConsentError(
+            f"{party} refuses to train: another DP-SGD training of this party is running ({lock} "
+            "exists). Two runs at once would share one budget reservation. Fix: if no training "
+            "of this party runs, the lock was left by a killed one: delete it"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def mark_spent(path: AnyPath, ledger: Ledger, entry_id: str) -> None:
     entry = ledger.entry(entry_id)
     if entry is not None and entry.status != "spent":
         entry.status = "spent"
