@@ -279,7 +279,8 @@ class Store:
         once, such as publishing a round, cannot be done twice by two runs. If the key already
         holds exactly these bytes the write counts as done: a retried request whose first attempt
         was stored before its connection dropped meets its own object, and cannot tell it from
-        an identical one (identical bytes are the same outcome).
+        an identical one (identical bytes are the same outcome). So an object used as a lock must
+        hold something unique to its writer (a run id, a nonce), or a second taker "succeeds".
         """
         path, url, data = self._path(key), self.url(key), bytes(data)
         digest = sha256_hex(data)
