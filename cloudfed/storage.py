@@ -339,13 +339,17 @@ class Store:
     def _separate_digest(self) -> bool:
         return self._backend not in ("s3", "gcs", "azure")
 
-    def get_bytes(self, key: str, *, expected_sha256: str | None = None) -> bytes:
+    def get_bytes(
+        self, key: str, *, expected_sha256: str | None = None, require_digest: bool = True
+    ) -> bytes:
         """Read a whole object and check it against its sha256 (or `expected_sha256`).
 
         FileNotFoundError when absent, as every fsspec backend raises; StorageIntegrityError when
         the bytes are not those that were written. A caller that pins a digest of its own (a
         GlobalAdapterRef) passes it as `expected_sha256`; it takes precedence over the stored one,
         so objects written before stores kept digests stay readable by pinned readers.
+        `require_digest=False` is for objects other tools write (a party's raw exports): a stored
+        digest is still checked, but none is not an error.
         """
         if expected_sha256 is not None and not _HEX64.match(expected_sha256):
             raise ValueError(f"expected_sha256 {expected_sha256!r}: must be 64 lowercase hex")
@@ -355,6 +359,8 @@ class Store:
             want = expected_sha256 or stored
             actual = sha256_hex(data)
             if want is not None and actual == want:
+                return data
+            if want is None and not require_digest:
                 return data
             if read < _SETTLE_READS - 1:
                 time.sleep(0.05 * 2**read)

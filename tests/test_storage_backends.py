@@ -318,3 +318,18 @@ def test_objects_from_before_digests_can_be_vouched_for(
     assert "1 digests added" in capsys.readouterr().out
     assert store.get_bytes("history/g0001/r0002.signed") == b"older"
     assert store.add_missing_digests() == []
+
+
+def test_objects_other_tools_write_are_read_without_a_digest_but_checked_with_one(
+    tmp_path: Path,
+) -> None:
+    store = open_store(str(tmp_path))
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "train.csv").write_bytes(b"q,a\n1,2\n")  # an export, not ours
+    assert store.get_bytes("raw/train.csv", require_digest=False) == b"q,a\n1,2\n"
+    with pytest.raises(StorageIntegrityError, match="no sha256 is stored"):
+        store.get_bytes("raw/train.csv")
+    store.put_bytes("raw/eval.csv", b"q,a\n3,4\n")
+    (tmp_path / "raw" / "eval.csv").write_bytes(b"q,a\n3,")  # truncated after it was written
+    with pytest.raises(StorageIntegrityError, match="do not match"):
+        store.get_bytes("raw/eval.csv", require_digest=False)
