@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from cloudfed.aggregation.settings import AggregationSettings
+from cloudfed.deadlines import StageDeadlines
 from cloudfed.errors import ConfigError
 from cloudfed.locations import AnyPath, location
 from cloudfed.privacy.settings import PrivacySettings
@@ -40,6 +41,10 @@ _SECRET_OPTION = re.compile(r"secret|password|token|credential|connection_string
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Party steps that read the party's rows or load the model: run on its `step_operator`.
+HEAVY_PARTY_STEPS = frozenset({"harmonize", "train", "evaluate"})
 
 
 def _option_names(doc: Any) -> list[str]:
@@ -79,10 +84,12 @@ class PartyConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     # fsspec options of raw.train / raw.eval when they are URLs; null: storage_options.
     raw_options: dict[str, Any] | None = None
-    # Training, harmonisation and evaluation run here (e.g. a GPU SageMaker/Vertex/AzureML job).
+    # Training, harmonisation and evaluation, which load the party's rows or the model, run here
+    # (e.g. a GPU SageMaker/Vertex/AzureML job).
     step_operator: str | None = None
-    # The party's protocol stages (share_keys, upload, unmask, ckks decrypt, metrics): short and
-    # CPU-only, e.g. a Kubernetes pod in the party's own cluster; null: step_operator.
+    # The party's protocol stages (share_keys, upload, unmask, CKKS keys and decryption): short
+    # and CPU-only, e.g. a Kubernetes pod in the party's own cluster; null: step_operator. See
+    # `step_operator_for`.
     light_step_operator: str | None = None
     # The party's own prebuilt image (in its cloud's registry) for its steps on a step operator;
     # null: the pipeline's image. ZenML builds images for a dynamic pipeline's steps only from
@@ -104,6 +111,17 @@ class PartyConfig(_Strict):
     @property
     def raw_storage_options(self) -> dict[str, Any]:
         return self.storage_options if self.raw_options is None else self.raw_options
+
+    def step_operator_for(self, step: str) -> str | None:
+        """The step operator of one of this party's steps (`harmonize` or a round stage's name).
+
+        Only the steps that read the party's rows or load the model need its training machine;
+        every other party step is a few milliseconds of cryptography (README, "Step cost on
+        cloud step operators"), which a light operator in the same cloud launches faster.
+        """
+        if step in HEAVY_PARTY_STEPS:
+            return self.step_operator
+        return self.light_step_operator or self.step_operator
 
 
 class LoraSettings(_Strict):
@@ -200,6 +218,8 @@ class FederationConfig(_Strict):
     protection: ProtectionSettings = ProtectionSettings()
     privacy: PrivacySettings = PrivacySettings()
     aggregation: AggregationSettings = AggregationSettings()
+    # Seconds each party stage may take; a party still running then is dropped from the round.
+    deadlines: StageDeadlines = StageDeadlines()
     # Simulation only: make a party fail at a stage of every round (to rehearse dropout recovery).
     simulate_dropouts: dict[str, DropoutStage] = Field(default_factory=dict)
     parties: list[PartyConfig] = Field(min_length=1)
@@ -377,6 +397,12 @@ _FIXES: dict[str, str] = {
     "colluding": "use at least 1 and fewer than min_contributors (default 1)",
     "privacy": "see the privacy block of configs/local.yaml",
     "dp_sgd": "see the dp_sgd example in configs/local.yaml",
+    "deadlines": "give seconds per party stage: train, share_keys, upload, unmask, evaluate",
+    "train": "use a positive number of seconds, at most 604800 (a week)",
+    "share_keys": "use a positive number of seconds, at most 604800 (a week)",
+    "upload": "use a positive number of seconds, at most 604800 (a week)",
+    "unmask": "use a positive number of seconds, at most 604800 (a week)",
+    "evaluate": "use a positive number of seconds, at most 604800 (a week)",
     "storage_options": "give the storage credentials through the party's runtime (an IAM role, "
     "workload identity, AWS_* / GOOGLE_APPLICATION_CREDENTIALS / AZURE_* in its environment), "
     "and keep only options such as endpoint_url here",
