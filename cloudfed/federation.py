@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from cloudfed.aggregation.settings import AggregationSettings
+from cloudfed.deadlines import StageDeadlines
 from cloudfed.errors import ConfigError
 from cloudfed.locations import AnyPath, location
 from cloudfed.privacy.settings import PrivacySettings
@@ -35,11 +36,32 @@ from cloudfed.privacy.settings import PrivacySettings
 PARTY_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 # Option names that carry credentials: the run configuration is read by the launcher and logged.
-_SECRET_OPTION = re.compile(r"secret|password|token|credential|connection_string|(^|_)(key|sas)$")
+_SECRET_OPTION = re.compile(
+    r"secret|password|passwd|token|credential|connection_string|authori[sz]ation|cookie|"
+    r"api[-_]?key|(^|[-_])(key|sas)$"
+)
+# `scheme://user:password@host/...`: a location string that carries its own login.
+# (Azure's abfs://container@account... has no password: a place, not a login.)
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:[^/@]*@")
+
+
+def no_login_in_url(url: str, field: str) -> str:
+    """A location names where, never who: userinfo in a URL is a credential in the run config."""
+    if _URL_USERINFO.match(url.strip()):
+        raise ValueError(
+            f"{field} {re.sub(r'//[^/@]*@', '//***@', url)} carries a login (user:password@); "
+            "the run configuration is seen by the launcher and logged. Fix: drop it from the URL "
+            "and give the runtime its credentials (role, workload identity, environment)"
+        )
+    return url
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Party steps that read the party's rows or load the model: run on its `step_operator`.
+HEAVY_PARTY_STEPS = frozenset({"harmonize", "train", "evaluate"})
 
 
 def _option_names(doc: Any) -> list[str]:
@@ -65,6 +87,11 @@ class RawSplits(_Strict):
     train: str
     eval: str
 
+    @field_validator("train", "eval")
+    @classmethod
+    def _no_login(cls, url: str, info: Any) -> str:
+        return no_login_in_url(url, f"raw.{info.field_name}")
+
 
 class PartyConfig(_Strict):
     """One organisation in one cloud."""
@@ -79,10 +106,12 @@ class PartyConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     # fsspec options of raw.train / raw.eval when they are URLs; null: storage_options.
     raw_options: dict[str, Any] | None = None
-    # Training, harmonisation and evaluation run here (e.g. a GPU SageMaker/Vertex/AzureML job).
+    # Training, harmonisation and evaluation, which load the party's rows or the model, run here
+    # (e.g. a GPU SageMaker/Vertex/AzureML job).
     step_operator: str | None = None
-    # The party's protocol stages (share_keys, upload, unmask, ckks decrypt, metrics): short and
-    # CPU-only, e.g. a Kubernetes pod in the party's own cluster; null: step_operator.
+    # The party's protocol stages (share_keys, upload, unmask, CKKS keys and decryption): short
+    # and CPU-only, e.g. a Kubernetes pod in the party's own cluster; null: step_operator. See
+    # `step_operator_for`.
     light_step_operator: str | None = None
     # The party's own prebuilt image (in its cloud's registry) for its steps on a step operator;
     # null: the pipeline's image. ZenML builds images for a dynamic pipeline's steps only from
@@ -101,9 +130,25 @@ class PartyConfig(_Strict):
     def _no_credentials(cls, options: dict[str, Any] | None, info: Any) -> dict[str, Any] | None:
         return no_credentials(options, info.field_name)
 
+    @field_validator("storage")
+    @classmethod
+    def _no_login(cls, url: str) -> str:
+        return no_login_in_url(url, "storage")
+
     @property
     def raw_storage_options(self) -> dict[str, Any]:
         return self.storage_options if self.raw_options is None else self.raw_options
+
+    def step_operator_for(self, step: str) -> str | None:
+        """The step operator of one of this party's steps (`harmonize` or a round stage's name).
+
+        Only the steps that read the party's rows or load the model need its training machine;
+        every other party step is a few milliseconds of cryptography (README, "Step cost on
+        cloud step operators"), which a light operator in the same cloud launches faster.
+        """
+        if step in HEAVY_PARTY_STEPS:
+            return self.step_operator
+        return self.light_step_operator or self.step_operator
 
 
 class LoraSettings(_Strict):
@@ -200,6 +245,8 @@ class FederationConfig(_Strict):
     protection: ProtectionSettings = ProtectionSettings()
     privacy: PrivacySettings = PrivacySettings()
     aggregation: AggregationSettings = AggregationSettings()
+    # Seconds each party stage may take; a party still running then is dropped from the round.
+    deadlines: StageDeadlines = StageDeadlines()
     # Simulation only: make a party fail at a stage of every round (to rehearse dropout recovery).
     simulate_dropouts: dict[str, DropoutStage] = Field(default_factory=dict)
     parties: list[PartyConfig] = Field(min_length=1)
@@ -208,6 +255,11 @@ class FederationConfig(_Strict):
     @classmethod
     def _no_credentials(cls, options: dict[str, Any], info: Any) -> dict[str, Any]:
         return no_credentials(options, info.field_name) or {}
+
+    @field_validator("exchange", "coordinator_storage")
+    @classmethod
+    def _no_login(cls, url: str, info: Any) -> str:
+        return no_login_in_url(str(url), str(info.field_name))
 
     @model_validator(mode="after")
     def _check_parties(self) -> FederationConfig:
@@ -377,6 +429,7 @@ _FIXES: dict[str, str] = {
     "colluding": "use at least 1 and fewer than min_contributors (default 1)",
     "privacy": "see the privacy block of configs/local.yaml",
     "dp_sgd": "see the dp_sgd example in configs/local.yaml",
+    "deadlines": "give seconds per party stage: train, share_keys, upload, unmask, evaluate",
     "storage_options": "give the storage credentials through the party's runtime (an IAM role, "
     "workload identity, AWS_* / GOOGLE_APPLICATION_CREDENTIALS / AZURE_* in its environment), "
     "and keep only options such as endpoint_url here",
@@ -434,6 +487,8 @@ def format_validation_error(exc: ValidationError, *, source: str, prefix: str) -
         key = next((str(p) for p in reversed(loc) if isinstance(p, str)), "")
         got = err.get("input")
         got_txt = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        if isinstance(got, str) and _URL_USERINFO.match(got.strip()):
+            got_txt = ""  # the value holds a login: the message names the field, never echoes it
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             meant = closest_key(key, loc[:-1])
@@ -444,8 +499,15 @@ def format_validation_error(exc: ValidationError, *, source: str, prefix: str) -
             )
         elif err.get("type") == "missing":
             fix = f"add '{key}'"
+        elif "deadlines" in loc and key != "deadlines":
+            fix = "use a positive number of seconds, at most 604800 (a week)"
         else:
             fix = _FIXES.get(key, f"correct '{key}' in {source}" if key else "see the message")
+        if "Fix:" in msg:  # the validator says how to fix it, unless a field-specific fix exists
+            if key not in _FIXES:
+                lines.append(f"  - {field}: {msg}{got_txt}")
+                continue
+            msg = msg.split(". Fix:")[0]
         lines.append(f"  - {field}: {msg}{got_txt}. Fix: {fix}.")
     return "\n".join(lines)
 

@@ -2,8 +2,9 @@
 
     zenml pipeline run pipelines.federated_training.federated_training -c configs/local.yaml
 
-Party steps carry their party's step operator (none locally); coordinator steps carry the active
-stack's experiment tracker, so one MLflow run holds every round of a pipeline run.
+Party steps carry their party's step operator, or its light one for the protocol stages (none
+locally); a stage's party steps run concurrently until the stage's deadline. Coordinator steps
+carry the active stack's experiment tracker, so one MLflow run holds every round of a run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cloudfed import console
 from cloudfed.aggregation.fedbuff import clock
 from cloudfed.artifacts import Rejection
 from cloudfed.buffer_window import round_schedule, senders
+from cloudfed.deadlines import LateAnswers, StageWindow
 from cloudfed.errors import CloudfedError, ConfigError, DataError
 from cloudfed.federation import FederationConfig, load_run_config, parse_federation
 from cloudfed.preflight import check_config
@@ -33,7 +35,6 @@ from steps.harmonize import harmonize
 from steps.prepare import prepare_federation
 from steps.privacy import privacy_reserve
 from steps.secagg import (
-    secagg_advertise,
     secagg_inputs_roster,
     secagg_keys_roster,
     secagg_reveal,
@@ -44,47 +45,85 @@ from steps.track import log_baseline, log_round, publish_report
 from steps.train import train_local
 
 logger = logging.getLogger("cloudfed")
+LATE_DRAIN_SECONDS = 600.0  # at the end of a run, how long late steps are watched for
 console.configure()  # `make run`: progress lines and warnings only (CLOUDFED_LOG=quiet)
 
 
-def _party_step(step: Any, cfg: FederationConfig, party: str) -> Any:
-    operator = cfg.party(party).step_operator
+def _party_step(step: Any, cfg: FederationConfig, party: str, kind: str) -> Any:
+    """The one place a party step's options are set. `kind`: `harmonize` or a stage's name.
+
+    Steps that read the party's rows or load the model run on its `step_operator`, the light
+    protocol stages on its `light_step_operator` (`PartyConfig.step_operator_for`); on either,
+    in the party's own image (pipelines/_images.py).
+    """
+    operator = cfg.party(party).step_operator_for(kind)
     if not operator:
         return step  # runs where the pipeline runs: no image of its own
     docker = party_docker_settings(cfg, party, **stack_facts())
     return step.with_options(step_operator=operator, settings={"docker": docker})
 
 
-class _PartyCalls:
-    """Run one party step per party; a party failing any stage is dropped, the round goes on."""
+def _party_failure(exc: BaseException) -> tuple[str, BaseException]:
+    """Why a party step failed, and the exception behind ZenML's wrapping of a concurrent step."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        if isinstance(cause, CloudfedError):
+            return str(cause), cause
+        cause = getattr(cause, "original_exception", None) or cause.__cause__
+    return type(seen[-1]).__name__, seen[-1]
 
-    def __init__(self, cfg: FederationConfig, round: int, dropped: list[Rejection]) -> None:
-        self.cfg, self.round, self.dropped = cfg, round, dropped
 
-    def call(self, stage: str, step: Any, p: str, *args: Any) -> Any:
-        try:
-            return _party_step(step, self.cfg, p)(*args, id=f"{stage}_{p}_r{self.round}")
-        except ConfigError:
-            raise
-        except Exception as exc:
-            why = str(exc) if isinstance(exc, CloudfedError) else type(exc).__name__
-            logger.warning("round %d: party %s dropped at %s: %s", self.round, p, stage, why)
-            self.dropped.append(Rejection(party=p, reason=f"dropped at {stage}: {why}"))
-            return None
+class _PartyStage:
+    """Run one stage's party steps concurrently, each until the stage's deadline.
 
-    def each(self, stage: str, step: Any, parties: Any, federation: Any, *args: Any) -> list[Any]:
-        """`step(federation, p, *args)` per party; a dict argument is indexed by the party."""
-        out = []
+    A party whose step fails, or is still running when the deadline passes, is dropped from the
+    round (`dropped`), and the round goes on; an answer that comes after the stage closed is
+    refused (`late`, cloudfed.deadlines). A configuration error stops the run.
+    """
+
+    def __init__(
+        self, cfg: FederationConfig, round: int, dropped: list[Rejection], late: LateAnswers
+    ) -> None:
+        self.cfg, self.round, self.dropped, self.late = cfg, round, dropped, late
+
+    def each(
+        self, stage: str, step: Any, parties: Any, federation: Any, *args: Any
+    ) -> dict[str, Any]:
+        """`step(federation, p, *args)` per party p (a dict argument is indexed by the party).
+
+        Returns the step future (its outputs, by reference) of each party that made it in time.
+        """
+        self.late.sweep()
+        window = StageWindow(stage, self.round, self.cfg.deadlines.seconds(stage))
+        pending = {}
         for p in parties:
             per_party = [a[p] if isinstance(a, dict) else a for a in args]
-            result = self.call(stage, step, p, federation, p, *per_party)
-            if result is not None:
-                out.append(result)
+            pending[p] = _party_step(step, self.cfg, p, stage).submit(
+                federation, p, *per_party, id=f"{stage}_{p}_r{self.round}"
+            )
+        finished, missed, late = window.collect(pending)
+        self.dropped += missed
+        self.late.add(window, late)
+        out = {}
+        for p in (p for p in pending if p in finished):
+            try:
+                finished[p].wait()
+            except Exception as exc:
+                why, cause = _party_failure(exc)
+                if isinstance(cause, ConfigError):
+                    raise cause from None
+                logger.warning("round %d: party %s dropped at %s: %s", self.round, p, stage, why)
+                self.dropped.append(Rejection(party=p, reason=f"dropped at {stage}: {why}"))
+                continue
+            out[p] = finished[p]
         return out
 
 
 def _evaluate_all(
     cfg: FederationConfig,
+    late: LateAnswers,
     federation: Any,
     parties: list[str],
     datasets: dict[str, Any],
@@ -93,17 +132,10 @@ def _evaluate_all(
     round: int,
 ) -> list[Any]:
     """Every party evaluates the same model; under DP their shares only add up together."""
-    out = []
-    for p in parties:
-        try:
-            out.append(
-                _party_step(evaluate, cfg, p)(
-                    federation, p, datasets[p], current, plan, parties, id=f"evaluate_{p}_r{round}"
-                )
-            )
-        except CloudfedError as exc:
-            logger.warning("round %d: party %s did not evaluate: %s", round, p, exc)
-    return out
+    missing: list[Rejection] = []  # a party that does not evaluate is only missing from the sum
+    stage = _PartyStage(cfg, round, missing, late)
+    done = stage.each("evaluate", evaluate, parties, federation, datasets, current, plan, parties)
+    return list(done.values())
 
 
 @pipeline(dynamic=True, enable_cache=False, execution_mode=ExecutionMode.CONTINUE_ON_FAILURE)
@@ -172,7 +204,9 @@ def _run_rounds(
         parties = planned.parties
         datasets, excluded = {}, []
         for p in parties:  # every party harmonises before any trains, so a stop costs nothing
-            ref = _party_step(harmonize, cfg, p)(federation, p, plan, id=f"harmonize_{p}")
+            ref = _party_step(harmonize, cfg, p, "harmonize")(
+                federation, p, plan, id=f"harmonize_{p}"
+            )
             outcome = ref.load()
             if outcome.status == "config-error":  # missing or unfit file: stop, as preflight
                 raise ConfigError(outcome.message)
@@ -190,7 +224,8 @@ def _run_rounds(
         parties = list(datasets)
         progress.harmonised(len(datasets))
         start = planned.start_round
-        evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, start)
+        late = LateAnswers()  # steps still running after their stage closed: refused when done
+        evals = _evaluate_all(cfg, late, federation, parties, datasets, current, plan, start)
         progress.round_done(start, 0, 0, len(evals), 0)
         rows = [
             coord(log_baseline)(
@@ -219,17 +254,18 @@ def _run_rounds(
                     stop_reason = reservation["message"]
                     logger.warning("cloudfed: stopping before round %d: %s", r, stop_reason)
                     break
-            party = _PartyCalls(cfg, r, dropped)
-            local = {
-                p: u
-                for p, base in bases.items()
-                if (
-                    u := party.call(
-                        "train", train_local, p, federation, p, r, datasets[p], versions[base], plan
-                    )
-                )
-                is not None
-            }
+            party = _PartyStage(cfg, r, dropped, late)
+            trained = party.each(
+                "train",
+                train_local,
+                list(bases),
+                federation,
+                r,
+                datasets,
+                {p: versions[base] for p, base in bases.items()},
+                plan,
+            )
+            local = {p: out[0] for p, out in trained.items()}  # the update stays in its cloud
             if len(local) < cfg.min_parties:  # e.g. DP-SGD budgets spent: stop, say why
                 stop_reason = (
                     f"round {r}: only {len(local)} of {len(bases)} parties trained, fewer than "
@@ -240,11 +276,11 @@ def _run_rounds(
                 logger.warning("cloudfed: stopping: %s", stop_reason)
                 break
             done = _protect_and_aggregate(
-                cfg, coord, party, federation, plan, r, local, current, dropped, protection
+                cfg, coord, party, federation, plan, r, trained, current, dropped, protection
             )
             new_ref, report, sealed = done.new_ref, done.report, done.sealed
             current = versions[r] = new_ref
-            evals = _evaluate_all(cfg, federation, parties, datasets, current, plan, r)
+            evals = _evaluate_all(cfg, late, federation, parties, datasets, current, plan, r)
             rows.append(
                 coord(log_round)(
                     federation,
@@ -261,6 +297,14 @@ def _run_rounds(
             )
             progress.round_done(r, len(local), len(sealed), len(evals), len(dropped))
         coord(publish_report)(federation, plan, rows, current, stop_reason, id="publish_report")
+        # ZenML 0.98 has no step timeout and ends a run once its steps have: a late step holds
+        # the run open anyway, so its answer is refused with a log line when it comes (bounded).
+        if running := late.drain(LATE_DRAIN_SECONDS):
+            logger.warning(
+                "cloudfed: steps still running past their stage deadline: %s; their answers are "
+                "never read, and the run ends once they stop",
+                ", ".join(running),
+            )
 
 
 @dataclass
@@ -284,30 +328,34 @@ class _Protected:
 def _protect_and_aggregate(
     cfg: FederationConfig,
     coord: Any,
-    party: _PartyCalls,
+    party: _PartyStage,
     federation: Any,
     plan: Any,
     r: int,
-    local: dict[str, Any],
+    trained: dict[str, Any],
     current: Any,
     dropped: list[Rejection],
     protection: Any,
 ) -> _Protected:
     """From trained updates to the published aggregate, stage by stage in the core's order.
 
-    The order is `cloudfed.protection.stages`; here each stage is one ZenML step per party, or
-    one coordinator step.
+    The order is `cloudfed.protection.stages`; here each stage is one ZenML step per party (its
+    parties' steps run concurrently, each until the stage's deadline), or one coordinator step.
+    A folded stage (`FOLDED_INTO`) ran inside its host's party step: its handler collects.
     """
+    local = {p: out[0] for p, out in trained.items()}
     s = _Protected(uploaders=list(local))
     kp = cfg.ckks_key_party
 
     def keygen() -> None:  # fresh keys each round; the secret stays with the key party
         s.ckks_keys = [
-            _party_step(ckks_keygen, cfg, kp)(federation, kp, r, plan, id=f"ckks_keygen_r{r}")
+            _party_step(ckks_keygen, cfg, kp, Stage.CKKS_KEYGEN)(
+                federation, kp, r, plan, id=f"ckks_keygen_r{r}"
+            )
         ]
 
-    def advertise() -> None:
-        s.adverts = party.each("advertise", secagg_advertise, local, federation, local, plan)
+    def advertise() -> None:  # ran in the training step; its adverts came back with the update
+        s.adverts = [ref for out in trained.values() for ref in out[1].load()]
 
     def keys_roster() -> None:
         s.roster = coord(secagg_keys_roster)(
@@ -316,7 +364,8 @@ def _protect_and_aggregate(
 
     def share_keys() -> None:
         who = s.roster.load().parties
-        s.shares = party.each("share_keys", secagg_share_keys, who, federation, s.roster, plan)
+        shared = party.each("share_keys", secagg_share_keys, who, federation, s.roster, plan)
+        s.shares = list(shared.values())
 
     def shares_roster() -> None:
         s.roster = coord(secagg_shares_roster)(
@@ -325,9 +374,10 @@ def _protect_and_aggregate(
         s.uploaders, s.rosters = s.roster.load().shared, [s.roster]
 
     def upload() -> None:
-        s.sealed = party.each(
+        sealed = party.each(
             "upload", export_update, s.uploaders, federation, local, plan, s.rosters, s.ckks_keys
         )
+        s.sealed = list(sealed.values())
 
     def inputs_roster() -> None:
         s.roster = coord(secagg_inputs_roster)(
@@ -337,7 +387,9 @@ def _protect_and_aggregate(
 
     def unmask() -> None:
         who = s.roster.load().uploaded
-        s.reveals = party.each("unmask", secagg_reveal, who, federation, s.roster, plan)
+        s.reveals = list(
+            party.each("unmask", secagg_reveal, who, federation, s.roster, plan).values()
+        )
 
     def summed() -> None:
         s.summed = coord(ckks_sum)(
@@ -346,7 +398,7 @@ def _protect_and_aggregate(
 
     def decrypt() -> None:
         s.ckks_plain = [
-            _party_step(ckks_decrypt, cfg, kp)(
+            _party_step(ckks_decrypt, cfg, kp, Stage.CKKS_DECRYPT)(
                 federation, kp, r, s.summed, plan, id=f"ckks_decrypt_r{r}"
             )
         ]
@@ -379,5 +431,6 @@ def _protect_and_aggregate(
         Stage.AGGREGATE: aggregated,
     }
     for stage in protection_stages(protection):
+        party.late.sweep()  # a late answer that came in meanwhile is refused, with a log line
         handlers[stage]()  # a stage the pipeline cannot run is a KeyError, never a skip
     return s

@@ -8,6 +8,7 @@ class Artifacts(StrEnum):
     FEDERATION_PLAN = "federation_plan"
     DATASET_REF = "dataset_ref"
     LOCAL_UPDATE_REF = "local_update_ref"
+    SECAGG_ADVERTS = "secagg_adverts"
     SEALED_UPDATE_REF = "sealed_update_ref"
     GLOBAL_ADAPTER_REF = "global_adapter_ref"
     AGGREGATE_REPORT = "aggregate_report"

@@ -1,7 +1,8 @@
-"""Secure-aggregation stages: party steps (advertise, share keys, reveal) and coordinator rosters.
+"""Secure-aggregation stages: party steps (share keys, reveal) and coordinator rosters.
 
 Each stage is its own step so that a multi-cloud run executes the same protocol as the local one:
-party steps run on the party's step operator, roster steps beside the coordinator.
+party steps run on the party's (light) step operator, roster steps beside the coordinator. The
+advertisement runs inside the training step (steps/train.py).
 """
 
 from typing import Annotated, Any
@@ -11,7 +12,6 @@ from zenml import step
 from cloudfed.artifacts import (
     FederationPlan,
     GlobalAdapterRef,
-    LocalUpdateRef,
     SealedUpdateRef,
     SecAggRoster,
     StageRef,
@@ -21,20 +21,6 @@ from steps._work import timed_work
 
 STAGE_REF = "secagg_stage_ref"
 ROSTER = "secagg_roster"
-
-
-@step
-def secagg_advertise(
-    federation: dict[str, Any], party: str, local_update: LocalUpdateRef, plan: FederationPlan
-) -> Annotated[StageRef, STAGE_REF]:
-    with timed_work(party=party):
-        refuse_launcher_environment(party)
-        from cloudfed.federation import parse_federation
-        from cloudfed.party import advertise
-
-        cfg = parse_federation(federation)
-        result = advertise(cfg, cfg.party(party), local_update, plan)
-    return result
 
 
 @step

@@ -125,12 +125,13 @@ def pipeline_command(config: Path) -> list[str]:
 
 
 def run_pipeline(
-    project: Path, config: Path, timeout: int = 900
+    project: Path, config: Path, timeout: int = 900, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """`extra_env`: the parties' own runtime environment (e.g. a fault-injection hook)."""
     return subprocess.run(
         pipeline_command(config),
         cwd=project,
-        env=party_env(project, config),
+        env={**party_env(project, config), **(extra_env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -144,3 +144,48 @@ def test_privacy_utility_tiny(tmp_path: Path) -> None:
     assert len(eps) == 3 and all(0 < e <= 8.0 for e in eps.values())
     overhead = result["dp_sgd_overhead"]
     assert overhead["steps"] == 2 and overhead["plain_s"] > 0 and overhead["dp_sgd_s"] > 0
+
+
+def test_scale_tiny() -> None:
+    result = _bench("benchmarks/scale.py", "--tiny")
+    small, large = result["in_process"]
+    assert (small["parties"], large["parties"]) == (3, 4)
+    for row in (small, large):
+        assert row["accepted"] == row["parties"]  # every party went through secure aggregation
+        assert set(row["coordinator_peak_mib"]) == {
+            "keys_roster",
+            "shares_roster",
+            "inputs_roster",
+            "aggregate",
+        }
+        assert row["update_bytes_masked"] > 0 and all(s > 0 for s in row["round_s"])
+    assert result["in_process_growth"]["round_s"]["parties_ratio"] == round(4 / 3, 2)
+    assert "pipeline" not in result
+
+
+def test_load50_config_is_what_the_benchmark_writes(tmp_path: Path) -> None:
+    """configs/load50.yaml is generated (`benchmarks/scale.py --write-config`): kept current."""
+    from cloudfed.federation import load_run_config
+
+    out = tmp_path / "load50.yaml"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks/scale.py"), "--write-config", str(out)]
+        + ["--parties", "50"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    committed = REPO_ROOT / "configs" / "load50.yaml"
+    assert out.read_text() == committed.read_text(), "regenerate configs/load50.yaml"
+    cfg = load_run_config(committed)
+    assert len(cfg.parties) == 50 and cfg.lora.rank == 2 and cfg.protection.default == "secagg"
+
+
+@pytest.mark.e2e
+def test_zenml_floor_tiny() -> None:
+    """Its own isolated ZenML config (set before zenml is imported), as every benchmark run."""
+    result = _bench("benchmarks/zenml_floor.py", "--tiny")
+    (row,) = result["runs"]
+    assert row["per_party"]["steps"] == 2 and row["batched"]["steps"] == 1
+    assert row["per_party"]["per_step_s"] > 0 and row["batched"]["pipeline_s"] > 0

@@ -135,3 +135,45 @@ def test_cli_writes_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_too_few_rows_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="train_rows"):
         generate_demo(tmp_path, train_rows=10)
+
+
+def test_scaled_parties_copy_the_demo_shapes_under_their_own_names(tmp_path: Path) -> None:
+    from cloudfed.data.demo import generate_scaled, scaled_parties
+    from cloudfed.data.mapping import load_mapping
+
+    sources = Path(__file__).resolve().parents[1] / "data_contracts" / "sources"
+    written = generate_scaled(tmp_path, 5, sources=sources, train_rows=60, eval_rows=4)
+    assert (
+        list(written)
+        == list(scaled_parties(5))
+        == [
+            "hospital-aws-00",
+            "bank-gcp-01",
+            "insurer-azure-02",
+            "hospital-aws-03",
+            "bank-gcp-04",
+        ]
+    )
+    assert written["insurer-azure-02"]["train"].suffix == ".parquet"
+    for party, files in written.items():
+        assert load_mapping(files["mapping"]).party == party  # each mapping names its party
+    markers = planted_markers_of(written)
+    repeats = len(demo.DUPLICATES) + len(demo.NEAR_DUPLICATES)  # planted within each party
+    assert len(markers) == 5 * (60 + 4 - repeats)  # unique across parties, not only within one
+    generate_scaled(tmp_path / "again", 5, sources=sources, train_rows=60, eval_rows=4)
+    assert _files(tmp_path / "hospital-aws-03") == _files(tmp_path / "again" / "hospital-aws-03")
+    with pytest.raises(ValueError, match="at least one party"):
+        scaled_parties(0)
+
+
+def planted_markers_of(written: dict[str, dict[str, Path]]) -> set[str]:
+    found: set[str] = set()
+    for files in written.values():
+        for split in ("train", "eval"):
+            path = files[split]
+            if path.suffix == ".parquet":
+                text = json.dumps(pq.read_table(path).to_pylist(), default=str)
+            else:
+                text = path.read_text(encoding="utf-8")
+            found.update(MARKER_RE.findall(text))
+    return found

@@ -225,14 +225,22 @@ components:
     cloud: gcp
     party: bank
     config: {record_file: "${STAND_IN_RECORD}"}
+  op_hospital_light:
+    type: step_operator
+    flavor: stand_in
+    cloud: aws
+    party: hospital
+    config: {record_file: "${STAND_IN_RECORD}"}
 stacks:
   cloudfed-stand-in:
     orchestrator: default
     artifact_store: default
     experiment_tracker: mlflow_local
-    step_operator: [op_hospital, op_bank]
+    step_operator: [op_hospital, op_bank, op_hospital_light]
 """
 OPERATORS = {"hospital-aws": "op_hospital", "bank-gcp": "op_bank"}
+# The hospital's protocol stages run on its light operator; the bank has none (its own runs all).
+LIGHT = {"hospital-aws": "op_hospital_light"}
 
 
 def _register(project: Path, spec: Path, record: Path) -> subprocess.CompletedProcess[str]:
@@ -276,6 +284,7 @@ def stand_in_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for party in fed["parties"]:
         party["cloud"] = party["name"].split("-")[1]
         party["step_operator"] = OPERATORS[party["name"]]
+        party["light_step_operator"] = LIGHT.get(party["name"])
     config = write_config(work / "run.yaml", fed)
     proc = run_pipeline(project, config)
     return {
@@ -296,7 +305,7 @@ def test_registering_twice_changes_nothing(stand_in_run: dict) -> None:
     assert "zenml stack register cloudfed-stand-in" in first.stdout
     assert again.returncode == 0, again.stdout + again.stderr
     assert "zenml " not in again.stdout.replace("zenml stack set", ""), again.stdout
-    assert again.stdout.count("unchanged:") == 3  # two operators and the stack
+    assert again.stdout.count("unchanged:") == 4  # three operators and the stack
 
 
 @pytest.mark.e2e
@@ -313,12 +322,16 @@ def test_each_party_step_ran_on_its_own_partys_operator(stand_in_run: dict) -> N
         if party is None:  # the coordinator's steps stay on the orchestrator
             assert step.config.step_operator is None, name
             continue
-        assert step.config.step_operator == OPERATORS[party], name
+        light = name.startswith("upload_")  # plaintext rounds: upload is the protocol stage
+        want = LIGHT.get(party, OPERATORS[party]) if light else OPERATORS[party]
+        assert step.config.step_operator == want, name
         docker = step.config.docker_settings
         assert docker.required_integrations == (["aws", "s3"] if "aws" in party else ["gcp"])
     party_steps = {n for n, op in recorded.items() if op}
     assert {f"train_{p}_r1" for p in OPERATORS} <= party_steps
     assert {f"harmonize_{p}" for p in OPERATORS} <= party_steps
+    assert recorded["upload_hospital-aws_r1"] == "op_hospital_light"
+    assert recorded["evaluate_hospital-aws_r1"] == "op_hospital"  # loads the model: heavy
     # ...and each went through that operator: what the stand-in saw, step by step.
     lines = stand_in_run["record"].read_text().splitlines()
     submitted = {d["step"]: d["operator"] for d in map(json.loads, lines)}

@@ -263,24 +263,70 @@ def generate_demo(
     out_root: Path, *, seed: int = 0, train_rows: int = 240, eval_rows: int = 60
 ) -> dict[str, dict[str, Path]]:
     """Write ``<out_root>/<party>/raw/{train,eval}.<ext>`` for the three demo parties."""
+    return _generate(out_root, {p: p for p in PARTIES}, seed, train_rows, eval_rows)
+
+
+def scaled_parties(n: int) -> dict[str, str]:
+    """`n` party names, each mapped to the demo export it is shaped like (the three in turn).
+
+    A load test needs many parties but only the three source mappings the contracts ship, so
+    party i copies the format of demo party i mod 3 under a name of its own.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one party, got {n}")
+    shapes = list(PARTIES)
+    return {f"{shapes[i % len(shapes)]}-{i:02d}": shapes[i % len(shapes)] for i in range(n)}
+
+
+def generate_scaled(
+    out_root: Path,
+    n: int,
+    *,
+    sources: Path,
+    seed: int = 0,
+    train_rows: int = 60,
+    eval_rows: int = 12,
+) -> dict[str, dict[str, Path]]:
+    """Raw exports for `n` parties (`scaled_parties`), each with its own records and markers.
+
+    Each party also gets ``<party>/mapping.yaml``: the source mapping of the demo party it copies
+    (from `sources`, e.g. data_contracts/sources) under its own name, since a mapping names the
+    one party it belongs to.
+    """
+    shapes = scaled_parties(n)
+    written = _generate(out_root, shapes, seed, train_rows, eval_rows)
+    for party, shape in shapes.items():
+        mapping = (Path(sources) / f"{shape}.yaml").read_text(encoding="utf-8")
+        mapping, found = re.subn(r"(?m)^party: .*$", f"party: {party}", mapping, count=1)
+        if not found:
+            raise ValueError(f"{Path(sources) / f'{shape}.yaml'}: no top-level `party:` line")
+        path = Path(out_root) / party / "mapping.yaml"
+        path.write_text(mapping, encoding="utf-8")
+        written[party]["mapping"] = path
+    return written
+
+
+def _generate(
+    out_root: Path, shapes: dict[str, str], seed: int, train_rows: int, eval_rows: int
+) -> dict[str, dict[str, Path]]:
     if train_rows < MIN_TRAIN_ROWS or eval_rows < 1:
         raise ValueError(f"need train_rows >= {MIN_TRAIN_ROWS} and eval_rows >= 1")
     out_root = Path(out_root)
-    total = len(PARTIES) * (train_rows + eval_rows)
+    total = len(shapes) * (train_rows + eval_rows)
     pool = random.Random(f"cloudfed-demo:{seed}:markers").sample(range(16**6), total)
     markers = iter(f"{MARKER_PREFIX}{n:06X}" for n in pool)
     written: dict[str, dict[str, Path]] = {}
-    for party, ext in PARTIES.items():
+    for party, shape in shapes.items():
         rng = random.Random(f"cloudfed-demo:{seed}:{party}")
         raw_dir = out_root / party / "raw"
         raw_dir.mkdir(parents=True, exist_ok=True)
         written[party] = {}
         for split, n in (("train", train_rows), ("eval", eval_rows)):
-            rows = [_MAKERS[party](rng, next(markers)) for _ in range(n)]
+            rows = [_MAKERS[shape](rng, next(markers)) for _ in range(n)]
             if split == "train":
-                _plant_faults(party, rows, rng)
-            path = raw_dir / f"{split}.{ext}"
-            _write(party, rows, path)
+                _plant_faults(shape, rows, rng)
+            path = raw_dir / f"{split}.{PARTIES[shape]}"
+            _write(shape, rows, path)
             written[party][split] = path
     return written
 
@@ -299,15 +345,25 @@ def planted_markers(out_root: Path) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the demo raw exports of three clouds.")
+    parser = argparse.ArgumentParser(
+        description="Write the demo raw exports of three clouds (or --parties N for a load test)."
+    )
     parser.add_argument("--out", type=Path, default=Path(".cloudfed/clouds"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-rows", type=int, default=240)
     parser.add_argument("--eval-rows", type=int, default=60)
-    args = parser.parse_args(argv)
-    written = generate_demo(
-        args.out, seed=args.seed, train_rows=args.train_rows, eval_rows=args.eval_rows
+    parser.add_argument(
+        "--parties", type=int, default=None, help="N load-test parties (scaled_parties), not 3"
     )
+    parser.add_argument(
+        "--sources", type=Path, default=Path("data_contracts/sources"), help="with --parties"
+    )
+    args = parser.parse_args(argv)
+    rows = {"seed": args.seed, "train_rows": args.train_rows, "eval_rows": args.eval_rows}
+    if args.parties is None:
+        written = generate_demo(args.out, **rows)
+    else:
+        written = generate_scaled(args.out, args.parties, sources=args.sources, **rows)
     for party, splits in written.items():
         for split, path in splits.items():
             print(f"{party:>14} {split:<5} {path}")

@@ -113,6 +113,9 @@ class StorageKeySource:
             if not path.exists():
                 return None
             check_owner_only(path)
+            # written by write_owner_only (0600), not the store, so it has no stored digest; a
+            # damaged PEM fails to parse, naming the file
+            return path.read_bytes()
         try:
             return self.store.get_bytes(key)
         except FileNotFoundError:

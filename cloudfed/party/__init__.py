@@ -10,13 +10,15 @@ returns follows the release rules (README, Privacy budgets): no example count, n
 metric, keyed digests instead of hashes of its data.
 
 The modules follow a party's concerns: `data`, `admission` (keys and consent), `training`,
-`evaluation`, and the protection stages `secagg`, `sealing` (the upload) and `ckks`.
+`evaluation`, the protection stages `secagg`, `sealing` (the upload) and `ckks`, and
+`round_start` (training and the advertisement, one step).
 """
 
 from cloudfed.party.admission import consent, party_keys, simulated_dropout
 from cloudfed.party.ckks import back_onto_grid, ckks_decrypt_sum, ckks_keygen
 from cloudfed.party.data import prepare_dataset, read_rows, read_verified, release_dataset
 from cloudfed.party.evaluation import evaluate_round
+from cloudfed.party.round_start import train_and_advertise
 from cloudfed.party.sealing import upload
 from cloudfed.party.secagg import advertise, reveal_shares, share_keys
 from cloudfed.party.training import LocalUpdateRecord, load_local_update, train_round, training_seed
@@ -38,6 +40,7 @@ __all__ = [
     "reveal_shares",
     "share_keys",
     "simulated_dropout",
+    "train_and_advertise",
     "train_round",
     "training_seed",
     "upload",

@@ -6,6 +6,10 @@ other than the pinned one, stops the party before it reads a row or publishes an
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+
 from cloudfed.artifacts import FederationPlan
 from cloudfed.errors import SimulatedDropout
 from cloudfed.exchange import Exchange, federation_exchange, publish_public_keys
@@ -16,10 +20,42 @@ from cloudfed.party_policy import LoadedPolicy, check_pin, enforce, load_policy,
 from cloudfed.protection import KeyPairs
 from cloudfed.protection.messages import COORDINATOR
 
+logger = logging.getLogger(__name__)
+
+# Fault injection, for tests of the stage deadlines: `party:stage:seconds[,party:stage:seconds]`
+# makes that party's step sleep before it does that stage's work. Read from the environment of
+# the process the party step runs in (the party's own runtime), never from the run
+# configuration: party steps refuse a run configuration that sets any CLOUDFED_* variable
+# (steps/_party.py), and a delay only makes the party late, which the coordinator treats as a
+# dropout: it cannot weaken any check.
+FAULT_DELAY_ENV = "CLOUDFED_FAULT_DELAY"
+
 
 def simulated_dropout(cfg: FederationConfig, party: str, stage: str, round: int) -> None:
+    injected_delay(party, stage, round)
     if cfg.simulate_dropouts.get(party) == stage:
         raise SimulatedDropout(f"{party} left round {round} at {stage} (simulate_dropouts)")
+
+
+def injected_delay(party: str, stage: str, round: int) -> float:
+    """Sleep as `CLOUDFED_FAULT_DELAY` asks for this party and stage (test hook); seconds slept."""
+    spec = os.environ.get(FAULT_DELAY_ENV, "")
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, rest = item.partition(":")
+        at, _, seconds = rest.partition(":")
+        if name == party and at == stage:
+            try:
+                delay = float(seconds)
+            except ValueError:
+                raise ValueError(
+                    f"{FAULT_DELAY_ENV}={spec!r}: {item!r} is not party:stage:seconds"
+                ) from None
+            logger.warning(
+                "%s sleeps %g s at %s, round %d (%s)", party, delay, stage, round, FAULT_DELAY_ENV
+            )
+            time.sleep(delay)
+            return delay
+    return 0.0
 
 
 def party_keys(

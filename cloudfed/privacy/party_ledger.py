@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,8 +149,11 @@ def training_lock(state_dir: str | AnyPath, party: str) -> Iterator[None]:
 def _object_lock(lock: StorePath, party: str) -> Iterator[None]:
     from cloudfed.party_policy import ConsentError
 
+    # a nonce: an exclusive put that finds its own bytes counts as done (a retried upload), so
+    # two acquirers in one process and second must not write the same body
+    body = f"{os.getpid()} {_now()} {uuid.uuid4().hex}"
     try:
-        lock.store.put_bytes(lock.key, f"{os.getpid()} {_now()}".encode(), exclusive=True)
+        lock.store.put_bytes(lock.key, body.encode(), exclusive=True)
     except FileExistsError:
         raise ConsentError(
             f"{party} refuses to train: another DP-SGD training of this party is running ({lock} "

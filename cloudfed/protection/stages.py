@@ -31,16 +31,38 @@ class Stage(StrEnum):
     EVALUATE = "evaluate"  # every party, on its own held-out split
 
 
+# A party stage that runs inside the party step of the stage before it. Allowed only for a stage
+# that needs nothing from the other parties or the coordinator since its host stage: the secagg
+# advertisement (fresh mask key and seed) needs the round and the plan, which training has; the
+# keys roster, the first stage that reads advertisements, still waits for every training step,
+# and the privacy reservation still comes before training. `check_folding` holds the rule.
+FOLDED_INTO: dict[Stage, Stage] = {Stage.ADVERTISE: Stage.TRAIN}
+
+# Stages run by the coordinator, or by the key party once per round: no deadline, no dropout.
+COORDINATOR_STAGES = frozenset(
+    {
+        Stage.RESERVE,
+        Stage.KEYS_ROSTER,
+        Stage.SHARES_ROSTER,
+        Stage.INPUTS_ROSTER,
+        Stage.CKKS_SUM,
+        Stage.AGGREGATE,
+    }
+)
+KEY_PARTY_STAGES = frozenset({Stage.CKKS_KEYGEN, Stage.CKKS_DECRYPT})
+
+
 def protection_stages(modes: Collection[str]) -> list[Stage]:
-    """From a trained update to the published aggregate, for the round's protection modes."""
+    """From a trained update to the published aggregate, for the round's protection modes.
+
+    The advertisement comes first: it needs nothing but the round, so it can share the
+    training step (`FOLDED_INTO`); CKKS key generation is independent of it.
+    """
     secagg, ckks = "secagg" in modes, "ckks" in modes
     return [
+        *([Stage.ADVERTISE] if secagg else []),
         *([Stage.CKKS_KEYGEN] if ckks else []),
-        *(
-            [Stage.ADVERTISE, Stage.KEYS_ROSTER, Stage.SHARE_KEYS, Stage.SHARES_ROSTER]
-            if secagg
-            else []
-        ),
+        *([Stage.KEYS_ROSTER, Stage.SHARE_KEYS, Stage.SHARES_ROSTER] if secagg else []),
         Stage.UPLOAD,
         *([Stage.INPUTS_ROSTER, Stage.UNMASK] if secagg else []),
         *([Stage.CKKS_SUM, Stage.CKKS_DECRYPT] if ckks else []),
@@ -52,3 +74,35 @@ def round_stages(modes: Collection[str], *, privacy: bool) -> list[Stage]:
     """Every stage of one round in order: reserve (party-level DP), train, protect, evaluate."""
     reserve = [Stage.RESERVE] if privacy else []
     return [*reserve, Stage.TRAIN, *protection_stages(modes), Stage.EVALUATE]
+
+
+def party_steps(modes: Collection[str], *, privacy: bool) -> list[tuple[Stage, ...]]:
+    """The party steps of one round in order, each the stages it runs (folded ones included).
+
+    Every party that stays in the round runs each of these once; the key party's CKKS stages
+    and the coordinator's are not party steps.
+    """
+    steps: list[tuple[Stage, ...]] = []
+    for stage in round_stages(modes, privacy=privacy):
+        if stage in COORDINATOR_STAGES or stage in KEY_PARTY_STAGES:
+            continue
+        if stage in FOLDED_INTO:
+            host = FOLDED_INTO[stage]
+            assert steps and steps[-1][0] == host, f"{stage} folds into {host}, not before it"
+            steps[-1] = (*steps[-1], stage)
+        else:
+            steps.append((stage,))
+    return steps
+
+
+def check_folding(stages: list[Stage]) -> None:
+    """A folded stage must directly follow its host: nobody else's stage may come between."""
+    for stage, host in FOLDED_INTO.items():
+        if stage not in stages:
+            continue
+        at = stages.index(stage)
+        if at == 0 or stages[at - 1] != host:
+            raise ValueError(
+                f"stage {stage} runs inside the {host} step, so it must follow {host} directly; "
+                f"the order is {[str(s) for s in stages]}"
+            )
