@@ -21,7 +21,7 @@ QUIET := $(filter quiet,$(LOG_MODE))
 PIP_Q := $(if $(QUIET),-qq,--quiet)
 QUIETLY = $(if $(QUIET),out=$$($(1) 2>&1) || { echo "$$out"; exit 1; },$(1))
 
-.PHONY: run test setup browser stack demo-data policies preflight lint ui bench bench-env clean status start-over unlock compare load50 bench-scale
+.PHONY: run test setup browser azurite stack demo-data policies preflight lint ui bench bench-env clean status start-over unlock compare load50 bench-scale
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,9 +74,22 @@ browser:
 	  command -v chromium >/dev/null 2>&1 || \
 	    echo "chromium could not be installed: run 'apt-get install chromium' (as root)"; }
 
-# Flower's venv too: a test runs its benchmark peer in tiny mode beside ours.
-test: setup browser bench-env
-	CLOUDFED_REQUIRE_BROWSER=1 CLOUDFED_REQUIRE_FLOWER=1 $(BIN)/python -m pytest -q
+# Azurite, Azure's storage emulator, for the storage tests (tests/storage_servers.py): an npm
+# package, pinned, installed into the git-ignored .tools/ (node >= 18 and npm must be installed).
+AZURITE_VERSION := 3.37.0
+AZURITE_STAMP := .tools/azurite/.installed-$(AZURITE_VERSION)
+$(AZURITE_STAMP):
+	@command -v npm >/dev/null 2>&1 || { echo "Azurite needs node (>= 18) and npm: install them (apt-get install nodejs npm) and run make again"; exit 1; }
+	mkdir -p .tools/azurite
+	npm install --prefix .tools/azurite --no-audit --no-fund --save-exact $(if $(QUIET),--silent,) azurite@$(AZURITE_VERSION)
+	touch $@
+
+azurite: $(AZURITE_STAMP)
+
+# Flower's venv too: a test runs its benchmark peer in tiny mode beside ours. The storage tests
+# fail, not skip, when a server is missing (CLOUDFED_REQUIRE_STORAGE_SERVERS).
+test: setup browser bench-env azurite
+	CLOUDFED_REQUIRE_BROWSER=1 CLOUDFED_REQUIRE_FLOWER=1 CLOUDFED_REQUIRE_STORAGE_SERVERS=1 $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

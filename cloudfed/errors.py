@@ -27,6 +27,15 @@ class ProtectionError(CloudfedError):
     """
 
 
+class StorageIntegrityError(ProtectionError):
+    """Stored bytes do not match the sha256 written with them (truncated, altered, or foreign).
+
+    A ProtectionError because readers already treat a rejected message that way (an upload that
+    fails is a party that dropped), but not opaque: a digest mismatch is no decryption oracle, and
+    the message names the object so that an operator can find it.
+    """
+
+
 class AggregationError(CloudfedError):
     """A round cannot be aggregated, e.g. fewer valid updates than `min_parties`."""
 

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from cloudfed.federation import (
 )
 from cloudfed.locations import AnyPath, location
 from cloudfed.privacy.settings import DEFAULT_DP_SGD_MAX_EPSILON, PrivacyMode
+from cloudfed.storage import normalised_location
 
 if TYPE_CHECKING:
     from cloudfed.protection.rotation import RotationStatement
@@ -109,10 +111,23 @@ class KeysPolicy(_Strict):
     source: Literal["storage", "env", "secret_manager"] = "storage"
     folder: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    env_var: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    # CLOUDFED_* only: steps refuse a run configuration that sets those for a party's steps,
+    # so the launcher cannot set the variable the party reads its key from.
+    env_var: str | None = None
     secret_manager: str | None = None
     secret_id: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("env_var")
+    @classmethod
+    def _party_namespace(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"CLOUDFED_[A-Z0-9_]+", value):
+            raise ValueError(
+                f"keys.env_var={value!r} must match ^CLOUDFED_[A-Z0-9_]+$: a run configuration "
+                "may set any other variable for the party's steps, and so choose its key. Fix: "
+                "rename it, e.g. CLOUDFED_PARTY_KEY_<PARTY>"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fields_of_the_source(self) -> KeysPolicy:
@@ -149,6 +164,10 @@ class PartyPolicy(_Strict):
     pins: Pins
     # Where its private keys live (see KeysPolicy); today's storage folder by default.
     keys: KeysPolicy = KeysPolicy()
+    # Its own storage (parties[].storage) as provisioned: a run configuration that points it
+    # elsewhere is refused, or the party would write its data and updates where the launcher
+    # chose. None: not checked (a policy written before this field).
+    storage: str | None = None
     # Party-side state; relative paths are relative to the policy file's folder. A folder or an
     # object-store URL (s3://, gs://, abfs://) with its fsspec `state_options` (never credentials).
     state_dir: str | None = None
@@ -309,6 +328,17 @@ def violations(cfg: FederationConfig, loaded: LoadedPolicy) -> list[str]:
         out.append(
             f"parameters.federation.protection.ckks.key_party={key_party!r} is not a party "
             f"{where} trusts with a CKKS secret key (ckks_key_parties={pol.ckks_key_parties})"
+        )
+    mine = next((p for p in cfg.parties if p.name == pol.party), None)
+    if (
+        pol.storage is not None
+        and mine is not None
+        and normalised_location(str(mine.storage)) != normalised_location(pol.storage)
+    ):
+        out.append(
+            f"parameters.federation.parties[{pol.party}].storage={str(mine.storage)!r} is not the "
+            f"party's own storage {pol.storage!r} (storage in {where}); a party keeps its data, "
+            "updates and keys only where it chose"
         )
     members = [p.name for p in cfg.active_parties]
     unpinned = sorted(set(members) - set(pol.pins.parties))
@@ -502,6 +532,7 @@ def _dp_sgd_floor(cfg: FederationConfig, dp) -> DpSgdFloor:
 def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
     """Keys for the coordinator and every party (made once), and one policy per party."""
     from cloudfed.keys import load_party_keys
+    from cloudfed.keys.sources import key_folder
     from cloudfed.locations import on_disk
     from cloudfed.protection.keys import load_or_create_keys
 
@@ -524,11 +555,18 @@ def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
             lines.append(f"kept {path} (the party's own; --force rewrites it)")
             continue
         policy = policy_for(cfg, party.name, prints)
-        if party.name in existing:  # a rewrite keeps where the party's keys live
-            policy = policy.model_copy(update={"keys": existing[party.name].policy.keys})
+        keys_spec = existing[party.name].policy.keys if party.name in existing else KeysPolicy()
+        if keys_spec.source == "storage" and keys_spec.folder is None:
+            # Recorded where the key was found: a launcher that later moves the party's storage
+            # moves no key, and the party never makes one there (rounds load with create=False).
+            folder = _resolved(key_folder(party, existing.get(party.name)))
+            options = keys_spec.storage_options or dict(party.storage_options)
+            keys_spec = keys_spec.model_copy(update={"folder": folder, "storage_options": options})
+        # Where the party's keys and storage live (the storage as this configuration has it, as
+        # everything else provisioning writes): the launcher moves neither later.
+        storage = _resolved(str(party.storage))
+        policy = policy.model_copy(update={"keys": keys_spec, "storage": storage})
         doc = policy.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-        if doc.get("keys") == KeysPolicy().model_dump(mode="json", exclude_none=True):
-            del doc["keys"]
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         header = (
             f"# {party.name}'s own policy: the weakest federation it takes part in, and the keys\n"
@@ -538,6 +576,10 @@ def provision(cfg: FederationConfig, *, force: bool = False) -> list[str]:
         path.write_text(header + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         lines.append(f"wrote {path}")
     return lines
+
+
+def _resolved(where: str) -> str:
+    return where if "://" in where else str(Path(where).resolve())
 
 
 def main(argv: list[str] | None = None) -> int:

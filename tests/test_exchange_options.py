@@ -99,3 +99,10 @@ def test_ordinary_fsspec_options_are_not_mistaken_for_credentials() -> None:
     fed = _fed()
     fed["parties"][0]["storage_options"] = options
     assert parse_federation(fed).parties[0].storage_options == options
+
+
+def test_retry_settings_in_exchange_options_tune_the_store_not_fsspec() -> None:
+    options = {"endpoint_url": "http://minio.internal:9000", "retry": {"attempts": 8}}
+    ex = federation_exchange(parse_federation(_fed(exchange_options=options)))
+    assert ex.retry.attempts == 8
+    assert ex.fs.storage_options == {"endpoint_url": "http://minio.internal:9000"}

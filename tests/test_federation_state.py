@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from cloudfed import coordinator, run_lock
-from cloudfed.errors import ConfigError, ProtectionError
+from cloudfed.errors import ConfigError, ProtectionError, StorageIntegrityError
 from cloudfed.exchange import Exchange, federation_exchange
 from cloudfed.federation import parse_federation
 from cloudfed.federation_state import History, Lineage, check_continues, publish_round, record_key
@@ -150,6 +151,12 @@ def test_a_round_is_published_once(tmp_path: Path, model_cache: Path) -> None:
         _publish(cfg, plan, 1)
 
 
+def _forge(exchange: Exchange, key: str, data: bytes) -> None:
+    """Write an object the way an adversary on the exchange would: bytes and their digest."""
+    (Path(exchange.root) / key).write_bytes(data)
+    (Path(exchange.root) / ".sha256" / key).write_text(hashlib.sha256(data).hexdigest())
+
+
 def test_a_tampered_or_removed_record_is_refused(tmp_path: Path, model_cache: Path) -> None:
     cfg = _cfg(tmp_path, model_cache)
     plan = _prepare(cfg)
@@ -159,12 +166,17 @@ def test_a_tampered_or_removed_record_is_refused(tmp_path: Path, model_cache: Pa
     path = Path(exchange.root) / record_key(1, 2)
     blob = bytearray(path.read_bytes())
     blob[-1] ^= 1
-    path.write_bytes(bytes(blob))
+    path.write_bytes(bytes(blob))  # a careless edit: the store's digest no longer matches
+    with pytest.raises(StorageIntegrityError, match="do not match their sha256"):
+        coordinator.prepare(cfg)
+    _forge(
+        exchange, record_key(1, 2), bytes(blob)
+    )  # an adversary rewrites the digest too: the signature stops it
     with pytest.raises(ProtectionError, match="not signed by this coordinator"):
         coordinator.prepare(cfg)
     path.unlink()
     (Path(exchange.root) / record_key(1, 1)).unlink()
-    (Path(exchange.root) / record_key(1, 2)).write_bytes(b"")  # a gap: round 1 removed
+    _forge(exchange, record_key(1, 2), b"")  # a gap: round 1 removed
     with pytest.raises(ProtectionError, match="without gaps"):
         coordinator.prepare(cfg)
 

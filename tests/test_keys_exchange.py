@@ -1,3 +1,4 @@
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -142,6 +143,8 @@ def test_overwrite_is_atomic_and_leaves_no_temp(tmp_path: Path) -> None:
     ex.put_bytes("a/b.bin", b"two")
     assert ex.get_bytes("a/b.bin") == b"two"
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin"]
+    digest = (tmp_path / ".sha256" / "a" / "b.bin").read_text().strip()
+    assert digest == hashlib.sha256(b"two").hexdigest()
 
 
 def test_non_local_backend_via_fsspec() -> None:

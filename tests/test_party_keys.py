@@ -144,15 +144,17 @@ def test_a_storage_folder_in_an_object_store_holds_current_and_pending_pairs() -
     assert source.load().current is None
     first = generate_keys("party", A)
     source.create(first)
-    nxt = generate_keys("party", A, commitment=commitment_key(first))
+    nxt = generate_keys("party", A, commitment=b"n" * 32)
     source.save_pending(nxt)
     held = source.load()
     assert fingerprint(held.current) == fingerprint(first)
     assert fingerprint(held.pending) == fingerprint(nxt)
-    assert held.current.commitment == held.pending.commitment == commitment_key(first)
+    # Each generation keeps its own commitment key (the genesis one derives its own).
+    assert held.current.commitment is None and held.pending.commitment == b"n" * 32
     source.promote()
     after = source.load()
     assert after.pending is None and fingerprint(after.current) == fingerprint(nxt)
+    assert after.current.commitment == b"n" * 32
     fs = fsspec.filesystem("memory")
     blobs = b"".join(fs.cat_file(f) for f in fs.find("/party-keys-test"))
     assert not any(n in blobs for n in secret_bytes(first))
@@ -222,8 +224,12 @@ def test_secret_manager_source_on_aws_secrets_manager(
             again = load_party_keys(fed.cfg, party, load_policy(A))
             assert fingerprint(first) == fingerprint(again)
         client = boto3.client("secretsmanager", region_name="eu-west-1")
+        # The pointer secret names the generation; the generation's own secret holds the keys.
         stored = json.loads(client.get_secret_value(SecretId=f"cloudfed/{A}")["SecretString"])
-        assert stored == {"current": first.material()}
+        assert stored == {"current": fingerprint(first)}
+        generation = f"cloudfed/{A}.{fingerprint(first)}"
+        held_first = json.loads(client.get_secret_value(SecretId=generation)["SecretString"])
+        assert held_first == first.material()
         assert not files_containing(Path(party.storage), secret_bytes(first))
 
         # Rotation keeps both pairs in the secret until the pin follows, then only the new one.
@@ -235,14 +241,14 @@ def test_secret_manager_source_on_aws_secrets_manager(
         held = source.load()
         assert fingerprint(held.current) == fingerprint(first)
         assert fingerprint(held.pending) == statement.new.fingerprint
-        assert held.pending.commitment == commitment_key(first)
+        assert held.pending.commitment not in (None, commitment_key(first))  # drawn fresh
         source.promote()
         after = source.load()
         assert after.pending is None and fingerprint(after.current) == statement.new.fingerprint
         current = client.get_secret_value(SecretId=f"cloudfed/{A}")["SecretString"].encode()
         assert not any(s in current for s in secret_bytes(first))
-        with pytest.raises(client.exceptions.ResourceNotFoundException):
-            client.get_secret_value(SecretId=f"cloudfed/{A}", VersionStage="AWSPREVIOUS")
+        with pytest.raises(client.exceptions.ResourceNotFoundException):  # deleted, no recovery
+            client.get_secret_value(SecretId=generation)
 
     set_key_source(A, source="secret_manager", secret_manager="no.such:Thing", secret_id="x")
     with pytest.raises(ConfigError, match=r"keys.secret_manager='no.such:Thing': cannot load"):
@@ -366,7 +372,10 @@ def test_rotation_is_followed_through_the_keys_roster_across_rounds(
         assert json.loads(loaded.rotations_file.read_text())[0]["new"]["fingerprint"] == new_fp
     after = party_key_source(fed.cfg, fed.cfg.party(B), load_policy(B)).load()
     assert after.pending is None and fingerprint(after.current) == new_fp
-    assert after.current.commitment == commitment_key(old)  # its keyed digests stay valid
+    # A fresh commitment key; the old one stays only in B's state, to check earlier digests.
+    assert after.current.commitment not in (None, commitment_key(old))
+    promoted = load_party_keys(fed.cfg, fed.cfg.party(B), load_policy(B), create=False)
+    assert promoted.retired == (commitment_key(old),)
     assert not files_containing(Path(fed.cfg.party(B).storage), secret_bytes(old))
     published = json.loads(fed.exchange.get_bytes(public_key_key("party", B)))
     assert published["fingerprint"] == new_fp

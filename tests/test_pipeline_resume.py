@@ -170,23 +170,22 @@ def test_a_second_run_at_once_is_refused(runs: dict[str, Any]) -> None:
     import json
     import socket
 
-    lock = runs["work"] / "exchange" / FED / "lock.json"
+    from cloudfed.storage import open_store
+
+    exchange = open_store(str(runs["work"] / "exchange" / FED))  # a lock as another run writes it
     now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-    lock.write_text(
-        json.dumps(
-            {
-                "run_id": "a" * 32,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started_at": now,
-                "heartbeat_at": now,
-            }
-        )
-    )
+    holder = {
+        "run_id": "a" * 32,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": now,
+        "heartbeat_at": now,
+    }
+    exchange.put_bytes("lock.json", json.dumps(holder).encode(), exclusive=True)
     try:
         proc = run_pipeline(runs["project"], runs["config"])
     finally:
-        lock.unlink()
+        exchange.delete("lock.json")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-4000:]
     assert f"federation '{FED}' is being run by run {'a' * 32} (pid {os.getpid()}" in out

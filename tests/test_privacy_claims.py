@@ -612,12 +612,14 @@ def test_a_swapped_coordinator_key_or_redirected_storage_is_refused(
     )
     with pytest.raises(ConsentError, match=r"coordinator key of coordinator .*\(pins.coordinator="):
         party_mod.advertise(fed.cfg, fed.cfg.party(A), local, swapped)
-    # Pointing the party's storage elsewhere gives it fresh keys (and a fresh ledger): refused.
+    # Pointing the party's storage elsewhere (where the launcher could read its updates, and
+    # where it would find no key): refused against the storage its policy records.
     raw = fed.cfg.model_dump(mode="json")
     raw["parties"][0]["storage"] = str(tmp_path / "elsewhere")
     moved = parse_federation(raw)
-    with pytest.raises(ConsentError, match=rf"party key of {A} .*\(pins.parties.{A}="):
+    with pytest.raises(ConsentError, match=rf"parties\[{A}\].storage=.* is not the party's own"):
         party_mod.advertise(moved, moved.party(A), local, fed.plan)
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_no_policy_no_round(tmp_path: Path, model_cache: Path) -> None:

@@ -32,6 +32,7 @@ from cloudfed.exchange import (
     secagg_share_key,
 )
 from cloudfed.federation import FederationConfig
+from cloudfed.locations import AnyPath, replace_bytes
 from cloudfed.protection.envelope import open_public, read_public_header, sign_public
 from cloudfed.protection.keys import KeyPairs
 from cloudfed.protection.messages import (
@@ -44,7 +45,7 @@ from cloudfed.protection.messages import (
     sha256,
     stage_context,
 )
-from cloudfed.protection.rotation import parse_rotation
+from cloudfed.protection.rotation import RotationStatement, parse_rotation
 from cloudfed.protection.secagg import protocol
 
 logger = logging.getLogger(__name__)
@@ -85,13 +86,13 @@ def keys_roster(
     """After stage 1: U1 = parties whose advertisement verified; fixes graph and threshold."""
     exchange = federation_exchange(cfg)
     keys = coordinator_keys(cfg, exchange)
-    members, digests, rejected = {}, {}, []
+    members, digests, intents, rejected = {}, {}, {}, []
     for ref in sorted(adverts, key=lambda r: r.party):
         try:
             blob = exchange.get_bytes(secagg_advert_key(plan.run_id, round, ref.party))
             sender = fetch_public_keys(exchange, "party", ref.party, fingerprint=ref.fingerprint)
             context = stage_context(cfg, round, ref.party, ADVERT, run_id=plan.run_id)
-            protocol.Advertisement.model_validate_json(
+            advert = protocol.Advertisement.model_validate_json(
                 open_public(blob, context=context, sender=sender).payload
             )
         except (ProtectionError, ValueError, FileNotFoundError) as exc:
@@ -99,6 +100,7 @@ def keys_roster(
             continue
         members[ref.party] = ref.fingerprint
         digests[ref.party] = sha256(blob)
+        intents[ref.party] = advert.rotate_to
     if len(members) < cfg.min_parties:
         raise AggregationError(
             f"round {round}: {len(members)} party(ies) advertised secure-aggregation keys, fewer "
@@ -124,7 +126,13 @@ def keys_roster(
         "setup": {**setup.binding(), "min_survivors": setup.min_survivors},
         "members": members,
         "adverts": digests,
-        **_rotations(exchange, members, _ckks_key_party(cfg, plan)),
+        **_rotations(
+            exchange,
+            members,
+            _ckks_key_party(cfg, plan),
+            intents,
+            rotation_chains_dir(cfg),
+        ),
     }
     return _sign_roster(cfg, exchange, keys, plan.run_id, "keys", doc, setup, rejected)
 
@@ -133,46 +141,97 @@ def _ckks_key_party(cfg: FederationConfig, plan: FederationPlan) -> str | None:
     return cfg.ckks_key_party if "ckks" in plan.protection["tensors"] else None
 
 
+def rotation_chains_dir(cfg: FederationConfig) -> AnyPath:
+    """Where the coordinator keeps every rotation it approved, per member, in its own storage.
+
+    The exchange holds one statement per party and anyone who can write it can delete it; a
+    peer that missed several rotations catches up only along the chain kept here.
+    """
+    return cfg.coordinator_dir / "key_rotations"
+
+
+def _chain(chains_dir: AnyPath, name: str) -> list[RotationStatement]:
+    path = chains_dir / f"{name}.json"
+    if not path.exists():
+        return []
+    chain = [parse_rotation(s) for s in json.loads(path.read_text(encoding="utf-8"))]
+    for prev, nxt in zip(chain, chain[1:], strict=False):
+        if prev.new.fingerprint != nxt.old.fingerprint or nxt.party != name:
+            raise AggregationError(f"{path}: the approved key rotations of {name} do not chain")
+    return chain
+
+
+def _save_chain(chains_dir: AnyPath, name: str, chain: list[RotationStatement]) -> None:
+    doc = [s.model_dump(mode="json") for s in chain]
+    replace_bytes(chains_dir / f"{name}.json", json.dumps(doc, indent=1).encode())
+
+
 def _rotations(
-    exchange: Exchange, members: dict[str, str], ckks_key_party: str | None
+    exchange: Exchange,
+    members: dict[str, str],
+    ckks_key_party: str | None,
+    intents: dict[str, str | None],
+    chains_dir: AnyPath,
 ) -> dict[str, Any]:
     """Key rotations of members, for the keys roster; `members` moves to the new fingerprints.
 
-    A statement is approved when signed by the key the member advertised with this round (its
-    members carry the new key from the next stage on), and carried along when the member already
-    advertises with the new key (so a party that missed the approving round catches up). Anything
-    else (a bundle or statement an attacker put on the exchange) is left out and named. The
-    CKKS key party does not rotate in a round with CKKS tensors: its CKKS context was signed, and
-    the encrypted sum is sealed, to the key it had before the roster.
+    A statement on the exchange is approved only when signed by the key the member advertised
+    with this round AND its new key is the one that advertisement names (`rotate_to`): a
+    replayed statement of a rotation the party abandoned or cancelled names another key. An
+    approved statement joins the member's chain in the coordinator's own storage; a member whose
+    chain ends at the key it advertises with has the chain carried in `chains` (its last link in
+    `rotations`), so a peer that missed any number of rotations catches up from its pin, whatever
+    the exchange holds. Anything else is left out and named. The CKKS key party does not rotate
+    in a round with CKKS tensors: its CKKS context was signed, and the encrypted sum is sealed,
+    to the key it had before the roster.
     """
-    rotations, rotated, refused = {}, {}, {}
+    rotations, chains, rotated, refused = {}, {}, {}, {}
     for name, advertised in sorted(members.items()):
+        chain = _chain(chains_dir, name)
         try:
             blob = exchange.get_bytes(rotation_key(name))
         except FileNotFoundError:
-            continue
-        try:
-            statement = parse_rotation(blob)
-            if statement.party != name:
-                raise ProtectionError("rotation statement names another party")
-            if advertised not in (statement.old.fingerprint, statement.new.fingerprint):
-                raise ProtectionError(
-                    "rotation statement not signed by the key the party advertised with"
+            blob = None
+        statement = None
+        if blob is not None:
+            try:
+                statement = parse_rotation(blob)
+                if statement.party != name:
+                    raise ProtectionError("rotation statement names another party")
+                if advertised not in (statement.old.fingerprint, statement.new.fingerprint):
+                    raise ProtectionError(
+                        "rotation statement not signed by the key the party advertised with"
+                    )
+                if (
+                    statement.old.fingerprint == advertised
+                    and intents.get(name) != statement.new.fingerprint
+                ):
+                    raise ProtectionError(
+                        "rotation statement to a key the party's round advertisement does not "
+                        "name (an abandoned or replayed rotation)"
+                    )
+            except ProtectionError as exc:
+                refused[name] = str(exc)
+                logger.warning("key rotation of %s left out of the roster: %s", name, exc)
+                statement = None
+        if statement is not None and statement.old.fingerprint == advertised:
+            if name == ckks_key_party:
+                refused[name] = (
+                    "deferred: the CKKS key party rotates in a round without CKKS tensors"
                 )
-        except ProtectionError as exc:
-            refused[name] = str(exc)
-            logger.warning("key rotation of %s left out of the roster: %s", name, exc)
-            continue
-        if statement.old.fingerprint == advertised and name == ckks_key_party:
-            refused[name] = "deferred: the CKKS key party rotates in a round without CKKS tensors"
-            continue
-        rotations[name] = statement.model_dump(mode="json")
-        if statement.old.fingerprint == advertised:
-            rotated[name] = advertised
-            members[name] = statement.new.fingerprint
+            else:
+                if chain and chain[-1].new.fingerprint != advertised:
+                    chain = []  # re-pinned out of band since: a new genesis
+                chain.append(statement)
+                _save_chain(chains_dir, name, chain)
+                rotated[name] = advertised
+                members[name] = statement.new.fingerprint
+        if chain and chain[-1].new.fingerprint == members[name]:
+            rotations[name] = chain[-1].model_dump(mode="json")
+            chains[name] = [s.model_dump(mode="json") for s in chain]
     out: dict[str, Any] = {}
     if rotations:
-        out |= {"rotations": rotations, "rotated": rotated}
+        out |= {"rotations": rotations, "chains": chains, "rotated": rotated}
     if refused:
         out["refused_rotations"] = refused
     return out

@@ -1,8 +1,12 @@
 """`python -m cloudfed.keys rotate CONFIG --party NAME` and friends, run by the party itself.
 
     rotate CONFIG --party NAME        new pending key pair + a statement signed by the old key on
-                                      the exchange; the next secure-aggregation round's keys roster
-                                      approves it, then the old private keys are destroyed
+                                      the exchange; the party's next round advertisement names the
+                                      new key, that round's keys roster approves it, then the old
+                                      private keys are destroyed
+    rotate CONFIG --party NAME --cancel
+                                      drop the pending pair and empty the exchange slot (e.g. the
+                                      pending key may have leaked): no copy is approved later
     status CONFIG --party NAME        where the keys live, current / pending / pinned fingerprints
     new-material --party NAME         fresh key material (JSON) for an environment variable or a
                                       secret, and its fingerprint on stderr to pin
@@ -31,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("config", help="run configuration (for the exchange and party storage)")
         cmd.add_argument("--party", required=True)
+        if name == "rotate":
+            cmd.add_argument(
+                "--cancel", action="store_true", help="abandon the pending rotation for good"
+            )
     fresh = sub.add_parser("new-material", help="key material for keys.source env or a secret")
     fresh.add_argument("--party", required=True)
     return parser
@@ -39,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from cloudfed.federation import load_run_config
-    from cloudfed.keys.rotation import rotate
+    from cloudfed.keys.rotation import cancel_rotation, rotate
     from cloudfed.keys.sources import party_key_source
     from cloudfed.party_policy import load_policy
     from cloudfed.protection.keys import generate_keys
@@ -51,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fingerprint {keys.public_bundle().fingerprint}", file=sys.stderr)
             return 0
         cfg = load_run_config(args.config)
+        if args.command == "rotate" and args.cancel:
+            cancel_rotation(cfg, args.party)
+            print(f"{args.party}: pending rotation cancelled; its current key stays in use")
+            return 0
         if args.command == "rotate":
             statement = rotate(cfg, args.party)
             print(

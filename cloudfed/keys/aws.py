@@ -28,11 +28,13 @@ class AwsSecretsManager:
         except self.client.exceptions.ResourceNotFoundException:
             self.client.create_secret(Name=secret_id, SecretString=value)
 
-    def forget_previous(self, secret_id: str) -> None:
-        """Unlabelled versions are deprecated, and Secrets Manager deletes them on its own."""
-        stages = self.client.describe_secret(SecretId=secret_id).get("VersionIdsToStages", {})
-        for version, labels in stages.items():
-            if "AWSPREVIOUS" in labels and "AWSCURRENT" not in labels:
-                self.client.update_secret_version_stage(
-                    SecretId=secret_id, VersionStage="AWSPREVIOUS", RemoveFromVersionId=version
-                )
+    def delete(self, secret_id: str) -> None:
+        """Gone now, every version with it: no recovery window.
+
+        A deprecated version stays readable by VersionId, and a plain delete_secret keeps every
+        version restorable for 7 to 30 days.
+        """
+        try:
+            self.client.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True)
+        except self.client.exceptions.ResourceNotFoundException:
+            pass

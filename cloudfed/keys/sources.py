@@ -10,6 +10,7 @@ approves it; promoting the pending pair overwrites (destroys) the old one.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import json
 import os
@@ -35,7 +36,7 @@ from cloudfed.protection.keys import (
     private_pem,
     write_owner_only,
 )
-from cloudfed.storage import Store, open_store
+from cloudfed.storage import Store, is_inside, open_store
 
 SECRET_MANAGER_GROUP = "cloudfed.secret_managers"
 _BUILTIN_MANAGERS = {"aws": "cloudfed.keys.aws:AwsSecretsManager"}
@@ -58,6 +59,9 @@ class KeySource(Protocol):
 
     def save_pending(self, keys: KeyPairs) -> None: ...
 
+    def discard_pending(self) -> None:
+        """Drop the pending pair (`rotate --cancel`): it is never approved or used."""
+
     def promote(self) -> None:
         """The pending pair becomes current; the old private keys are gone afterwards."""
 
@@ -72,8 +76,12 @@ class SecretManager(Protocol):
     def write(self, secret_id: str, value: str) -> None:
         """Make `value` the current value (creating the secret if needed)."""
 
-    def forget_previous(self, secret_id: str) -> None:
-        """Let the store drop earlier values (after a rotation, they hold the old key)."""
+    def delete(self, secret_id: str) -> None:
+        """Destroy the secret and every version of it now, without a recovery window.
+
+        A retired key generation must be unreadable afterwards: a label removed from a version
+        is not enough where the store keeps old versions readable by id.
+        """
 
 
 def env_var_for(party: str) -> str:
@@ -105,6 +113,9 @@ class StorageKeySource:
             if not path.exists():
                 return None
             check_owner_only(path)
+            # written by write_owner_only (0600), not the store, so it has no stored digest; a
+            # damaged PEM fails to parse, naming the file
+            return path.read_bytes()
         try:
             return self.store.get_bytes(key)
         except FileNotFoundError:
@@ -136,30 +147,44 @@ class StorageKeySource:
             commitment=commitment,
         )
 
+    def _commitment(self, slot: str) -> bytes | None:
+        raw = self._read(self._key(slot, "commitment"))
+        return None if raw is None else base64.b64decode(raw)
+
     def load(self) -> KeySet:
-        raw = self._read(self._key("", "commitment"))
-        commitment = None if raw is None else base64.b64decode(raw)
-        return KeySet(self._pair("", commitment), self._pair(".pending", commitment))
+        return KeySet(
+            self._pair("", self._commitment("")),
+            self._pair(".pending", self._commitment(".pending")),
+        )
 
     def _put_pair(self, slot: str, keys: KeyPairs) -> None:
+        if keys.commitment is not None:
+            self._write(self._key(slot, "commitment"), base64.b64encode(keys.commitment))
+        elif slot == "":  # a genesis pair derives its commitment key from its signing key
+            self._delete(self._key(slot, "commitment"))
         self._write(self._key(slot, "x25519.pem"), private_pem(keys.x25519))
         self._write(self._key(slot, "ed25519.pem"), private_pem(keys.ed25519))
+
+    def _delete(self, key: str) -> None:
+        if self.store.exists(key):
+            self.store.delete(key)
 
     def create(self, keys: KeyPairs) -> None:
         self._put_pair("", keys)
 
     def save_pending(self, keys: KeyPairs) -> None:
-        if keys.commitment is not None:  # written first: the old key's digests must outlive it
-            self._write(self._key("", "commitment"), base64.b64encode(keys.commitment))
         self._put_pair(".pending", keys)
+
+    def discard_pending(self) -> None:
+        for kind in ("x25519.pem", "ed25519.pem", "commitment"):
+            self._delete(self._key(".pending", kind))
 
     def promote(self) -> None:
         pending = self.load().pending
         if pending is None:
             raise ConfigError(f"{self.where}: no pending key pair of {self.name} to promote")
         self._put_pair("", pending)  # replaces the old files: the old private keys are gone
-        for kind in ("x25519.pem", "ed25519.pem"):
-            self.store.delete(self._key(".pending", kind))
+        self.discard_pending()
 
 
 # --- environment ---------------------------------------------------------------------------------
@@ -193,6 +218,9 @@ class EnvKeySource:
     def save_pending(self, keys: KeyPairs) -> None:
         raise self._read_only()
 
+    def discard_pending(self) -> None:
+        raise self._read_only()
+
     def promote(self) -> None:
         raise self._read_only()
 
@@ -215,13 +243,22 @@ def _material(name: str, value: str, where: str) -> KeyPairs:
 
 
 class SecretManagerKeySource:
-    """One secret holding {"current": material, "pending": material | null}."""
+    """One secret per key generation, `<secret_id>.<fingerprint>`, and a pointer `<secret_id>`.
+
+    The pointer holds only fingerprints ({"current": fp, "pending": fp | null}), so none of its
+    versions holds a private key. Each generation's material is written once, to its own secret,
+    and promoting the pending generation deletes the retired one outright: a store that keeps a
+    secret's earlier versions readable by id (AWS keeps up to ~100) never holds a retired key.
+    """
 
     def __init__(self, name: str, manager: SecretManager, secret_id: str) -> None:
         self.name, self.manager, self.where = name, manager, f"secret {secret_id}"
         self.secret_id = secret_id
 
-    def _doc(self) -> dict[str, Any]:
+    def _generation_id(self, fingerprint: str) -> str:
+        return f"{self.secret_id}.{fingerprint}"
+
+    def _pointer(self) -> dict[str, str | None]:
         value = self.manager.read(self.secret_id)
         if value is None:
             return {}
@@ -229,45 +266,81 @@ class SecretManagerKeySource:
             doc = json.loads(value)
         except ValueError:
             doc = None
-        if not isinstance(doc, dict) or not set(doc) <= {"current", "pending"}:
+        if (
+            not isinstance(doc, dict)
+            or not set(doc) <= {"current", "pending"}
+            or not all(v is None or isinstance(v, str) for v in doc.values())
+        ):
             raise ConfigError(
-                f"{self.where}: expected a JSON object with 'current' (and 'pending') key material"
+                f"{self.where}: expected a JSON object with the 'current' (and 'pending') key "
+                "fingerprint, as cloudfed writes it; the key material lives in "
+                f"{self.secret_id}.<fingerprint>"
             )
         return doc
 
+    def _generation(self, fingerprint: str | None, slot: str) -> KeyPairs | None:
+        if fingerprint is None:
+            return None
+        where = f"secret {self._generation_id(fingerprint)}"
+        value = self.manager.read(self._generation_id(fingerprint))
+        if value is None:
+            raise ConfigError(
+                f"{self.where}: its {slot} key generation {where} is missing; restore it from "
+                "backup, or delete the pointer secret to start a new identity (peers must re-pin)"
+            )
+        try:
+            doc = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{where}: key material is not valid JSON") from None
+        keys = keys_from_material("party", self.name, doc, where=where)
+        if keys.public_bundle().fingerprint != fingerprint:
+            raise ConfigError(f"{where}: holds a key of another fingerprint than its name says")
+        return keys
+
     def load(self) -> KeySet:
-        doc = self._doc()
+        doc = self._pointer()
+        return KeySet(
+            self._generation(doc.get("current"), "current"),
+            self._generation(doc.get("pending"), "pending"),
+        )
 
-        def pair(slot: str) -> KeyPairs | None:
-            if doc.get(slot) is None:
-                return None
-            return keys_from_material("party", self.name, doc[slot], where=f"{self.where}.{slot}")
-
-        return KeySet(pair("current"), pair("pending"))
-
-    def _put(self, doc: dict[str, Any]) -> None:
-        self.manager.write(self.secret_id, json.dumps(doc))
+    def _store(self, keys: KeyPairs) -> str:
+        fingerprint = keys.public_bundle().fingerprint
+        self.manager.write(self._generation_id(fingerprint), json.dumps(keys.material()))
+        return fingerprint
 
     def create(self, keys: KeyPairs) -> None:
-        self._put({"current": keys.material()})
+        self.manager.write(self.secret_id, json.dumps({"current": self._store(keys)}))
 
     def save_pending(self, keys: KeyPairs) -> None:
-        self._put({**self._doc(), "pending": keys.material()})
+        doc = self._pointer()
+        self.manager.write(self.secret_id, json.dumps({**doc, "pending": self._store(keys)}))
+
+    def discard_pending(self) -> None:
+        doc = self._pointer()
+        if doc.get("pending") is None:
+            return
+        self.manager.write(self.secret_id, json.dumps({"current": doc.get("current")}))
+        self.manager.delete(self._generation_id(doc["pending"]))
 
     def promote(self) -> None:
-        pending = self._doc().get("pending")
-        if pending is None:
+        doc = self._pointer()
+        if doc.get("pending") is None:
             raise ConfigError(f"{self.where}: no pending key pair of {self.name} to promote")
-        self._put({"current": pending})
-        self.manager.forget_previous(self.secret_id)
+        self.manager.write(self.secret_id, json.dumps({"current": doc["pending"]}))
+        if doc.get("current") is not None:  # the retired generation: gone, with every version
+            self.manager.delete(self._generation_id(doc["current"]))
 
 
 def load_secret_manager(spec: str, options: Mapping[str, Any]) -> SecretManager:
     """`module:factory`, or a name registered under the `cloudfed.secret_managers` entry points."""
     target = spec if ":" in spec else None
     if target is None:
-        found = entry_points(group=SECRET_MANAGER_GROUP, name=spec)
-        target = next(iter(found)).value if found else _BUILTIN_MANAGERS.get(spec)
+        # Built-in names first: an installed package cannot register its own `aws`.
+        target = _BUILTIN_MANAGERS.get(spec)
+        if target is None:
+            found = entry_points(group=SECRET_MANAGER_GROUP, name=spec)
+            target = next(iter(found)).value if found else None
     if target is None:
         raise ConfigError(
             f"keys.secret_manager={spec!r} is neither 'module:factory' nor a registered name "
@@ -281,8 +354,7 @@ def load_secret_manager(spec: str, options: Mapping[str, Any]) -> SecretManager:
     manager = factory(**dict(options))
     if not isinstance(manager, SecretManager):
         raise ConfigError(
-            f"keys.secret_manager={spec!r}: {target} does not provide read, write and "
-            "forget_previous"
+            f"keys.secret_manager={spec!r}: {target} does not provide read, write and delete"
         )
     return manager
 
@@ -290,13 +362,26 @@ def load_secret_manager(spec: str, options: Mapping[str, Any]) -> SecretManager:
 # --- which source, for a party -------------------------------------------------------------------
 
 
-def _inside(child: str, parent: str) -> bool:
-    if "://" in child or "://" in parent:
-        return child.rstrip("/").startswith(parent.rstrip("/") + "/") or (
-            child.rstrip("/") == parent.rstrip("/")
-        )
-    c, p = Path(child).resolve(), Path(parent).resolve()
-    return c == p or c.is_relative_to(p)
+_inside = is_inside  # the reviewer's tests import it by this name
+
+
+def refuse_coordinator_location(
+    cfg: FederationConfig, party: str, location: str, where: str
+) -> None:
+    """Refuse a party location inside the coordinator's storage or the exchange, before any I/O.
+
+    `where` names the field that chose the location, for the fix.
+    """
+    for what, parent in (
+        ("the coordinator's storage (coordinator_storage)", str(cfg.coordinator_storage)),
+        ("the exchange", str(cfg.exchange)),
+    ):
+        if is_inside(location, parent):
+            raise ConfigError(
+                f"{party}: {location} lies inside {what} {parent}, where the coordinator could "
+                f"read the party's private keys and plaintext. Fix: point {where} at storage "
+                "only the party can read"
+            )
 
 
 def key_folder(party: PartyConfig, loaded: LoadedPolicy | None) -> str:
@@ -321,22 +406,50 @@ def party_key_source(
         return SecretManagerKeySource(party.name, manager, spec.secret_id)
     folder = key_folder(party, loaded)
     if cfg is not None:
-        for what, location in (
-            ("the coordinator's storage (coordinator_storage)", str(cfg.coordinator_storage)),
-            ("the exchange", str(cfg.exchange)),
-        ):
-            if _inside(folder, location):
-                where = f"parameters.federation.parties[{party.name}].storage"
-                if loaded is not None and spec.folder:
-                    where = f"{loaded.path} keys.folder"
-                raise ConfigError(
-                    f"{party.name}: its private keys would live in {folder}, inside {what} "
-                    f"{location}, where the coordinator could read them. Fix: point {where} at "
-                    "storage only the party can read"
-                )
+        where = f"parameters.federation.parties[{party.name}].storage"
+        if loaded is not None and spec.folder:
+            where = f"{loaded.path} keys.folder"
+        refuse_coordinator_location(cfg, party.name, folder, where)
     # The default folder is in the party's storage, so it takes that storage's options.
     options = spec.storage_options or ({} if spec.folder else dict(party.storage_options))
     return StorageKeySource(party.name, folder, options)
+
+
+RETIRED_COMMITMENTS_FILE = "retired_commitment_keys.json"
+
+
+def retired_commitments(loaded: LoadedPolicy | None) -> tuple[bytes, ...]:
+    """Commitment keys of the party's retired key generations, from its own state.
+
+    Each rotation draws a fresh commitment key (one derived from, or stored with, a retired
+    private key would fall with it); the retired ones stay only in the party's state, so the
+    digests already in the coordinator's artifacts still check, and never sign anything new.
+    """
+    if loaded is None:
+        return ()
+    path = loaded.state_dir / RETIRED_COMMITMENTS_FILE
+    if not path.exists():
+        return ()
+    if isinstance(path, Path):
+        check_owner_only(path)
+    try:
+        return tuple(base64.b64decode(k) for k in json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"{path}: not a JSON list of base64 keys; restore it from backup"
+        ) from None
+
+
+def _retire_commitment(loaded: LoadedPolicy, keys: KeyPairs) -> None:
+    from cloudfed.locations import write_private
+    from cloudfed.protection.commitments import commitment_key
+
+    kept = retired_commitments(loaded)
+    key = commitment_key(keys)
+    if key in kept:
+        return
+    doc = [base64.b64encode(k).decode("ascii") for k in (*kept, key)]
+    write_private(loaded.state_dir / RETIRED_COMMITMENTS_FILE, json.dumps(doc).encode())
 
 
 def load_party_keys(
@@ -346,9 +459,15 @@ def load_party_keys(
     *,
     create: bool = True,
 ) -> KeyPairs:
-    """The party's current keys; a pending pair its own pin record now names is promoted first."""
+    """The party's current keys; a pending pair its own pin record now names is promoted first.
+
+    `create=False` wherever the policy already pins the party: a round never needs a new key, and
+    a key made where the launcher pointed the party's storage would be a private key written to
+    a place the party did not choose.
+    """
     source = party_key_source(cfg, party, loaded)
     held = source.load()
+    retired = retired_commitments(loaded)
     if held.current is None:
         if held.pending is not None:
             raise ConfigError(
@@ -356,13 +475,18 @@ def load_party_keys(
                 "restore the current pair from backup"
             )
         if not create:
-            raise ConfigError(f"{source.where}: no private keys of {party.name}")
+            raise ConfigError(
+                f"{source.where}: no private keys of {party.name}, though its policy pins one. "
+                "Fix: point the policy's keys (or the party's storage) at where the pinned key "
+                "lives; only provisioning makes a new key"
+            )
         keys = generate_keys("party", party.name)
         source.create(keys)
         return keys
     if held.pending is not None and loaded is not None:
         pinned = loaded.policy.pins.parties.get(party.name)
         if pinned == held.pending.public_bundle().fingerprint:
+            _retire_commitment(loaded, held.current)  # before the old pair is destroyed
             source.promote()
-            return held.pending
-    return held.current
+            return dataclasses.replace(held.pending, retired=retired_commitments(loaded))
+    return dataclasses.replace(held.current, retired=retired)

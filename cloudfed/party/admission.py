@@ -15,6 +15,7 @@ from cloudfed.errors import SimulatedDropout
 from cloudfed.exchange import Exchange, federation_exchange, publish_public_keys
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.keys import load_party_keys
+from cloudfed.keys.sources import refuse_coordinator_location
 from cloudfed.party_policy import LoadedPolicy, check_pin, enforce, load_policy, policy_path
 from cloudfed.protection import KeyPairs
 from cloudfed.protection.messages import COORDINATOR
@@ -66,7 +67,8 @@ def party_keys(
     `consent` always passes it.
     """
     loaded = load_policy(party.name) if policy_path(party.name).is_file() else None
-    keys = load_party_keys(cfg, party, loaded)
+    pinned = loaded is not None and party.name in loaded.policy.pins.parties
+    keys = load_party_keys(cfg, party, loaded, create=not pinned)
     publish_public_keys(exchange, keys.public_bundle())
     return keys
 
@@ -75,8 +77,15 @@ def consent(
     cfg: FederationConfig, party: PartyConfig, plan: FederationPlan | None = None
 ) -> tuple[KeyPairs, LoadedPolicy]:
     """The party's keys and policy, once the round is no weaker than the policy and pins hold."""
+    # The party's plaintext (and, by default, its keys) live in its storage: never where the
+    # coordinator reads, however the launcher spells the location (checked before any I/O).
+    refuse_coordinator_location(
+        cfg, party.name, str(party.storage), f"parameters.federation.parties[{party.name}].storage"
+    )
     loaded = enforce(cfg, party.name)
-    keys = load_party_keys(cfg, party, loaded)
+    # A pinned party never makes a key inside a round: only provisioning does.
+    pinned = party.name in loaded.policy.pins.parties
+    keys = load_party_keys(cfg, party, loaded, create=not pinned)
     check_pin(loaded, "party", party.name, keys.public_bundle().fingerprint)  # before publishing
     publish_public_keys(federation_exchange(cfg), keys.public_bundle())
     if plan is not None:

@@ -27,6 +27,7 @@ from cloudfed.errors import DataError, ProtectionError
 from cloudfed.exchange import Exchange, federation_exchange, update_key
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.keys import follow_rotations
+from cloudfed.locations import AnyPath, party_root, write_private
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.secagg import load_secrets
 from cloudfed.party.stages import check_members, party_record, secret_path, write_owner_only
@@ -182,10 +183,15 @@ def _sealed_update(
             v: verified_advert(cfg, exchange, doc, local.round, v) for v in setup.graph[party.name]
         }
         specs = secure_sum.secagg_specs(cfg, len(setup.parties))
-        # Rounding coins fixed by the update itself (see keyed_seed): the same value always rounds
-        # the same way, and different values get independent coins.
-        seed = keyed_seed(
-            keys, "secagg-dither", f"{cfg.federation_id}:{local.round}:{record.sha256}"
+        # Rounding coins fixed by the update itself (see dither_seed): the same value always
+        # rounds the same way, and different values get independent coins.
+        seed = dither_seed(
+            party_root(party)
+            / "secagg"
+            / "dither"
+            / f"{cfg.federation_id}-r{local.round:04d}-{record.sha256}.seed",
+            keys,
+            f"{cfg.federation_id}:{local.round}:{record.sha256}",
         )
         rng = np.random.Generator(np.random.PCG64(seed))
 
@@ -232,3 +238,21 @@ def _sealed_update(
         policy_sha256=layout.policy_sha256,
     )
     return seal(payload, context=context, sender=keys, recipient=coordinator_bundle(exchange, plan))
+
+
+def dither_seed(path: AnyPath, keys: KeyPairs, context: str) -> int:
+    """The rounding coins' seed of one (round, update), kept in the party's storage on first use.
+
+    A round retried from the same global adapter must round its update exactly as the first
+    attempt did (two independent roundings of one value average to a finer one). Keeping the
+    seed, rather than re-deriving it from the commitment key, keeps that true across a key
+    rotation, which draws a new commitment key.
+    """
+    if path.exists():
+        text = path.read_text(encoding="utf-8").strip()
+        if not text.isdigit():
+            raise ProtectionError(f"{path}: not a rounding seed; restore it from backup")
+        return int(text)
+    seed = keyed_seed(keys, "secagg-dither", context)
+    write_private(path, str(seed).encode())
+    return seed

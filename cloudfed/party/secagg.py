@@ -23,6 +23,7 @@ from cloudfed.exchange import (
 )
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.keys import follow_rotations
+from cloudfed.keys.rotation import pending_fingerprint
 from cloudfed.locations import AnyPath
 from cloudfed.party.admission import consent, simulated_dropout
 from cloudfed.party.stages import (
@@ -70,13 +71,12 @@ def advertise(
     simulated_dropout(cfg, party.name, "advertise", local.round)
     start = time.perf_counter()
     exchange = federation_exchange(cfg)
-    keys, _ = consent(cfg, party, plan)
+    keys, loaded = consent(cfg, party, plan)
     secrets = protocol.PartySecrets.generate()
     write_owner_only(secret_path(party, local.round, plan.run_id, "secrets"), secrets.to_bytes())
     context = stage_context(cfg, local.round, party.name, ADVERT, run_id=plan.run_id)
-    blob = sign_public(
-        secrets.advertisement().model_dump_json().encode(), context=context, sender=keys
-    )
+    advert = secrets.advertisement(rotate_to=pending_fingerprint(cfg, party, loaded))
+    blob = sign_public(advert.model_dump_json().encode(), context=context, sender=keys)
     key = secagg_advert_key(plan.run_id, local.round, party.name)
     exchange.put_bytes(key, blob)
     return stage_ref(party.name, local.round, "advertise", key, blob, keys, start)

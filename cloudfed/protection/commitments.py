@@ -23,7 +23,7 @@ _DOMAIN = b"cloudfed/party-commitment/v1"
 
 
 def commitment_key(keys: KeyPairs) -> bytes:
-    """The party's commitment key: carried over by a rotation, else derived from its signing key."""
+    """The party's commitment key: drawn fresh at a rotation, else derived from its signing key."""
     if keys.commitment is not None:
         return keys.commitment
     raw = keys.ed25519.private_bytes(
@@ -40,9 +40,16 @@ def keyed_digest(keys: KeyPairs, sha256_hex: str, purpose: str) -> str:
 
 
 def matches(keys: KeyPairs, data: bytes, purpose: str, digest: str) -> bool:
-    """Whether `data` hashes to `digest` under this party's key."""
-    actual = keyed_digest(keys, hashlib.sha256(data).hexdigest(), purpose)
-    return hmac.compare_digest(actual, digest)
+    """Whether `data` hashes to `digest` under this party's key, or a retired one of its own.
+
+    A file registered before a rotation carries a digest under the commitment key of the time.
+    """
+    sha = hashlib.sha256(data).hexdigest()
+    for key in (commitment_key(keys), *keys.retired):
+        actual = hmac.new(key, f"{purpose}:{sha}".encode(), hashlib.sha256).hexdigest()
+        if hmac.compare_digest(actual, digest):
+            return True
+    return False
 
 
 def keyed_seed(keys: KeyPairs, purpose: str, context: str) -> int:

@@ -87,9 +87,11 @@ class KeyPairs:
     x25519: X25519PrivateKey = field(repr=False)
     ed25519: Ed25519PrivateKey = field(repr=False)
     # The key of the party's keyed digests and seeds (`commitments`). None: derived from the
-    # signing key, as for every identity that never rotated; a rotated identity carries the
-    # derived key over, so its digests and retry coins stay the same under the new key pair.
+    # signing key, as for every identity that never rotated; each rotation draws a fresh one.
     commitment: bytes | None = field(default=None, repr=False)
+    # Commitment keys of retired generations (from the party's state): they only check digests
+    # made before a rotation, never make new ones.
+    retired: tuple[bytes, ...] = field(default=(), repr=False)
 
     def public_bundle(self) -> PublicKeyBundle:
         x_raw, ed_raw = _raw(self.x25519.public_key()), _raw(self.ed25519.public_key())

@@ -154,6 +154,10 @@ class Advertisement(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
     mask_pk: str
     seed_commitment: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The key the party intends to rotate to, signed with its current key under this round's
+    # context: the only rotation statement the coordinator approves, and its peers follow, in
+    # this round. A replayed statement of a rotation the party abandoned names another key.
+    rotate_to: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("mask_pk")
     @classmethod
@@ -222,11 +226,13 @@ class PartySecrets:
             raise ValueError("party secrets must be 64 bytes")
         return cls(X25519PrivateKey.from_private_bytes(data[:32]), data[32:])
 
-    def advertisement(self) -> Advertisement:
+    def advertisement(self, rotate_to: str | None = None) -> Advertisement:
         pk = self.mask_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-        return Advertisement(mask_pk=_b64(pk), seed_commitment=commit(self.seed))
+        return Advertisement(
+            mask_pk=_b64(pk), seed_commitment=commit(self.seed), rotate_to=rotate_to
+        )
 
 
 def make_shares(setup: RoundSetup, me: str, secrets: PartySecrets) -> dict[str, Share]:
