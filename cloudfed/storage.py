@@ -542,10 +542,32 @@ def normalised_location(url: str) -> tuple[str, PurePosixPath]:
     return protocols[0], PurePosixPath(posixpath.normpath("/" + str(path).lstrip("/")))
 
 
+def _spellings(url: str) -> tuple[str, list[PurePosixPath]]:
+    """The normalised location, and for an object store also its path with '..' kept.
+
+    Object keys are literal: `s3://b/fed/../x/k` is an object under the prefix `fed/` there,
+    though it normalises to `b/x/k`. Either reading may be the one a backend uses, so a
+    containment check must consider both (doubled slashes and '.' collapse in both).
+    """
+    protocol, path = normalised_location(url)
+    if protocol == "file" or ".." not in url:
+        return protocol, [path]
+    literal = url.split("://", 1)[-1] if "://" in url else url
+    try:
+        literal = get_filesystem_class(split_protocol(url)[0] or "file")._strip_protocol(url)
+    except (ImportError, ValueError):
+        pass
+    parts = [p for p in str(literal).split("/") if p not in ("", ".")]
+    return protocol, [path, PurePosixPath("/", *parts)]
+
+
 def is_inside(child: str, parent: str) -> bool:
-    """Whether `child` is `parent` or below it, whatever spelling either location uses."""
-    (c_proto, c_path), (p_proto, p_path) = normalised_location(child), normalised_location(parent)
-    return c_proto == p_proto and c_path.is_relative_to(p_path)
+    """Whether `child` is `parent` or below it, whatever spelling either location uses.
+
+    Conservative: with '..' in an object-store URL, inside under either reading counts.
+    """
+    (c_proto, c_paths), (p_proto, p_paths) = _spellings(child), _spellings(parent)
+    return c_proto == p_proto and any(c.is_relative_to(p) for c in c_paths for p in p_paths)
 
 
 def main(argv: list[str] | None = None) -> int:

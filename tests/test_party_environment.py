@@ -84,10 +84,10 @@ def test_key_variable_is_the_one_the_partys_policy_names() -> None:
         "party": PARTY,
         "federation_id": "fed",
         "pins": {"coordinator": "0" * 64, "parties": {PARTY: "0" * 64}},
-        "keys": {"source": "env", "env_var": "ALPHA_KEY"},
+        "keys": {"source": "env", "env_var": "CLOUDFED_ALPHA_KEY"},
     }
     path.write_text(yaml.safe_dump(doc))
-    assert party_key_env_var(PARTY) == "ALPHA_KEY"
+    assert party_key_env_var(PARTY) == "CLOUDFED_ALPHA_KEY"
     doc["keys"] = {"source": "env"}
     path.write_text(yaml.safe_dump(doc))
     assert party_key_env_var(PARTY) == "CLOUDFED_PARTY_KEY_ALPHA_AWS"

@@ -12,6 +12,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cloudfed import party as party_mod
 from cloudfed.deadlines import LateAnswers, StageDeadlines, StageWindow
@@ -56,10 +57,12 @@ def _keys_elsewhere(tmp_path: Path, party: str) -> None:
 # --- (1) party storage aliases into the coordinator's storage or the exchange ------------------
 
 
-def test_WEAKNESS_file_url_alias_of_coordinator_storage_passes_the_key_folder_check(
+def test_file_url_alias_of_coordinator_storage_is_refused_before_any_write(
     tmp_path: Path, model_cache: Path
 ) -> None:
-    """`_inside` compares a file:// URL with a plain path as strings: the check is bypassed."""
+    """Attack: `_inside` compared a file:// URL with a plain path as strings, and the check was
+    bypassed (keys written into the coordinator's storage). Locations are now normalised, and
+    consent refuses before anything is written."""
     fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
     coordinator = Path(fed.cfg.coordinator_storage)
     before = sorted(coordinator.rglob("*"))
@@ -74,12 +77,10 @@ def test_WEAKNESS_file_url_alias_of_coordinator_storage_passes_the_key_folder_ch
     assert isinstance(raised, ConfigError), raised
 
 
-def test_WEAKNESS_party_storage_on_the_exchange_is_accepted(
-    tmp_path: Path, model_cache: Path
-) -> None:
-    """Only the key folder is checked: with keys elsewhere (env, secret manager, keys.folder),
-    parties[].storage may point into the exchange, where harmonised splits, plaintext updates
-    (updates/rNNNN.safetensors), secagg secrets (secagg/<run>/rNNNN.*) would be written."""
+def test_party_storage_on_the_exchange_is_refused(tmp_path: Path, model_cache: Path) -> None:
+    """Attack: only the key folder was checked: with keys elsewhere (env, secret manager,
+    keys.folder), parties[].storage could point into the exchange, where harmonised splits,
+    plaintext updates and secagg secrets would be written. Consent now refuses the storage."""
     fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
     _keys_elsewhere(tmp_path, A)
     exchange = Path(fed.cfg.exchange)
@@ -91,10 +92,9 @@ def test_WEAKNESS_party_storage_on_the_exchange_is_accepted(
         party_mod.consent(moved, moved.party(A), fed.plan)
 
 
-def test_WEAKNESS_party_storage_in_coordinator_storage_via_object_store_prefix(
-    tmp_path: Path, model_cache: Path
-) -> None:
-    """Object-store aliases: a doubled slash or s3a:// names the same objects as s3://."""
+def test_key_folder_check_sees_object_store_aliases(tmp_path: Path, model_cache: Path) -> None:
+    """Attack: a doubled slash, '.', s3a:// or gcs:// named the same objects as the plain
+    spelling and passed the key-folder check; the check now normalises both sides."""
     from cloudfed.keys.sources import _inside
 
     assert _inside("s3://coord-bucket/fed/alpha/keys", "s3://coord-bucket/fed")  # the plain case
@@ -103,6 +103,8 @@ def test_WEAKNESS_party_storage_in_coordinator_storage_via_object_store_prefix(
         ("s3a://coord-bucket/fed/alpha/keys", "s3://coord-bucket/fed"),
         ("s3://coord-bucket/fed/./alpha/keys", "s3://coord-bucket/fed"),
         ("gcs://coord-bucket/fed/alpha/keys", "gs://coord-bucket/fed"),
+        ("s3://coord-bucket/other/../fed/alpha", "s3://coord-bucket/fed"),  # normalised
+        ("s3://coord-bucket/fed/../alpha", "s3://coord-bucket/fed"),  # a literal key under fed/
     ]
     missed = [a for a in aliases if not _inside(*a)]
     assert not missed, f"key-folder check bypassed by aliases: {missed}"
@@ -128,11 +130,43 @@ def test_unmask_record_survives_a_relaunch_with_a_fresh_storage(
     # The launcher relaunches with a fresh storage prefix; the retrained seeded update is the same.
     fresh = tmp_path / "fresh" / A
     moved = _moved(fed, storage=str(fresh))
+    with pytest.raises(ConsentError, match="is not the party's own storage"):
+        party_mod.consent(moved, moved.party(A), plan)  # a policy that records its storage
+    # A policy without a recorded storage (or one its party moved): the record still holds.
+    doc = yaml.safe_load(policy_path(A).read_text())
+    doc.pop("storage")
+    policy_path(A).write_text(yaml.safe_dump(doc))
     _, loaded2 = party_mod.consent(moved, moved.party(A), plan)
     write_owner_only(party_record(loaded2, plan.run_id, 1, "base"), b"ab" * 32)
     with pytest.raises(ProtectionError, match="already unmasked"):
         _reveal_across_runs(loaded2, plan, 1, [A, B])
     assert not list(fresh.rglob("*revealed*")), "no once-only record in the launcher's storage"
+
+
+def test_raw_exports_or_a_storage_around_the_coordinator_are_refused_before_any_write(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """Raw exports in the exchange, and a party storage that contains the coordinator's storage
+    (the party writes updates/ and secagg/ below its storage), are refused by consent, under
+    any spelling, with the field and the fix named, before anything is written."""
+    fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
+    _keys_elsewhere(tmp_path, A)
+    exchange, coordinator = Path(fed.cfg.exchange), Path(fed.cfg.coordinator_storage)
+    raw = fed.cfg.party(A).raw.model_dump()
+    cases = [
+        ({"raw": raw | {"train": f"file://{exchange}//alpha/../alpha/train.csv"}}, "raw.train"),
+        ({"raw": raw | {"eval": f"{coordinator}/./x/../eval.csv"}}, "raw.eval"),
+        ({"storage": f"file://{coordinator.parent}/"}, "coordinator_storage="),
+        ({"storage": str(coordinator / ".." / coordinator.name)}, ".storage"),
+    ]
+    for change, field in cases:
+        before = sorted(tmp_path.rglob("*"))
+        moved = _moved(fed, **change)
+        with pytest.raises(ConfigError, match="Fix: point") as refused:
+            party_mod.consent(moved, moved.party(A), fed.plan)
+        assert field in str(refused.value), (change, refused.value)
+        assert f"parties[{A}]" in str(refused.value)
+        assert sorted(tmp_path.rglob("*")) == before, f"written before the refusal: {change}"
 
 
 # --- (1) party state in an object store: the DP-SGD training lock ------------------------------

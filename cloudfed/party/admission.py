@@ -11,7 +11,7 @@ import os
 import time
 
 from cloudfed.artifacts import FederationPlan
-from cloudfed.errors import SimulatedDropout
+from cloudfed.errors import ConfigError, SimulatedDropout
 from cloudfed.exchange import Exchange, federation_exchange, publish_public_keys
 from cloudfed.federation import FederationConfig, PartyConfig
 from cloudfed.keys import load_party_keys
@@ -19,6 +19,7 @@ from cloudfed.keys.sources import refuse_coordinator_location
 from cloudfed.party_policy import LoadedPolicy, check_pin, enforce, load_policy, policy_path
 from cloudfed.protection import KeyPairs
 from cloudfed.protection.messages import COORDINATOR
+from cloudfed.storage import is_inside
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def party_keys(
     `cfg` lets the source refuse a key folder inside the coordinator's storage or the exchange;
     `consent` always passes it.
     """
+    if cfg is not None:
+        refuse_coordinator_locations(cfg, party)
     loaded = load_policy(party.name) if policy_path(party.name).is_file() else None
     pinned = loaded is not None and party.name in loaded.policy.pins.parties
     keys = load_party_keys(cfg, party, loaded, create=not pinned)
@@ -73,15 +76,39 @@ def party_keys(
     return keys
 
 
+def refuse_coordinator_locations(cfg: FederationConfig, party: PartyConfig) -> None:
+    """The party's storage and raw exports never overlap where the coordinator reads.
+
+    Its plaintext updates, mask secrets and (by default) keys live in its storage, its records
+    in its raw exports: neither may equal or lie inside `coordinator_storage` or the exchange,
+    however the launcher spells the location (file:// or a path, s3a:// or s3://, '//', '..').
+    Nor may those lie inside the party's storage, where the party writes `updates/`, `secagg/`
+    and `keys/` below it. Checked before any I/O, so a refusal has written nothing.
+    """
+    field = f"parameters.federation.parties[{party.name}]"
+    storage = str(party.storage)
+    refuse_coordinator_location(cfg, party.name, storage, f"{field}.storage")
+    for split in ("train", "eval"):
+        raw = getattr(party.raw, split)
+        refuse_coordinator_location(cfg, party.name, raw, f"{field}.raw.{split}")
+    for what, inner in (
+        ("coordinator_storage", str(cfg.coordinator_storage)),
+        ("exchange", str(cfg.exchange)),
+    ):
+        if is_inside(inner, storage):
+            raise ConfigError(
+                f"{party.name}: parameters.federation.{what}={inner} lies inside {field}.storage="
+                f"{storage}, below which the party writes its plaintext updates, mask secrets and "
+                f"keys. Fix: point {field}.storage at a location that neither contains nor lies "
+                f"inside {what}"
+            )
+
+
 def consent(
     cfg: FederationConfig, party: PartyConfig, plan: FederationPlan | None = None
 ) -> tuple[KeyPairs, LoadedPolicy]:
     """The party's keys and policy, once the round is no weaker than the policy and pins hold."""
-    # The party's plaintext (and, by default, its keys) live in its storage: never where the
-    # coordinator reads, however the launcher spells the location (checked before any I/O).
-    refuse_coordinator_location(
-        cfg, party.name, str(party.storage), f"parameters.federation.parties[{party.name}].storage"
-    )
+    refuse_coordinator_locations(cfg, party)
     loaded = enforce(cfg, party.name)
     # A pinned party never makes a key inside a round: only provisioning does.
     pinned = party.name in loaded.policy.pins.parties

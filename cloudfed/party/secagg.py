@@ -197,7 +197,7 @@ def _reveal_across_runs(
     if not base_file.exists():  # no update of ours in this round: nothing of ours repeats
         return None
     base = base_file.read_text(encoding="utf-8")
-    path = (
+    path = (  # party_record made the state folder owner-only
         loaded.state_dir
         / "secagg"
         / "revealed"

@@ -10,6 +10,7 @@ named by whoever launches the run, and a relaunch with a fresh storage would for
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from cloudfed.artifacts import StageRef
@@ -30,9 +31,10 @@ def party_record(loaded: LoadedPolicy, run_id: str, round: int, what: str) -> An
     Not in `parties[].storage`: the launcher picks that, and a fresh prefix must not reset which
     view a party already uploaded or revealed under.
     """
-    return (
-        loaded.state_dir / "secagg" / loaded.policy.federation_id / run_id / f"r{round:04d}.{what}"
-    )
+    state = loaded.state_dir
+    if isinstance(state, Path):  # owner-only, as the party's other state (checked on load)
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return state / "secagg" / loaded.policy.federation_id / run_id / f"r{round:04d}.{what}"
 
 
 def write_owner_only(path: AnyPath, data: bytes) -> None:
