@@ -215,3 +215,38 @@ def test_mlflow_names_the_run_lists_every_key_and_puts_the_headline_first(
     tags = [k for k in run.data.tags if not k.startswith("mlflow.")]
     keys = [*run.data.metrics, *run.data.params, *tags, *files]
     assert not unlisted(keys), unlisted(keys)
+
+
+def test_steps_per_round_counts_the_demo_run_as_the_readme_says(demo: dict[str, Any]) -> None:
+    """benchmarks/steps_per_round.py on the shared demo run (its tiny mode: a 3-party run this
+    session already recorded), so the README's "5 party steps per round" cannot rot unnoticed."""
+    import json
+    import subprocess
+    import sys
+
+    assert demo["proc"].returncode == 0, demo["proc"].stderr[-6000:]
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "steps_per_round.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--run", str(demo["zenml_run_id"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(script.parents[1])},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    parties = out["parties"]
+    assert len(parties) == 3, out
+    trained = {int(k): v for k, v in out["rounds"].items() if int(k) >= 1}
+    assert trained, out
+    for r, counts in trained.items():
+        # train (advertise folded in), share_keys, upload, unmask, evaluate: one each per party
+        assert counts["party_steps_per_party"] == dict.fromkeys(parties, 5), (r, counts)
+        assert set(counts["party_steps_by_stage"]) == {
+            "train",
+            "share_keys",
+            "upload",
+            "unmask",
+            "evaluate",
+        }, (r, counts)
+        assert counts["party_steps"] == 5 * len(parties)
