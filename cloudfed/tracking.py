@@ -463,6 +463,15 @@ def privacy_plot_png(rows: Sequence[dict[str, Any]]) -> bytes | None:
     return figure_png(fig)
 
 
+TABLE_PARTY_COLUMNS = 6  # more parties than this: the round table shows min and max
+
+
+def _range(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Lowest and highest of the values a round has (None and NaN are absent values)."""
+    known = [v for v in values if v is not None and not math.isnan(v)]
+    return (min(known), max(known)) if known else (None, None)
+
+
 def _fmt(value: Any, spec: str) -> str:
     return (
         "-"
@@ -483,7 +492,13 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
     columns = ["round", "eval loss", "ppl", *(["train loss"] if trained else [])]
     columns += ["parties", "rejected", "bytes sent"]
     columns += ["epsilon"] if party_level else []
-    columns += [f"eps {p}" for p in dp_parties] + parties
+    # Beyond a handful of parties one column each no longer fits a terminal: show the range.
+    wide = len(dp_parties) > TABLE_PARTY_COLUMNS or len(parties) > TABLE_PARTY_COLUMNS
+    if wide:
+        columns += ["eps min", "eps max"] if dp_parties else []
+        columns += ["party loss min", "party loss max"] if parties else []
+    else:
+        columns += [f"eps {p}" for p in dp_parties] + parties
     for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
@@ -497,8 +512,13 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
             f"{r['bytes_sent']:,}",
         ]
         cells += [_fmt(r.get("epsilon", float("nan")), ".3f")] if party_level else []
-        cells += [_fmt(r.get(f"{p}/dp_sgd_epsilon"), ".3f") for p in dp_parties]
-        cells += [_fmt(r.get(f"{p}/eval_loss", float("nan")), ".4f") for p in parties]
+        eps = [r.get(f"{p}/dp_sgd_epsilon") for p in dp_parties]
+        losses = [r.get(f"{p}/eval_loss", float("nan")) for p in parties]
+        if wide:
+            cells += [_fmt(v, ".3f") for v in _range(eps)] if dp_parties else []
+            cells += [_fmt(v, ".4f") for v in _range(losses)] if parties else []
+        else:
+            cells += [_fmt(v, ".3f") for v in eps] + [_fmt(v, ".4f") for v in losses]
         table.add_row(*cells)
     console = Console(record=True, width=160, file=io.StringIO())
     console.print(table)
@@ -516,9 +536,18 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
     )
     if dp_parties:
         console.print(
-            "eps <party>: that party's record-level DP-SGD epsilon (delta in privacy.dp_sgd) over "
-            "every run on its data so far. Under DP, losses are sums over every evaluating party "
-            "(secure sum); no party's own loss leaves it."
+            (
+                "eps min/max: the lowest and highest of the parties' record-level DP-SGD epsilons"
+                if wide
+                else "eps <party>: that party's record-level DP-SGD epsilon"
+            )
+            + " (delta in privacy.dp_sgd) over every run on its data so far. Under DP, losses are "
+            "sums over every evaluating party (secure sum); no party's own loss leaves it."
+        )
+    if wide:
+        console.print(
+            f"{max(len(parties), len(dp_parties))} parties: each party's values are in MLflow "
+            "(party/<name>/...)."
         )
     return console.export_text()
 

@@ -39,6 +39,7 @@ from cloudfed.tracking import (
     log_round_metrics,
     name_run,
     run_name,
+    summary_text,
 )
 from tests.mlflow_keys import chart_sections, unlisted
 
@@ -252,3 +253,51 @@ def test_a_chosen_experiment_kind_is_kept(store: mlflow.MlflowClient) -> None:
     with mlflow.start_run(experiment_id=experiment):
         log_plan(cfg, plan_for(cfg))
     assert store.get_experiment(experiment).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def _table_rows(parties: list[str], dp: bool) -> list[dict[str, Any]]:
+    rows = []
+    for r in range(2):
+        row: dict[str, Any] = {
+            "round": r,
+            "eval_loss": 5.0 - r,
+            "eval_perplexity": math.exp(5.0 - r),
+            "train_loss": float("nan"),
+            "parties": len(parties),
+            "rejected": 0,
+            "bytes_sent": 1000 * r,
+        }
+        for i, p in enumerate(parties):
+            row[f"{p}/eval_loss"] = 5.0 - r + i / 100
+            if dp and r:
+                row[f"{p}/dp_sgd_epsilon"] = 1.0 + i / 10
+        rows.append(row)
+    return rows
+
+
+def test_the_round_table_has_a_column_per_party_for_a_few_parties() -> None:
+    parties = ["bank-gcp", "hospital-aws", "insurer-azure"]
+    text = summary_text(_table_rows(parties, dp=True), "round limit (1) reached")
+    header = next(line for line in text.splitlines() if "eval loss" in line and "round" in line)
+    for p in parties:
+        assert f"eps {p}" in header and f" {p}" in header.replace(f"eps {p}", "")
+    assert "party loss min" not in text
+    assert "4.0200" in text and "1.200" in text  # insurer-azure's own loss and epsilon
+
+
+def test_the_round_table_shows_the_range_beyond_six_parties() -> None:
+    parties = [f"p{i:02d}-aws" for i in range(50)]
+    text = summary_text(_table_rows(parties, dp=True), "round limit (1) reached")
+    assert max(len(line) for line in text.splitlines()) <= 160
+    assert not any(p in text for p in parties)  # no column, and no value, names a party
+    header = next(line for line in text.splitlines() if "eval loss" in line and "round" in line)
+    for col in ("eps min", "eps max", "party loss min", "party loss max"):
+        assert col in header, header
+    cells = {line.strip("│ ").split()[0]: line for line in text.splitlines() if "│" in line}
+    last = cells["1"]
+    # round 1: eps 1.000..5.900, party losses 4.0000..4.4900
+    assert "1.000" in last and "5.900" in last and "4.0000" in last and "4.4900" in last, last
+    first = cells["0"]
+    assert "5.0000" in first and "5.4900" in first and first.count(" - ") == 2, first  # no eps yet
+    assert "50 parties: each party's values are in MLflow" in text
+    assert "eps min/max: the lowest and highest of the parties'" in text
