@@ -10,7 +10,9 @@ coordinator's storage, raw sources) is read and written the same way:
 - readers never see a half-written object, and every object carries the sha256 of its bytes
   (object metadata in the same request on S3, GCS and Azure; elsewhere a file of the same
   key under the root's hidden `.sha256/` tree), checked on every read, so a truncated or
-  altered object is an error naming it;
+  altered object is an error naming it; where the digest is a separate file, the writer
+  announces it under `.sha256/.next/` before writing the object, so a writer killed between
+  the object and its digest leaves an object that still reads as what it wrote;
 - transient failures (5xx, 429, timeouts, dropped connections) are retried with exponential
   backoff and full jitter, within a bound on attempts and on total time; permanent ones (absent,
   already there, forbidden) are not.
@@ -231,11 +233,28 @@ class Store:
         """
         return f"{self.root}/{_DIGESTS}/{path[len(self.root) + 1 :]}"
 
-    def _write_sidecar(self, path: str, digest: str) -> None:
+    def _pending(self, path: str) -> str:
+        """Where a separate digest is announced before its object is written (`.sha256/.next/`).
+
+        A writer stopped between writing an object and its digest would otherwise leave an
+        object that fails its check until written again (a process killed mid-save, then a
+        re-run that reads it). No key's digest can live there: a key's segments never start
+        with a dot.
+        """
+        return f"{self.root}/{_DIGESTS}/{_PENDING}/{path[len(self.root) + 1 :]}"
+
+    def _write_sidecar(self, path: str, digest: str, *, pending: bool = False) -> None:
+        side = self._pending(path) if pending else self._sidecar(path)
         if self._local:
-            _atomic_local_write(self._sidecar(path), f"{digest}\n".encode(), exclusive=False)
+            _atomic_local_write(side, f"{digest}\n".encode(), exclusive=False)
         else:
-            self._call("pipe_file", self._sidecar(path), f"{digest}\n".encode())
+            self._call("pipe_file", side, f"{digest}\n".encode())
+
+    def _read_digest(self, side: str) -> str | None:
+        try:
+            return self._call("cat_file", side).decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            return None
 
     # -- retries ---------------------------------------------------------------------------
 
@@ -305,11 +324,20 @@ class Store:
             self._call("pipe_file", path, data, mode=mode, metadata={_GCS_DIGEST: digest})
         elif self._backend == "azure":
             self._run(_azure_put, self.fs, path, data, digest, exclusive)
-        elif self._local:
-            _local_put(path, self._sidecar(path), data, digest, exclusive)
-        else:
-            self._call("pipe_file", path, data, mode=mode)
+        else:  # a separate digest: announced, object, digest, announcement withdrawn
+            self._write_sidecar(path, digest, pending=True)
+            if self._local:
+                _atomic_local_write(path, data, exclusive=exclusive)
+            else:
+                self._call("pipe_file", path, data, mode=mode)
             self._write_sidecar(path, digest)
+            self._remove(self._pending(path))
+
+    def _remove(self, target: str) -> None:
+        try:
+            self._call("rm_file", target)
+        except FileNotFoundError:
+            pass
 
     def _holds(self, path: str, url: str, data: bytes, digest: str) -> bool:
         """Whether `path` already holds `data` (and its digest, repaired where it is separate)."""
@@ -328,11 +356,9 @@ class Store:
         path, url = self._path(key), self.url(key)
 
         def rm() -> None:
-            for target in (path, self._sidecar(path)) if self._separate_digest else (path,):
-                try:
-                    self._call("rm_file", target)
-                except FileNotFoundError:
-                    pass
+            separate = (self._sidecar(path), self._pending(path))
+            for target in (path, *separate) if self._separate_digest else (path,):
+                self._remove(target)
             self.fs.invalidate_cache(path)
 
         self._retrying("delete", url, rm)
@@ -364,6 +390,8 @@ class Store:
             actual = sha256_hex(data)
             if want is not None and actual == want:
                 return data
+            if expected_sha256 is None and self._written_but_not_digested(path, actual):
+                return data
             if want is None and not require_digest:
                 return data
             if read < _SETTLE_READS - 1:
@@ -382,6 +410,10 @@ class Store:
             "it was written. Fix: delete it and let its writer write it again"
         )
 
+    def _written_but_not_digested(self, path: str, actual: str) -> bool:
+        """The writer announced exactly these bytes' digest and stopped before storing it."""
+        return self._separate_digest and self._read_digest(self._pending(path)) == actual
+
     def _get(self, path: str) -> tuple[bytes, str | None]:
         """The object's bytes and the digest stored with it (None when it has none)."""
         if self._backend == "s3":
@@ -393,11 +425,7 @@ class Store:
         if self._backend == "azure":
             return self._run(_azure_get, self.fs, path)
         data = self._call("cat_file", path)
-        try:
-            side = self._call("cat_file", self._sidecar(path)).decode("ascii", "replace").strip()
-        except FileNotFoundError:
-            side = None
-        return data, side
+        return data, self._read_digest(self._sidecar(path))
 
     def add_missing_digests(self, prefix: str = "") -> list[str]:
         """Store the sha256 of every object under `prefix` that has none; the keys it added.
@@ -440,6 +468,7 @@ class Store:
 
 
 _DIGESTS = ".sha256"  # hidden, so never a key (validate_key) and never listed
+_PENDING = ".next"  # under _DIGESTS: digests announced before their object is written
 
 
 def _atomic_local_write(path: str, data: bytes, *, exclusive: bool) -> None:
@@ -459,16 +488,6 @@ def _atomic_local_write(path: str, data: bytes, *, exclusive: bool) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _local_put(path: str, side: str, data: bytes, digest: str, exclusive: bool) -> None:
-    """The object first (for an exclusive write it is the once-guard), then its digest.
-
-    Between the two a reader sees a missing or stale digest and reads again; a writer that stops
-    there leaves an object that fails its check until it is written again, never a wrong read.
-    """
-    _atomic_local_write(path, data, exclusive=exclusive)
-    _atomic_local_write(side, f"{digest}\n".encode(), exclusive=False)
 
 
 async def _s3_get(fs: Any, path: str) -> tuple[bytes, str | None]:

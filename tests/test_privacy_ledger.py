@@ -189,6 +189,39 @@ def test_a_restarted_store_sees_the_same_spend(site: Site) -> None:
     assert again.already_reserved and len(restarted.load().entries) == 2
 
 
+class _Killed(BaseException):
+    """The process dies here: nothing after it runs (not an error anything may catch)."""
+
+
+def test_a_kill_between_the_exchange_copy_and_its_digest_does_not_stop_the_rerun(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CI-found kill point: round 2's exchange copy written, its sha256 not yet.
+
+    Before the store announced digests, the rerun read round 2's bytes against round 1's digest
+    and refused the ledger as tampered.
+    """
+    from cloudfed import storage
+
+    site.reserve(1)
+    write = storage._atomic_local_write
+    digest_of_ledger = site.exchange._sidecar(str(site.remote))
+
+    def dies_before_the_digest(path: str, data: bytes, *, exclusive: bool) -> None:
+        if path == digest_of_ledger:
+            raise _Killed
+        write(path, data, exclusive=exclusive)
+
+    monkeypatch.setattr(storage, "_atomic_local_write", dies_before_the_digest)
+    with pytest.raises(_Killed):
+        site.reserve(2)
+    monkeypatch.setattr(storage, "_atomic_local_write", write)
+    restarted = Site(site.tmp)
+    assert [e.id for e in restarted.load().entries] == ["run-a/r0001", "run-a/r0002"]
+    assert restarted.reserve(2).already_reserved  # charged once
+    assert restarted.reserve(3).entry_id == "run-a/r0003"
+
+
 def test_a_second_run_continues_from_the_first_runs_total(site: Site) -> None:
     for r in (1, 2, 3):
         site.reserve(r, run_id="run-a")
