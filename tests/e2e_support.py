@@ -166,10 +166,14 @@ def run_until_killed(
                     break
                 time.sleep(0.02)
         finally:
-            if proc.poll() is None and not killed:
+            timed_out = proc.poll() is None and not killed
+            if timed_out:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
-    return killed, log.read_text()
+    said = log.read_text()
+    if timed_out:  # not "the run ended before the kill": it never reached the kill point
+        said += f"\n[run_until_killed: the kill point was not reached within {timeout:g} s]\n"
+    return killed, said
 
 
 def stored_files(

@@ -70,7 +70,7 @@ def _make(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         env={**party_env(project, config), **MAKE_RUN_ENV},
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # 161 s idle, 427 s under the heaviest load measured
     )
     out: dict[str, Any] = {"work": work, "clouds": clouds, "proc": proc, "fed": fed, "bench": {}}
     out["console"] = console.read_text(encoding="utf-8") if console.exists() else ""

@@ -339,7 +339,7 @@ def killed(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         return any(e.round == 2 or (e.round == 1 and e.status == "spent") for e in entries)
 
     still_running, output = run_until_killed(
-        project, config, charged_round_1, work / "killed.log", timeout=300
+        project, config, charged_round_1, work / "killed.log", timeout=900
     )
     assert still_running, f"the run ended before it could be killed:\n{output[-4000:]}"
     before_rerun = _ledger(coordinator)
