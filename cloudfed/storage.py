@@ -325,13 +325,29 @@ class Store:
         elif self._backend == "azure":
             self._run(_azure_put, self.fs, path, data, digest, exclusive)
         else:  # a separate digest: announced, object, digest, announcement withdrawn
+            if exclusive and self._call("exists", path):
+                # Taken: announcing would overwrite the announcement of the writer who took it,
+                # whose object may still need it (killed before its digest).
+                raise FileExistsError(path)
             self._write_sidecar(path, digest, pending=True)
-            if self._local:
-                _atomic_local_write(path, data, exclusive=exclusive)
-            else:
-                self._call("pipe_file", path, data, mode=mode)
+            try:
+                if self._local:
+                    _atomic_local_write(path, data, exclusive=exclusive)
+                else:
+                    self._call("pipe_file", path, data, mode=mode)
+            except FileExistsError:  # taken since: withdraw ours if it is still ours
+                if self._read_digest(self._pending(path)) == digest:
+                    self._withdraw(path)
+                raise
             self._write_sidecar(path, digest)
+            self._withdraw(path)
+
+    def _withdraw(self, path: str) -> None:
+        """Remove the announcement; one left behind is harmless (it vouches for these bytes)."""
+        try:
             self._remove(self._pending(path))
+        except Exception as exc:  # a writer allowed to put but not to delete
+            log.warning("storage: left %s (%s)", self._pending(path), _reason(exc))
 
     def _remove(self, target: str) -> None:
         try:
@@ -349,6 +365,7 @@ class Store:
             return False
         if stored_digest != digest and self._backend not in ("s3", "gcs", "azure"):
             self._write_sidecar(path, digest)  # the writer stopped between object and digest
+            self._withdraw(path)
         return True
 
     def delete(self, key: str) -> None:
@@ -390,8 +407,9 @@ class Store:
             actual = sha256_hex(data)
             if want is not None and actual == want:
                 return data
-            if expected_sha256 is None and self._written_but_not_digested(path, actual):
-                return data
+            if expected_sha256 is None and (stored is not None or require_digest):
+                if self._written_but_not_digested(path, actual):
+                    return data
             if want is None and not require_digest:
                 return data
             if read < _SETTLE_READS - 1:

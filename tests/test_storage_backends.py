@@ -216,6 +216,59 @@ def test_a_writer_killed_between_object_and_digest_leaves_a_readable_object(
         again.get_bytes("ledger.signed")
 
 
+@pytest.mark.parametrize("root", ["local", "memory"])
+def test_a_write_once_object_killed_before_its_digest_survives_the_next_taker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: str
+) -> None:
+    """A round record or lock whose writer died before the digest: a rerun's exclusive write of
+    other bytes (a new nonce) is refused and must not spoil the first writer's announcement."""
+    url = str(tmp_path / "store") if root == "local" else f"memory://{tmp_path.name}/once"
+    store = open_store(url)
+    path = store._path("history/r1.signed")
+    write_local, pipe = storage._atomic_local_write, store.fs.pipe_file
+    side = store.fs._strip_protocol(store._sidecar(path))
+
+    def local(p: str, data: bytes, *, exclusive: bool) -> None:
+        if p == side:
+            raise _Killed
+        write_local(p, data, exclusive=exclusive)
+
+    def remote(p: str, data: bytes, **kw: object) -> None:
+        if store.fs._strip_protocol(p) == side:
+            raise _Killed
+        pipe(p, data, **kw)
+
+    monkeypatch.setattr(storage, "_atomic_local_write", local)
+    monkeypatch.setattr(store.fs, "pipe_file", remote)
+    with pytest.raises(_Killed):
+        store.put_bytes("history/r1.signed", b"first taker, nonce 1", exclusive=True)
+    monkeypatch.undo()
+    rerun = open_store(url)
+    with pytest.raises(FileExistsError, match="written once"):
+        rerun.put_bytes("history/r1.signed", b"second taker, nonce 2", exclusive=True)
+    assert rerun.get_bytes("history/r1.signed") == b"first taker, nonce 1"
+    # the first taker retrying its own bytes counts as done, and completes the digest
+    rerun.put_bytes("history/r1.signed", b"first taker, nonce 1", exclusive=True)
+    assert rerun._get(path)[1] == hashlib.sha256(b"first taker, nonce 1").hexdigest()
+    assert not rerun.fs.exists(rerun._pending(path))
+    rerun.delete("history/r1.signed")
+    assert not rerun.fs.exists(rerun._pending(path)) and not rerun.fs.exists(rerun._sidecar(path))
+
+
+def test_a_pinned_read_never_takes_an_announced_digest(tmp_path: Path) -> None:
+    """A reader that pins the digest (a GlobalAdapterRef) accepts only those bytes."""
+    store = open_store(str(tmp_path / "store"))
+    good = b"the adapter the round record names"
+    store.put_bytes("g/adapter.safetensors", good)
+    path = store._path("g/adapter.safetensors")
+    bad = b"another adapter"
+    store.fs.pipe_file(path, bad)
+    store._write_sidecar(path, hashlib.sha256(bad).hexdigest(), pending=True)
+    assert store.get_bytes("g/adapter.safetensors") == bad  # unpinned: as its writer announced
+    with pytest.raises(StorageIntegrityError, match="do not match"):
+        store.get_bytes("g/adapter.safetensors", expected_sha256=hashlib.sha256(good).hexdigest())
+
+
 # -- faults between client and server ------------------------------------------------------
 
 
