@@ -215,6 +215,13 @@ def _visible(relative: Path) -> bool:
     return not any(part.startswith(".") for part in relative.parts)
 
 
+def _create_owner_only(target: Path, data: bytes) -> None:
+    """A new file in a private temp folder, 0600 from its first byte (key files pass through)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
 @contextmanager
 def on_disk(path: AnyPath, *, download: bool = True) -> Iterator[Path]:
     """A local folder for a library that needs one, uploaded to `path` when the block ends.
@@ -235,9 +242,7 @@ def on_disk(path: AnyPath, *, download: bool = True) -> Iterator[Path]:
                 data = (path / key).read_bytes()
                 target = work / key
                 target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
+                _create_owner_only(target, data)
                 before[key] = data
         try:
             yield work
@@ -263,9 +268,8 @@ def fetched(uri: str, options: Mapping[str, Any] | None = None) -> Iterator[Path
     work = Path(tempfile.mkdtemp(prefix="cloudfed-raw-"))
     try:
         target = work / where.name
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(where.read_bytes(require_digest=False))  # the organisation's own export
+        # the organisation's own export: no cloudfed digest to require
+        _create_owner_only(target, where.read_bytes(require_digest=False))
         yield target
     finally:
         shutil.rmtree(work, ignore_errors=True)

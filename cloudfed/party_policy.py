@@ -42,7 +42,7 @@ from cloudfed.federation import (
     load_run_config,
     no_credentials,
 )
-from cloudfed.locations import AnyPath, location
+from cloudfed.locations import AnyPath, location, write_private
 from cloudfed.privacy.settings import DEFAULT_DP_SGD_MAX_EPSILON, PrivacyMode
 from cloudfed.storage import normalised_location
 
@@ -193,7 +193,7 @@ class LoadedPolicy:
         return path if not isinstance(path, Path) or path.is_absolute() else self.path.parent / path
 
     @property
-    def rotations_file(self) -> Path:
+    def rotations_file(self) -> AnyPath:
         """The key rotations this party followed (its own included): its pin record."""
         return self.state_dir / ROTATIONS_FILE
 
@@ -275,8 +275,6 @@ def record_rotation(loaded: LoadedPolicy, statement: RotationStatement) -> Loade
     Refuses (ConsentError) one whose old fingerprint is not the key this party pins: that is a
     rotation signed by someone else's key.
     """
-    from cloudfed.protection.keys import write_owner_only
-
     name = statement.party
     pinned = loaded.policy.pins.parties.get(name)
     if pinned == statement.new.fingerprint:
@@ -289,8 +287,8 @@ def record_rotation(loaded: LoadedPolicy, statement: RotationStatement) -> Loade
             f"{loaded.rotations_file}). Fix: compare fingerprints out of band"
         )
     records = [*_recorded_rotations(loaded), statement.model_dump(mode="json")]
-    loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_owner_only(loaded.rotations_file, json.dumps(records, indent=1).encode())
+    # The party's other state files' writer: the state may be an object-store prefix.
+    write_private(loaded.rotations_file, json.dumps(records, indent=1).encode())
     return _follow_recorded_rotations(LoadedPolicy(loaded.policy, loaded.path))
 
 

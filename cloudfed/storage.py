@@ -363,7 +363,7 @@ class Store:
             return False
         if stored != data:
             return False
-        if stored_digest != digest and self._backend not in ("s3", "gcs", "azure"):
+        if stored_digest != digest and self._separate_digest:
             self._write_sidecar(path, digest)  # the writer stopped between object and digest
             self._withdraw(path)
         return True
@@ -456,10 +456,7 @@ class Store:
             path, url = self._path(key), self.url(key)
             data, stored = self._retrying("get", url, lambda p=path: self._get(p))
             if stored is None:
-                digest = sha256_hex(data)
-                self._retrying(
-                    "put", url, lambda p=path, d=data, h=digest: self._put(p, d, h, False)
-                )
+                self.put_bytes(key, data)
                 added.append(key)
         return added
 

@@ -30,7 +30,13 @@ from cloudfed.keys import (
     rotate,
 )
 from cloudfed.keys.__main__ import main as keys_cli
-from cloudfed.party_policy import ConsentError, load_policy, policy_path, provision
+from cloudfed.party_policy import (
+    ConsentError,
+    load_policy,
+    policy_path,
+    provision,
+    record_rotation,
+)
 from cloudfed.protection.commitments import commitment_key
 from cloudfed.protection.envelope import open_public
 from cloudfed.protection.keys import KeyPairs, generate_keys
@@ -158,6 +164,27 @@ def test_a_storage_folder_in_an_object_store_holds_current_and_pending_pairs() -
     fs = fsspec.filesystem("memory")
     blobs = b"".join(fs.cat_file(f) for f in fs.find("/party-keys-test"))
     assert not any(n in blobs for n in secret_bytes(first))
+    fs.rm("/party-keys-test", recursive=True)
+
+
+def test_a_rotation_record_in_an_object_store_state_moves_the_pin(tmp_path: Path) -> None:
+    """A policy's state_dir may be an object-store prefix: the pin record is written there too."""
+    import fsspec
+
+    from cloudfed.party_policy import LoadedPolicy, PartyPolicy
+
+    old, new = generate_keys("party", B), generate_keys("party", B)
+    policy = PartyPolicy(
+        party=A,
+        federation_id="fed",
+        pins={"coordinator": "a" * 64, "parties": {B: fingerprint(old)}},
+        state_dir="memory://party-keys-test/alpha-state",
+    )
+    loaded = record_rotation(LoadedPolicy(policy, tmp_path / f"{A}.yaml"), sign_rotation(old, new))
+    assert loaded.policy.pins.parties[B] == fingerprint(new)
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/party-keys-test/alpha-state/key_rotations.json")
+    assert not (tmp_path / f"{A}-state").exists()
     fs.rm("/party-keys-test", recursive=True)
 
 

@@ -21,7 +21,6 @@ from cloudfed.exchange import rotation_key, secagg_advert_key
 from cloudfed.federation import parse_federation
 from cloudfed.keys import follow_rotations, load_party_keys, party_key_source, rotate
 from cloudfed.keys.rotation import cancel_rotation, pending_fingerprint
-from cloudfed.keys.sources import _inside
 from cloudfed.party.sealing import dither_seed
 from cloudfed.party_policy import (
     ConsentError,
@@ -36,6 +35,7 @@ from cloudfed.protection.keys import generate_keys
 from cloudfed.protection.messages import ADVERT, sha256, stage_context
 from cloudfed.protection.rotation import parse_rotation, sign_rotation
 from cloudfed.protection.secagg import protocol
+from cloudfed.storage import is_inside
 from tests.protected_support import Federation, federation_dict
 
 A, B, C = NAMES = ("alpha-aws", "beta-gcp", "gamma-azure")
@@ -209,7 +209,7 @@ def test_commitment_key_after_rotation_is_fresh_and_not_derivable_from_the_retir
     ],
 )
 def test_inside_check_sees_aliases_of_the_same_location(child: str, parent: str) -> None:
-    assert _inside(child, parent)
+    assert is_inside(child, parent)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +222,7 @@ def test_inside_check_sees_aliases_of_the_same_location(child: str, parent: str)
     ],
 )
 def test_inside_check_tells_other_locations_apart(child: str, parent: str) -> None:
-    assert not _inside(child, parent)
+    assert not is_inside(child, parent)
 
 
 def test_file_url_storage_inside_the_coordinators_storage_is_refused_before_any_write(

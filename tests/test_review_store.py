@@ -95,9 +95,9 @@ def test_party_storage_on_the_exchange_is_refused(tmp_path: Path, model_cache: P
 def test_key_folder_check_sees_object_store_aliases(tmp_path: Path, model_cache: Path) -> None:
     """Attack: a doubled slash, '.', s3a:// or gcs:// named the same objects as the plain
     spelling and passed the key-folder check; the check now normalises both sides."""
-    from cloudfed.keys.sources import _inside
+    from cloudfed.storage import is_inside
 
-    assert _inside("s3://coord-bucket/fed/alpha/keys", "s3://coord-bucket/fed")  # the plain case
+    assert is_inside("s3://coord-bucket/fed/alpha/keys", "s3://coord-bucket/fed")  # the plain case
     aliases = [
         ("s3://coord-bucket//fed/alpha/keys", "s3://coord-bucket/fed"),
         ("s3a://coord-bucket/fed/alpha/keys", "s3://coord-bucket/fed"),
@@ -106,7 +106,7 @@ def test_key_folder_check_sees_object_store_aliases(tmp_path: Path, model_cache:
         ("s3://coord-bucket/other/../fed/alpha", "s3://coord-bucket/fed"),  # normalised
         ("s3://coord-bucket/fed/../alpha", "s3://coord-bucket/fed"),  # a literal key under fed/
     ]
-    missed = [a for a in aliases if not _inside(*a)]
+    missed = [a for a in aliases if not is_inside(*a)]
     assert not missed, f"key-folder check bypassed by aliases: {missed}"
 
 

@@ -362,9 +362,6 @@ def load_secret_manager(spec: str, options: Mapping[str, Any]) -> SecretManager:
 # --- which source, for a party -------------------------------------------------------------------
 
 
-_inside = is_inside  # the reviewer's tests import it by this name
-
-
 def refuse_coordinator_location(
     cfg: FederationConfig, party: str, location: str, where: str
 ) -> None:
