@@ -330,13 +330,12 @@ class RoundResult(BaseModel):
     staleness: dict[str, int] = {}  # per accepted party: versions between its base and the round
 
 
-def _epsilon(cfg: FederationConfig, s: RoundState) -> float | None:
+def _epsilon(s: RoundState, records: Mapping[str, party.LocalUpdateRecord]) -> float | None:
+    """Party-level epsilon, else the largest DP-SGD epsilon among the round's training records."""
     if s.report is not None and s.report.privacy:
         return float(s.report.privacy["epsilon"])
     spent = [
-        float(training_record(cfg, ref).train["dp_sgd_epsilon"])
-        for ref in s.local.values()
-        if "dp_sgd_epsilon" in training_record(cfg, ref).train
+        float(r.train["dp_sgd_epsilon"]) for r in records.values() if "dp_sgd_epsilon" in r.train
     ]
     return max(spent) if spent else None
 
@@ -356,7 +355,7 @@ def summarise(
         party_tokens={p: int(r.train.get("tokens", 0)) for p, r in records.items()},
         party_samples={p: int(r.train.get("samples_seen", 0)) for p, r in records.items()},
         bytes_sent=sum(r.bytes_sent for r in s.sealed) + sum(m.bytes for m in s.messages),
-        epsilon=_epsilon(cfg, s),
+        epsilon=_epsilon(s, records),  # the records read above, not each party's file again
         seconds=seconds,
         accepted=accepted,
         stopped=s.stopped,

@@ -494,11 +494,17 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
     columns += ["epsilon"] if party_level else []
     # Beyond a handful of parties one column each no longer fits a terminal: show the range.
     wide = len(dp_parties) > TABLE_PARTY_COLUMNS or len(parties) > TABLE_PARTY_COLUMNS
-    if wide:
-        columns += ["eps min", "eps max"] if dp_parties else []
-        columns += ["party loss min", "party loss max"] if parties else []
-    else:
-        columns += [f"eps {p}" for p in dp_parties] + parties
+    # Per metric: its label when wide, (column, party) pairs when not, its key and format.
+    per_party = [
+        group
+        for group in (
+            ("eps", [(f"eps {p}", p) for p in dp_parties], "dp_sgd_epsilon", ".3f"),
+            ("party loss", [(p, p) for p in parties], "eval_loss", ".4f"),
+        )
+        if group[1]  # no party has the metric: no columns for it
+    ]
+    for label, cols, _, _ in per_party:
+        columns += [f"{label} min", f"{label} max"] if wide else [c for c, _ in cols]
     for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
@@ -512,13 +518,9 @@ def summary_text(rows: Sequence[dict[str, Any]], stop_reason: str) -> str:
             f"{r['bytes_sent']:,}",
         ]
         cells += [_fmt(r.get("epsilon", float("nan")), ".3f")] if party_level else []
-        eps = [r.get(f"{p}/dp_sgd_epsilon") for p in dp_parties]
-        losses = [r.get(f"{p}/eval_loss", float("nan")) for p in parties]
-        if wide:
-            cells += [_fmt(v, ".3f") for v in _range(eps)] if dp_parties else []
-            cells += [_fmt(v, ".4f") for v in _range(losses)] if parties else []
-        else:
-            cells += [_fmt(v, ".3f") for v in eps] + [_fmt(v, ".4f") for v in losses]
+        for _, cols, metric, spec in per_party:
+            values = [r.get(f"{p}/{metric}") for _, p in cols]  # absent: shown as "-"
+            cells += [_fmt(v, spec) for v in (_range(values) if wide else values)]
         table.add_row(*cells)
     console = Console(record=True, width=160, file=io.StringIO())
     console.print(table)

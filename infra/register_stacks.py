@@ -25,15 +25,7 @@ import yaml
 from pydantic import ValidationError
 
 SPEC = Path(__file__).with_name("stacks.yaml")
-COMPONENT_TYPES = (
-    "orchestrator",
-    "artifact_store",
-    "experiment_tracker",
-    "container_registry",
-    "image_builder",
-    "step_operator",
-)
-# `zenml stack register` flags per component type.
+# `zenml stack register` flags per component type (the types a stack of the spec may name).
 STACK_FLAGS = {
     "orchestrator": "-o",
     "artifact_store": "-a",
@@ -42,6 +34,7 @@ STACK_FLAGS = {
     "image_builder": "-i",
     "step_operator": "-s",
 }
+COMPONENT_TYPES = tuple(STACK_FLAGS)
 # Flavor classes by (type, flavor): importable without the clouds' SDKs, so the spec can be
 # checked on any machine; the integration's name says what to install where it is registered.
 _Z = "zenml.integrations"

@@ -56,16 +56,22 @@ def _pinned(packages: set[str], integrations: set[str]) -> list[str]:
     return sorted(f"{p}=={GCP_FSSPEC_RELEASE}" for p in packages)
 
 
-def stack_facts() -> dict[str, Any]:
-    """The active stack's artifact store and integrations: what every step's image also needs."""
+def stack_facts(stack: str | None = None) -> dict[str, Any]:
+    """A stack's artifact store and integrations: what every step's image also needs.
+
+    The active stack's by default (the run's), or the named one's (`build_commands`); read from
+    the registered stack, so no component is loaded for it.
+    """
     from zenml.client import Client
 
     client = Client()
-    components = client.active_stack_model.components.values()
+    model = client.active_stack_model if stack is None else client.get_stack(stack)
+    components = model.components
+    store = components[StackComponentType.ARTIFACT_STORE][0]
     return {
-        "artifact_store": client.active_stack.artifact_store.path,
+        "artifact_store": store.configuration.get("path"),
         "stack_integrations": sorted(
-            {c.integration for cs in components for c in cs if c.integration}
+            {c.integration for cs in components.values() for c in cs if c.integration}
         ),
     }
 
@@ -117,15 +123,11 @@ def build_commands(cfg: FederationConfig, stack: str) -> list[str]:
         f"zenml stack export-requirements {stack} --output-file .cloudfed/stack-requirements.txt "
         "--overwrite"
     ]
-    from zenml.client import Client
-
-    model = Client().get_stack(stack)
-    integrations = {c.integration for cs in model.components.values() for c in cs if c.integration}
-    store = model.components[StackComponentType.ARTIFACT_STORE][0].configuration.get("path")
+    facts = stack_facts(stack)
     for p in cfg.parties:
         if p.image is None:
             continue
-        packages = " ".join(party_packages(cfg, p.name, store, integrations))
+        packages = " ".join(party_packages(cfg, p.name, **facts))
         out.append(
             f'docker build -f infra/party.Dockerfile --build-arg PACKAGES="{packages}" '
             f"-t {p.image} . && docker push {p.image}"

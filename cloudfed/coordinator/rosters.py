@@ -195,26 +195,11 @@ def _rotations(
         statement = None
         if blob is not None:
             try:
-                statement = parse_rotation(blob)
-                if statement.party != name:
-                    raise ProtectionError("rotation statement names another party")
-                if advertised not in (statement.old.fingerprint, statement.new.fingerprint):
-                    raise ProtectionError(
-                        "rotation statement not signed by the key the party advertised with"
-                    )
-                if (
-                    statement.old.fingerprint == advertised
-                    and intents.get(name) != statement.new.fingerprint
-                ):
-                    raise ProtectionError(
-                        "rotation statement to a key the party's round advertisement does not "
-                        "name (an abandoned or replayed rotation)"
-                    )
+                statement = _fitting_statement(blob, name, advertised, intents.get(name))
             except ProtectionError as exc:
                 refused[name] = str(exc)
                 logger.warning("key rotation of %s left out of the roster: %s", name, exc)
-                statement = None
-        if statement is not None and statement.old.fingerprint == advertised:
+        if statement is not None and statement.old.fingerprint == advertised:  # to approve
             if name == ckks_key_party:
                 refused[name] = (
                     "deferred: the CKKS key party rotates in a round without CKKS tensors"
@@ -235,6 +220,28 @@ def _rotations(
     if refused:
         out["refused_rotations"] = refused
     return out
+
+
+def _fitting_statement(
+    blob: bytes, name: str, advertised: str, intent: str | None
+) -> RotationStatement:
+    """The member's verified statement if it fits this round; ProtectionError says why not.
+
+    It must be the member's own and lead from the key it advertised with (a rotation to come) or
+    to it (one approved earlier); a rotation to come must lead to the key the round
+    advertisement names (`intent`).
+    """
+    statement = parse_rotation(blob)
+    if statement.party != name:
+        raise ProtectionError("rotation statement names another party")
+    if advertised not in (statement.old.fingerprint, statement.new.fingerprint):
+        raise ProtectionError("rotation statement not signed by the key the party advertised with")
+    if statement.old.fingerprint == advertised and intent != statement.new.fingerprint:
+        raise ProtectionError(
+            "rotation statement to a key the party's round advertisement does not "
+            "name (an abandoned or replayed rotation)"
+        )
+    return statement
 
 
 def shares_roster(
