@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from contextlib import ExitStack
 from pathlib import Path
@@ -42,10 +43,6 @@ def _moved(fed: Federation, **party0: object):
 
 def _keys_elsewhere(tmp_path: Path, party: str) -> None:
     """The party's own policy keeps its keys in a private folder (not its storage)."""
-    import shutil
-
-    import yaml
-
     folder = tmp_path / "private-keys" / party
     shutil.copytree(tmp_path / "clouds" / party / "keys", folder)  # the same (pinned) keys
     path = policy_path(party)
