@@ -187,6 +187,13 @@ class Federation:
     def global_state(self) -> dict[str, np.ndarray]:
         return load_global(self.exchange, self.current)
 
+    def moved(self, **first_party: Any) -> FederationConfig:
+        """This federation's config with fields of its first party changed, as a launcher could
+        rewrite the run configuration (its storage or raw exports pointed elsewhere)."""
+        raw = self.cfg.model_dump(mode="json")
+        raw["parties"][0].update(first_party)
+        return parse_federation(raw)
+
 
 def accept_exactly(cfg: FederationConfig, party: str) -> Path:
     """Rewrite one party's policy so that it accepts exactly `cfg` (keys pinned as they are)."""

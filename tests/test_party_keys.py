@@ -21,7 +21,6 @@ import yaml
 from cloudfed import party as party_mod
 from cloudfed.errors import ConfigError
 from cloudfed.exchange import public_key_key, publish_public_keys, rotation_key, secagg_roster_key
-from cloudfed.federation import parse_federation
 from cloudfed.keys import (
     StorageKeySource,
     follow_rotations,
@@ -285,9 +284,7 @@ def test_a_party_key_source_in_the_coordinators_storage_is_refused(
     coordinator = Path(fed.cfg.coordinator_storage)
     before = sorted(p for p in coordinator.rglob("*"))
     # The launcher points the party's storage into the coordinator's.
-    raw = fed.cfg.model_dump(mode="json")
-    raw["parties"][0]["storage"] = str(coordinator / "alpha")
-    moved = parse_federation(raw)
+    moved = fed.moved(storage=str(coordinator / "alpha"))
     with pytest.raises(ConfigError, match=rf"parties\[{A}\].storage at storage only the party"):
         party_mod.consent(moved, moved.party(A), fed.plan)
     # The party's own policy names a folder there (or on the exchange).
