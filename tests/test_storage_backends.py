@@ -70,12 +70,12 @@ def _rewrite(store: Store, key: str, data: bytes, digest: str | None) -> None:
         side.write_text(digest) if digest else side.unlink()
 
 
-def _writes(proxy: FaultProxy) -> list[tuple[str, str, str]]:
-    return [s for s in proxy.seen if s[0] in ("PUT", "POST")]
-
-
 def _is_write(method: str, path: str) -> bool:
     return method in ("PUT", "POST")
+
+
+def _writes(proxy: FaultProxy) -> list[tuple[str, str, str]]:
+    return [s for s in proxy.seen if _is_write(s[0], s[1])]
 
 
 def _is_read(method: str, path: str) -> bool:
