@@ -187,6 +187,29 @@ class Federation:
     def global_state(self) -> dict[str, np.ndarray]:
         return load_global(self.exchange, self.current)
 
+    def moved(self, **first_party: Any) -> FederationConfig:
+        """This federation's config with fields of its first party changed, as a launcher could
+        rewrite the run configuration (its storage or raw exports pointed elsewhere)."""
+        raw = self.cfg.model_dump(mode="json")
+        raw["parties"][0].update(first_party)
+        return parse_federation(raw)
+
+
+def random_updates(
+    fed: Federation, examples: dict[str, int], seed: int = 0
+) -> dict[str, tuple[dict[str, np.ndarray], int]]:
+    """Distinct, random-looking updates (normal(0, 0.01)) per party and tensor, each with its
+    party's example count; `seed` draws another set (another round, another run)."""
+    out = {}
+    for k, p in enumerate(examples):
+        rng = np.random.default_rng(1000 * seed + k)
+        state = {
+            n: rng.normal(0.0, 0.01, fed.initial[n].shape).astype(np.float32)
+            for n in sorted(fed.initial)
+        }
+        out[p] = (state, examples[p])
+    return out
+
 
 def accept_exactly(cfg: FederationConfig, party: str) -> Path:
     """Rewrite one party's policy so that it accepts exactly `cfg` (keys pinned as they are)."""

@@ -36,6 +36,24 @@ def _bench(
     return json.loads(proc.stdout)
 
 
+def _bench_on_demo(tmp_path: Path, script: str, *args: str, **kw: Any) -> dict:
+    """`_bench` for a benchmark that runs pipelines: on a fresh demo and an isolated project."""
+    from cloudfed.data.demo import generate_demo
+
+    generate_demo(tmp_path / "clouds")
+    project = make_project(tmp_path / "project")
+    return _bench(
+        script,
+        *args,
+        "--project",
+        str(project),
+        "--clouds",
+        str(tmp_path / "clouds"),
+        env=zenml_env(),
+        **kw,
+    )
+
+
 def _flower_or_skip() -> None:
     if not FLOWER.exists():
         if os.environ.get("CLOUDFED_REQUIRE_FLOWER") == "1":
@@ -90,20 +108,12 @@ def test_protection_tiny_without_flower() -> None:
 @pytest.mark.e2e
 def test_protection_end_to_end_arms_tiny(tmp_path: Path) -> None:
     """Each protection arm of `make bench` runs its own one-round federation through demo_run."""
-    from cloudfed.data.demo import generate_demo
-
-    generate_demo(tmp_path / "clouds")
-    project = make_project(tmp_path / "project")
-    result = _bench(
+    result = _bench_on_demo(
+        tmp_path,
         "benchmarks/protection.py",
         "--tiny",
         "--no-flower",
         "--e2e",
-        "--project",
-        str(project),
-        "--clouds",
-        str(tmp_path / "clouds"),
-        env=zenml_env(),
         timeout=1800,  # three pipeline runs
     )
     arms = result["end_to_end"]
@@ -124,19 +134,7 @@ def test_flower_peer_tiny_beside_ours() -> None:
 
 @pytest.mark.e2e
 def test_privacy_utility_tiny(tmp_path: Path) -> None:
-    from cloudfed.data.demo import generate_demo
-
-    generate_demo(tmp_path / "clouds")
-    project = make_project(tmp_path / "project")
-    result = _bench(
-        "benchmarks/privacy_utility.py",
-        "--tiny",
-        "--project",
-        str(project),
-        "--clouds",
-        str(tmp_path / "clouds"),
-        env=zenml_env(),
-    )
+    result = _bench_on_demo(tmp_path, "benchmarks/privacy_utility.py", "--tiny")
     arms = {r["arm"]: r for r in result["table"]}
     assert set(arms) == {"infinity", "dp_sgd_eps8"}
     assert arms["infinity"]["loss_ratio"] == 1.0

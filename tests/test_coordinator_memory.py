@@ -12,11 +12,10 @@ from __future__ import annotations
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cloudfed.protection import messages
-from tests.protected_support import Federation, federation_dict
+from tests.protected_support import Federation, federation_dict, random_updates
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MEASURED = {"upload": "inputs_roster", "unmask": "aggregate"}  # reset after key, read after value
@@ -47,21 +46,12 @@ def _peaks(tmp_path: Path, model_cache: Path, n: int) -> tuple[dict[str, int], i
         elif stage in MEASURED.values():
             peaks[stage] = tracemalloc.get_traced_memory()[1] - base["at"]
 
-    def updates(salt: int):
-        out = {}
-        for k, p in enumerate(names):
-            rng = np.random.default_rng(1000 * salt + k)
-            state = {
-                t: rng.normal(0.0, 0.01, a.shape).astype(np.float32)
-                for t, a in sorted(fed.initial.items())
-            }
-            out[p] = (state, 100 + k)
-        return out
-
-    fed.round(1, updates(1))  # warm: every module the stages import is imported now
+    examples = {p: 100 + k for k, p in enumerate(names)}
+    # warm: every module the stages import is imported now
+    fed.round(1, random_updates(fed, examples, 1))
     tracemalloc.start()
     try:
-        _, report, _ = fed.round(2, updates(2), hook=hook)
+        _, report, _ = fed.round(2, random_updates(fed, examples, 2), hook=hook)
     finally:
         tracemalloc.stop()
     assert sorted(report.accepted) == names  # every contribution was summed

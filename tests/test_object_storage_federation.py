@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from cloudfed.data.ref import DatasetRef
 from cloudfed.data.tokens import count_utf8_bytes
 from cloudfed.federation import FederationConfig, parse_federation
 from tests.e2e_support import REPO_ROOT, federation, scan_for, stored_files
+from tests.storage_servers import free_port
 
 PARTIES = ["hospital-aws", "bank-gcp"]
 EXTENSION = {"hospital-aws": "csv", "bank-gcp": "jsonl"}
@@ -34,12 +34,6 @@ RUNS = ("", "zen-")  # the simulation's buckets, and the `zenml pipeline run`'s 
 
 def _bucket(party: str, run: str = "") -> str:
     return f"cf-{run}{party}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def s3() -> Iterator[dict[str, Any]]:
         mp.setenv("AWS_ACCESS_KEY_ID", "testing")
         mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        port = _free_port()
+        port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         try:
@@ -226,14 +220,19 @@ def _harmonised_needles(run: dict[str, Any], party: str) -> list[bytes]:
     return [MARKER_RE.search(t).group(0).encode() for t in texts]
 
 
+def _tensor_slice(data: bytes) -> bytes:
+    """64 bytes of a plaintext update's tensors (past the safetensors header)."""
+    header = 8 + int.from_bytes(data[:8], "little")
+    return data[header + 256 : header + 320]
+
+
 def _update_needles(run: dict[str, Any], party: str) -> list[bytes]:
-    """64-byte slices of the party's plaintext update tensors (past the safetensors header)."""
-    out = []
-    for name, data in _files(run, _bucket(party)):
-        if "/storage/updates/" in name and name.endswith(".safetensors"):
-            header = 8 + int.from_bytes(data[:8], "little")
-            out.append(data[header + 256 : header + 320])
-    return out
+    """A slice of each of the party's plaintext updates, read from its bucket."""
+    return [
+        _tensor_slice(data)
+        for name, data in _files(run, _bucket(party))
+        if "/storage/updates/" in name and name.endswith(".safetensors")
+    ]
 
 
 def test_residency_scan_across_the_buckets(run: dict[str, Any]) -> None:
@@ -288,8 +287,7 @@ def test_zenml_pipeline_run_keeps_every_location_in_its_bucket(
     for p in PARTIES:
         for name, data in stored_files(f"s3://{_bucket(p, run)}/storage/updates", options):
             if name.endswith(".safetensors"):
-                header = 8 + int.from_bytes(data[:8], "little")
-                updates.append(data[header + 256 : header + 320])
+                updates.append(_tensor_slice(data))
     assert len(updates) == len(PARTIES)  # one round
     markers = [MARKER_PREFIX.encode()]
     assert scan_for([f"s3://{_bucket(PARTIES[0], run)}/raw"], markers, options)  # controls

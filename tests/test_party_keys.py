@@ -21,7 +21,6 @@ import yaml
 from cloudfed import party as party_mod
 from cloudfed.errors import ConfigError
 from cloudfed.exchange import public_key_key, publish_public_keys, rotation_key, secagg_roster_key
-from cloudfed.federation import parse_federation
 from cloudfed.keys import (
     StorageKeySource,
     follow_rotations,
@@ -42,6 +41,7 @@ from cloudfed.protection.envelope import open_public
 from cloudfed.protection.keys import KeyPairs, generate_keys
 from cloudfed.protection.messages import COORDINATOR, ROSTER, coordinator_bundle, stage_context
 from cloudfed.protection.rotation import parse_rotation, sign_rotation
+from tests.e2e_support import scan_for
 from tests.protected_support import Federation, federation_dict
 
 A, B, C = NAMES = ("alpha-aws", "beta-gcp", "gamma-azure")
@@ -98,16 +98,6 @@ def secret_bytes(keys: KeyPairs) -> list[bytes]:
     return out
 
 
-def files_containing(root: Path, needles: list[bytes]) -> list[Path]:
-    hits = []
-    for path in root.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            if any(n in data for n in needles):
-                hits.append(path)
-    return hits
-
-
 def set_key_source(party: str, **spec: Any) -> None:
     path = policy_path(party)
     doc = yaml.safe_load(path.read_text())
@@ -161,10 +151,8 @@ def test_a_storage_folder_in_an_object_store_holds_current_and_pending_pairs() -
     after = source.load()
     assert after.pending is None and fingerprint(after.current) == fingerprint(nxt)
     assert after.current.commitment == b"n" * 32
-    fs = fsspec.filesystem("memory")
-    blobs = b"".join(fs.cat_file(f) for f in fs.find("/party-keys-test"))
-    assert not any(n in blobs for n in secret_bytes(first))
-    fs.rm("/party-keys-test", recursive=True)
+    assert not scan_for(["memory://party-keys-test"], secret_bytes(first))
+    fsspec.filesystem("memory").rm("/party-keys-test", recursive=True)
 
 
 def test_a_rotation_record_in_an_object_store_state_moves_the_pin(tmp_path: Path) -> None:
@@ -214,7 +202,7 @@ def test_env_source_reads_the_variable_and_never_writes_to_storage(
     policy_path(A).write_text(yaml.safe_dump(doc))
     got, _ = party_mod.consent(fed.cfg, party, fed.plan)
     assert fingerprint(got) == fingerprint(keys)
-    assert not files_containing(Path(party.storage), secret_bytes(keys))
+    assert not scan_for([Path(party.storage)], secret_bytes(keys))
     # Re-provisioning keeps where the party's keys live, and pins the key found there.
     provision(fed.cfg, force=True)
     assert load_policy(A).policy.keys.source == "env"
@@ -257,7 +245,7 @@ def test_secret_manager_source_on_aws_secrets_manager(
         generation = f"cloudfed/{A}.{fingerprint(first)}"
         held_first = json.loads(client.get_secret_value(SecretId=generation)["SecretString"])
         assert held_first == first.material()
-        assert not files_containing(Path(party.storage), secret_bytes(first))
+        assert not scan_for([Path(party.storage)], secret_bytes(first))
 
         # Rotation keeps both pairs in the secret until the pin follows, then only the new one.
         doc = yaml.safe_load(policy_path(A).read_text())
@@ -311,9 +299,9 @@ def test_no_party_private_key_reaches_coordinator_exchange_or_mlflow(
         n for p in NAMES for n in secret_bytes(party_mod.party_keys(fed.cfg.party(p), fed.exchange))
     ]
     # Positive control: the scan finds the keys where they do live, the parties' own storage.
-    assert files_containing(tmp_path / "clouds", needles)
+    assert scan_for([tmp_path / "clouds"], needles)
     for root in (tmp_path / "coordinator", tmp_path / "exchange", tmp_path / "mlruns"):
-        assert root.exists() and not files_containing(root, needles), root
+        assert root.exists() and not scan_for([root], needles), root
 
 
 def test_a_party_key_source_in_the_coordinators_storage_is_refused(
@@ -323,9 +311,7 @@ def test_a_party_key_source_in_the_coordinators_storage_is_refused(
     coordinator = Path(fed.cfg.coordinator_storage)
     before = sorted(p for p in coordinator.rglob("*"))
     # The launcher points the party's storage into the coordinator's.
-    raw = fed.cfg.model_dump(mode="json")
-    raw["parties"][0]["storage"] = str(coordinator / "alpha")
-    moved = parse_federation(raw)
+    moved = fed.moved(storage=str(coordinator / "alpha"))
     with pytest.raises(ConfigError, match=rf"parties\[{A}\].storage at storage only the party"):
         party_mod.consent(moved, moved.party(A), fed.plan)
     # The party's own policy names a folder there (or on the exchange).
@@ -403,7 +389,7 @@ def test_rotation_is_followed_through_the_keys_roster_across_rounds(
     assert after.current.commitment not in (None, commitment_key(old))
     promoted = load_party_keys(fed.cfg, fed.cfg.party(B), load_policy(B), create=False)
     assert promoted.retired == (commitment_key(old),)
-    assert not files_containing(Path(fed.cfg.party(B).storage), secret_bytes(old))
+    assert not scan_for([Path(fed.cfg.party(B).storage)], secret_bytes(old))
     published = json.loads(fed.exchange.get_bytes(public_key_key("party", B)))
     assert published["fingerprint"] == new_fp
 

@@ -18,7 +18,6 @@ from cloudfed import party as party_mod
 from cloudfed.coordinator.rosters import _rotations, rotation_chains_dir
 from cloudfed.errors import ConfigError
 from cloudfed.exchange import rotation_key, secagg_advert_key
-from cloudfed.federation import parse_federation
 from cloudfed.keys import follow_rotations, load_party_keys, party_key_source, rotate
 from cloudfed.keys.rotation import cancel_rotation, pending_fingerprint
 from cloudfed.party.sealing import dither_seed
@@ -233,9 +232,7 @@ def test_file_url_storage_inside_the_coordinators_storage_is_refused_before_any_
     itself is checked before anything is read or written."""
     fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
     coordinator = Path(fed.cfg.coordinator_storage).resolve()
-    raw = fed.cfg.model_dump(mode="json")
-    raw["parties"][0]["storage"] = f"file://{coordinator}/alpha"
-    moved = parse_federation(raw)
+    moved = fed.moved(storage=f"file://{coordinator}/alpha")
     before = sorted(coordinator.rglob("*"))
     with pytest.raises((ConfigError, ConsentError)) as err:
         party_mod.consent(moved, moved.party(A), fed.plan)
@@ -254,9 +251,7 @@ def test_consent_writes_no_private_key_where_the_launcher_points_storage(
     policy also records the party's storage, so moving it is refused before any I/O."""
     fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
     elsewhere = tmp_path / "launcher-owned"
-    raw = fed.cfg.model_dump(mode="json")
-    raw["parties"][0]["storage"] = str(elsewhere)
-    moved = parse_federation(raw)
+    moved = fed.moved(storage=str(elsewhere))
     with pytest.raises(ConsentError, match="is not the party's own storage"):
         party_mod.consent(moved, moved.party(A), fed.plan)  # the policy records its storage
     assert not list(elsewhere.rglob("*.pem")), "a private key was written to launcher storage"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,18 +35,8 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
-def _moved(fed: Federation, **party0: object):
-    raw = fed.cfg.model_dump(mode="json")
-    raw["parties"][0].update(party0)
-    return parse_federation(raw)
-
-
 def _keys_elsewhere(tmp_path: Path, party: str) -> None:
     """The party's own policy keeps its keys in a private folder (not its storage)."""
-    import shutil
-
-    import yaml
-
     folder = tmp_path / "private-keys" / party
     shutil.copytree(tmp_path / "clouds" / party / "keys", folder)  # the same (pinned) keys
     path = policy_path(party)
@@ -66,7 +57,7 @@ def test_file_url_alias_of_coordinator_storage_is_refused_before_any_write(
     fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
     coordinator = Path(fed.cfg.coordinator_storage)
     before = sorted(coordinator.rglob("*"))
-    moved = _moved(fed, storage=f"file://{coordinator / 'alpha'}")
+    moved = fed.moved(storage=f"file://{coordinator / 'alpha'}")
     try:
         party_mod.consent(moved, moved.party(A), fed.plan)
         raised = None
@@ -84,7 +75,7 @@ def test_party_storage_on_the_exchange_is_refused(tmp_path: Path, model_cache: P
     fed = Federation(federation_dict(tmp_path, model_cache, NAMES))
     _keys_elsewhere(tmp_path, A)
     exchange = Path(fed.cfg.exchange)
-    moved = _moved(fed, storage=str(exchange / "alpha"))
+    moved = fed.moved(storage=str(exchange / "alpha"))
     secrets = Path(str(secret_path(moved.party(A), 1, fed.plan.run_id, "secrets")))
     assert secrets.is_relative_to(exchange)  # where the party's mask secrets would go
     party_mod.consent(fed.cfg, fed.cfg.party(A), fed.plan)  # the moved keys are the pinned ones
@@ -129,7 +120,7 @@ def test_unmask_record_survives_a_relaunch_with_a_fresh_storage(
         _reveal_across_runs(loaded, plan, 1, [A, B])
     # The launcher relaunches with a fresh storage prefix; the retrained seeded update is the same.
     fresh = tmp_path / "fresh" / A
-    moved = _moved(fed, storage=str(fresh))
+    moved = fed.moved(storage=str(fresh))
     with pytest.raises(ConsentError, match="is not the party's own storage"):
         party_mod.consent(moved, moved.party(A), plan)  # a policy that records its storage
     # A policy without a recorded storage (or one its party moved): the record still holds.
@@ -161,7 +152,7 @@ def test_raw_exports_or_a_storage_around_the_coordinator_are_refused_before_any_
     ]
     for change, field in cases:
         before = sorted(tmp_path.rglob("*"))
-        moved = _moved(fed, **change)
+        moved = fed.moved(**change)
         with pytest.raises(ConfigError, match="Fix: point") as refused:
             party_mod.consent(moved, moved.party(A), fed.plan)
         assert field in str(refused.value), (change, refused.value)

@@ -70,12 +70,12 @@ def _rewrite(store: Store, key: str, data: bytes, digest: str | None) -> None:
         side.write_text(digest) if digest else side.unlink()
 
 
-def _writes(proxy: FaultProxy) -> list[tuple[str, str, str]]:
-    return [s for s in proxy.seen if s[0] in ("PUT", "POST")]
-
-
 def _is_write(method: str, path: str) -> bool:
     return method in ("PUT", "POST")
+
+
+def _writes(proxy: FaultProxy) -> list[tuple[str, str, str]]:
+    return [s for s in proxy.seen if _is_write(s[0], s[1])]
 
 
 def _is_read(method: str, path: str) -> bool:
@@ -164,6 +164,29 @@ class _Killed(BaseException):
     """The writing process dies here: nothing after it runs."""
 
 
+def _kill_when_writing(monkeypatch: pytest.MonkeyPatch, store: Store, target: str | None) -> None:
+    """The store's writer dies as it starts writing `target` (None: at no write), on a local
+    folder or through fsspec alike."""
+    write_local, pipe, strip = (
+        storage._atomic_local_write,
+        store.fs.pipe_file,
+        store.fs._strip_protocol,
+    )
+
+    def local(p: str, data: bytes, *, exclusive: bool) -> None:
+        if p == target:
+            raise _Killed
+        write_local(p, data, exclusive=exclusive)
+
+    def remote(p: str, data: bytes, **kw: object) -> None:
+        if strip(p) == strip(target or ""):
+            raise _Killed
+        pipe(p, data, **kw)
+
+    monkeypatch.setattr(storage, "_atomic_local_write", local)
+    monkeypatch.setattr(store.fs, "pipe_file", remote)
+
+
 @pytest.mark.parametrize("dies_before", ["object", "digest", "withdrawal"])
 @pytest.mark.parametrize("root", ["local", "memory"])
 def test_a_writer_killed_between_object_and_digest_leaves_a_readable_object(
@@ -180,23 +203,11 @@ def test_a_writer_killed_between_object_and_digest_leaves_a_readable_object(
     store.put_bytes("ledger.signed", b"version 1")
     path = store._path("ledger.signed")
     target = {"object": path, "digest": store._sidecar(path), "withdrawal": None}[dies_before]
-    write_local, pipe = storage._atomic_local_write, store.fs.pipe_file
-
-    def local(p: str, data: bytes, *, exclusive: bool) -> None:
-        if p == target:
-            raise _Killed
-        write_local(p, data, exclusive=exclusive)
-
-    def remote(p: str, data: bytes, **kw: object) -> None:
-        if store.fs._strip_protocol(p) == store.fs._strip_protocol(target or ""):
-            raise _Killed
-        pipe(p, data, **kw)
 
     def remove(_: str) -> None:
         raise _Killed
 
-    monkeypatch.setattr(storage, "_atomic_local_write", local)
-    monkeypatch.setattr(store.fs, "pipe_file", remote)
+    _kill_when_writing(monkeypatch, store, target)
     if dies_before == "withdrawal":
         monkeypatch.setattr(store, "_remove", remove)
     with pytest.raises(_Killed):
@@ -225,21 +236,7 @@ def test_a_write_once_object_killed_before_its_digest_survives_the_next_taker(
     url = str(tmp_path / "store") if root == "local" else f"memory://{tmp_path.name}/once"
     store = open_store(url)
     path = store._path("history/r1.signed")
-    write_local, pipe = storage._atomic_local_write, store.fs.pipe_file
-    side = store.fs._strip_protocol(store._sidecar(path))
-
-    def local(p: str, data: bytes, *, exclusive: bool) -> None:
-        if p == side:
-            raise _Killed
-        write_local(p, data, exclusive=exclusive)
-
-    def remote(p: str, data: bytes, **kw: object) -> None:
-        if store.fs._strip_protocol(p) == side:
-            raise _Killed
-        pipe(p, data, **kw)
-
-    monkeypatch.setattr(storage, "_atomic_local_write", local)
-    monkeypatch.setattr(store.fs, "pipe_file", remote)
+    _kill_when_writing(monkeypatch, store, store.fs._strip_protocol(store._sidecar(path)))
     with pytest.raises(_Killed):
         store.put_bytes("history/r1.signed", b"first taker, nonce 1", exclusive=True)
     monkeypatch.undo()

@@ -16,7 +16,7 @@ from cloudfed.errors import AggregationError, ConfigError
 from cloudfed.federation import parse_federation
 from cloudfed.tracking import aggregation_label
 from tests.attacks import peer_weight
-from tests.protected_support import Federation, federation_dict
+from tests.protected_support import Federation, federation_dict, random_updates
 
 A, B, C = NAMES = ("alpha-aws", "beta-gcp", "gamma-azure")
 CAP = 1000  # protection.weight_cap's default
@@ -281,18 +281,6 @@ def fed_with(
         party["bandwidth_mbps"] = MBPS[party["name"]]
     raw["aggregation"] = {"weighting": weighting}
     return Federation(raw)
-
-
-def random_updates(fed: Federation, examples: dict[str, int], seed: int = 0):
-    out = {}
-    for k, p in enumerate(examples):
-        rng = np.random.default_rng(1000 * seed + k)
-        state = {
-            n: rng.normal(0.0, 0.01, fed.initial[n].shape).astype(np.float32)
-            for n in sorted(fed.initial)
-        }
-        out[p] = (state, examples[p])
-    return out
 
 
 def delta(fed: Federation) -> dict[str, np.ndarray]:
